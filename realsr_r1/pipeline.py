@@ -1,0 +1,173 @@
+"""The one restoration pipeline: a generator of events that the CLI, the demo and evaluation consume.
+
+    image ──► analyser ──► policy ──text deltas──► parser ──► plan
+                                                          │
+              rough ◄── restorer(image, plan, rough) ◄────┘
+              middle ◄── restorer(rough ×2, …)
+              final ◄── restorer(middle ×2, …) ──► result
+
+Nothing here knows which models run: a policy streams the chain-of-thought text, a stage restorer
+yields stage images. Profiles (configs/*.yaml) pick the implementations; `profiles.py` builds them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+import numpy as np
+
+from .analyze import Analysis, analyze, jpeg_quality_from_file
+from .cot import STAGES, Plan, parse_cot
+from .imageio import LoadedImage
+
+
+# --- Events ------------------------------------------------------------------------------------
+@dataclass
+class AnalysisReady:
+    analysis: Analysis
+
+
+@dataclass
+class TextDelta:
+    text: str  # the next piece of the chain of thought, as the policy produced it
+
+
+@dataclass
+class PlanReady:
+    plan: Plan  # the parsed chain (with its problems, if any)
+    text: str
+
+
+@dataclass
+class StageStarted:
+    stage: str
+    size: tuple[int, int]  # (width, height) the stage will have
+
+
+@dataclass
+class StagePreview:
+    stage: str
+    image: np.ndarray  # an intermediate look at the stage (diffusion profiles)
+    step: int
+    total: int
+
+
+@dataclass
+class StageImage:
+    stage: str
+    rgb: np.ndarray  # HxWx3, float32 [0,1] or uint8/uint16
+    alpha: np.ndarray | None
+    seconds: float
+
+
+@dataclass
+class Done:
+    result: "RestorationResult"
+
+
+@dataclass
+class Failed:
+    message: str  # one line, for people
+    error: BaseException | None = None  # for --debug
+
+
+Event = AnalysisReady | TextDelta | PlanReady | StageStarted | StagePreview | StageImage | Done | Failed
+
+
+@dataclass
+class RestorationResult:
+    rgb: np.ndarray
+    alpha: np.ndarray | None
+    plan: Plan
+    cot: str  # the chain as the policy wrote it
+    analysis: Analysis
+    stages: dict[str, StageImage] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    seed: int = 0
+    scale: float = 4.0
+    info: dict = field(default_factory=dict)  # profile, precision, device, model names
+
+
+# --- What a profile plugs in ---------------------------------------------------------------------
+class Policy(Protocol):
+    name: str
+
+    def stream(self, image: LoadedImage, analysis: Analysis, *, seed: int, scale: float) -> Iterator[str]:
+        """Yield the chain-of-thought text piece by piece."""
+
+
+class StageRestorer(Protocol):
+    name: str
+
+    def stages(
+        self, image: LoadedImage, plan: Plan, *, sizes: dict[str, tuple[int, int]], seed: int
+    ) -> Iterator[StageStarted | StagePreview | StageImage]:
+        """Yield, for rough, middle and final in order: StageStarted, any previews, StageImage."""
+
+    def describe(self) -> dict:
+        """Device, precision and model facts for the sidecar."""
+
+
+def stage_sizes(width: int, height: int, scale: float) -> dict[str, tuple[int, int]]:
+    """rough = input size, middle = ×2 (or halfway for small scales), final = ×scale."""
+    middle = 2.0 if scale >= 2 else (1.0 + scale) / 2
+    factors = {"rough": 1.0, "middle": middle, "final": scale}
+    return {s: (max(1, round(width * f)), max(1, round(height * f))) for s, f in factors.items()}
+
+
+class RestorationPipeline:
+    """Runs one image through analyser → policy → parser → stage restorer, as events."""
+
+    def __init__(self, policy: Policy, restorer: StageRestorer, *, profile: str, scale: float = 4.0):
+        self.policy = policy
+        self.restorer = restorer
+        self.profile = profile
+        self.scale = float(scale)
+
+    def run(self, image: LoadedImage, *, seed: int = 0, scale: float | None = None) -> Iterator[Event]:
+        scale = float(scale or self.scale)
+        timings: dict[str, float] = {}
+        try:
+            t = time.perf_counter()
+            file_q = jpeg_quality_from_file(image.path) if image.path and image.format == "JPEG" else None
+            analysis = analyze(image.rgb, jpeg_quality_from_file=file_q)
+            timings["analyse"] = time.perf_counter() - t
+            yield AnalysisReady(analysis)
+
+            t = time.perf_counter()
+            pieces = []
+            for delta in self.policy.stream(image, analysis, seed=seed, scale=scale):
+                pieces.append(delta)
+                yield TextDelta(delta)
+            cot = "".join(pieces)
+            timings["reason"] = time.perf_counter() - t
+            plan = parse_cot(cot)
+            yield PlanReady(plan, cot)
+
+            sizes = stage_sizes(*image.size, scale)
+            stages: dict[str, StageImage] = {}
+            for event in self.restorer.stages(image, plan, sizes=sizes, seed=seed):
+                if isinstance(event, StageImage):
+                    stages[event.stage] = event
+                    timings[event.stage] = event.seconds
+                    w, h = event.rgb.shape[1], event.rgb.shape[0]
+                    plan.images[event.stage] = f"{w}x{h}"
+                yield event
+            missing = [s for s in STAGES if s not in stages]
+            if missing:
+                raise RuntimeError(f"restorer produced no image for stage(s) {', '.join(missing)}")
+            final = stages["final"]
+            info = {"profile": self.profile, "policy": self.policy.name, **self.restorer.describe()}
+            yield Done(RestorationResult(final.rgb, final.alpha, plan, cot, analysis, stages,
+                                         timings, seed, scale, info))
+        except Exception as e:  # one image failing must not end the caller's batch
+            yield Failed(_one_line(e), e)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, MemoryError) or "out of memory" in text.lower():
+        return f"out of memory ({text[:120]}); try a smaller --tile"
+    return f"{type(e).__name__}: {text[:200]}"

@@ -1,0 +1,1 @@
+"""Restorers: the models that turn a stage plan into pixels."""
