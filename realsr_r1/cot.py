@@ -42,7 +42,7 @@ LEVELS = ("none", "light", "medium", "heavy")
 # (higher = milder). One table serves the synthesiser's labels, the analyser and the rewards, so
 # "medium" means the same thing everywhere.
 NOISE_SIGMA_BOUNDS = (2.0, 8.0, 18.0)
-BLUR_SIGMA_BOUNDS = (0.6, 1.2, 2.0)
+BLUR_SIGMA_BOUNDS = (0.7, 1.2, 2.0)
 JPEG_QUALITY_BOUNDS = (95, 75, 50)  # q >= 95 none, >= 75 light, >= 50 medium, else heavy
 
 

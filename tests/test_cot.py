@@ -138,7 +138,7 @@ def test_plan_defaults():
 
 @pytest.mark.parametrize("kind,value,level", [
     ("noise", 0.0, "none"), ("noise", 1.99, "none"), ("noise", 2.0, "light"), ("noise", 10, "medium"),
-    ("noise", 18, "heavy"), ("blur", 0.5, "none"), ("blur", 1.0, "light"), ("blur", 1.5, "medium"),
+    ("noise", 18, "heavy"), ("blur", 0.5, "none"), ("blur", 0.69, "none"), ("blur", 1.0, "light"), ("blur", 1.5, "medium"),
     ("blur", 3, "heavy"), ("jpeg", None, "none"), ("jpeg", 95, "none"), ("jpeg", 80, "light"),
     ("jpeg", 60, "medium"), ("jpeg", 30, "heavy"), ("downsample", 4, "x4"), ("downsample", 1, "none"),
 ])

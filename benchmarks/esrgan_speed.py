@@ -1,0 +1,199 @@
+"""Real-ESRGAN x4plus on CPU: our PyTorch restorer (fp32 and automatic precision) against the pip
+`ncnn` runtime running the very same .param/.bin, in one run.
+
+Inputs: for size s, an HR mosaic of g×g real photos (g = s // 256, at least 1; RealSRSet from
+../shared, else the repo's examples/), each centre-cropped square and Lanczos-resized to 4s/g
+pixels; the input is that mosaic downscaled ×4 with PIL bicubic (antialiased). The mosaic is the
+reference for PSNR (RGB, 8-bit outputs). Since the photos are small, the HR is upsampled content and
+PSNR values are low in absolute terms; what matters is the difference between precisions.
+
+Every measurement runs in a fresh subprocess, so peak RSS (ru_maxrss) is per configuration; the
+time is the best of --repeats calls (model loading excluded). All runtimes use the same tiling:
+tiles of --tile input pixels with --tile-pad context (ncnn gets a plain crop-the-core tiler, like
+realesrgan-ncnn-vulkan's; ours blends the seams). Outputs are uint8, as the pipeline asks for 8-bit
+images. The 1-minute load average is printed per run: other jobs on the machine distort timings.
+
+    python benchmarks/esrgan_speed.py --sizes 128,256,512 --repeats 3
+    nohup python benchmarks/esrgan_speed.py --sizes 2048 --repeats 1 > /tmp/esrgan_bench.log &
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+PHOTO_DIRS = [REPO.parent / "shared" / "realworld" / "RealSRSet", REPO / "examples"]
+RUNTIMES = ("auto", "fp32", "ncnn")  # most wanted first: partial logs of long runs still help
+RSS_LIMIT_MB = 1536
+
+
+def photos() -> list[Path]:
+    for d in PHOTO_DIRS:
+        found = sorted(p for p in d.glob("*.png"))
+        if found:
+            return found
+    sys.exit(f"no photos found in {' or '.join(map(str, PHOTO_DIRS))}")
+
+
+def build_pair(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(LR uint8 size², HR uint8 (4·size)²) as described in the module docstring."""
+    g = max(1, size // 256)
+    cell = 4 * size // g
+    hr = Image.new("RGB", (4 * size, 4 * size))
+    srcs = photos()
+    for k in range(g * g):
+        im = Image.open(srcs[k % len(srcs)]).convert("RGB")
+        side = min(im.size)
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        hr.paste(im.crop((left, top, left + side, top + side)).resize((cell, cell), Image.LANCZOS),
+                 ((k % g) * cell, (k // g) * cell))
+    lr = hr.resize((size, size), Image.BICUBIC)
+    return np.asarray(lr), np.asarray(hr)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """RGB PSNR of two uint8 images, in row bands to keep 8192² images cheap."""
+    se = 0.0
+    for y in range(0, a.shape[0], 512):
+        se += float(np.sum((a[y:y + 512].astype(np.float32) - b[y:y + 512]) ** 2))
+    return 10 * np.log10(255.0 ** 2 / (se / a.size))
+
+
+# ---- child side: one runtime, one input, timings and peak RSS as one JSON line ----
+
+def ncnn_upscale(lr: np.ndarray, tile: int, pad: int) -> np.ndarray:
+    import ncnn
+
+    from realsr_r1 import weights  # imports no torch: the ncnn process stays torch-free
+
+    param, bin_, _ = weights.source_files("realesrgan-x4plus")
+    net = ncnn.Net()
+    net.opt.use_vulkan_compute = False  # ncnn's defaults otherwise (fp16 storage, winograd)
+    net.opt.num_threads = os.cpu_count()
+    net.load_param(str(param))
+    net.load_model(str(bin_))
+    h, w = lr.shape[:2]
+    step = tile if tile > 0 else max(h, w)
+    out = np.empty((4 * h, 4 * w, 3), np.uint8)
+    for y0 in range(0, h, step):
+        for x0 in range(0, w, step):
+            y1, x1 = min(y0 + step, h), min(x0 + step, w)
+            cy0, cx0 = max(0, y0 - pad), max(0, x0 - pad)
+            cy1, cx1 = min(h, y1 + pad), min(w, x1 + pad)
+            chw = np.ascontiguousarray(lr[cy0:cy1, cx0:cx1].transpose(2, 0, 1), np.float32) / 255
+            ex = net.create_extractor()
+            ex.input("data", ncnn.Mat(chw))  # borrows chw, alive until extract returns
+            ret, mat = ex.extract("output")
+            if ret != 0:
+                raise RuntimeError(f"ncnn extract failed ({ret})")
+            core = np.array(mat)[:, 4 * (y0 - cy0):4 * (y1 - cy0), 4 * (x0 - cx0):4 * (x1 - cx0)]
+            out[4 * y0:4 * y1, 4 * x0:4 * x1] = (np.clip(core.transpose(1, 2, 0), 0, 1) * 255 + 0.5).astype(np.uint8)
+    return out
+
+
+def child(spec: dict) -> None:
+    lr = np.load(spec["input"])
+    if spec["runtime"] == "ncnn":
+        run, precision = (lambda: ncnn_upscale(lr, spec["tile"], spec["tile_pad"])), "ncnn default"
+    else:
+        from realsr_r1.restorers.esrgan import ESRGANRestorer
+
+        r = ESRGANRestorer.from_pretrained(None, device="cpu", precision=spec["runtime"],
+                                           tile=spec["tile"], tile_pad=spec["tile_pad"])
+        run, precision = (lambda: r.upscale(lr, np.uint8)), r.precision
+    times = []
+    for _ in range(spec["repeats"]):
+        load = os.getloadavg()[0]
+        t = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - t)
+    np.save(spec["output"], out)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"seconds": min(times), "rss_mb": rss_mb, "precision": precision, "load": load}))
+
+
+# ---- parent side ----
+
+def measure(runtime: str, size: int, lr_path: Path, work: Path, args) -> dict:
+    spec = {"runtime": runtime, "input": str(lr_path), "output": str(work / f"{runtime}_{size}.npy"),
+            "repeats": args.repeats, "tile": args.tile, "tile_pad": args.tile_pad}
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{runtime} at {size}² failed:\n{proc.stderr[-3000:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"  {size}² {runtime:>4}: {res['seconds']:8.2f} s  {res['rss_mb']:6.0f} MB  "
+          f"({res['precision']}, load {res['load']:.1f})", file=sys.stderr, flush=True)
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="128,256,512,2048", help="input sizes (square), comma separated")
+    p.add_argument("--repeats", type=int, default=3, help="calls per measurement; the best is kept")
+    p.add_argument("--tile", type=int, default=256, help="input pixels per tile side (0 = whole image)")
+    p.add_argument("--tile-pad", type=int, default=16)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        child(json.loads(args.child))
+        return 0
+
+    from realsr_r1 import weights
+    from realsr_r1.device import choose_precision, cpu_has_bf16
+
+    weights.realesrgan_x4plus()  # convert once, outside the timed children
+    bf16_cpu = cpu_has_bf16()
+    auto = choose_precision("cpu")
+    target = 0.3 if bf16_cpu else 0.7
+    print(f"CPU: {os.cpu_count()} cores, bf16 units: {bf16_cpu}; auto precision = {auto}; "
+          f"tile {args.tile}, pad {args.tile_pad}; best of {args.repeats}", file=sys.stderr, flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="esrgan_bench_") as tmp:
+        work = Path(tmp)
+        for size in [int(s) for s in args.sizes.split(",")]:
+            lr, hr = build_pair(size)
+            lr_path = work / f"lr_{size}.npy"
+            np.save(lr_path, lr)
+            del lr
+            res = {rt: measure(rt, size, lr_path, work, args) for rt in RUNTIMES}
+            out = {rt: np.load(work / f"{rt}_{size}.npy", mmap_mode="r") for rt in RUNTIMES}
+            rows.append((size, res, psnr(out["fp32"], hr), psnr(out["auto"], hr), psnr(out["auto"], out["fp32"])))
+            del hr, out
+
+    print(f"\nReal-ESRGAN x4plus, CPU ({os.cpu_count()} cores), auto = {auto}; time = best of "
+          f"{args.repeats}, RSS = peak per process\n")
+    print("| input | ours fp32 s | ours auto s | ncnn s | fp32/ncnn | auto/ncnn | RSS fp32 MB | RSS auto MB "
+          "| RSS ncnn MB | PSNR fp32 dB | PSNR auto dB | Δ dB | PSNR auto vs fp32 dB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for size, r, p32, pauto, pcross in rows:
+        f, a, n = r["fp32"]["seconds"], r["auto"]["seconds"], r["ncnn"]["seconds"]
+        print(f"| {size}² | {f:.2f} | {a:.2f} | {n:.2f} | {f / n:.2f} | {a / n:.2f} | {r['fp32']['rss_mb']:.0f} "
+              f"| {r['auto']['rss_mb']:.0f} | {r['ncnn']['rss_mb']:.0f} | {p32:.3f} | {pauto:.3f} "
+              f"| {pauto - p32:+.3f} | {pcross:.1f} |")
+    print("\nTargets:")
+    for size, r, p32, pauto, _ in rows:
+        ratio = r["auto"]["seconds"] / r["ncnn"]["seconds"]
+        print(f"- {size}²: auto/ncnn time {ratio:.2f} ≤ {target} "
+              f"({'bf16 units' if bf16_cpu else 'no bf16 units'}): {'PASS' if ratio <= target else 'FAIL'}; "
+              f"|ΔPSNR| {abs(pauto - p32):.3f} ≤ 0.02 dB: {'PASS' if abs(pauto - p32) <= 0.02 else 'FAIL'}")
+        if size >= 2048:
+            peak = max(r["fp32"]["rss_mb"], r["auto"]["rss_mb"])
+            print(f"- {size}²: our peak RSS {peak:.0f} MB ≤ {RSS_LIMIT_MB} MB: "
+                  f"{'PASS' if peak <= RSS_LIMIT_MB else 'FAIL'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

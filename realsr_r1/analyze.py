@@ -1,0 +1,356 @@
+"""Classical degradation analyser: noise, blur and JPEG quality from pixels alone (no weights).
+
+It writes the <degradation> items of the offline profile and is the reference the synthetic labels
+of `degrade.py` are checked against, so it measures the same quantities, in the same units:
+
+* noise: sigma on the 0-255 scale. Liu, Tanaka & Okutomi (TIP 2013) pick weak-texture patches
+  (7x7, per channel): a patch whose summed squared gradient is below the 99% quantile of what
+  noise alone would give (a gamma law scaled by sigma^2) is "flat". Sigma^2 comes from the
+  eigenvalues of those patches' covariance with Chen, Zhu & Heng's rule (ICCV 2015): the mean of
+  the smallest eigenvalues, as many as keep mean = median. Iterate select → estimate until it
+  settles. Patches touching clipped pixels (0 or 255) are skipped, since clipping hides noise.
+  It measures white noise; noise made spatially correlated (by resizing, or quantised by JPEG)
+  reads low.
+* blur: Gaussian-equivalent sigma in pixels. At a step edge blurred by sigma, the gradient
+  magnitude measured with Gaussian derivatives of scale s peaks at A / sqrt(2 pi (sigma^2 + s^2)).
+  The ratio R of the peaks at s1 = 1 and s2 = 2 gives sigma^2 = (s2^2 - R^2 s1^2) / (R^2 - 1);
+  the estimate is the median over the strongest 10% of edge points (maxima across the edge, as
+  in Canny), after removing the expected noise energy from both gradients. A pixel-sampled ideal
+  step reads 0.46 (the pixel itself); on photos that is offset by a slight downward bias from
+  neighbouring texture, so no correction is made. Large blurs on small images read low (~10%).
+* jpeg: from the file's quantisation tables when there are any (IJG's quality scaling inverted
+  exactly), else from pixels: the 8x8 DCT coefficients of the luma of a decoded JPEG lie on
+  multiples of the quantisation steps. For each IJG quality the score is the share of non-zero
+  coefficients within 0.75 of a multiple of that quality's step, minus the share expected by
+  chance; the best-scoring quality wins (ties go to the middle). The block grid is the one of
+  the 64 phases with the most near-zero AC coefficients (quantisation zeroes them). No
+  compression is reported when the best score is about zero or no better than on a grid shifted
+  by half a block. Only a JPEG that was not resampled afterwards can be seen this way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+from PIL import Image
+from scipy import ndimage, stats
+
+from .cot import DegradationItem, level_for
+from .imageio import ImageReadError, read_image
+
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # JFIF / BT.601 weights, as JPEG uses
+
+# --- Noise -------------------------------------------------------------------------------------------
+NOISE_PATCH = 7
+NOISE_CONFIDENCE = 0.99
+NOISE_MAX_PATCHES = 30000  # enough for a stable 49x49 covariance; keeps 512x512 well under 0.1 s
+
+
+def _box_sum(a: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Sums over every h x w window ('valid' positions)."""
+    c = np.zeros((a.shape[0] + 1, a.shape[1] + 1))
+    c[1:, 1:] = a.cumsum(0).cumsum(1)
+    return c[h:, w:] - c[:-h, w:] - c[h:, :-w] + c[:-h, :-w]
+
+
+def _chen_sigma2(eigenvalues: np.ndarray) -> float:
+    """Chen et al.: the noise eigenvalues are the largest low set whose mean equals its median."""
+    ev = np.sort(eigenvalues)
+    for n in range(len(ev), 0, -1):
+        tau = ev[:n].mean()
+        if np.sum(ev[:n] > tau) == np.sum(ev[:n] < tau):
+            return float(tau)
+    return float(ev[0])
+
+
+def estimate_noise(rgb: np.ndarray) -> float:
+    """Noise sigma (0-255 scale) of an HxWx3 float image in [0, 1]; 0.0 if too small to tell."""
+    p = NOISE_PATCH
+    img = np.asarray(rgb, dtype=np.float32) * 255.0
+    if img.shape[0] < 2 * p or img.shape[1] < 2 * p:
+        return 0.0
+    texture, usable = [], []
+    for c in range(3):
+        ch = img[..., c]
+        gh, gv = np.diff(ch, axis=1) ** 2, np.diff(ch, axis=0) ** 2
+        texture.append(_box_sum(gh, p, p - 1) + _box_sum(gv, p - 1, p))
+        clipped = ((ch <= 0.5) | (ch >= 254.5)).astype(np.float64)
+        usable.append(_box_sum(clipped, p, p) < 0.5)
+    texture, usable = np.stack(texture), np.stack(usable)
+    if usable.sum() < 4 * p * p:  # nearly all clipped: use what there is
+        usable[:] = True
+    windows = [sliding_window_view(img[..., c], (p, p)) for c in range(3)]
+    # A noise-only patch's texture is gamma distributed with mean sigma^2 * tr(Dh'Dh + Dv'Dv).
+    trace = 4 * p * (p - 1)
+    threshold = stats.gamma.ppf(NOISE_CONFIDENCE, a=p * p / 2, scale=2 * trace / (p * p))
+    selected, sigma2 = usable, None
+    for _ in range(8):
+        idx = np.flatnonzero(selected)
+        if len(idx) < 2 * p * p:
+            break
+        idx = idx[:: len(idx) // NOISE_MAX_PATCHES + 1]  # even subsample, deterministic
+        c, i, j = np.unravel_index(idx, selected.shape)
+        patches = np.concatenate(
+            [windows[k][i[c == k], j[c == k]].reshape(-1, p * p) for k in range(3)]
+        ).astype(np.float64)
+        patches -= patches.mean(axis=0)
+        new = _chen_sigma2(np.linalg.eigvalsh(patches.T @ patches / len(patches)))
+        converged = sigma2 is not None and abs(new - sigma2) <= 1e-3 * max(sigma2, 1.0)
+        sigma2 = new
+        if converged:
+            break
+        selected = usable & (texture < sigma2 * threshold)
+    return math.sqrt(max(sigma2 or 0.0, 0.0))
+
+
+# --- Blur --------------------------------------------------------------------------------------------
+BLUR_SCALES = (1.0, 2.0)
+BLUR_EDGE_FRACTION = 0.10
+
+
+def _gradient(gray: np.ndarray, s: float) -> tuple[np.ndarray, np.ndarray]:
+    return (ndimage.gaussian_filter(gray, s, order=(0, 1), mode="reflect"),
+            ndimage.gaussian_filter(gray, s, order=(1, 0), mode="reflect"))
+
+
+def _edge_ridges(energy: np.ndarray, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
+    """Non-maximum suppression along the gradient direction (as in Canny), 4 directions."""
+    direction = np.round(np.arctan2(gy, gx) / (np.pi / 4)).astype(int) % 4
+    ridges = np.zeros(energy.shape, dtype=bool)
+    for k, step in enumerate(((0, 1), (1, 1), (1, 0), (1, -1))):
+        ahead = np.roll(energy, step, axis=(0, 1))
+        behind = np.roll(energy, (-step[0], -step[1]), axis=(0, 1))
+        ridges |= (direction == k) & (energy >= ahead) & (energy >= behind)
+    return ridges
+
+
+def estimate_blur(rgb: np.ndarray, noise_sigma: float = 0.0) -> float:
+    """Gaussian-equivalent blur sigma in pixels from the two-scale gradient ratio at strong edges."""
+    gray = np.asarray(rgb, dtype=np.float32) @ LUMA
+    s1, s2 = BLUR_SCALES
+    border = int(2 * s2)
+    if min(gray.shape) < 4 * border:
+        return 0.0
+    # Noise energy in a Gaussian-derivative gradient: sigma^2 / (4 pi s^4). Luma noise lies between
+    # 0.67 sigma (independent colour noise) and sigma (grey noise): take the mean of the squares.
+    n2 = 0.72 * (noise_sigma / 255.0) ** 2
+    gx, gy = _gradient(gray, s1)
+    e1 = gx * gx + gy * gy - n2 / (4 * np.pi * s1**4)
+    gx, gy = _gradient(gray, s2)
+    e2 = gx * gx + gy * gy - n2 / (4 * np.pi * s2**4)
+    peaks = _edge_ridges(e2, gx, gy)
+    peaks[:border] = peaks[-border:] = False
+    peaks[:, :border] = peaks[:, -border:] = False
+    peaks &= e2 > 9 * n2 / (4 * np.pi * s2**4)  # edges well above the noise
+    values = e2[peaks]
+    if values.size < 8:
+        return 0.0
+    strong = peaks & (e2 >= np.quantile(values, 1 - BLUR_EDGE_FRACTION))
+    r2 = np.maximum(e1[strong], 0) / e2[strong]
+    r2 = r2[r2 > 1 + 1e-6]
+    if r2.size == 0:  # ratios at the limit: wider than the scales can resolve
+        return float(2 * s2)
+    sigma2 = np.median((s2**2 - r2 * s1**2) / (r2 - 1))
+    return float(math.sqrt(max(sigma2, 0.0)))
+
+
+# --- JPEG ----------------------------------------------------------------------------------------------
+# IJG (libjpeg) base tables, natural order: Annex K of the JPEG standard.
+_IJG_LUMA = np.array([
+    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55,
+    14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
+    18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+    49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], dtype=np.float64)
+_IJG_CHROMA = np.array([
+    17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99,
+    24, 26, 56, 99, 99, 99, 99, 99, 47, 66, 99, 99, 99, 99, 99, 99] + [99] * 32, dtype=np.float64)
+QUALITIES = np.arange(1, 101)
+JPEG_TOLERANCE = 0.75  # |coefficient - multiple| counted as on the lattice (8-bit rounding ~0.35 rms)
+JPEG_MIN_SCORE = 0.01
+JPEG_MIN_MARGIN = 0.01
+
+
+def ijg_table(quality: int, base: np.ndarray = _IJG_LUMA) -> np.ndarray:
+    """The table libjpeg's jpeg_set_quality (baseline) writes for `quality`."""
+    scale = 5000 / quality if quality < 50 else 200 - 2 * quality
+    return np.clip(np.floor((base * scale + 50) / 100), 1, 255)
+
+
+_LUMA_TABLES = np.stack([ijg_table(q) for q in QUALITIES])  # 100 x 64
+_CHROMA_TABLES = np.stack([ijg_table(q, _IJG_CHROMA) for q in QUALITIES])
+
+
+def quality_from_tables(tables: dict | list) -> int | None:
+    """IJG quality of JPEG quantisation tables (natural order): exact when they are IJG's, else the
+    quality whose tables are closest in log step."""
+    tables = list(tables.values()) if isinstance(tables, dict) else list(tables)
+    if not tables:
+        return None
+    refs = [_LUMA_TABLES, _CHROMA_TABLES]
+    cost = np.zeros(len(QUALITIES))
+    exact = np.ones(len(QUALITIES), dtype=bool)
+    for k, table in enumerate(tables[:2]):
+        t = np.asarray(table, dtype=np.float64).reshape(-1)[:64]
+        exact &= (refs[k] == t).all(axis=1)
+        cost += np.abs(np.log(refs[k]) - np.log(np.maximum(t, 1))).sum(axis=1)
+    if exact.any():
+        return int(QUALITIES[exact][0])  # IJG luma tables differ for every quality
+    return int(QUALITIES[np.argmin(cost)])
+
+
+def jpeg_quality_from_file(path) -> int | None:
+    """Quality of a JPEG file from its quantisation tables; None if it is not a JPEG."""
+    try:
+        with Image.open(path) as im:
+            if im.format != "JPEG":
+                return None
+            return quality_from_tables(getattr(im, "quantization", None) or {})
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+
+def _dct_matrix() -> np.ndarray:
+    n = np.arange(8)
+    d = np.sqrt(2 / 8) * np.cos(np.pi * (2 * n[None, :] + 1) * n[:, None] / 16)
+    d[0] /= np.sqrt(2)
+    return d
+
+
+_DCT = _dct_matrix()
+
+
+def _block_dct(y: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """DCT coefficients (n_blocks x 64, natural order) of the 8x8 blocks starting at (dy, dx)."""
+    h, w = (y.shape[0] - dy) // 8 * 8, (y.shape[1] - dx) // 8 * 8
+    blocks = y[dy:dy + h, dx:dx + w].reshape(h // 8, 8, w // 8, 8).transpose(0, 2, 1, 3)
+    return (_DCT @ blocks.reshape(-1, 8, 8) @ _DCT.T).reshape(-1, 64)
+
+
+def _grid_offset(y: np.ndarray, window: int = 320) -> tuple[int, int]:
+    """Block grid phase: quantisation zeroes many AC coefficients, but only on the true grid."""
+    top, left = ((y.shape[0] - window) // 16 * 8, (y.shape[1] - window) // 16 * 8)
+    crop = y[max(top, 0):max(top, 0) + window, max(left, 0):max(left, 0) + window]  # phase kept
+    zeros = {(dy, dx): (np.abs(_block_dct(crop, dy, dx)[:, 1:]) < 1.0).mean()
+             for dy in range(8) for dx in range(8)}
+    return max(zeros, key=zeros.get)
+
+
+def _quality_scores(coef: np.ndarray) -> np.ndarray:
+    """Lattice-fit score of every IJG quality for these DCT coefficients (see the module docstring)."""
+    scores = np.zeros(len(QUALITIES))
+    total = 0
+    for f in range(64):
+        c = coef[:, f]
+        c = c[np.abs(c) >= JPEG_TOLERANCE]  # the zero bin fits every step: no evidence
+        if c.size < 8:
+            continue
+        steps = np.unique(_LUMA_TABLES[:, f])
+        dist = np.abs(c[None, :] - steps[:, None] * np.round(c[None, :] / steps[:, None]))
+        hit = (dist <= JPEG_TOLERANCE).mean(axis=1) - np.minimum(2 * JPEG_TOLERANCE / steps, 1)
+        scores += c.size * hit[np.searchsorted(steps, _LUMA_TABLES[:, f])]
+        total += c.size
+    return scores / total if total else scores
+
+
+def estimate_jpeg_quality(rgb: np.ndarray) -> int | None:
+    """IJG quality of the last (unresampled) JPEG compression, or None when none is detected."""
+    y = (np.asarray(rgb, dtype=np.float64) @ LUMA.astype(np.float64)) * 255.0 - 128.0
+    if min(y.shape) < 16:
+        return None
+    best_q, best_s, null_s = None, -np.inf, 0.0
+    found = _grid_offset(y)
+    for dy, dx in [(0, 0)] + ([found] if found != (0, 0) else []):
+        scores = _quality_scores(_block_dct(y, dy, dx))
+        top = scores.max()
+        if top > best_s:
+            tied = QUALITIES[scores >= top - 1e-9]
+            best_q, best_s = int(tied[len(tied) // 2]), top
+            null_s = _quality_scores(_block_dct(y, (dy + 4) % 8, (dx + 4) % 8)).max()
+    if best_s < JPEG_MIN_SCORE or best_s - null_s < JPEG_MIN_MARGIN:
+        return None
+    return best_q
+
+
+# --- The analysis ----------------------------------------------------------------------------------
+@dataclass
+class Analysis:
+    noise_sigma: float  # 0-255 scale
+    blur_sigma: float  # pixels of this image
+    jpeg_quality: int | None  # None: no compression detected
+    jpeg_source: str | None  # "file", "pixels", or None
+    items: list[DegradationItem] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "noise_sigma": round(self.noise_sigma, 2),
+            "blur_sigma": round(self.blur_sigma, 2),
+            "jpeg_quality": self.jpeg_quality,
+            "jpeg_source": self.jpeg_source,
+            "items": [i.to_dict() for i in self.items],
+        }
+
+
+def analyze(rgb: np.ndarray, jpeg_quality_from_file: int | None = None) -> Analysis:
+    """Measure blur, noise and JPEG quality of an HxWx3 float image in [0, 1].
+
+    `jpeg_quality_from_file` (from the file's tables) wins over the pixel estimate when given.
+    """
+    rgb = np.asarray(rgb, dtype=np.float32)
+    noise = estimate_noise(rgb)
+    blur = estimate_blur(rgb, noise)
+    if jpeg_quality_from_file is not None:
+        quality, source = int(jpeg_quality_from_file), "file"
+    else:
+        quality = estimate_jpeg_quality(rgb)
+        source = "pixels" if quality is not None else None
+    items = [
+        DegradationItem("blur", level_for("blur", blur), {"sigma": blur}),
+        DegradationItem("noise", level_for("noise", noise), {"sigma": noise}),
+        DegradationItem("jpeg", level_for("jpeg", quality), {"quality": quality} if quality else {}),
+    ]
+    return Analysis(noise, blur, quality, source, items)
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m realsr_r1.analyze",
+        description="Estimate noise sigma, blur sigma and JPEG quality of images without any model. "
+        "Prints one JSON object per image.",
+    )
+    p.add_argument("images", nargs="+", help="image files")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    failed = 0
+    for name in args.images:
+        path = Path(name)
+        try:
+            image = read_image(path)
+            file_q = jpeg_quality_from_file(path) if image.format == "JPEG" else None
+            a = analyze(image.rgb, jpeg_quality_from_file=file_q)
+        except Exception as e:  # one bad image must not end the batch
+            reason = " ".join(str(e).split())
+            print(f"{name}: {reason if isinstance(e, ImageReadError) else f'{type(e).__name__}: {reason}'}",
+                  file=sys.stderr)
+            failed += 1
+            continue
+        print(json.dumps({
+            "file": name, "noise_sigma": round(a.noise_sigma, 2), "blur_sigma": round(a.blur_sigma, 2),
+            "jpeg_quality": a.jpeg_quality, "jpeg_source": a.jpeg_source,
+            "items": [i.render() for i in a.items],
+        }), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

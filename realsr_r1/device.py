@@ -1,0 +1,86 @@
+"""Which device to run on, and at which precision.
+
+Precision follows the hardware: bf16 autocast where the CPU has bf16 matrix/dot-product units
+(AMX-BF16 or AVX512-BF16; there oneDNN runs bf16 convolutions about twice as fast as fp32, at a
+fidelity cost far below what anyone can see), fp32 on CPUs without them (bf16 would be emulated
+and slower). On CUDA: bf16 where supported (no overflow risk), else fp16.
+
+This torch offers no bf16 capability query: `torch.backends.cpu.get_cpu_capability()` only names
+the vector ISA ("AVX512"), and `torch.ops.mkldnn._is_mkldnn_bf16_supported()` is also true on
+AVX512 CPUs that would emulate bf16. So we read the CPU flags from /proc/cpuinfo (Linux/x86);
+elsewhere CPUs get fp32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' → cuda when available, else cpu. Asking for a device that is not there is an error."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available "
+                             f"(torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} requested but MPS is not available; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device type {dev.type!r} is not supported (use auto, cpu, cuda or cuda:N)")
+    return dev
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU feature flags (x86 'flags' line of /proc/cpuinfo); empty where unknown."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    return torch.backends.mkldnn.is_available() and any(f in cpu_flags(cpuinfo) for f in BF16_CPU_FLAGS)
+
+
+def choose_precision(device: torch.device | str, force_fp32: bool = False) -> str:
+    """'fp32', 'bf16' or 'fp16' for inference on `device`."""
+    device = torch.device(device)
+    if force_fp32:
+        return "fp32"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_bf16() else "fp32"
+    return "fp32"
+
+
+def check_precision(device: torch.device, precision: str) -> str:
+    """Resolve 'auto' and refuse combinations that would be slow or unsupported."""
+    if precision == "auto":
+        return choose_precision(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r} (use auto, fp32, bf16 or fp16)")
+    if device.type == "cpu" and precision == "fp16":
+        raise ValueError("fp16 is not supported on CPU; use bf16 or fp32")
+    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"{torch.cuda.get_device_name(device)} does not support bf16; use fp16 or fp32")
+    return precision

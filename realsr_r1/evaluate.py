@@ -1,0 +1,340 @@
+"""`python -m realsr_r1.evaluate`: the metrics of published SR tables, over folders of results.
+
+    python -m realsr_r1.evaluate --pred results/lite --pred results/bicubic --gt data/HR \
+        --metrics psnr,ssim,lpips --out results.json --csv per_image.csv --plot metrics.png
+
+Files are paired by name (stem, case-insensitive; `--pred-suffix _out` strips a suffix). PSNR and
+SSIM are the project's own, to the protocol of pyiqa-computed tables (see metrics.py); learned
+metrics come from pyiqa when it and its weights are installed, otherwise they are skipped with one
+line saying what to install. `--infer LQ_DIR` restores the LQ folder first (resumable) with a profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import metrics as M
+from .imageio import ImageReadError, atomic_write_bytes, atomic_write_text, list_images, read_image
+
+FULL_REFERENCE = ("psnr", "ssim", "lpips", "dists")
+NO_REFERENCE = ("niqe", "musiq", "maniqa", "clipiqa", "topiq_nr")
+LOWER_IS_BETTER = {"lpips", "dists", "niqe"}
+# Learned metrics by the names pyiqa registers them under (MANIQA and TOPIQ as in the published tables).
+PYIQA_NAMES = {"lpips": "lpips", "dists": "dists", "niqe": "niqe", "musiq": "musiq",
+               "maniqa": "maniqa-pipal", "clipiqa": "clipiqa", "topiq_nr": "topiq_nr"}
+PYIQA_CACHE_HINT = "~/.cache/torch/hub/pyiqa (pyiqa's DEFAULT_CACHE_DIR)"
+
+
+class MetricUnavailable(Exception):
+    """A metric that cannot run here; the message is one line naming what is missing."""
+
+
+@dataclass
+class FolderResult:
+    name: str
+    per_image: dict[str, dict[str, float]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    unmatched_pred: list[str] = field(default_factory=list)
+    unmatched_gt: list[str] = field(default_factory=list)
+
+    def mean(self, metric: str) -> float | None:
+        vals = [v[metric] for v in self.per_image.values() if metric in v]
+        if not vals:
+            return None
+        if any(math.isinf(x) for x in vals):
+            return float("inf") if metric == "psnr" else float(np.mean(vals))
+        return float(np.mean(vals))
+
+
+# --- Metric back ends ---------------------------------------------------------------------------
+class OwnMetric:
+    """PSNR/SSIM from metrics.py (exact protocol, no weights)."""
+
+    needs_gt = True
+
+    def __init__(self, name: str, crop_border: int = 0):
+        self.name = name
+        self.fn = {"psnr": M.psnr, "ssim": M.ssim}[name]
+        self.crop_border = crop_border
+
+    def __call__(self, pred: torch.Tensor, gt: torch.Tensor | None) -> torch.Tensor:
+        return self.fn(pred, gt, crop_border=self.crop_border)
+
+
+class PyiqaMetric:
+    """A learned metric through pyiqa (PolyForm Noncommercial licence; optional extra)."""
+
+    def __init__(self, name: str, device: torch.device):
+        try:
+            import pyiqa  # noqa: F401
+        except Exception as e:  # ImportError, or its own imports (torchvision) failing
+            raise MetricUnavailable(
+                f"{name}: needs pyiqa (pip install -e .[metrics]); import failed: {' '.join(str(e).split())[:120]}"
+            ) from None
+        self.name = name
+        self.needs_gt = name in FULL_REFERENCE
+        try:
+            self.metric = pyiqa.create_metric(PYIQA_NAMES[name], device=device, as_loss=False)
+        except Exception as e:  # no network and no cached weights, most often
+            raise MetricUnavailable(
+                f"{name}: pyiqa could not load its weights ({type(e).__name__}); download them once "
+                f"with network (pyiqa.create_metric('{PYIQA_NAMES[name]}')) or copy them into {PYIQA_CACHE_HINT}"
+            ) from None
+
+    def __call__(self, pred: torch.Tensor, gt: torch.Tensor | None) -> torch.Tensor:
+        pred = pred.float()
+        out = self.metric(pred, gt.float()) if self.needs_gt else self.metric(pred)
+        return out.reshape(-1).double().cpu()
+
+
+def build_metrics(names: list[str], device: torch.device, *, has_gt: bool, crop_border: int = 0):
+    """Instantiate what can run; return (metrics, skipped lines)."""
+    built, skipped = [], []
+    for name in names:
+        if name in FULL_REFERENCE and not has_gt:
+            skipped.append(f"{name}: needs --gt (full-reference metric)")
+            continue
+        if name in ("psnr", "ssim"):
+            built.append(OwnMetric(name, crop_border))
+        elif name in PYIQA_NAMES:
+            try:
+                built.append(PyiqaMetric(name, device))
+            except MetricUnavailable as e:
+                skipped.append(str(e))
+        else:
+            raise SystemExit(f"error: unknown metric {name!r} (known: {', '.join(FULL_REFERENCE + NO_REFERENCE)})")
+    return built, skipped
+
+
+# --- Pairing and evaluation ---------------------------------------------------------------------------
+def _key(path: Path, suffix: str) -> str:
+    stem = path.stem
+    if suffix and stem.endswith(suffix):
+        stem = stem[: -len(suffix)]
+    return stem.lower()
+
+
+def pair_files(pred_dir: Path, gt_dir: Path | None, suffix: str = ""):
+    preds = {_key(p, suffix): p for p in list_images(pred_dir)}
+    if gt_dir is None:
+        return [(k, p, None) for k, p in sorted(preds.items())], [], []
+    gts = {_key(p, ""): p for p in list_images(gt_dir)}
+    pairs = [(k, preds[k], gts[k]) for k in sorted(preds.keys() & gts.keys())]
+    return pairs, sorted(preds[k].name for k in preds.keys() - gts.keys()), \
+        sorted(gts[k].name for k in gts.keys() - preds.keys())
+
+
+def _tensor(path: Path, device: torch.device) -> torch.Tensor:
+    im = read_image(path, max_pixels=None)
+    return torch.from_numpy(im.rgb).permute(2, 0, 1).unsqueeze(0).to(device)
+
+
+def evaluate_folder(pred_dir: Path, gt_dir: Path | None, metrics, *, device: torch.device, suffix: str = "",
+                    batch_size: int = 8, quiet: bool = False) -> FolderResult:
+    """Every metric on every pair. Same-size images are stacked into batches of `batch_size`."""
+    pairs, only_pred, only_gt = pair_files(pred_dir, gt_dir, suffix)
+    result = FolderResult(pred_dir.name, unmatched_pred=only_pred, unmatched_gt=only_gt)
+    loaded: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
+    for _, p, g in tqdm(pairs, disable=quiet, unit="img", desc=pred_dir.name, file=sys.stderr):
+        try:
+            pt = _tensor(p, device)
+            gt = _tensor(g, device) if g is not None else None
+            if gt is not None and pt.shape != gt.shape:
+                raise ValueError(f"size {pt.shape[-1]}x{pt.shape[-2]} differs from ground truth "
+                                 f"{gt.shape[-1]}x{gt.shape[-2]}")
+            loaded.append((p.name, pt, gt))
+        except (ImageReadError, ValueError) as e:
+            result.errors[p.name] = str(e)
+        if len(loaded) >= batch_size:
+            _score_batch(loaded, metrics, result)
+            loaded = []
+    _score_batch(loaded, metrics, result)
+    return result
+
+
+def _score_batch(items, metrics, result: FolderResult) -> None:
+    by_shape: dict[tuple, list] = {}
+    for name, p, g in items:
+        by_shape.setdefault(tuple(p.shape), []).append((name, p, g))
+    for group in by_shape.values():
+        names = [n for n, _, _ in group]
+        pred = torch.cat([p for _, p, _ in group])
+        gt = torch.cat([g for _, _, g in group]) if group[0][2] is not None else None
+        for name in names:
+            result.per_image.setdefault(name, {})
+        for metric in metrics:
+            try:
+                vals = metric(pred, gt)
+            except (ValueError, RuntimeError) as e:
+                for name in names:
+                    result.errors.setdefault(name, f"{metric.name}: {' '.join(str(e).split())}")
+                continue
+            for name, v in zip(names, vals.tolist()):
+                result.per_image[name][metric.name] = float(v)
+
+
+# --- Reporting -------------------------------------------------------------------------------------
+def _fmt(metric: str, v: float | None) -> str:
+    if v is None:
+        return "–"
+    if math.isinf(v):
+        return "inf"
+    return f"{v:.2f}" if metric in ("psnr", "musiq") else f"{v:.4f}"
+
+
+def markdown_table(results: list[FolderResult], metric_names: list[str]) -> str:
+    arrows = {m: ("↓" if m in LOWER_IS_BETTER else "↑") for m in metric_names}
+    head = "| method | images | " + " | ".join(f"{m.upper()} {arrows[m]}" for m in metric_names) + " |"
+    sep = "|---|---|" + "---|" * len(metric_names)
+    rows = [f"| {r.name} | {len(r.per_image)} | " + " | ".join(_fmt(m, r.mean(m)) for m in metric_names) + " |"
+            for r in results]
+    return "\n".join([head, sep, *rows])
+
+
+def write_csv(path: Path, results: list[FolderResult], metric_names: list[str]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["method", "image", *metric_names])
+    for r in results:
+        for image, vals in sorted(r.per_image.items()):
+            w.writerow([r.name, image, *(vals.get(m, "") for m in metric_names)])
+    atomic_write_text(path, buf.getvalue())
+
+
+def to_json(results: list[FolderResult], metric_names: list[str], skipped: list[str]) -> dict:
+    def clean(v):
+        return None if v is None else ("inf" if math.isinf(v) else v)
+
+    return {
+        "metrics": metric_names,
+        "protocol": "PSNR/SSIM on BT.601 Y (0-255), SSIM on rounded Y, 11x11 Gaussian σ1.5, valid window",
+        "skipped_metrics": skipped,
+        "results": [{
+            "method": r.name,
+            "mean": {m: clean(r.mean(m)) for m in metric_names},
+            "per_image": {k: {m: clean(v) for m, v in vals.items()} for k, vals in r.per_image.items()},
+            "errors": r.errors,
+            "unmatched_pred": r.unmatched_pred,
+            "unmatched_gt": r.unmatched_gt,
+        } for r in results],
+    }
+
+
+def plot(path: Path, results: list[FolderResult], metric_names: list[str]) -> None:
+    """Grouped bars: one panel per metric (scales differ), one bar per method, value on each bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [m for m in metric_names if any(r.mean(m) is not None and math.isfinite(r.mean(m)) for r in results)]
+    if not shown:
+        raise ValueError("nothing to plot: no finite metric values")
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown) + 0.8, 3.6), squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    for ax, m in zip(axes[0], shown):
+        vals = [r.mean(m) if r.mean(m) is not None and math.isfinite(r.mean(m)) else 0.0 for r in results]
+        bars = ax.bar(range(len(results)), vals, color=[colors[i % 10] for i in range(len(results))])
+        ax.set_title(f"{m.upper()} {'↓' if m in LOWER_IS_BETTER else '↑'}")
+        ax.set_xticks(range(len(results)), [r.name for r in results], rotation=20, ha="right")
+        for b, v in zip(bars, vals):
+            ax.annotate(_fmt(m, v), (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+        lo = min(vals)
+        if m == "psnr" and lo > 0:
+            ax.set_ylim(lo * 0.9, max(vals) * 1.04)  # PSNR differences of 0.1 dB must be visible
+        ax.margins(y=0.15)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# --- CLI --------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m realsr_r1.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--pred", action="append", required=True, help="folder of results (repeatable: one row each)")
+    p.add_argument("--gt", help="folder of ground-truth HR images (without it: no-reference metrics only)")
+    p.add_argument("--metrics", default=None,
+                   help=f"comma list (default: psnr,ssim with --gt, else {','.join(NO_REFERENCE)}); "
+                        f"known: {', '.join(FULL_REFERENCE + NO_REFERENCE)}")
+    p.add_argument("--pred-suffix", default="", help="strip this from prediction stems before pairing, e.g. _out")
+    p.add_argument("--crop-border", type=int, default=0, help="pixels cropped at each border (published: 0)")
+    p.add_argument("--out", help="write results as JSON")
+    p.add_argument("--csv", help="write per-image values as CSV")
+    p.add_argument("--plot", help="write a grouped bar chart (PNG)")
+    p.add_argument("--infer", metavar="LQ_DIR",
+                   help="first restore LQ_DIR into the first --pred folder (skips finished images)")
+    p.add_argument("--profile", default="auto", help="profile for --infer")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--quiet", "-q", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .device import resolve_device
+
+    pred_dirs = [Path(p) for p in args.pred]
+    if args.infer:
+        from . import infer
+
+        rc = infer.main(["--input", args.infer, "--output", str(pred_dirs[0]), "--profile", args.profile,
+                         "--device", args.device] + (["--quiet"] if args.quiet else []))
+        if rc == 2:
+            return 2
+    gt_dir = Path(args.gt) if args.gt else None
+    for d in pred_dirs + ([gt_dir] if gt_dir else []):
+        if not d.is_dir():
+            print(f"error: {d}: no such folder", file=sys.stderr)
+            return 2
+    names = [m.strip().lower() for m in (args.metrics or ("psnr,ssim" if gt_dir else ",".join(NO_REFERENCE))).split(",")
+             if m.strip()]
+    try:
+        device = resolve_device(args.device)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    metrics, skipped = build_metrics(names, device, has_gt=gt_dir is not None, crop_border=args.crop_border)
+    for line in skipped:
+        print(f"skipped: {line}", file=sys.stderr)
+    if not metrics:
+        print("error: no metric can run (see the skipped lines above)", file=sys.stderr)
+        return 2
+    ran = [m.name for m in metrics]
+    results = []
+    for d in pred_dirs:
+        r = evaluate_folder(d, gt_dir, metrics, device=device, suffix=args.pred_suffix, batch_size=args.batch_size,
+                            quiet=args.quiet)
+        for name, err in sorted(r.errors.items()):
+            print(f"error: {d / name}: {err}", file=sys.stderr)
+        if r.unmatched_pred or r.unmatched_gt:
+            print(f"warning: {d}: {len(r.unmatched_pred)} prediction(s) without ground truth "
+                  f"{r.unmatched_pred[:5]}, {len(r.unmatched_gt)} ground truth image(s) without prediction "
+                  f"{r.unmatched_gt[:5]}", file=sys.stderr)
+        results.append(r)
+    print(markdown_table(results, ran))
+    if args.out:
+        atomic_write_text(args.out, json.dumps(to_json(results, ran, skipped), indent=2) + "\n")
+    if args.csv:
+        write_csv(Path(args.csv), results, ran)
+    if args.plot:
+        plot(Path(args.plot), results, ran)
+    failed = any(r.errors for r in results) or not any(r.per_image for r in results)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

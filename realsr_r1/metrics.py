@@ -1,0 +1,98 @@
+"""Full-reference metrics to the protocol of published SR tables (pyiqa's, as OSEDiff and RealSR-R1 use).
+
+- Y channel of ITU-R BT.601 YCbCr: Y = 16 + 65.481 R + 128.553 G + 24.966 B, RGB in [0, 1], Y on 0-255.
+- PSNR on the unrounded Y; identical images give +inf.
+- SSIM on Y rounded to integers; 11x11 Gaussian window, sigma 1.5, 'valid' filtering, C1 = (0.01*255)^2,
+  C2 = (0.03*255)^2, contrast-structure term clamped at 0, mean over the map, no downsampling.
+
+Batched torch in, numbers out: images are tensors N x 3 x H x W (or HxWx3 numpy arrays) in [0, 1].
+No CLI concerns here; `evaluate.py` and the rewards both call these.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+_Y_WEIGHTS = (65.481, 128.553, 24.966)
+
+
+def as_batch(img) -> torch.Tensor:
+    """HxWx3 / HxW numpy (float [0,1] or uint8/uint16) or N x C x H x W tensor → float64 N x C x H x W."""
+    if isinstance(img, torch.Tensor):
+        t = img
+        if t.dim() == 3:
+            t = t.unsqueeze(0)
+        return t.to(torch.float64)
+    arr = np.asarray(img)
+    if arr.dtype == np.uint8:
+        arr = arr / 255.0
+    elif arr.dtype == np.uint16:
+        arr = arr / 65535.0
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64)).permute(2, 0, 1)
+    return t.unsqueeze(0)
+
+
+def rgb_to_y(x: torch.Tensor) -> torch.Tensor:
+    """N x 3 x H x W in [0,1] → N x 1 x H x W, BT.601 luma on the 0-255 scale (16..235)."""
+    if x.shape[1] == 1:
+        return x * 255.0  # already one channel: treat as luma
+    w = torch.tensor(_Y_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return 16.0 + (x * w).sum(dim=1, keepdim=True)
+
+
+def _prepare(pred, gt, crop_border: int) -> tuple[torch.Tensor, torch.Tensor]:
+    p, g = as_batch(pred), as_batch(gt)
+    if p.shape[-2:] != g.shape[-2:]:
+        raise ValueError(f"size mismatch: prediction {tuple(p.shape[-2:][::-1])} vs ground truth "
+                         f"{tuple(g.shape[-2:][::-1])} (width, height)")
+    if crop_border:
+        p = p[..., crop_border:-crop_border, crop_border:-crop_border]
+        g = g[..., crop_border:-crop_border, crop_border:-crop_border]
+    return p, g.to(p.device)
+
+
+def psnr(pred, gt, *, y_channel: bool = True, crop_border: int = 0) -> torch.Tensor:
+    """PSNR in dB per image (N,). On Y (0-255 scale) by default, else on RGB."""
+    p, g = _prepare(pred, gt, crop_border)
+    if y_channel:
+        p, g = rgb_to_y(p), rgb_to_y(g)
+    else:
+        p, g = p * 255.0, g * 255.0
+    mse = ((p - g) ** 2).mean(dim=(1, 2, 3))
+    return 10.0 * torch.log10(255.0**2 / mse)  # mse 0 → +inf, as it should
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5, *, dtype=torch.float64, device=None) -> torch.Tensor:
+    coords = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).view(1, 1, size, size)
+
+
+def ssim(pred, gt, *, y_channel: bool = True, crop_border: int = 0) -> torch.Tensor:
+    """SSIM per image (N,). On the rounded Y channel by default (channel mean of SSIM otherwise)."""
+    p, g = _prepare(pred, gt, crop_border)
+    if y_channel:
+        p, g = rgb_to_y(p).round(), rgb_to_y(g).round()
+    else:
+        p, g = p * 255.0, g * 255.0
+    n, c, h, w = p.shape
+    if min(h, w) < 11:
+        raise ValueError(f"SSIM needs images of at least 11x11 pixels, got {w}x{h}")
+    win = _gaussian_window(dtype=p.dtype, device=p.device).expand(c, 1, 11, 11)
+
+    def filt(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, win, groups=c)  # 'valid': no padding
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mu_p, mu_g = filt(p), filt(g)
+    var_p = filt(p * p) - mu_p**2
+    var_g = filt(g * g) - mu_g**2
+    cov = filt(p * g) - mu_p * mu_g
+    luminance = (2 * mu_p * mu_g + c1) / (mu_p**2 + mu_g**2 + c1)
+    cs = torch.relu((2 * cov + c2) / (var_p + var_g + c2))
+    return (luminance * cs).mean(dim=(1, 2, 3))

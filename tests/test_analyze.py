@@ -1,0 +1,145 @@
+"""Classical degradation analyser: JPEG quality from tables and pixels, noise, blur, the CLI."""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from realsr_r1.analyze import (
+    Analysis,
+    analyze,
+    estimate_blur,
+    estimate_jpeg_quality,
+    estimate_noise,
+    ijg_table,
+    jpeg_quality_from_file,
+    main,
+)
+from realsr_r1.degrade import add_gaussian_noise, gaussian_blur, jpeg_compress
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _clean(name: str, factor: int = 2) -> np.ndarray:
+    """A real photo area-downscaled, which averages away its own noise and JPEG blocking."""
+    with Image.open(EXAMPLES / name) as im:
+        rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255
+    h, w = rgb.shape[0] // factor * factor, rgb.shape[1] // factor * factor
+    small = rgb[:h, :w].reshape(h // factor, factor, w // factor, factor, 3).mean(axis=(1, 3))
+    return _8bit(small)
+
+
+def _8bit(rgb: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(rgb, 0, 1) * 255).astype(np.float32) / 255
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return _clean("Lincoln.png")  # 80x80
+
+
+@pytest.fixture(scope="module")
+def colour_photo():
+    return _clean("butterfly2.png")  # 90x90
+
+
+# --- JPEG ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("quality", [30, 47, 50, 63, 75, 88, 95])
+def test_quality_from_file_is_exact(tmp_path, colour_photo, quality):
+    path = tmp_path / "x.jpg"
+    Image.fromarray((colour_photo * 255).round().astype(np.uint8)).save(path, "JPEG", quality=quality)
+    assert jpeg_quality_from_file(path) == quality
+    grey = tmp_path / "g.jpg"
+    green = (colour_photo[..., 1] * 255).round().astype(np.uint8)
+    Image.fromarray(green).save(grey, "JPEG", quality=quality)
+    assert jpeg_quality_from_file(grey) == quality
+
+
+def test_quality_from_file_non_ijg_and_non_jpeg(tmp_path, colour_photo):
+    im = Image.fromarray((colour_photo * 255).round().astype(np.uint8))
+    custom = [list(np.clip(ijg_table(60) * 1.1, 1, 255).astype(int)), list(ijg_table(60).astype(int))]
+    im.save(tmp_path / "custom.jpg", "JPEG", qtables=custom)
+    assert abs(jpeg_quality_from_file(tmp_path / "custom.jpg") - 60) <= 5
+    im.save(tmp_path / "never.png")
+    assert jpeg_quality_from_file(tmp_path / "never.png") is None
+    (tmp_path / "junk.jpg").write_bytes(b"not a jpeg")
+    assert jpeg_quality_from_file(tmp_path / "junk.jpg") is None
+
+
+def test_jpeg_quality_from_pixels(colour_photo, photo):
+    assert estimate_jpeg_quality(colour_photo) is None  # never compressed
+    assert estimate_jpeg_quality(photo) is None
+    for q in (35, 60, 85):
+        assert abs(estimate_jpeg_quality(jpeg_compress(colour_photo, q)) - q) <= 8
+    # A crop that moves the block grid: found by the blockiness search.
+    shifted = jpeg_compress(colour_photo, 50)[3:, 5:]
+    assert abs(estimate_jpeg_quality(shifted) - 50) <= 8
+
+
+# --- noise and blur --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sigma,gray", [(0, False), (5, True), (12, False), (25, True)])
+def test_noise_estimate_within_tolerance(photo, colour_photo, sigma, gray):
+    rng = np.random.default_rng(sigma)
+    for base in (photo, colour_photo):
+        noisy = _8bit(add_gaussian_noise(base, sigma, rng, gray=gray))
+        assert estimate_noise(noisy) == pytest.approx(sigma, abs=2.0)
+
+
+def test_blur_estimate_is_monotone_and_levels_sensible(colour_photo):
+    sigmas = [0.5, 1.0, 1.5, 2.0, 3.0]
+    est = [estimate_blur(_8bit(gaussian_blur(colour_photo, s))) for s in sigmas]
+    assert est == sorted(est) and len(set(est)) == len(est)
+    a = analyze(_8bit(gaussian_blur(colour_photo, 3.5)))
+    assert a.items[0].type == "blur" and a.items[0].level == "heavy"
+    assert analyze(colour_photo).items[0].level in ("none", "light")
+
+
+def test_analysis_fields_and_file_quality_wins(colour_photo):
+    a = analyze(jpeg_compress(colour_photo, 40))
+    assert isinstance(a, Analysis) and a.jpeg_source == "pixels"
+    assert [i.type for i in a.items] == ["blur", "noise", "jpeg"]
+    assert a.items[2].level == "heavy"
+    d = json.loads(json.dumps(a.to_dict()))
+    assert set(d) >= {"noise_sigma", "blur_sigma", "jpeg_quality", "jpeg_source", "items"}
+    f = analyze(colour_photo, jpeg_quality_from_file=80)
+    assert (f.jpeg_quality, f.jpeg_source, f.items[2].render()) == (80, "file", "jpeg: light (quality 80)")
+    clean = analyze(colour_photo)
+    assert clean.jpeg_quality is None and clean.jpeg_source is None and clean.items[2].level == "none"
+
+
+def test_tiny_images_do_not_crash():
+    for shape in ((1, 1, 3), (5, 7, 3), (15, 15, 3)):
+        a = analyze(np.full(shape, 0.5, np.float32))
+        assert np.isfinite(a.noise_sigma) and np.isfinite(a.blur_sigma) and a.jpeg_quality is None
+
+
+def test_speed_512(colour_photo):
+    big = np.asarray(Image.fromarray((colour_photo * 255).astype(np.uint8)).resize((512, 512)),
+                     dtype=np.float32) / 255
+    analyze(big)
+    t = time.perf_counter()
+    analyze(big)
+    assert time.perf_counter() - t < 2.0  # about 0.15 s here; loose for busy test machines
+
+
+# --- CLI -------------------------------------------------------------------------------------------------
+def test_cli_prints_one_json_line_per_image(tmp_path, capsys, colour_photo):
+    rgb8 = (colour_photo * 255).round().astype(np.uint8)
+    Image.fromarray(rgb8).save(tmp_path / "a.jpg", "JPEG", quality=70)
+    Image.fromarray(rgb8).save(tmp_path / "b.png")
+    (tmp_path / "bad.png").write_text("not an image")
+    files = [str(tmp_path / n) for n in ("a.jpg", "bad.png", "b.png")]
+    assert main(files) == 1
+    out, err = capsys.readouterr()
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["file"] for r in rows] == [files[0], files[2]]
+    for r in rows:
+        assert {"file", "noise_sigma", "blur_sigma", "jpeg_quality", "items"} <= r.keys()
+        assert all(isinstance(i, str) for i in r["items"])
+    assert rows[0]["jpeg_quality"] == 70 and rows[0]["items"][2] == "jpeg: medium (quality 70)"
+    assert rows[1]["jpeg_quality"] is None
+    assert err.count("bad.png") == 1 and len(err.strip().splitlines()) == 1
+    assert main([files[2]]) == 0

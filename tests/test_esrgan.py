@@ -1,0 +1,263 @@
+"""Real-ESRGAN restorer: equal to an independent runtime (pip ncnn) on the same weights, tiling,
+alpha, output scales and dtypes, precision choice. Real weights, CPU, offline."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from realsr_r1 import device as devmod
+from realsr_r1 import weights
+from realsr_r1.restorers.esrgan import ESRGANRestorer, _spans, load_model
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+PHOTOS = [SHARED / "realworld" / "RealSRSet" / "dog.png", Path(__file__).resolve().parents[1] / "examples" / "dog.png"]
+
+
+def photo_crop(h: int, w: int, top: int = 100, left: int = 100) -> np.ndarray:
+    """A crop of a real photo (RealSRSet's dog), float32 HxWx3 in [0, 1]."""
+    path = next((p for p in PHOTOS if p.is_file()), None)
+    if path is None:
+        pytest.skip(f"real test photo absent: neither {PHOTOS[0]} nor {PHOTOS[1]}")
+    rgb = np.asarray(Image.open(path).convert("RGB"), np.float32) / 255
+    return np.ascontiguousarray(rgb[top:top + h, left:left + w])
+
+
+def ncnn_reference(name: str, rgb: np.ndarray) -> np.ndarray:
+    """The same .param/.bin through pip ncnn on CPU in fp32: the independent runtime."""
+    ncnn = pytest.importorskip("ncnn")
+    param, bin_, _ = weights.source_files(name)
+    net = ncnn.Net()
+    for opt in ("use_vulkan_compute", "use_fp16_storage", "use_fp16_packed", "use_fp16_arithmetic",
+                "use_bf16_storage"):
+        setattr(net.opt, opt, False)
+    net.load_param(str(param))
+    net.load_model(str(bin_))
+    chw = np.ascontiguousarray(rgb.transpose(2, 0, 1))  # ncnn.Mat borrows it: keep alive to extract
+    ex = net.create_extractor()
+    ex.input("data", ncnn.Mat(chw))
+    ret, out = ex.extract("output")
+    assert ret == 0
+    return np.array(out).transpose(1, 2, 0)
+
+
+@pytest.fixture(scope="module")
+def x4plus(weights_dir):
+    return weights.realesrgan_x4plus(weights_dir)
+
+
+@pytest.fixture(scope="module")
+def esr(x4plus):
+    return ESRGANRestorer.from_pretrained(x4plus, device="cpu", precision="fp32", tile=0)
+
+
+class NearestX4(torch.nn.Module):
+    """Stand-in net without spatial context: tiled output must equal whole-image output exactly."""
+
+    scale = 4
+
+    def forward(self, x):
+        return F.interpolate(x, scale_factor=4, mode="nearest")
+
+
+def test_x4plus_matches_ncnn_runtime(esr):
+    rgb = photo_crop(48, 48)
+    ref = ncnn_reference("realesrgan-x4plus", rgb)
+    with torch.inference_mode():
+        raw = esr.model(torch.from_numpy(rgb.transpose(2, 0, 1).copy())[None])[0].permute(1, 2, 0).numpy()
+    assert raw.shape == ref.shape == (192, 192, 3)
+    assert np.abs(raw - ref).max() <= 1e-4
+    assert np.abs(esr.upscale(rgb) - np.clip(ref, 0, 1)).max() <= 1e-4
+
+
+def test_animevideov3_matches_ncnn_runtime(weights_dir):
+    rgb = photo_crop(40, 56)
+    compact = ESRGANRestorer.from_pretrained("realesr-animevideov3", device="cpu", precision="fp32", tile=0)
+    assert compact.name == "realesr-animevideov3"
+    ref = ncnn_reference("realesr-animevideov3", rgb)
+    assert np.abs(compact.upscale(rgb) - np.clip(ref, 0, 1)).max() <= 1e-4
+
+
+def test_tiles_blend_to_whole_image_without_seams(esr):
+    """RRDBNet's receptive field spans hundreds of pixels, so a tile that sees only `tile_pad`
+    (16) pixels of context cannot equal the whole-image result; measured here, the mean difference
+    is ~0.003 and the worst pixel ~0.03 next to the seam (Real-ESRGAN's own tiling behaves alike).
+    What tiling must not do is make a seam: across the seam, the tiled−whole difference may change
+    no more than it does between any ordinary pair of neighbouring columns."""
+    rgb = photo_crop(48, 96)
+    whole = esr.upscale(rgb)
+    esr.tile, esr.tile_pad = 48, 16
+    try:
+        tiled = esr.upscale(rgb)
+    finally:
+        esr.tile, esr.tile_pad = 0, 16
+    diff = tiled - whole
+    assert np.abs(diff).mean() < 0.006 and np.abs(diff).max() < 0.06
+    jumps = np.abs(np.diff(diff, axis=1)).mean(axis=(0, 2))  # jumps[k]: column k → k+1
+    seam = 4 * 48 - 1
+    assert jumps[seam] < 1.5 * np.median(jumps)
+    assert jumps[seam] <= np.delete(jumps, seam).max()
+
+
+@pytest.mark.parametrize("length,tile,pad", [(1, 4, 16), (7, 3, 2), (100, 32, 16), (257, 256, 16),
+                                             (50, 16, 40), (33, 10, 0)])
+def test_tile_weights_partition_unity(length, tile, pad):
+    cover = np.zeros(4 * length)
+    for s in _spans(length, tile, pad, 4):
+        assert 0 <= s.ctx0 and s.ctx1 <= length
+        assert 4 * s.ctx0 <= s.out0 < s.out1 <= 4 * s.ctx1  # contributes only where it has computed
+        cover[s.out0:s.out1] += s.weight
+    np.testing.assert_allclose(cover, 1, atol=1e-6)
+
+
+def test_tiling_is_exact_for_a_context_free_net_and_any_size():
+    r = ESRGANRestorer(NearestX4(), torch.device("cpu"), "fp32", tile=0)
+    rng = np.random.default_rng(0)
+    for h, w in [(1, 1), (1, 9), (13, 7), (37, 50)]:
+        rgb = rng.random((h, w, 3), dtype=np.float32)
+        r.tile, r.tile_pad = 0, 6
+        whole = r.upscale(rgb)
+        r.tile = 8
+        tiled = r.upscale(rgb)
+        assert tiled.shape == (4 * h, 4 * w, 3)
+        np.testing.assert_allclose(tiled, whole, atol=1e-6)
+        np.testing.assert_array_equal(r.upscale(rgb, np.uint8), np.round(whole * 255).astype(np.uint8))
+
+
+def test_memory_stays_flat_in_image_size():
+    """Band-wise accumulation: beyond the output itself, memory does not grow with image height,
+    and a 512² input (2048² output) never holds a full-size float buffer (50 MB)."""
+    import tracemalloc
+
+    r = ESRGANRestorer(NearestX4(), torch.device("cpu"), "fp32", tile=64, tile_pad=16)
+    extra = []
+    for h in (128, 512):
+        rgb = np.random.default_rng(0).random((h, 512, 3), dtype=np.float32)
+        tracemalloc.start()
+        out = r.upscale(rgb, np.uint8)
+        extra.append(tracemalloc.get_traced_memory()[1] - out.nbytes)
+        tracemalloc.stop()
+    assert extra[1] < extra[0] + 1e6, extra
+    assert extra[1] < 2048 * 2048 * 3 * 4 / 2, extra
+
+
+def test_real_net_on_odd_and_tiny_sizes(esr):
+    esr.tile, esr.tile_pad = 6, 4
+    try:
+        for h, w in [(1, 1), (1, 5), (7, 3), (11, 13)]:
+            out = esr.upscale(photo_crop(h, w))
+            assert out.shape == (4 * h, 4 * w, 3) and out.dtype == np.float32
+            assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+    finally:
+        esr.tile, esr.tile_pad = 0, 16
+
+
+def test_alpha_goes_through_the_net(esr):
+    rgb = photo_crop(16, 20)
+    opaque = np.ones((16, 20), np.float32)
+    out, a = esr.restore(rgb, opaque)
+    assert out.shape == (64, 80, 3) and a.shape == (64, 80) and a.dtype == np.float32
+    assert a.min() > 0.97  # opaque stays opaque
+    half = opaque.copy()
+    half[:, :10] = 0
+    _, a = esr.restore(rgb, half)
+    assert a[:, :32].max() < 0.05 and a[:, 48:].min() > 0.95
+    with pytest.raises(ValueError, match="alpha must be 16x20"):
+        esr.restore(rgb, opaque[:8])
+
+
+@pytest.mark.parametrize("outscale", [2.5, 1.0, 3.3, 4.0, 0.5])
+def test_outscale_gives_exact_sizes(esr, outscale):
+    rgb = photo_crop(9, 14)
+    alpha = np.full((9, 14), 0.5, np.float32)
+    for dtype in (np.float32, np.uint8, np.uint16):
+        out, a = esr.restore(rgb, alpha, outscale=outscale, out_dtype=dtype)
+        size = (round(9 * outscale), round(14 * outscale))
+        assert out.shape == (*size, 3) and a.shape == size
+        assert out.dtype == a.dtype == dtype
+
+
+def test_integer_outputs_are_the_rounded_float_output(esr):
+    rgb = photo_crop(12, 10)
+    f = esr.upscale(rgb)
+    np.testing.assert_array_equal(esr.upscale(rgb, np.uint8), np.round(f * 255).astype(np.uint8))
+    u16 = esr.upscale(rgb, np.uint16).astype(np.int64)
+    assert np.abs(u16 - np.round(f.astype(np.float64) * 65535)).max() <= 1
+
+
+def test_bf16_autocast_is_close_to_fp32(esr, x4plus):
+    rgb = photo_crop(32, 32)
+    bf16 = ESRGANRestorer(load_model(x4plus), torch.device("cpu"), "bf16", tile=0)
+    assert bf16.precision == "bf16"
+    a, b = esr.upscale(rgb), bf16.upscale(rgb)
+    psnr = 10 * np.log10(1 / np.mean((a - b) ** 2))
+    assert psnr > 38, psnr
+
+
+def test_cuda_oom_halves_the_tile(monkeypatch):
+    r = ESRGANRestorer(NearestX4(), torch.device("cpu"), "fp32", tile=0, tile_pad=6)
+    r.device = torch.device("cuda")  # only the OOM policy looks at it; _forward is faked below
+
+    def forward(self, tile, gray):
+        if max(tile.shape[:2]) > 40:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return tile.repeat(4, 0).repeat(4, 1)
+
+    monkeypatch.setattr(ESRGANRestorer, "_forward", forward)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    rgb = np.random.default_rng(1).random((60, 100, 3), dtype=np.float32)
+    out = r.upscale(rgb)
+    assert r.tile == 32  # 100 → 50 → 32 (the floor): cores of 25 px + 2·6 context fit
+    np.testing.assert_allclose(out, rgb.repeat(4, 0).repeat(4, 1), atol=1e-6)
+    r.device = torch.device("cpu")
+    with pytest.raises(torch.OutOfMemoryError):  # CPU: no retry loop
+        r.tile = 0
+        r.upscale(rgb)
+
+
+FLAGS = {
+    "amx": "processor\t: 0\nflags\t\t: fpu sse2 avx512f amx_bf16 amx_tile\n",
+    "zen4": "processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16\n",
+    "old": "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n",
+    "arm": "processor\t: 0\nFeatures\t: fp asimd bf16\n",
+}
+
+
+@pytest.mark.parametrize("cpu,want", [("amx", "bf16"), ("zen4", "bf16"), ("old", "fp32"), ("arm", "fp32")])
+def test_precision_follows_cpu_flags(monkeypatch, cpu, want):
+    real = devmod.cpu_flags
+    monkeypatch.setattr(devmod, "cpu_flags", lambda cpuinfo=None: real(FLAGS[cpu]))
+    assert devmod.choose_precision("cpu") == want
+    assert devmod.choose_precision("cpu", force_fp32=True) == "fp32"
+
+
+def test_precision_on_cuda_and_checks(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert devmod.choose_precision(torch.device("cuda")) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert devmod.choose_precision(torch.device("cuda")) == "fp16"
+    with pytest.raises(ValueError, match="fp16 is not supported on CPU"):
+        devmod.check_precision(torch.device("cpu"), "fp16")
+    with pytest.raises(ValueError, match="unknown precision"):
+        devmod.check_precision(torch.device("cpu"), "int4")
+
+
+def test_resolve_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert devmod.resolve_device("auto") == torch.device("cpu")
+    assert devmod.resolve_device("CPU") == torch.device("cpu")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        devmod.resolve_device("cuda:1")
+    with pytest.raises(ValueError, match="unknown device"):
+        devmod.resolve_device("gpu")
+
+
+def test_restorer_reports_precision_and_rejects_bad_input(esr):
+    assert esr.precision == "fp32" and esr.device == torch.device("cpu") and esr.scale == 4
+    with pytest.raises(ValueError, match="HxWx3"):
+        esr.upscale(np.zeros((4, 4), np.float32))
+    with pytest.raises(ValueError, match="outscale"):
+        esr.restore(np.zeros((4, 4, 3), np.float32), outscale=0)
