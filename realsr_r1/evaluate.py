@@ -25,7 +25,8 @@ import torch
 from tqdm import tqdm
 
 from . import metrics as M
-from .imageio import ImageReadError, atomic_write_bytes, atomic_write_text, list_images, read_image
+from .imageio import (ImageReadError, atomic_write_bytes, atomic_write_text, list_images, read_image, to_pil,
+                      write_image)
 
 FULL_REFERENCE = ("psnr", "ssim", "lpips", "dists")
 NO_REFERENCE = ("niqe", "musiq", "maniqa", "clipiqa", "topiq_nr")
@@ -184,6 +185,28 @@ def _score_batch(items, metrics, result: FolderResult) -> None:
                 result.per_image[name][metric.name] = float(v)
 
 
+def bicubic_baseline(lq_dir: Path, gt_dir: Path, out_dir: Path) -> Path:
+    """LQ images upscaled with bicubic interpolation to their ground truth's size (the classic baseline)."""
+    from PIL import Image
+
+    gts = {_key(p, ""): p for p in list_images(gt_dir)}
+    for lq in list_images(lq_dir):
+        gt = gts.get(_key(lq, ""))
+        target = out_dir / f"{lq.stem}.png"
+        if gt is None or target.exists():
+            continue
+        try:
+            im = read_image(lq, max_pixels=None)
+            with Image.open(gt) as g:
+                size = g.size
+        except (ImageReadError, OSError):
+            continue  # reported when the restored folder is evaluated
+
+        up = to_pil(im.rgb).resize(size, Image.BICUBIC)
+        write_image(target, np.asarray(up, np.float32) / 255.0)
+    return out_dir
+
+
 # --- Reporting -------------------------------------------------------------------------------------
 def _fmt(metric: str, v: float | None) -> str:
     if v is None:
@@ -277,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--infer", metavar="LQ_DIR",
                    help="first restore LQ_DIR into the first --pred folder (skips finished images)")
     p.add_argument("--profile", default="auto", help="profile for --infer")
+    p.add_argument("--bicubic", action="store_true",
+                   help="with --infer and --gt: add a bicubic-upscaling row (LQ resized to each GT's size)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--quiet", "-q", action="store_true")
@@ -296,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         if rc == 2:
             return 2
     gt_dir = Path(args.gt) if args.gt else None
+    if args.bicubic:
+        if not (args.infer and gt_dir):
+            print("error: --bicubic needs --infer LQ_DIR and --gt", file=sys.stderr)
+            return 2
+        pred_dirs.append(bicubic_baseline(Path(args.infer), gt_dir, pred_dirs[0].parent / "bicubic"))
     for d in pred_dirs + ([gt_dir] if gt_dir else []):
         if not d.is_dir():
             print(f"error: {d}: no such folder", file=sys.stderr)

@@ -38,12 +38,14 @@ def paired(tmp_path_factory):
 def test_lite_against_bicubic_with_infer(paired, tmp_path, capsys, weights_dir):
     out_json = tmp_path / "r.json"
     rc = evaluate.main(["--infer", str(paired / "lq"), "--profile", "lite", "--pred", str(tmp_path / "lite"),
-                        "--pred", str(paired / "bicubic"), "--gt", str(paired / "hr"), "--out", str(out_json),
-                        "--quiet"])
+                        "--bicubic", "--gt", str(paired / "hr"), "--out", str(out_json), "--quiet"])
     assert rc == 0
     table = capsys.readouterr().out
     assert "| lite | 3 |" in table and "| bicubic | 3 |" in table
     res = {r["method"]: r["mean"] for r in json.loads(out_json.read_text())["results"]}
+    for name in NAMES:  # the built-in baseline is plain bicubic upscaling of the LQ input
+        ours = read_image(tmp_path / "bicubic" / f"{name}.png").rgb
+        assert np.array_equal(ours, read_image(paired / "bicubic" / f"{name}.png").rgb)
     # Real-ESRGAN removes the synthetic noise and blocking: structure is closer to HR than bicubic's.
     assert res["lite"]["ssim"] > res["bicubic"]["ssim"]
     assert 10 < res["lite"]["psnr"] < 40 and 10 < res["bicubic"]["psnr"] < 40
@@ -116,6 +118,11 @@ def test_learned_metrics_skip_cleanly_and_the_rest_runs(paired, capsys, monkeypa
     skipped = [l for l in captured.err.splitlines() if l.startswith("skipped:")]
     assert len(skipped) == 2 and "lpips" in skipped[0] and "musiq" in skipped[1]
     assert "PSNR" in captured.out and "LPIPS" not in captured.out
+
+
+def test_bicubic_needs_infer_and_gt(paired, capsys):
+    assert evaluate.main(["--pred", str(paired / "bicubic"), "--bicubic", "--gt", str(paired / "hr")]) == 2
+    assert "--bicubic needs --infer" in capsys.readouterr().err
 
 
 def test_no_gt_and_no_runnable_metric_is_a_usage_error(paired, capsys):
