@@ -14,7 +14,8 @@ realesrgan-ncnn-vulkan's; ours blends the seams). Outputs are uint8, as the pipe
 images. The 1-minute load average is printed per run: other jobs on the machine distort timings.
 
     python benchmarks/esrgan_speed.py --sizes 128,256,512 --repeats 3
-    nohup python benchmarks/esrgan_speed.py --sizes 2048 --repeats 1 > /tmp/esrgan_bench.log &
+    nohup python benchmarks/esrgan_speed.py --sizes 2048 --repeats 1 --workdir /tmp/esrgan_2048 \
+        > /tmp/esrgan_bench.log 2>&1 &
 """
 
 from __future__ import annotations
@@ -129,10 +130,16 @@ def child(spec: dict) -> None:
 def measure(runtime: str, size: int, lr_path: Path, work: Path, args) -> dict:
     spec = {"runtime": runtime, "input": str(lr_path), "output": str(work / f"{runtime}_{size}.npy"),
             "repeats": args.repeats, "tile": args.tile, "tile_pad": args.tile_pad}
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{runtime} at {size}² failed:\n{proc.stderr[-3000:]}")
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    done = work / f"{runtime}_{size}.json"  # a finished measurement: --workdir runs resume after it
+    if done.is_file() and json.loads(done.read_text())["spec"] == spec:
+        res = json.loads(done.read_text())["result"]
+    else:
+        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            sys.exit(f"{runtime} at {size}² failed:\n{proc.stderr[-3000:]}")
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        done.write_text(json.dumps({"spec": spec, "result": res}))
     print(f"  {size}² {runtime:>4}: {res['seconds']:8.2f} s  {res['rss_mb']:6.0f} MB  "
           f"({res['precision']}, load {res['load']:.1f})", file=sys.stderr, flush=True)
     return res
@@ -144,6 +151,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="calls per measurement; the best is kept")
     p.add_argument("--tile", type=int, default=256, help="input pixels per tile side (0 = whole image)")
     p.add_argument("--tile-pad", type=int, default=16)
+    p.add_argument("--workdir", help="keep inputs, outputs and finished measurements here, so an "
+                                     "interrupted run resumes (default: a temporary folder)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -161,7 +170,8 @@ def main(argv=None) -> int:
           f"tile {args.tile}, pad {args.tile_pad}; best of {args.repeats}", file=sys.stderr, flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="esrgan_bench_") as tmp:
-        work = Path(tmp)
+        work = Path(args.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         for size in [int(s) for s in args.sizes.split(",")]:
             lr, hr = build_pair(size)
             lr_path = work / f"lr_{size}.npy"

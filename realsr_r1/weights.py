@@ -72,8 +72,12 @@ def convert(param: str | Path, bin_: str | Path, dest: str | Path, arch: str = "
     state = converters[arch](param, bin_)
     meta = {"arch": arch, "source_param": param.name, "source_bin": bin_.name,
             "source_param_sha256": _sha256(param), "source_bin_sha256": _sha256(bin_), **(metadata or {})}
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    except OSError as e:
+        raise WeightsNotFoundError(f"cannot write {dest} ({e.strerror}): set REALSR_R1_WEIGHTS to a "
+                                   f"writable folder") from None
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=meta)

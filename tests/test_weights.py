@@ -113,6 +113,13 @@ def test_failed_conversion_leaves_no_file(monkeypatch, tmp_path, x4_sources):
     assert list(tmp_path.iterdir()) == [short]
 
 
+def test_unwritable_weights_dir_says_what_to_do(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the folder should be")
+    with pytest.raises(weights.WeightsNotFoundError, match="REALSR_R1_WEIGHTS"):
+        weights.realesrgan_x4plus(blocker / "weights")
+
+
 def test_damaged_safetensors_is_a_clear_error(x4plus, tmp_path):
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(x4plus.read_bytes()[: x4plus.stat().st_size // 2])
