@@ -15,7 +15,7 @@ import yaml
 from .pipeline import RestorationPipeline
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-PROFILES = ("lite",)  # the full VLM + diffusion profile arrives with its own config
+PROFILES = ("lite", "full")
 
 
 class ConfigError(ValueError):
@@ -58,18 +58,47 @@ def choose_profile(requested: str) -> tuple[str, str]:
         if requested not in PROFILES and not (CONFIG_DIR / f"{requested}.yaml").is_file():
             raise ConfigError(f"unknown profile {requested!r} (available: {', '.join(PROFILES)})")
         return requested, "requested"
-    if not (CONFIG_DIR / "full.yaml").is_file():
-        return "lite", "auto: the full VLM + diffusion profile is not installed, using lite"
-    return "lite", "auto: using lite"
+    from .download import full_profile_present
+    from .weights import default_dir
+
+    if not full_profile_present():
+        return "lite", (f"auto: the full profile's weights are not in {default_dir()} "
+                        "(python -m realsr_r1.download full), using lite")
+    import torch
+
+    if not torch.cuda.is_available():
+        return "lite", "auto: the full profile's weights are here but there is no CUDA GPU, using lite"
+    return "full", "auto: full profile weights and a CUDA GPU are present"
+
+
+def _model_path(section: dict, what: str) -> Path:
+    """A model folder: an absolute/relative path as given, else a folder under the weights dir."""
+    from .weights import WeightsNotFoundError, default_dir
+
+    name = section.get("model")
+    if not name:
+        raise ConfigError(f"{what}: no `model` set in the profile")
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        path = default_dir() / str(name)
+    if not path.is_dir():
+        hub = section.get("hub", "the model")
+        raise WeightsNotFoundError(f"{what} weights not found at {path}: run `python -m realsr_r1.download full` "
+                                   f"or put {hub} there")
+    return path
 
 
 def build_pipeline(cfg: dict, *, device: str = "auto", fp32: bool = False) -> RestorationPipeline:
     policy_cfg = cfg.get("policy") or {}
     restorer_cfg = cfg.get("restorer") or {}
-    if policy_cfg.get("type", "analyser") != "analyser":
-        raise ConfigError(f"policy type {policy_cfg.get('type')!r} is not available in this build")
-    if restorer_cfg.get("type", "realesrgan") != "realesrgan":
-        raise ConfigError(f"restorer type {restorer_cfg.get('type')!r} is not available in this build")
+    policy_type = policy_cfg.get("type", "analyser")
+    restorer_type = restorer_cfg.get("type", "realesrgan")
+    if policy_type not in ("analyser", "vlm"):
+        raise ConfigError(f"unknown policy type {policy_type!r} (analyser, vlm)")
+    if restorer_type not in ("realesrgan", "diffusion"):
+        raise ConfigError(f"unknown restorer type {restorer_type!r} (realesrgan, diffusion)")
+    if policy_type == "vlm" or restorer_type == "diffusion":
+        return _build_full(cfg, policy_cfg, restorer_cfg, device=device, fp32=fp32)
 
     from .policy import AnalyserPolicy
     from .restorers.esrgan import ESRGANRestorer
@@ -84,3 +113,32 @@ def build_pipeline(cfg: dict, *, device: str = "auto", fp32: bool = False) -> Re
     )
     return RestorationPipeline(AnalyserPolicy(), LiteStages(esrgan), profile=cfg.get("profile", "lite"),
                                scale=float(cfg.get("scale", 4)))
+
+
+def _build_full(cfg: dict, policy_cfg: dict, restorer_cfg: dict, *, device: str, fp32: bool) -> RestorationPipeline:
+    policy_path = _model_path(policy_cfg, "policy") if policy_cfg.get("type") == "vlm" else None
+    restorer_path = _model_path(restorer_cfg, "restorer") if restorer_cfg.get("type") == "diffusion" else None
+    try:
+        from .policy import VLMPolicy
+        from .restorers.diffusion import DiffusionStages
+    except ImportError as e:
+        raise ConfigError(f"the full profile is not available in this build ({e})") from None
+    from .policy import AnalyserPolicy
+
+    if policy_path is not None:
+        policy = VLMPolicy.from_pretrained(
+            policy_path, device=device, dtype="fp32" if fp32 else policy_cfg.get("dtype", "auto"),
+            load_in_4bit=bool(policy_cfg.get("load_in_4bit")), load_in_8bit=bool(policy_cfg.get("load_in_8bit")),
+            adapter=policy_cfg.get("adapter"), max_pixels=policy_cfg.get("max_pixels"),
+            generation=policy_cfg.get("generation") or {})
+    else:
+        policy = AnalyserPolicy()
+    restorer = DiffusionStages.from_pretrained(
+        restorer_path, device=device, dtype="fp32" if fp32 else restorer_cfg.get("dtype", "auto"),
+        num_inference_steps=int(restorer_cfg.get("steps", 20)),
+        guidance_scale=float(restorer_cfg.get("guidance_scale", 7.5)),
+        negative_prompt=restorer_cfg.get("negative_prompt"),
+        color_fix=restorer_cfg.get("color_fix", "wavelet"),
+        cpu_offload=bool(restorer_cfg.get("cpu_offload")),
+        preview_every=int(restorer_cfg.get("preview_every", 5)))
+    return RestorationPipeline(policy, restorer, profile=cfg.get("profile", "full"), scale=float(cfg.get("scale", 4)))

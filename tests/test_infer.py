@@ -17,7 +17,6 @@ from realsr_r1.pipeline import (
     AnalysisReady,
     Done,
     Failed,
-    PlanReady,
     StageImage,
     StageStarted,
     TextDelta,
@@ -127,8 +126,9 @@ def test_usage_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     rc, err = run_cli(capsys, "-i", tmp_path / "empty", "-o", tmp_path / "o")
     assert rc == 2 and "no images found" in err
-    rc, err = run_cli(capsys, "-i", tmp_path / "empty", "-o", tmp_path / "o", "--profile", "nope")
-    assert rc == 2
+    photo((8, 8)).save(tmp_path / "one.png")
+    rc, err = run_cli(capsys, "-i", tmp_path / "one.png", "-o", tmp_path / "o", "--profile", "nope")
+    assert rc == 2 and "unknown profile 'nope'" in err
 
 
 def test_pipeline_events_in_order(lite):
@@ -174,3 +174,14 @@ def test_module_entry_point_runs(tmp_path, weights_dir):
     assert proc.returncode == 0, proc.stderr
     assert "profile: lite (auto:" in proc.stderr
     assert (tmp_path / "o" / "p.png").exists() and (tmp_path / "o" / "p.json").exists()
+
+
+def test_full_profile_without_weights_says_what_to_fetch(tmp_path, capsys, weights_dir):
+    src = tmp_path / "in"
+    src.mkdir()
+    photo((8, 8)).save(src / "p.png")
+    rc, err = run_cli(capsys, "-i", src, "-o", tmp_path / "o", "--profile", "full")
+    assert rc == 2 and "Traceback" not in err
+    line = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(line) == 1 and "python -m realsr_r1.download full" in line[0]
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
