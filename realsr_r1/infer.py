@@ -124,6 +124,14 @@ def _sidecar(src: Path, out_name: str, result: RestorationResult, profile_reason
     }
 
 
+def _shard() -> tuple[int, int, int]:
+    """(rank, world size, local rank) under `accelerate launch` / torchrun; (0, 1, 0) otherwise."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), max(1, world), int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def run(args: argparse.Namespace) -> int:
     from .profiles import ConfigError, build_pipeline, choose_profile, load_config
     from .weights import WeightsNotFoundError
@@ -141,6 +149,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {src}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})", file=sys.stderr)
         return 2
 
+    # Under accelerate launch every process takes every world-th file: no file twice, none missing.
+    # Seeds stay tied to the file's place in the whole list, so sharding does not change results.
+    rank, world, local_rank = _shard()
+    indexed = list(enumerate(files))[rank::world]
+    if world > 1 and args.device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            args.device = f"cuda:{local_rank % torch.cuda.device_count()}"
     overrides = list(args.overrides)
     scale = args.outscale or args.scale
     if scale is not None:
@@ -166,16 +183,16 @@ def run(args: argparse.Namespace) -> int:
             traceback.print_exc()
         return 2
     desc = pipeline.restorer.describe()
-    if not args.quiet:
-        print(f"profile: {profile} ({reason}); device {desc.get('device')}, precision {desc.get('precision')}",
-              file=sys.stderr)
+    if not args.quiet and rank == 0:
+        print(f"profile: {profile} ({reason}); device {desc.get('device')}, precision {desc.get('precision')}"
+              + (f"; {world} processes" if world > 1 else ""), file=sys.stderr)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stems = _output_stems(files, args.suffix)
     done = skipped = 0
     failed: list[tuple[Path, str]] = []
-    bar = tqdm(files, disable=args.quiet, unit="img", dynamic_ncols=True, file=sys.stderr)
-    for index, path in enumerate(bar):
+    bar = tqdm(indexed, disable=args.quiet or rank > 0, unit="img", dynamic_ncols=True, file=sys.stderr)
+    for index, path in bar:
         bar.set_postfix_str(path.name[:30])
         sidecar_path = out_dir / f"{stems[path]}.json"
         if sidecar_path.exists() and not args.overwrite:
@@ -224,6 +241,8 @@ def run(args: argparse.Namespace) -> int:
             tqdm.write(f"error: {path}: cannot write output ({e})", file=sys.stderr)
     bar.close()
     summary = f"restored {done}, skipped {skipped} (already done), failed {len(failed)} → {out_dir}"
+    if world > 1:
+        summary = f"[process {rank}/{world}] " + summary
     print(summary, file=sys.stderr)
     return 0 if not failed else 1
 

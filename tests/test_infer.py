@@ -185,3 +185,23 @@ def test_full_profile_without_weights_says_what_to_fetch(tmp_path, capsys, weigh
     line = [l for l in err.splitlines() if l.startswith("error:")]
     assert len(line) == 1 and "python -m realsr_r1.download full" in line[0]
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+def test_sharded_processes_split_the_files(tmp_path, weights_dir):
+    """What `accelerate launch` / torchrun set (RANK, WORLD_SIZE): every file once, none missing."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(5):
+        photo((8 + i, 8)).save(src / f"im{i}.png")
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "REALSR_R1_WEIGHTS": str(weights_dir), "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": "2"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "realsr_r1.infer", "-i", str(src), "-o",
+                                       str(tmp_path / "o"), "--quiet"], env=env, stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert "[process 0/2] restored 3" in errs[0] and "[process 1/2] restored 2" in errs[1]
+    assert sorted(p.name for p in (tmp_path / "o").glob("*.png")) == [f"im{i}.png" for i in range(5)]
+    seeds = {json.loads(p.read_text())["input"]: json.loads(p.read_text())["seed"] for p in (tmp_path / "o").glob("*.json")}
+    assert seeds == {f"im{i}.png": i for i in range(5)}  # seeds follow the global order, not the shard
