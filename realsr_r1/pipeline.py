@@ -160,6 +160,8 @@ class RestorationPipeline:
                 raise RuntimeError(f"restorer produced no image for stage(s) {', '.join(missing)}")
             final = stages["final"]
             info = {"profile": self.profile, "policy": self.policy.name, **self.restorer.describe()}
+            if hasattr(self.policy, "describe"):
+                info["policy_info"] = self.policy.describe()
             yield Done(RestorationResult(final.rgb, final.alpha, plan, cot, analysis, stages,
                                          timings, seed, scale, info))
         except Exception as e:  # one image failing must not end the caller's batch

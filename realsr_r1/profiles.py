@@ -133,11 +133,11 @@ def _build_full(cfg: dict, policy_cfg: dict, restorer_cfg: dict, *, device: str,
             generation=policy_cfg.get("generation") or {})
     else:
         policy = AnalyserPolicy()
+    extra = {"negative_prompt": restorer_cfg["negative_prompt"]} if restorer_cfg.get("negative_prompt") else {}
     restorer = DiffusionStages.from_pretrained(
         restorer_path, device=device, dtype="fp32" if fp32 else restorer_cfg.get("dtype", "auto"),
         num_inference_steps=int(restorer_cfg.get("steps", 20)),
-        guidance_scale=float(restorer_cfg.get("guidance_scale", 7.5)),
-        negative_prompt=restorer_cfg.get("negative_prompt"),
+        guidance_scale=float(restorer_cfg.get("guidance_scale", 7.5)), **extra,
         color_fix=restorer_cfg.get("color_fix", "wavelet"),
         cpu_offload=bool(restorer_cfg.get("cpu_offload")),
         preview_every=int(restorer_cfg.get("preview_every", 5)))

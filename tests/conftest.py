@@ -1,5 +1,6 @@
 """Shared test setup: offline always, real images from ../shared, bad inputs made on the fly."""
 
+import contextlib
 import io
 import os
 import struct
@@ -18,17 +19,25 @@ EXAMPLES = REPO / "examples"
 SHARED = REPO.parent / "shared" / "realworld"
 
 
+@contextlib.contextmanager
+def weights_env(path: Path):
+    """Point the project's weights folder ($REALSR_R1_WEIGHTS) at `path` for a while."""
+    old = os.environ.get("REALSR_R1_WEIGHTS")
+    os.environ["REALSR_R1_WEIGHTS"] = str(path)
+    try:
+        yield path
+    finally:
+        if old is None:
+            os.environ.pop("REALSR_R1_WEIGHTS", None)
+        else:
+            os.environ["REALSR_R1_WEIGHTS"] = old
+
+
 @pytest.fixture(scope="session")
 def weights_dir(tmp_path_factory):
     """One converted copy of the real Real-ESRGAN weights for the whole session (not the repo's)."""
-    path = tmp_path_factory.mktemp("weights")
-    old = os.environ.get("REALSR_R1_WEIGHTS")
-    os.environ["REALSR_R1_WEIGHTS"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("REALSR_R1_WEIGHTS", None)
-    else:
-        os.environ["REALSR_R1_WEIGHTS"] = old
+    with weights_env(tmp_path_factory.mktemp("weights")) as path:
+        yield path
 
 
 def photo(size=(24, 16), name="dog.png", mode="RGB") -> Image.Image:
