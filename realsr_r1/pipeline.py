@@ -19,7 +19,7 @@ from typing import Iterator, Protocol
 import numpy as np
 
 from .analyze import Analysis, analyze, jpeg_quality_from_file
-from .cot import STAGES, Plan, parse_cot
+from .cot import STAGES, TAGS, Plan, parse_cot
 from .imageio import LoadedImage
 
 
@@ -32,6 +32,12 @@ class AnalysisReady:
 @dataclass
 class TextDelta:
     text: str  # the next piece of the chain of thought, as the policy produced it
+
+
+@dataclass
+class PlanUpdate:
+    section: str  # the tag that just closed: degradation or <stage>_understand
+    plan: Plan  # the chain parsed so far (problems for the sections still to come)
 
 
 @dataclass
@@ -73,7 +79,7 @@ class Failed:
     error: BaseException | None = None  # for --debug
 
 
-Event = AnalysisReady | TextDelta | PlanReady | StageStarted | StagePreview | StageImage | Done | Failed
+Event = AnalysisReady | TextDelta | PlanUpdate | PlanReady | StageStarted | StagePreview | StageImage | Done | Failed
 
 
 @dataclass
@@ -137,11 +143,16 @@ class RestorationPipeline:
             yield AnalysisReady(analysis)
 
             t = time.perf_counter()
-            pieces = []
+            cot = ""
+            waiting = [tag for tag in TAGS if not tag.endswith("_image")]
             for delta in self.policy.stream(image, analysis, seed=seed, scale=scale):
-                pieces.append(delta)
+                cot += delta
                 yield TextDelta(delta)
-            cot = "".join(pieces)
+                # Parsed as it arrives: a section is usable (e.g. shown) as soon as its tag closes.
+                closed = [tag for tag in waiting if ">" in delta and f"</{tag}>" in cot]
+                for tag in closed:
+                    waiting.remove(tag)
+                    yield PlanUpdate(tag, parse_cot(cot))
             timings["reason"] = time.perf_counter() - t
             plan = parse_cot(cot)
             yield PlanReady(plan, cot)
@@ -162,6 +173,8 @@ class RestorationPipeline:
             info = {"profile": self.profile, "policy": self.policy.name, **self.restorer.describe()}
             if hasattr(self.policy, "describe"):
                 info["policy_info"] = self.policy.describe()
+            if getattr(self.policy, "last_stats", None):  # tokens generated, for tokens/s
+                info["reason_tokens"] = self.policy.last_stats["new_tokens"]
             yield Done(RestorationResult(final.rgb, final.alpha, plan, cot, analysis, stages,
                                          timings, seed, scale, info))
         except Exception as e:  # one image failing must not end the caller's batch

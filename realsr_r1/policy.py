@@ -7,7 +7,10 @@ streams the same contract from a vision-language model.
 
 from __future__ import annotations
 
+import queue
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 from .analyze import Analysis
@@ -16,6 +19,8 @@ from .imageio import LoadedImage
 
 # One generation at a time per process: sampling is seeded through torch's global RNG.
 _GENERATE_LOCK = threading.Lock()
+# generate() runs in one long-lived thread: a new thread per call pays for a new OpenMP team in torch.
+_GENERATE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="realsr-generate")
 
 NO_VLM_NOTE = "no VLM ran (lite profile): understanding tags are empty; <degradation> is the classical analyser's"
 
@@ -34,6 +39,55 @@ class AnalyserPolicy:
         lines = text.split("\n")
         for i, line in enumerate(lines):
             yield line + ("\n" if i < len(lines) - 1 else "")
+
+
+# --- Streaming text out of generate() ------------------------------------------------------------
+class TokenStream:
+    """A `generate(streamer=…)` target that hands token ids to the reading thread, which decodes them.
+
+    transformers' TextIteratorStreamer decodes in the generating thread and re-decodes everything
+    since the last newline at every token (quadratic on one-line chains of thought). Here put() only
+    queues ids; the reader drains what has queued and decodes a short window incrementally (the
+    prefix/read offset scheme of text-generation servers): text is emitted once a window decodes to
+    more than its prefix and does not end inside a multi-byte character.
+    """
+
+    def __init__(self, tokenizer, timeout: float | None = None):
+        self.tokenizer = tokenizer
+        self.timeout = timeout
+        self._queue: queue.Queue = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:  # generate() first puts the prompt
+            self._prompt_seen = True
+            return
+        self._queue.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self._queue.put(None)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def __iter__(self) -> Iterator[str]:
+        ids: list[int] = []
+        prefix = read = 0  # ids[prefix:read] decoded already; ids[read:] not yet emitted
+        done = False
+        while not done:
+            item = self._queue.get(timeout=self.timeout)
+            while item is not None:
+                ids.extend(item)
+                try:  # everything already queued: one decode for many tokens when behind
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            done = item is None
+            seen = self._decode(ids[prefix:read])
+            text = self._decode(ids[prefix:])
+            if len(text) > len(seen) and (done or not text.endswith("\ufffd")):
+                yield text[len(seen):]
+                prefix, read = read, len(ids)
 
 
 # --- The VLM policy (full profile) ----------------------------------------------------------------
@@ -167,9 +221,10 @@ class VLMPolicy:
             processor = _image_only_processor(model_path, config)
         if max_pixels is not None:
             ip = processor.image_processor
-            ip.max_pixels = int(max_pixels)
             if isinstance(getattr(ip, "size", None), dict) and "longest_edge" in ip.size:
-                ip.size["longest_edge"] = int(max_pixels)
+                ip.size["longest_edge"] = int(max_pixels)  # where the pixel budget lives in transformers 5
+            else:
+                ip.max_pixels = int(max_pixels)
         return cls(model, processor, model_path=model_path, dtype=dtype, quantization=quantization,
                    adapter=None if adapter is None else str(adapter), generation=generation)
 
@@ -199,11 +254,10 @@ class VLMPolicy:
     def stream(self, image: LoadedImage, analysis: Analysis | None = None, *, seed: int = 0,
                scale: float = 4.0) -> Iterator[str]:
         import torch
-        from transformers import TextIteratorStreamer
 
         inputs = self._inputs(image)
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        streamer = TokenStream(tokenizer, timeout=600)
         gen = dict(self.generation)
         if not gen.get("do_sample", True):
             gen.pop("temperature", None)
@@ -211,7 +265,11 @@ class VLMPolicy:
         errors: list[BaseException] = []
         stop = threading.Event()  # set when the caller stops reading: generation ends early
 
+        prompt_len = inputs["input_ids"].shape[1]
+        stats = self.last_stats = {"new_tokens": 0, "seconds": 0.0}
+
         def stopped(input_ids, scores, **kwargs):
+            stats["new_tokens"] = int(input_ids.shape[1] - prompt_len)  # for tokens/s in sidecars and benchmarks
             return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
         def work() -> None:
@@ -230,15 +288,16 @@ class VLMPolicy:
         # Seed in the worker (where sampling runs) and hold the lock so concurrent streams
         # cannot interleave their RNG use.
         with _GENERATE_LOCK:
-            thread = threading.Thread(target=work, daemon=True)
-            thread.start()
+            t0 = time.perf_counter()
+            job = _GENERATE_THREAD.submit(work)
             try:
                 for delta in streamer:
                     if delta:
                         yield delta
             finally:
                 stop.set()
-                thread.join()
+                job.result()
+                stats["seconds"] = time.perf_counter() - t0
         if errors:
             raise errors[0]
 

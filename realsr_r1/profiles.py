@@ -136,9 +136,13 @@ def _build_full(cfg: dict, policy_cfg: dict, restorer_cfg: dict, *, device: str,
     extra = {"negative_prompt": restorer_cfg["negative_prompt"]} if restorer_cfg.get("negative_prompt") else {}
     restorer = DiffusionStages.from_pretrained(
         restorer_path, device=device, dtype="fp32" if fp32 else restorer_cfg.get("dtype", "auto"),
+        rough=restorer_cfg.get("rough", "realesrgan"),
         num_inference_steps=int(restorer_cfg.get("steps", 20)),
         guidance_scale=float(restorer_cfg.get("guidance_scale", 7.5)), **extra,
         color_fix=restorer_cfg.get("color_fix", "wavelet"),
         cpu_offload=bool(restorer_cfg.get("cpu_offload")),
-        preview_every=int(restorer_cfg.get("preview_every", 5)))
+        preview_every=int(restorer_cfg.get("preview_every", 5)),
+        strength=float(restorer_cfg.get("strength", 0.8)),
+        tile=int(restorer_cfg.get("tile", 128)), tile_overlap=int(restorer_cfg.get("tile_overlap", 32)),
+        vae_tile=int(restorer_cfg.get("vae_tile", 512) or 0))
     return RestorationPipeline(policy, restorer, profile=cfg.get("profile", "full"), scale=float(cfg.get("scale", 4)))

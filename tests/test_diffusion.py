@@ -27,7 +27,9 @@ def tiny_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def restorer(tiny_path):
-    return DiffusionStages.from_pretrained(tiny_path, device="cpu", num_inference_steps=3, preview_every=1)
+    # rough by diffusion (4 steps), middle and final from the previous stage (strength 0.5: 2 steps)
+    return DiffusionStages.from_pretrained(tiny_path, device="cpu", rough="diffusion", num_inference_steps=4,
+                                           strength=0.5, preview_every=1)
 
 
 @pytest.fixture
@@ -47,22 +49,24 @@ def finals(events):
 
 
 def test_describe(restorer):
-    assert restorer.describe() == {"restorer": "sd-x4-upscaler", "device": "cpu", "precision": "fp32", "steps": 3}
+    assert restorer.describe() == {"restorer": "sd-x4-upscaler", "device": "cpu", "precision": "fp32", "steps": 4,
+                                   "strength": 0.5, "tile": 128, "vae_tile": 512, "rough": "diffusion"}
 
 
 def test_events_sizes_previews_and_range(restorer, image):
     events = run(restorer, image, parse_cot(COT))
     kinds = [(type(e).__name__, e.stage) for e in events]
     expected = []
-    for s in ("rough", "middle", "final"):
-        expected += [("StageStarted", s), ("StagePreview", s), ("StagePreview", s), ("StageImage", s)]
-    assert kinds == expected  # 3 steps, preview every step except the last (that one is the image)
+    for s, previews in (("rough", 3), ("middle", 1), ("final", 1)):  # every step but the last
+        expected += [("StageStarted", s)] + [("StagePreview", s)] * previews + [("StageImage", s)]
+    assert kinds == expected
     for e in events:
         w, h = SIZES[e.stage]
         if isinstance(e, StageStarted):
             assert e.size == (w, h)
         elif isinstance(e, StagePreview):
-            assert e.image.shape == (h, w, 3) and e.total == 3 and 1 <= e.step < 3
+            assert e.image.shape == (h, w, 3) and 1 <= e.step < e.total
+            assert e.total == (4 if e.stage == "rough" else 2)
         else:
             assert e.rgb.shape == (h, w, 3) and e.rgb.dtype == np.float32
             assert np.isfinite(e.rgb).all() and e.rgb.min() >= 0 and e.rgb.max() <= 1
@@ -76,9 +80,130 @@ def test_seeds(restorer, image):
     assert np.abs(a - c).max() > 1e-4
 
 
+@pytest.mark.parametrize("guidance", [1.0, 6.0])
+def test_own_loop_matches_the_diffusers_pipeline(tiny_path, guidance):
+    """One tile, no init image: our denoising loop is the pipeline's, draw for draw."""
+    import torch
+
+    r = DiffusionStages.from_pretrained(tiny_path, device="cpu", rough="diffusion", num_inference_steps=3,
+                                        guidance_scale=guidance, vae_tile=0)
+    cond = np.random.default_rng(3).random((8, 16, 3), dtype=np.float32)
+    ours = drain(r._denoise(cond, None, "a cat", 30, seed=11, tile=0, preview=None))
+    ref = r.pipe(prompt="a cat", image=torch.from_numpy(cond).permute(2, 0, 1)[None], num_inference_steps=3,
+                 guidance_scale=guidance, noise_level=30, negative_prompt=r.negative_prompt if guidance > 1 else None,
+                 generator=torch.Generator("cpu").manual_seed(11), output_type="np").images[0]
+    assert ours.shape == ref.shape == (32, 64, 3)
+    np.testing.assert_allclose(ours, ref, atol=2e-5)
+
+
+def drain(gen):
+    """Run a generator to its end and return its return value."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+def test_middle_and_final_start_from_the_previous_stage(tiny_path, image, monkeypatch):
+    r = DiffusionStages.from_pretrained(tiny_path, device="cpu", rough="diffusion", num_inference_steps=4,
+                                        strength=0.75, preview_every=0)
+    encoded = []
+    real = r._encode
+    monkeypatch.setattr(r, "_encode", lambda rgb, device: encoded.append(rgb.shape) or real(rgb, device))
+    steps = []
+    real_step = r.pipe.scheduler.step
+    monkeypatch.setattr(r.pipe.scheduler, "step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
+    out = finals(run(r, image, Plan()))
+    # rough starts from noise; middle (32x24 → padded latent 8x8 → 32x32) and final (64x48 → 16x16 → 64x64)
+    # start from the VAE-encoded previous stage, with round(4 × 0.75) = 3 steps each
+    assert encoded == [(32, 32, 3), (64, 64, 3)]
+    assert len(steps) == 4 + 3 + 3
+    assert out["final"].rgb.shape == (48, 64, 3)
+
+    full = DiffusionStages(r.pipe, device=r.device, dtype=r.dtype, num_inference_steps=4, strength=1.0,
+                           preview_every=0)
+    encoded.clear()
+    monkeypatch.setattr(full, "_encode", lambda rgb, device: encoded.append(rgb.shape) or real(rgb, device))
+    run(full, image, Plan())
+    assert encoded == []  # strength 1: the previous stage is only the reference, not the start
+
+
+def test_latent_tiles_cover_the_image(tiny_path, image, monkeypatch):
+    """final: 16x16 latent in 8x8 tiles overlapping by 4 → 3x3 tiles per step; middle 8x8 → 1 tile."""
+    r = DiffusionStages.from_pretrained(tiny_path, device="cpu", rough="diffusion", num_inference_steps=2,
+                                        strength=1.0, preview_every=0, tile=8, tile_overlap=4)
+    shapes = []
+    unet_forward = r.pipe.unet.forward
+    monkeypatch.setattr(r.pipe.unet, "forward",
+                        lambda x, *a, **k: shapes.append(tuple(x.shape[-2:])) or unet_forward(x, *a, **k))
+    out = finals(run(r, image, Plan()))
+    assert shapes == [(8, 8)] * 2 + [(8, 8)] * 2 + [(8, 8)] * 9 * 2  # rough (latent 4x4 padded to 8x8), middle, final
+    assert np.isfinite(out["final"].rgb).all() and out["final"].rgb.shape == (48, 64, 3)
+
+
+def test_vae_tiles_large_images_only(tiny_path, image, monkeypatch):
+    r = DiffusionStages.from_pretrained(tiny_path, device="cpu", rough="diffusion", num_inference_steps=2,
+                                        strength=0.5, preview_every=0, vae_tile=32)
+    vae = r.pipe.vae
+    tiled = []
+    for name in ("tiled_decode", "_tiled_encode"):
+        real = getattr(vae, name)
+        monkeypatch.setattr(vae, name, lambda *a, _real=real, _n=name, **k: tiled.append(_n) or _real(*a, **k))
+    out = finals(run(r, image, Plan()))
+    # rough 16x12 and middle 32x24 (padded 32x32) fit one 32-pixel tile; final 64x48 (padded 64x64)
+    # is encoded (its start image) and decoded in tiles
+    assert tiled == ["_tiled_encode", "tiled_decode"]
+    assert out["final"].rgb.shape == (48, 64, 3) and np.isfinite(out["final"].rgb).all()
+
+
+def test_out_of_memory_halves_the_tile(tiny_path, image, monkeypatch, caplog):
+    import torch
+
+    from realsr_r1.restorers import diffusion
+
+    monkeypatch.setattr(diffusion, "MIN_TILE", 8)
+    r = DiffusionStages.from_pretrained(tiny_path, device="cpu", rough="diffusion", num_inference_steps=2,
+                                        strength=1.0, preview_every=0, tile=0, tile_overlap=4)
+    unet_forward = r.pipe.unet.forward
+
+    def small_only(x, *a, **k):  # a GPU that fits 8x8 latents only
+        if x.shape[-1] > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return unet_forward(x, *a, **k)
+
+    monkeypatch.setattr(r.pipe.unet, "forward", small_only)
+    with caplog.at_level("WARNING"):
+        out = finals(run(r, image, Plan()))
+    assert r.tile == 8 and "retrying with latent tile 8" in caplog.text
+    assert out["final"].rgb.shape == (48, 64, 3) and np.isfinite(out["final"].rgb).all()
+
+    r.tile = 8
+    monkeypatch.setattr(r.pipe.unet, "forward", lambda *a, **k: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("CUDA out of memory")))
+    with pytest.raises(torch.OutOfMemoryError):  # nothing smaller to try: the error goes up
+        run(r, image, Plan())
+
+
+def test_regression_rough_stage(tiny_path, image, weights_dir):
+    from realsr_r1.restorers.esrgan import ESRGANRestorer
+
+    esrgan = ESRGANRestorer.from_pretrained(None, device="cpu", precision="auto")  # as the stage loads it
+    r = DiffusionStages.from_pretrained(tiny_path, device="cpu", rough="realesrgan", num_inference_steps=2,
+                                        preview_every=1, strength=1.0)
+    assert r.describe()["rough"] == "realesrgan"
+    events = run(r, image, Plan())
+    rough = finals(events)["rough"].rgb
+    expected = color_fix(esrgan.restore(image.rgb, None, outscale=1.0)[0], image.rgb, "wavelet")
+    np.testing.assert_allclose(rough, expected, atol=1e-5)
+    assert not any(isinstance(e, StagePreview) and e.stage == "rough" for e in events)
+    with pytest.raises(ValueError, match="rough method"):
+        DiffusionStages.from_pretrained(tiny_path, device="cpu", rough="bicubic")
+
+
 def test_no_previews_when_every_is_not_below_steps(tiny_path, image):
-    r = DiffusionStages.from_pretrained(tiny_path, device="cpu", num_inference_steps=2, preview_every=5,
-                                        color_fix="adain", guidance_scale=1.0)
+    r = DiffusionStages.from_pretrained(tiny_path, device="cpu", rough="diffusion", num_inference_steps=2,
+                                        preview_every=5, color_fix="adain", guidance_scale=1.0)
     events = run(r, image, Plan())
     assert not any(isinstance(e, StagePreview) for e in events)
     assert [e.stage for e in events if isinstance(e, StageImage)] == ["rough", "middle", "final"]
@@ -126,18 +251,18 @@ def test_color_fix_restores_mean_colour(method):
 def test_half_precision_nan_retries_in_fp32(tiny_path, image, monkeypatch, caplog):
     import torch
 
-    r = DiffusionStages.from_pretrained(tiny_path, device="cpu", dtype="bf16", num_inference_steps=2,
-                                        preview_every=0)
+    r = DiffusionStages.from_pretrained(tiny_path, device="cpu", dtype="bf16", rough="diffusion",
+                                        num_inference_steps=2, preview_every=0)
     assert r.describe()["precision"] == "bf16"
-    real = r._upscale
+    real = r._decode
     seen = []
 
-    def flaky(low, *args, **kwargs):  # NaNs whenever the pipeline runs in half precision
+    def flaky(latents):  # NaNs whenever the pipeline runs in half precision
         seen.append(r.pipe.unet.dtype)
-        out = real(low, *args, **kwargs)
+        out = real(latents)
         return out * np.nan if r.pipe.unet.dtype != torch.float32 else out
 
-    monkeypatch.setattr(r, "_upscale", flaky)
+    monkeypatch.setattr(r, "_decode", flaky)
     with caplog.at_level("WARNING"):
         out = finals(run(r, image, Plan()))
     assert seen == [torch.bfloat16, torch.float32] * 3
@@ -150,8 +275,23 @@ def test_pipeline_error_reaches_the_consumer(restorer, image, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(restorer, "_upscale", boom)
+    monkeypatch.setattr(restorer.pipe.unet, "forward", boom)
     events = restorer.stages(image, Plan(), sizes=SIZES, seed=0)
     assert isinstance(next(events), StageStarted)
     with pytest.raises(RuntimeError, match="out of memory"):
         next(events)
+
+
+@pytest.mark.parametrize("radius", [1, 4, 16])
+def test_wavelet_blur_is_the_dilated_3x3_kernel(radius):
+    import torch
+    import torch.nn.functional as F
+
+    from realsr_r1.restorers.diffusion import _wavelet_blur
+
+    x = torch.rand(1, 3, 20, 37, generator=torch.Generator().manual_seed(radius))
+    k = torch.tensor([1.0, 2.0, 1.0])
+    k = (k[:, None] * k[None, :] / 16)[None, None].repeat(3, 1, 1, 1)
+    mode = "reflect" if min(x.shape[-2:]) > radius else "replicate"
+    ref = F.conv2d(F.pad(x, (radius,) * 4, mode=mode), k, groups=3, dilation=radius)
+    torch.testing.assert_close(_wavelet_blur(x, radius), ref, atol=1e-6, rtol=0)

@@ -11,7 +11,7 @@ from conftest import REPO, photo, weights_env
 from realsr_r1 import infer
 from realsr_r1.cot import parse_cot
 from realsr_r1.imageio import read_image
-from realsr_r1.pipeline import Done, PlanReady, StageImage, StagePreview, StageStarted, TextDelta
+from realsr_r1.pipeline import AnalysisReady, Done, PlanReady, StageImage, StagePreview, StageStarted, TextDelta
 from realsr_r1.profiles import build_pipeline, load_config
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -34,6 +34,9 @@ def test_events_from_a_real_vlm_and_diffusion_restorer(tiny_weights, tmp_path):
     events = list(pipe.run(read_image(tmp_path / "p.png"), seed=1))
     kinds = [type(e) for e in events]
     assert TextDelta in kinds and kinds.index(TextDelta) < kinds.index(PlanReady) < kinds.index(StageStarted)
+    assert kinds.count(AnalysisReady) == 1 and kinds.index(AnalysisReady) < kinds.index(TextDelta)
+    analysis = next(e.analysis for e in events if isinstance(e, AnalysisReady))
+    assert events[-1].result.analysis is analysis and events[-1].result.timings["analyse"] > 0
     stages = [(e.stage, type(e).__name__) for e in events if isinstance(e, (StageStarted, StageImage))]
     assert stages == [("rough", "StageStarted"), ("rough", "StageImage"), ("middle", "StageStarted"),
                       ("middle", "StageImage"), ("final", "StageStarted"), ("final", "StageImage")]
@@ -58,6 +61,8 @@ def test_infer_with_the_full_code_path(tiny_weights, tmp_path, capsys):
     side = json.loads((tmp_path / "o" / "a.json").read_text())
     assert side["profile"] == "tiny" and side["restorer"] == "sd-x4-upscaler" and side["seed"] == 5
     assert side["stages"]["final"]["size"] == [48, 40]
+    assert 1 <= side["reason_tokens"] <= 24  # tiny.yaml's max_new_tokens
+    assert side["rough"] == "realesrgan" and side["strength"] == 0.5 and side["tile"] == 8
     assert side["policy_output"] and isinstance(side["plan"]["problems"], list)
     assert read_image(tmp_path / "o" / "a.png").size == (48, 40)
     assert read_image(tmp_path / "o" / "g.png").mode == "L"

@@ -17,6 +17,7 @@ from realsr_r1.pipeline import (
     AnalysisReady,
     Done,
     Failed,
+    PlanUpdate,
     StageImage,
     StageStarted,
     TextDelta,
@@ -131,6 +132,35 @@ def test_usage_errors_are_one_line(tmp_path, capsys):
     assert rc == 2 and "unknown profile 'nope'" in err
 
 
+def test_plan_is_parsed_as_the_text_arrives(lite):
+    """Streamed one character at a time (as a VLM's tokens may split tags), each section is announced
+    right after the delta that closes it, with the items parsed so far."""
+    from realsr_r1.pipeline import RestorationPipeline
+
+    cot = ("<degradation>noise: heavy; blur: light</degradation><rough_understand>a dog</rough_understand>"
+           "<rough_image></rough_image><middle_understand>a dog on grass</middle_understand><middle_image>"
+           "</middle_image><final_understand>fur</final_understand><final_image></final_image>")
+
+    class CharPolicy:
+        name = "chars"
+
+        def stream(self, image, analysis, *, seed, scale):
+            yield from cot
+
+    pipe = RestorationPipeline(CharPolicy(), lite.restorer, profile="test")
+    img = read_image(REPO / "examples" / "chip.png")
+    img.rgb = img.rgb[:8, :8]
+    text, seen = "", []
+    for e in pipe.run(img):
+        if isinstance(e, TextDelta):
+            text += e.text
+        elif isinstance(e, PlanUpdate):
+            assert text.endswith(f"</{e.section}>")  # announced on the closing delta, not later
+            seen.append((e.section, [i.level for i in e.plan.degradation], e.plan.understanding["rough"]))
+    assert seen == [("degradation", ["heavy", "light"], ""), ("rough_understand", ["heavy", "light"], "a dog"),
+                    ("middle_understand", ["heavy", "light"], "a dog"), ("final_understand", ["heavy", "light"], "a dog")]
+
+
 def test_pipeline_events_in_order(lite):
     img = read_image(REPO / "examples" / "chip.png")
     img.rgb = img.rgb[:16, :20]
@@ -138,7 +168,11 @@ def test_pipeline_events_in_order(lite):
     kinds = [type(e).__name__ for e in events]
     first_stage = kinds.index("StageStarted")
     assert kinds[0] == "AnalysisReady"
-    assert set(kinds[1:first_stage - 1]) == {"TextDelta"} and kinds[first_stage - 1] == "PlanReady"
+    assert set(kinds[1:first_stage - 1]) == {"TextDelta", "PlanUpdate"} and kinds[first_stage - 1] == "PlanReady"
+    updates = [e for e in events if isinstance(e, PlanUpdate)]
+    assert [u.section for u in updates] == ["degradation", "rough_understand", "middle_understand", "final_understand"]
+    final_plan = events[first_stage - 1].plan
+    assert updates[0].plan.degradation == final_plan.degradation and updates[0].plan.problems
     assert kinds[first_stage:] == ["StageStarted", "StageImage"] * 3 + ["Done"]
     text = "".join(e.text for e in events if isinstance(e, TextDelta))
     assert matches_format(text)

@@ -134,3 +134,42 @@ def test_stopping_early_ends_generation(policy, image):
     stream.close()  # the worker stops and the lock is released
     assert isinstance(first, str)
     assert "".join(policy.stream(image, None, seed=0, scale=4.0))
+
+
+def test_token_stream_decodes_incrementally_to_the_full_text():
+    """Ids fed one by one (multi-byte characters split across tokens) or in bursts give the full text."""
+    import threading
+    import time
+
+    import torch
+
+    from realsr_r1.policy import TokenStream
+    from tiny_models import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    text = "<degradation>noise: heavy</degradation> café 🙂 naïve\nsecond line <|im_end|>"
+    ids = tok.encode(text, add_special_tokens=False)
+    expected = tok.decode(ids, skip_special_tokens=True)
+    assert "🙂" in expected and "<|im_end|>" not in expected
+    stream = TokenStream(tok, timeout=5)  # everything queued before reading: one decode, one piece
+    stream.put(torch.tensor([[1, 2, 3]]))  # the prompt: not part of the output
+    stream.put(torch.tensor([ids]))
+    stream.end()
+    assert list(stream) == [expected]
+
+    stream = TokenStream(tok, timeout=5)
+
+    def produce():  # as generate() does: the prompt, then one token at a time
+        stream.put(torch.tensor([[1, 2, 3]]))
+        for i in ids:
+            stream.put(torch.tensor([i]))
+            time.sleep(0.002)
+        stream.end()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    pieces = list(stream)
+    producer.join()
+    assert "".join(pieces) == expected
+    assert all(p and "\ufffd" not in p for p in pieces)  # never half a character
+    assert len(pieces) > 5  # streamed as it came, not one lump

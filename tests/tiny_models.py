@@ -77,10 +77,13 @@ def build_tiny_tokenizer():
     return fast
 
 
-def build_tiny_vlm(path) -> Path:
+def build_tiny_vlm(path, text: dict | None = None, vision: dict | None = None, device: str = "cpu",
+                   dtype=None) -> Path:
     """Write a tiny random Qwen2.5-VL checkpoint (model + processor) to `path`; return the path.
 
-    All Linear input sizes are multiples of 64 so bitsandbytes 4-bit also works on CPU.
+    All Linear input sizes are multiples of 64 so bitsandbytes 4-bit also works on CPU. `text` and
+    `vision` override config entries (benchmarks build the real 3B architecture this way; token ids
+    the tiny tokenizer does not know decode to nothing), `device`/`dtype` where it is built.
     """
     import torch
     from transformers import (
@@ -126,6 +129,8 @@ def build_tiny_vlm(path) -> Path:
         window_size=56,
         in_channels=3,
     )
+    text_config.update(text or {})
+    vision_config.update(vision or {})
     config = Qwen2_5_VLConfig(
         text_config=text_config,
         vision_config=vision_config,
@@ -139,7 +144,13 @@ def build_tiny_vlm(path) -> Path:
     config.eos_token_id = ids["<|im_end|>"]
     config.pad_token_id = ids["<|endoftext|>"]
     torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    old_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or torch.float32)
+    try:
+        with torch.device(device):
+            model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(old_dtype)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(path)

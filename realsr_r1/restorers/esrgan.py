@@ -210,9 +210,9 @@ def _resize(arr: np.ndarray, size: tuple[int, int], dtype) -> np.ndarray:
 class ESRGANRestorer:
     """Real-ESRGAN ×4 on numpy images: `upscale` (×4) and `restore` (any outscale, alpha)."""
 
-    def __init__(self, model: nn.Module, device: torch.device, precision: str = "fp32",
+    def __init__(self, model: nn.Module, device: torch.device | str = "cpu", precision: str = "fp32",
                  tile: int | None = None, tile_pad: int = 16, name: str = "realesrgan-x4plus"):
-        self.device = device
+        self.device = device = torch.device(device)
         self.precision = check_precision(device, precision)
         self.tile = DEFAULT_TILE.get(device.type, 256) if tile is None else int(tile)
         self.tile_pad = int(tile_pad)
