@@ -25,20 +25,12 @@ import torch
 from tqdm import tqdm
 
 from . import metrics as M
+from .metrics import FULL_REFERENCE, PYIQA_NAMES, MetricUnavailable, PyiqaMetric
 from .imageio import (ImageReadError, atomic_write_bytes, atomic_write_text, list_images, read_image, to_pil,
                       write_image)
 
-FULL_REFERENCE = ("psnr", "ssim", "lpips", "dists")
 NO_REFERENCE = ("niqe", "musiq", "maniqa", "clipiqa", "topiq_nr")
 LOWER_IS_BETTER = {"lpips", "dists", "niqe"}
-# Learned metrics by the names pyiqa registers them under (MANIQA and TOPIQ as in the published tables).
-PYIQA_NAMES = {"lpips": "lpips", "dists": "dists", "niqe": "niqe", "musiq": "musiq",
-               "maniqa": "maniqa-pipal", "clipiqa": "clipiqa", "topiq_nr": "topiq_nr"}
-PYIQA_CACHE_HINT = "~/.cache/torch/hub/pyiqa (pyiqa's DEFAULT_CACHE_DIR)"
-
-
-class MetricUnavailable(Exception):
-    """A metric that cannot run here; the message is one line naming what is missing."""
 
 
 @dataclass
@@ -71,32 +63,6 @@ class OwnMetric:
 
     def __call__(self, pred: torch.Tensor, gt: torch.Tensor | None) -> torch.Tensor:
         return self.fn(pred, gt, crop_border=self.crop_border)
-
-
-class PyiqaMetric:
-    """A learned metric through pyiqa (PolyForm Noncommercial licence; optional extra)."""
-
-    def __init__(self, name: str, device: torch.device):
-        try:
-            import pyiqa  # noqa: F401
-        except Exception as e:  # ImportError, or its own imports (torchvision) failing
-            raise MetricUnavailable(
-                f"{name}: needs pyiqa (pip install -e .[metrics]); import failed: {' '.join(str(e).split())[:120]}"
-            ) from None
-        self.name = name
-        self.needs_gt = name in FULL_REFERENCE
-        try:
-            self.metric = pyiqa.create_metric(PYIQA_NAMES[name], device=device, as_loss=False)
-        except Exception as e:  # no network and no cached weights, most often
-            raise MetricUnavailable(
-                f"{name}: pyiqa could not load its weights ({type(e).__name__}); download them once "
-                f"with network (pyiqa.create_metric('{PYIQA_NAMES[name]}')) or copy them into {PYIQA_CACHE_HINT}"
-            ) from None
-
-    def __call__(self, pred: torch.Tensor, gt: torch.Tensor | None) -> torch.Tensor:
-        pred = pred.float()
-        out = self.metric(pred, gt.float()) if self.needs_gt else self.metric(pred)
-        return out.reshape(-1).double().cpu()
 
 
 def build_metrics(names: list[str], device: torch.device, *, has_gt: bool, crop_border: int = 0):

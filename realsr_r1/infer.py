@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="auto", help="auto (default), lite, or a YAML config path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set restorer.tile_pad=32 (repeatable)")
+    p.add_argument("--adapter", default=None,
+                   help="a LoRA adapter folder from python -m realsr_r1.train (profiles with a VLM policy)")
     p.add_argument("--scale", type=float, default=None,
                    help="final stage scale (default: the profile's, 4)")
     p.add_argument("--outscale", type=float, default=None,
@@ -176,6 +178,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             profile, reason = choose_profile(args.profile)
             cfg = load_config(profile, overrides)
+        if args.adapter:
+            if (cfg.get("policy") or {}).get("type") != "vlm":
+                raise ConfigError(f"--adapter needs a profile with a VLM policy; {profile} has none")
+            cfg["policy"]["adapter"] = str(Path(args.adapter))
         pipeline = build_pipeline(cfg, device=args.device, fp32=args.fp32)
     except (ConfigError, WeightsNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -96,3 +96,41 @@ def ssim(pred, gt, *, y_channel: bool = True, crop_border: int = 0) -> torch.Ten
     luminance = (2 * mu_p * mu_g + c1) / (mu_p**2 + mu_g**2 + c1)
     cs = torch.relu((2 * cov + c2) / (var_p + var_g + c2))
     return (luminance * cs).mean(dim=(1, 2, 3))
+
+
+# --- Learned metrics through pyiqa (optional extra) ----------------------------------------------
+FULL_REFERENCE = ("psnr", "ssim", "lpips", "dists")
+# Learned metrics by the names pyiqa registers them under (MANIQA and TOPIQ as in the published tables).
+PYIQA_NAMES = {"lpips": "lpips", "dists": "dists", "niqe": "niqe", "musiq": "musiq",
+               "maniqa": "maniqa-pipal", "clipiqa": "clipiqa", "topiq_nr": "topiq_nr"}
+PYIQA_CACHE_HINT = "~/.cache/torch/hub/pyiqa (pyiqa's DEFAULT_CACHE_DIR)"
+
+
+class MetricUnavailable(Exception):
+    """A metric that cannot run here; the message is one line naming what is missing."""
+
+
+class PyiqaMetric:
+    """A learned metric through pyiqa (PolyForm Noncommercial licence; optional extra)."""
+
+    def __init__(self, name: str, device: torch.device):
+        try:
+            import pyiqa  # noqa: F401
+        except Exception as e:  # ImportError, or its own imports (torchvision) failing
+            raise MetricUnavailable(
+                f"{name}: needs pyiqa (pip install -e .[metrics]); import failed: {' '.join(str(e).split())[:120]}"
+            ) from None
+        self.name = name
+        self.needs_gt = name in FULL_REFERENCE
+        try:
+            self.metric = pyiqa.create_metric(PYIQA_NAMES[name], device=device, as_loss=False)
+        except Exception as e:  # no network and no cached weights, most often
+            raise MetricUnavailable(
+                f"{name}: pyiqa could not load its weights ({type(e).__name__}); download them once "
+                f"with network (pyiqa.create_metric('{PYIQA_NAMES[name]}')) or copy them into {PYIQA_CACHE_HINT}"
+            ) from None
+
+    def __call__(self, pred: torch.Tensor, gt: torch.Tensor | None) -> torch.Tensor:
+        pred = pred.float()
+        out = self.metric(pred, gt.float()) if self.needs_gt else self.metric(pred)
+        return out.reshape(-1).double().cpu()

@@ -11,6 +11,7 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Iterator
 
 from .analyze import Analysis
@@ -124,6 +125,12 @@ def _image_only_processor(model_path: str, config):
                 return None
             return super().check_argument_for_proper_class(argument_name, argument)
 
+        def save_pretrained(self, save_directory, **kwargs):  # the stock one expects every part
+            Path(save_directory).mkdir(parents=True, exist_ok=True)
+            self.image_processor.save_pretrained(save_directory)
+            self.tokenizer.save_pretrained(save_directory)
+            return [str(save_directory)]
+
     ImageOnlyProcessor.__name__ = f"{base.__name__}ImageOnly"
     chat_template = getattr(tokenizer, "chat_template", None)
     return ImageOnlyProcessor(
@@ -134,6 +141,73 @@ def _image_only_processor(model_path: str, config):
 def _line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def load_vlm(model_path, *, device: str = "auto", dtype="auto", load_in_4bit: bool = False,
+         load_in_8bit: bool = False, max_pixels: int | None = None):
+    """(model, processor, dtype, quantization) for any chat VLM transformers can load; used by the
+    policy (inference) and by training. Errors are PolicyLoadError with one line."""
+    import os
+
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    model_path = str(model_path)
+    looks_local = os.path.isabs(model_path) or model_path.startswith(".") or model_path.count("/") != 1
+    if not os.path.isdir(model_path) and looks_local:
+        raise PolicyLoadError(f"VLM model not found: {model_path}")
+    if load_in_4bit and load_in_8bit:
+        raise PolicyLoadError("choose one of load_in_4bit and load_in_8bit")
+    from .device import resolve_device
+
+    device = str(resolve_device(device))
+    names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if dtype == "auto":
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    elif isinstance(dtype, str):
+        if dtype not in names and not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise PolicyLoadError(f"unknown dtype {dtype!r} (auto, fp32, fp16, bf16)")
+        dtype = names.get(dtype) or getattr(torch, dtype)
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+    except Exception as e:  # noqa: BLE001
+        raise PolicyLoadError(f"VLM model not found or unreadable: {model_path} ({_line(e)})") from e
+
+    kwargs: dict = {"dtype": dtype}
+    quantization = None
+    if load_in_4bit or load_in_8bit:
+        from transformers import BitsAndBytesConfig
+
+        if load_in_4bit:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4"
+            )
+            quantization = "bnb-4bit-nf4"
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+            quantization = "bnb-8bit"
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise PolicyLoadError(f"cannot load the VLM at {model_path}: {_line(e)}") from e
+    if quantization is None:
+        model = model.to(device)
+    try:
+        processor = AutoProcessor.from_pretrained(model_path)
+    except Exception:  # noqa: BLE001 - e.g. the video processor needs torchvision; SR needs no video
+        processor = None  # the image-only build below raises a clear error if images cannot work
+    if getattr(processor, "image_processor", None) is None:
+        # No torchvision: AutoProcessor failed or silently returned only the tokenizer.
+        # Never use a tokenizer-only processor for images: build one without the video part.
+        processor = _image_only_processor(model_path, config)
+    if max_pixels is not None:
+        ip = processor.image_processor
+        if isinstance(getattr(ip, "size", None), dict) and "longest_edge" in ip.size:
+            ip.size["longest_edge"] = int(max_pixels)  # where the pixel budget lives in transformers 5
+        else:
+            ip.max_pixels = int(max_pixels)
+    return model, processor, dtype, quantization
 
 
 class VLMPolicy:
@@ -159,50 +233,9 @@ class VLMPolicy:
                         generation: dict | None = None) -> "VLMPolicy":
         import os
 
-        import torch
-        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
-
-        model_path = str(model_path)
-        looks_local = os.path.isabs(model_path) or model_path.startswith(".") or model_path.count("/") != 1
-        if not os.path.isdir(model_path) and looks_local:
-            raise PolicyLoadError(f"VLM model not found: {model_path}")
-        if load_in_4bit and load_in_8bit:
-            raise PolicyLoadError("choose one of load_in_4bit and load_in_8bit")
-        from .device import resolve_device
-
-        device = str(resolve_device(device))
-        names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-        if dtype == "auto":
-            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        elif isinstance(dtype, str):
-            if dtype not in names and not isinstance(getattr(torch, dtype, None), torch.dtype):
-                raise PolicyLoadError(f"unknown dtype {dtype!r} (auto, fp32, fp16, bf16)")
-            dtype = names.get(dtype) or getattr(torch, dtype)
-        try:
-            config = AutoConfig.from_pretrained(model_path)
-        except Exception as e:  # noqa: BLE001
-            raise PolicyLoadError(f"VLM model not found or unreadable: {model_path} ({_line(e)})") from e
-
-        kwargs: dict = {"dtype": dtype}
-        quantization = None
-        if load_in_4bit or load_in_8bit:
-            from transformers import BitsAndBytesConfig
-
-            if load_in_4bit:
-                kwargs["quantization_config"] = BitsAndBytesConfig(
-                    load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4"
-                )
-                quantization = "bnb-4bit-nf4"
-            else:
-                kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-                quantization = "bnb-8bit"
-            kwargs["device_map"] = {"": device}
-        try:
-            model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs)
-        except Exception as e:  # noqa: BLE001
-            raise PolicyLoadError(f"cannot load the VLM at {model_path}: {_line(e)}") from e
-        if quantization is None:
-            model = model.to(device)
+        model, processor, dtype, quantization = load_vlm(model_path, device=device, dtype=dtype,
+                                                         load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
+                                                         max_pixels=max_pixels)
         if adapter is not None:
             from peft import PeftModel
 
@@ -210,22 +243,7 @@ class VLMPolicy:
                 raise PolicyLoadError(f"LoRA adapter not found: {adapter}")
             model = PeftModel.from_pretrained(model, str(adapter))
         model.eval()
-
-        try:
-            processor = AutoProcessor.from_pretrained(model_path)
-        except Exception:  # noqa: BLE001 - e.g. the video processor needs torchvision; SR needs no video
-            processor = None  # the image-only build below raises a clear error if images cannot work
-        if getattr(processor, "image_processor", None) is None:
-            # No torchvision: AutoProcessor failed or silently returned only the tokenizer.
-            # Never use a tokenizer-only processor for images: build one without the video part.
-            processor = _image_only_processor(model_path, config)
-        if max_pixels is not None:
-            ip = processor.image_processor
-            if isinstance(getattr(ip, "size", None), dict) and "longest_edge" in ip.size:
-                ip.size["longest_edge"] = int(max_pixels)  # where the pixel budget lives in transformers 5
-            else:
-                ip.max_pixels = int(max_pixels)
-        return cls(model, processor, model_path=model_path, dtype=dtype, quantization=quantization,
+        return cls(model, processor, model_path=str(model_path), dtype=dtype, quantization=quantization,
                    adapter=None if adapter is None else str(adapter), generation=generation)
 
     def describe(self) -> dict:

@@ -89,53 +89,48 @@ def _model_path(section: dict, what: str) -> Path:
 
 
 def build_pipeline(cfg: dict, *, device: str = "auto", fp32: bool = False) -> RestorationPipeline:
-    policy_cfg = cfg.get("policy") or {}
-    restorer_cfg = cfg.get("restorer") or {}
+    policy = build_policy(cfg.get("policy") or {}, device=device, fp32=fp32)
+    restorer = build_restorer(cfg.get("restorer") or {}, device=device, fp32=fp32)
+    return RestorationPipeline(policy, restorer, profile=cfg.get("profile", "lite"), scale=float(cfg.get("scale", 4)))
+
+
+def build_policy(policy_cfg: dict, *, device: str = "auto", fp32: bool = False):
+    """What writes the chain of thought: the classical analyser, or a VLM (with its adapter)."""
     policy_type = policy_cfg.get("type", "analyser")
-    restorer_type = restorer_cfg.get("type", "realesrgan")
-    if policy_type not in ("analyser", "vlm"):
+    if policy_type == "analyser":
+        from .policy import AnalyserPolicy
+
+        return AnalyserPolicy()
+    if policy_type != "vlm":
         raise ConfigError(f"unknown policy type {policy_type!r} (analyser, vlm)")
-    if restorer_type not in ("realesrgan", "diffusion"):
+    from .policy import VLMPolicy
+
+    return VLMPolicy.from_pretrained(
+        _model_path(policy_cfg, "policy"), device=device, dtype="fp32" if fp32 else policy_cfg.get("dtype", "auto"),
+        load_in_4bit=bool(policy_cfg.get("load_in_4bit")), load_in_8bit=bool(policy_cfg.get("load_in_8bit")),
+        adapter=policy_cfg.get("adapter"), max_pixels=policy_cfg.get("max_pixels"),
+        generation=policy_cfg.get("generation") or {})
+
+
+def build_restorer(restorer_cfg: dict, *, device: str = "auto", fp32: bool = False):
+    """What makes the stage images: Real-ESRGAN (lite) or the diffusion upscaler (full)."""
+    restorer_type = restorer_cfg.get("type", "realesrgan")
+    if restorer_type == "realesrgan":
+        from .restorers.esrgan import ESRGANRestorer
+        from .restorers.lite import LiteStages
+
+        return LiteStages(ESRGANRestorer.from_pretrained(
+            restorer_cfg.get("path"), device=device,
+            precision="fp32" if fp32 else restorer_cfg.get("precision", "auto"),
+            tile=int(restorer_cfg.get("tile", 256)), tile_pad=int(restorer_cfg.get("tile_pad", 16))))
+    if restorer_type != "diffusion":
         raise ConfigError(f"unknown restorer type {restorer_type!r} (realesrgan, diffusion)")
-    if policy_type == "vlm" or restorer_type == "diffusion":
-        return _build_full(cfg, policy_cfg, restorer_cfg, device=device, fp32=fp32)
+    from .restorers.diffusion import DiffusionStages
 
-    from .policy import AnalyserPolicy
-    from .restorers.esrgan import ESRGANRestorer
-    from .restorers.lite import LiteStages
-
-    esrgan = ESRGANRestorer.from_pretrained(
-        restorer_cfg.get("path"),
-        device=device,
-        precision="fp32" if fp32 else restorer_cfg.get("precision", "auto"),
-        tile=int(restorer_cfg.get("tile", 256)),
-        tile_pad=int(restorer_cfg.get("tile_pad", 16)),
-    )
-    return RestorationPipeline(AnalyserPolicy(), LiteStages(esrgan), profile=cfg.get("profile", "lite"),
-                               scale=float(cfg.get("scale", 4)))
-
-
-def _build_full(cfg: dict, policy_cfg: dict, restorer_cfg: dict, *, device: str, fp32: bool) -> RestorationPipeline:
-    policy_path = _model_path(policy_cfg, "policy") if policy_cfg.get("type") == "vlm" else None
-    restorer_path = _model_path(restorer_cfg, "restorer") if restorer_cfg.get("type") == "diffusion" else None
-    try:
-        from .policy import VLMPolicy
-        from .restorers.diffusion import DiffusionStages
-    except ImportError as e:
-        raise ConfigError(f"the full profile is not available in this build ({e})") from None
-    from .policy import AnalyserPolicy
-
-    if policy_path is not None:
-        policy = VLMPolicy.from_pretrained(
-            policy_path, device=device, dtype="fp32" if fp32 else policy_cfg.get("dtype", "auto"),
-            load_in_4bit=bool(policy_cfg.get("load_in_4bit")), load_in_8bit=bool(policy_cfg.get("load_in_8bit")),
-            adapter=policy_cfg.get("adapter"), max_pixels=policy_cfg.get("max_pixels"),
-            generation=policy_cfg.get("generation") or {})
-    else:
-        policy = AnalyserPolicy()
     extra = {"negative_prompt": restorer_cfg["negative_prompt"]} if restorer_cfg.get("negative_prompt") else {}
-    restorer = DiffusionStages.from_pretrained(
-        restorer_path, device=device, dtype="fp32" if fp32 else restorer_cfg.get("dtype", "auto"),
+    return DiffusionStages.from_pretrained(
+        _model_path(restorer_cfg, "restorer"), device=device,
+        dtype="fp32" if fp32 else restorer_cfg.get("dtype", "auto"),
         rough=restorer_cfg.get("rough", "realesrgan"),
         num_inference_steps=int(restorer_cfg.get("steps", 20)),
         guidance_scale=float(restorer_cfg.get("guidance_scale", 7.5)), **extra,
@@ -145,4 +140,3 @@ def _build_full(cfg: dict, policy_cfg: dict, restorer_cfg: dict, *, device: str,
         strength=float(restorer_cfg.get("strength", 0.8)),
         tile=int(restorer_cfg.get("tile", 128)), tile_overlap=int(restorer_cfg.get("tile_overlap", 32)),
         vae_tile=int(restorer_cfg.get("vae_tile", 512) or 0))
-    return RestorationPipeline(policy, restorer, profile=cfg.get("profile", "full"), scale=float(cfg.get("scale", 4)))

@@ -8,8 +8,8 @@ pytest.importorskip("diffusers")
 from realsr_r1.cot import Plan, parse_cot  # noqa: E402
 from realsr_r1.imageio import LoadedImage  # noqa: E402
 from realsr_r1.pipeline import StageImage, StagePreview, StageStarted  # noqa: E402
-from realsr_r1.restorers.diffusion import (DiffusionStages, color_fix, noise_level_for,  # noqa: E402
-                                          stage_prompt)
+from realsr_r1.restorers.diffusion import (DiffusionStages, color_fix, drain,  # noqa: E402
+                                          noise_level_for, stage_prompt)
 
 from tiny_diffusion import build_tiny_upscaler  # noqa: E402
 
@@ -88,21 +88,12 @@ def test_own_loop_matches_the_diffusers_pipeline(tiny_path, guidance):
     r = DiffusionStages.from_pretrained(tiny_path, device="cpu", rough="diffusion", num_inference_steps=3,
                                         guidance_scale=guidance, vae_tile=0)
     cond = np.random.default_rng(3).random((8, 16, 3), dtype=np.float32)
-    ours = drain(r._denoise(cond, None, "a cat", 30, seed=11, tile=0, preview=None))
+    (ours,) = drain(r._denoise(cond, None, ["a cat"], [30], seed=11, tile=0, preview=None))
     ref = r.pipe(prompt="a cat", image=torch.from_numpy(cond).permute(2, 0, 1)[None], num_inference_steps=3,
                  guidance_scale=guidance, noise_level=30, negative_prompt=r.negative_prompt if guidance > 1 else None,
                  generator=torch.Generator("cpu").manual_seed(11), output_type="np").images[0]
     assert ours.shape == ref.shape == (32, 64, 3)
     np.testing.assert_allclose(ours, ref, atol=2e-5)
-
-
-def drain(gen):
-    """Run a generator to its end and return its return value."""
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
 
 
 def test_middle_and_final_start_from_the_previous_stage(tiny_path, image, monkeypatch):
@@ -295,3 +286,19 @@ def test_wavelet_blur_is_the_dilated_3x3_kernel(radius):
     mode = "reflect" if min(x.shape[-2:]) > radius else "replicate"
     ref = F.conv2d(F.pad(x, (radius,) * 4, mode=mode), k, groups=3, dilation=radius)
     torch.testing.assert_close(_wavelet_blur(x, radius), ref, atol=1e-6, rtol=0)
+
+
+def test_final_stage_batch_equals_one_by_one(tiny_path, image):
+    """GRPO's generation reward: G chains of thought about one image in one call, each conditioned on
+    its own final text and noise level; sample i of the batch equals a batch of one for that plan."""
+    r = DiffusionStages.from_pretrained(tiny_path, device="cpu", rough="diffusion", num_inference_steps=2,
+                                        guidance_scale=3.0, vae_tile=0)
+    plans = [parse_cot(COT), parse_cot("<final_understand>a cat</final_understand>"), Plan()]
+    batch = r.restore_final_batch(image.rgb, plans, scale=4.0, seed=3)
+    assert [b.shape for b in batch] == [(48, 64, 3)] * 3
+    assert np.abs(batch[0] - batch[1]).max() > 1e-4  # the text conditions the result
+    for i, plan in enumerate(plans):  # every sample meets the same noise: batching changes nothing
+        (alone,) = r.restore_final_batch(image.rgb, [plan], scale=4.0, seed=3)
+        np.testing.assert_allclose(batch[i], alone, atol=1e-4)
+    split = r.restore_final_batch(image.rgb, plans, scale=4.0, seed=3, batch_size=2)
+    np.testing.assert_allclose(np.stack(split), np.stack(batch), atol=1e-4)

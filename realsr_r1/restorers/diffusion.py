@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from ..cot import Plan
 from ..imageio import LoadedImage, to_float
-from ..pipeline import StageImage, StagePreview, StageStarted
+from ..pipeline import StageImage, StagePreview, StageStarted, stage_sizes
 from .latent_tiling import tiled_predict
 from .lite import resize
 
@@ -242,9 +242,10 @@ class DiffusionStages:
         return next(self.pipe.vae.post_quant_conv.parameters()).dtype
 
     def _decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Bx4xhxw latents → Bx(4h)x(4w)x3 float32 images."""
         vae = self.pipe.vae
         img = vae.decode(latents.to(self._vae_dtype()) / vae.config.scaling_factor, return_dict=False)[0]
-        return (img.float() / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()
+        return (img.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
     def _encode(self, rgb: np.ndarray, device) -> torch.Tensor:
         vae = self.pipe.vae
@@ -254,36 +255,42 @@ class DiffusionStages:
 
     # one denoising run -------------------------------------------------------------------------
     @torch.no_grad()
-    def _denoise(self, cond: np.ndarray, init: np.ndarray | None, prompt: str, noise_level: int, seed: int,
-                 tile: int, preview):
-        """Generator: yields previews, returns the (4h)x(4w)x3 float32 image for an h x w `cond`.
+    def _denoise(self, cond: np.ndarray, init: np.ndarray | None, prompts: list[str], noise_levels: list[int],
+                 seed: int, tile: int, preview):
+        """Generator: yields previews, returns Bx(4h)x(4w)x3 float32 images for an h x w `cond`.
 
-        `cond` and `init` ((4h)x(4w)x3 or None) are already padded to the UNet's multiple. The random
-        draws (conditioning noise, then latent noise, both from a CPU generator) come in the
-        pipeline's order, so one tile and no init give the pipeline's own result.
+        One image, B = len(prompts) texts and noise levels, denoised as one batch (GRPO scores many
+        chains of thought about one image). `cond` and `init` ((4h)x(4w)x3 or None) are already
+        padded to the UNet's multiple. The random draws (conditioning noise, then latent noise, both
+        from a CPU generator) come in the pipeline's order, so one prompt, one tile and no init give
+        the pipeline's own result.
         """
         from diffusers.utils.torch_utils import randn_tensor
 
         pipe, sched = self.pipe, self.pipe.scheduler
         device = pipe._execution_device
         cfg = self.guidance_scale > 1
-        pos, neg = pipe.encode_prompt(prompt, device, 1, cfg, self.negative_prompt if cfg else None)
+        n = len(prompts)
+        negative = [self.negative_prompt or ""] * n if cfg else None
+        pos, neg = pipe.encode_prompt(list(prompts), device, 1, cfg, negative)
         embeds = torch.cat([neg, pos]) if cfg else pos
         dtype = embeds.dtype
-        gen = torch.Generator("cpu").manual_seed(int(seed))
+        # One generator per sample, all on the same seed: every text in a batch meets the same noise,
+        # so differences between samples come from the texts (common random numbers for GRPO).
+        gens = [torch.Generator("cpu").manual_seed(int(seed)) for _ in range(n)]
 
         image = torch.from_numpy(np.ascontiguousarray(cond, dtype=np.float32) * 2 - 1).permute(2, 0, 1)[None]
-        image = image.to(device, dtype)
-        level = torch.tensor([noise_level], dtype=torch.long, device=device)
-        image = pipe.low_res_scheduler.add_noise(image, randn_tensor(image.shape, generator=gen, device=device,
+        image = image.to(device, dtype).repeat(n, 1, 1, 1)
+        level = torch.tensor(list(noise_levels), dtype=torch.long, device=device)
+        image = pipe.low_res_scheduler.add_noise(image, randn_tensor(image.shape, generator=gens, device=device,
                                                                      dtype=dtype), level)
         batch = 2 if cfg else 1
         image, level = torch.cat([image] * batch), level.repeat(batch)
 
         sched.set_timesteps(self.steps, device=device)
         timesteps = sched.timesteps
-        shape = (1, pipe.vae.config.latent_channels, *image.shape[-2:])
-        noise = randn_tensor(shape, generator=gen, device=device, dtype=dtype)
+        shape = (n, pipe.vae.config.latent_channels, *image.shape[-2:])
+        noise = randn_tensor(shape, generator=gens, device=device, dtype=dtype)
         if init is None or self.strength >= 1:
             latents = noise * sched.init_noise_sigma
         else:
@@ -291,8 +298,9 @@ class DiffusionStages:
             timesteps = timesteps[skip:]
             if hasattr(sched, "set_begin_index"):
                 sched.set_begin_index(skip)
-            latents = sched.add_noise(self._encode(init, device).to(dtype), noise, timesteps[:1])
-        extra = pipe.prepare_extra_step_kwargs(gen, 0.0)
+            start = self._encode(init, device).to(dtype).repeat(n, 1, 1, 1)
+            latents = sched.add_noise(start, noise, timesteps[:1].repeat(n))
+        extra = pipe.prepare_extra_step_kwargs(gens[0], 0.0)
 
         def predict(lat: torch.Tensor, cond_tile: torch.Tensor) -> torch.Tensor:
             x = torch.cat([torch.cat([lat] * batch), cond_tile], dim=1)
@@ -309,15 +317,15 @@ class DiffusionStages:
             latents = sched.step(eps, t, latents, **extra, return_dict=False)[0]
             if preview is not None and 0 < self.preview_every and (i + 1) % self.preview_every == 0 \
                     and i + 1 < total:  # the last step's image is the stage image itself
-                yield preview(self._decode(latents), i + 1, total)
+                yield preview(self._decode(latents[:1])[0], i + 1, total)
         return self._decode(latents)
 
-    def _run_stage(self, cond: np.ndarray, init: np.ndarray | None, prompt: str, noise_level: int, seed: int,
-                   preview):
+    def _run_stage(self, cond: np.ndarray, init: np.ndarray | None, prompts: list[str], noise_levels: list[int],
+                   seed: int, preview):
         """_denoise with the memory and precision fallbacks: halve the tile on OOM, fp32 on NaN."""
         while True:
             try:
-                out = yield from self._denoise(cond, init, prompt, noise_level, seed, self.tile, preview)
+                out = yield from self._denoise(cond, init, prompts, noise_levels, seed, self.tile, preview)
                 break
             except torch.OutOfMemoryError:
                 current = self.tile or max(cond.shape[:2])
@@ -329,15 +337,35 @@ class DiffusionStages:
                 log.warning("out of GPU memory in the diffusion stage: retrying with latent tile %d", self.tile)
         if not np.isfinite(out).all() and self.dtype != torch.float32:
             log.warning("diffusion stage produced NaNs in %s; retrying in fp32", self.precision)
-            self.fallbacks.append(prompt)
+            self.fallbacks.extend(prompts)
             self._place(torch.float32)
             try:
-                out = yield from self._denoise(cond, init, prompt, noise_level, seed, self.tile, preview)
+                out = yield from self._denoise(cond, init, prompts, noise_levels, seed, self.tile, preview)
             finally:
                 self._place(self.dtype)
         return np.nan_to_num(out, nan=0.5)
 
-    # the stage stream ---------------------------------------------------------------------------
+    # stages ----------------------------------------------------------------------------------
+    def _rough_reference(self, inp: np.ndarray) -> np.ndarray | None:
+        """Real-ESRGAN at the input size: the clean image later stages condition on (None without it)."""
+        if self.regression is None:
+            return None
+        rgb, _ = self.regression.restore(inp, None, outscale=1.0)
+        return resize(rgb, (inp.shape[1], inp.shape[0]))
+
+    def _diffuse(self, reference: np.ndarray, previous: np.ndarray | None, size: tuple[int, int],
+                 prompts: list[str], noise_levels: list[int], seed: int, preview=None):
+        """Generator: one diffusion stage of `size` for each prompt; returns the images at `size`."""
+        tw, th = size
+        lw, lh = max(1, round(tw / 4)), max(1, round(th / 4))
+        ph, pw = -(-lh // PAD_MULTIPLE) * PAD_MULTIPLE, -(-lw // PAD_MULTIPLE) * PAD_MULTIPLE
+        cond = _pad(resize(reference, (lw, lh)), ph, pw)
+        init = None if previous is None else _pad(resize(previous, (4 * lw, 4 * lh)), 4 * ph, 4 * pw)
+        crop = lambda img: img[: 4 * lh, : 4 * lw]  # noqa: E731 - the padding goes
+        wrapped = None if preview is None else (lambda img, step, total: preview(resize(crop(img), size), step, total))
+        out = yield from self._run_stage(cond, init, prompts, noise_levels, seed, wrapped)
+        return [resize(np.clip(crop(o), 0, 1), size) for o in out]
+
     def stages(self, image: LoadedImage, plan: Plan, *, sizes, seed: int = 0) -> Iterator:
         noise_level = noise_level_for(plan, int(self.pipe.config.get("max_noise_level", 350)))
         inp = to_float(image.rgb)
@@ -348,22 +376,45 @@ class DiffusionStages:
             size = tuple(sizes[stage])
             yield StageStarted(stage, size)
             if stage == "rough" and self.regression is not None:
-                rgb, _ = self.regression.restore(inp, None, outscale=size[0] / image.size[0])
-                rgb = reference = resize(rgb, size)
+                rgb = reference = resize(self._rough_reference(inp), size)
             else:
-                tw, th = size
-                lw, lh = max(1, round(tw / 4)), max(1, round(th / 4))
-                ph, pw = -(-lh // PAD_MULTIPLE) * PAD_MULTIPLE, -(-lw // PAD_MULTIPLE) * PAD_MULTIPLE
-                cond = _pad(resize(reference, (lw, lh)), ph, pw)
-                init = None if previous is None else _pad(resize(previous, (4 * lw, 4 * lh)), 4 * ph, 4 * pw)
+                def preview(img, step, total, stage=stage):
+                    return StagePreview(stage, img, step, total)
 
-                def preview(img, step, total, stage=stage, size=size, crop=(4 * lh, 4 * lw)):
-                    return StagePreview(stage, resize(img[: crop[0], : crop[1]], size), step, total)
-
-                out = yield from self._run_stage(cond, init, stage_prompt(plan, stage), noise_level, seed + index,
-                                                 preview)
-                rgb = resize(np.clip(out[: 4 * lh, : 4 * lw], 0, 1), size)
+                (rgb,) = yield from self._diffuse(reference, previous, size, [stage_prompt(plan, stage)],
+                                                  [noise_level], seed + index, preview)
             rgb = color_fix(rgb, inp, self.color_fix, device=self.device)
             alpha = None if image.alpha is None else resize(to_float(image.alpha), size)
             yield StageImage(stage, rgb, alpha, time.perf_counter() - t)
             previous = rgb
+
+    def restore_final_batch(self, rgb: np.ndarray, plans: list[Plan], *, scale: float = 4.0, seed: int = 0,
+                            batch_size: int | None = None) -> list[np.ndarray]:
+        """The final stage for many chains of thought about one image, in batched diffusion calls.
+
+        For GRPO's generation reward: each plan's final text and noise level condition one sample;
+        the reference (Real-ESRGAN rough, or the input) is computed once; no init image and no
+        previews. `batch_size` caps how many samples share one call (GPU memory).
+        """
+        inp = to_float(rgb)
+        h, w = inp.shape[:2]
+        size = stage_sizes(w, h, scale)["final"]
+        reference = self._rough_reference(inp)
+        reference = inp if reference is None else reference
+        max_level = int(self.pipe.config.get("max_noise_level", 350))
+        prompts = [stage_prompt(p, "final") for p in plans]
+        levels = [noise_level_for(p, max_level) for p in plans]
+        step = batch_size or max(1, len(plans))
+        out: list[np.ndarray] = []
+        for i in range(0, len(plans), step):
+            out += drain(self._diffuse(reference, None, size, prompts[i:i + step], levels[i:i + step], seed))
+        return [color_fix(o, inp, self.color_fix, device=self.device) for o in out]
+
+
+def drain(gen):
+    """Run a generator to its end and return its return value (previews, if any, are dropped)."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value

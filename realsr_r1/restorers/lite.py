@@ -71,3 +71,12 @@ class LiteStages:
             yield StageImage(stage, s_rgb, s_alpha, extra + time.perf_counter() - t)
         yield StageStarted("final", sizes["final"])
         yield StageImage("final", rgb, alpha, 0.0)
+
+    def restore_final_batch(self, rgb: np.ndarray, plans: list[Plan], *, scale: float = 4.0, seed: int = 0,
+                            batch_size: int | None = None) -> list[np.ndarray]:
+        """The final image for each plan. Real-ESRGAN ignores the text, so one pass serves all plans
+        (a generation reward over this restorer cannot tell the completions apart)."""
+        h, w = rgb.shape[:2]
+        out, _ = self.esrgan.restore(to_float(rgb), None, outscale=scale)
+        out = resize(out, (max(1, round(w * scale)), max(1, round(h * scale))))
+        return [out] * len(plans)

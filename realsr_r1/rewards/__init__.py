@@ -1,0 +1,1 @@
+"""Reward functions for VLCoT-GRPO, by name (see `registry`): text rewards in `text`, image rewards in `visual`."""

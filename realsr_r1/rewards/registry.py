@@ -1,0 +1,106 @@
+"""Rewards by name, as a training config lists them:
+
+    rewards:
+      format: 1.0                                   # name: weight
+      degradation: {weight: 1.0, partial_credit: 0.5}
+      understanding: {weight: 1.0, similarity_model: null}
+      generation: {weight: 1.0, expert: fidelity}   # fidelity | nr-iqa | vlm-judge (+ model) | analyser
+      compass: {weight: 1.0, quality: analyser, gamma: 7}
+      irpo_general: 1.0
+      my_package.my_module:my_reward: 0.5          # any TRL-style reward function (options → its factory)
+
+`build_rewards` returns TRL's `reward_funcs` and `reward_weights`, in the config's order. Image
+rewards share one `Restorations` (made on first need by `restorations`), so they render once.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+from . import text, visual
+
+REWARD_NAMES = ("format", "degradation", "understanding", "generation", "compass", "irpo_general")
+IMAGE_REWARDS = {"generation", "compass", "irpo_general"}
+
+
+def _spec(value) -> tuple[float, dict]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value), {}
+    if isinstance(value, dict):
+        options = dict(value)
+        return float(options.pop("weight", 1.0)), options
+    raise ValueError(f"a reward is `name: weight` or `name: {{weight: …, options}}`, got {value!r}")
+
+
+def build_rewards(spec: dict, *, restorations: Callable[[], visual.Restorations] | None = None,
+                  device: str = "cpu") -> tuple[list[Callable], list[float]]:
+    unknown = [n for n in spec if n not in REWARD_NAMES and ":" not in n]
+    if unknown:
+        raise ValueError(f"unknown reward(s) {', '.join(unknown)} (known: {', '.join(REWARD_NAMES)})")
+    shared: list[visual.Restorations] = []
+
+    def rendered() -> visual.Restorations:
+        if restorations is None:
+            raise ValueError("image rewards need a restorer (the config's `restorer` section)")
+        if not shared:
+            shared.append(restorations())
+        return shared[0]
+
+    funcs, weights = [], []
+    for name, value in spec.items():
+        weight, o = _spec(value)
+        if weight == 0:
+            continue
+        if ":" in name:
+            fn = _import(name, o)
+        elif name == "format":
+            fn = text.format_reward
+        elif name == "degradation":
+            fn = text.make_degradation_reward(float(o.get("partial_credit", 0.0)))
+        elif name == "understanding":
+            fn = text.make_understanding_reward(o.get("similarity_model"), float(o.get("similarity_weight", 0.5)))
+        elif name == "generation":
+            expert = visual.build_scorer(o.get("expert", "fidelity"), **_scorer_options(o, "expert", device))
+            fn = visual.make_generation_reward(rendered(), expert)
+        elif name == "compass":
+            quality = visual.build_scorer(o.get("quality", "analyser"), **_scorer_options(o, "quality", device))
+            fn = visual.make_compass_reward(rendered(), quality, gamma=float(o.get("gamma", 7.0)))
+        else:
+            fn = visual.make_irpo_general_reward(rendered(), device=device)
+        funcs.append(_named(fn, name.rpartition(":")[2]))
+        weights.append(weight)
+    if not funcs:
+        raise ValueError("no reward with a non-zero weight in the config")
+    return funcs, weights
+
+
+def _import(path: str, options: dict) -> Callable:
+    """`package.module:function`: the function itself, or what it returns when options are given."""
+    module, _, attr = path.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"reward {path}: cannot import it ({e})") from None
+    return fn(**options) if options else fn
+
+
+def _named(fn: Callable, name: str) -> Callable:
+    """TRL logs each reward under its function's __name__: make that the config's name."""
+    if getattr(fn, "__name__", None) == name:
+        return fn
+
+    def reward(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    reward.__name__ = reward.__qualname__ = name
+    return reward
+
+
+def _scorer_options(o: dict, key: str, device: str) -> dict:
+    kind = o.get(key, "fidelity" if key == "expert" else "analyser")
+    if kind == "vlm-judge":
+        return {"model": o.get(f"{key}_model"), "device": device}
+    if kind in ("nr-iqa", "fidelity"):
+        return {"device": device}
+    return {}

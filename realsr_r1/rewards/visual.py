@@ -1,0 +1,305 @@
+"""Rewards that look at the restored image: generation (visual expert), COMPASS (OARS), IRPO general.
+
+Each needs the final image a completion's chain of thought drives the restorer to. `Restorations`
+makes those once: it groups a batch's completions by input image, renders each group's final stage
+in one batched restorer call (GRPO samples G completions per image, and all G meet the same noise,
+so their rewards differ by their text only) and caches results by (image, text) hash, so several
+image rewards in one config restore once.
+
+Scorers (the "visual experts"), each returning per image a number or None where it cannot judge:
+
+- `fidelity` (full reference, [0, 1]): against the HR from the `hr_path` column: mean of PSNR mapped
+  linearly 15 dB → 0 … 35 dB → 1 and SSIM (Y channel, metrics.py); with pyiqa installed also
+  1 − DISTS (OARS derives its F from DISTS).
+- `nr-iqa` ([0, 1]): RealSR-R1's released expert, the mean of TOPIQ-NR, MUSIQ/100, MANIQA and CLIPIQA
+  through pyiqa (an optional extra; needs its weights).
+- `vlm-judge` ([1, 5]): IRPO's expert reward: any chat VLM sees the degraded and the restored image
+  (and the reference when there is one) and answers with a 1–5 restoration score.
+- `analyser` ([1, 5]): an offline no-reference proxy: 5 − 4 · (mean level of blur, noise and JPEG
+  that the classical analyser measures in the image, none = 0 … heavy = 1).
+
+Rewards: `generation` ∈ [0, 1] (the expert's score, [1, 5] mapped to [0, 1]); `compass` ≈ [−0.45, 5]
+(R = F·Q_LR + F^(Q_LR/γ)·(Q_SR − Q_LR), F from `fidelity`, Q from a [1, 5] scorer, others mapped);
+`irpo_general` ∈ [0, 1] (IRPO's general reward from the fidelity metrics available: PSNR and SSIM
+as above, 1 − LPIPS and 1 − DISTS with pyiqa; its CLIP and aesthetic terms are not implemented).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections import OrderedDict
+from functools import lru_cache
+
+import numpy as np
+
+from .. import metrics as M
+from ..cot import LEVELS, parse_cot
+from ..imageio import read_image, to_float
+from ..restorers.lite import resize
+from .text import compass_reward_value, completion_text
+
+log = logging.getLogger(__name__)
+
+PSNR_RANGE = (15.0, 35.0)  # dB mapped to [0, 1] for fidelity
+NR_IQA = ("topiq_nr", "musiq", "maniqa", "clipiqa")
+
+
+def to_unit(q: float | None) -> float | None:
+    """[1, 5] → [0, 1]."""
+    return None if q is None else float(np.clip((q - 1.0) / 4.0, 0.0, 1.0))
+
+
+def to_mos(u: float | None) -> float | None:
+    """[0, 1] → [1, 5]."""
+    return None if u is None else float(1.0 + 4.0 * np.clip(u, 0.0, 1.0))
+
+
+def as_rgb(img) -> np.ndarray:
+    """A dataset image (PIL, or HxWx3 array) as float32 RGB in [0, 1]."""
+    if hasattr(img, "convert"):
+        img = np.asarray(img.convert("RGB"))
+    return to_float(np.asarray(img))[..., :3]
+
+
+def image_key(rgb: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(rgb).tobytes() + str(rgb.shape).encode()).hexdigest()
+
+
+# --- Rendering the final images ----------------------------------------------------------------
+class Restorations:
+    """Final images for (LQ image, completion text) pairs: batched per image, cached by hash.
+
+    `restorer` is anything with `restore_final_batch(rgb, plans, scale=, seed=, batch_size=)`
+    (DiffusionStages, LiteStages). `calls` counts restorer calls (for tests and benchmarks).
+    """
+
+    def __init__(self, restorer, *, scale: float = 4.0, seed: int = 0, batch_size: int | None = None,
+                 max_items: int = 1024):
+        self.restorer = restorer
+        self.scale = float(scale)
+        self.seed = int(seed)
+        self.batch_size = batch_size
+        self.max_items = int(max_items)
+        self.cache: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self.calls = 0
+
+    def final(self, images: list, texts: list[str]) -> list[np.ndarray]:
+        rgbs = [as_rgb(i) for i in images]
+        keys = [(image_key(r), hashlib.sha1(t.encode()).hexdigest()) for r, t in zip(rgbs, texts)]
+        todo: dict[str, list[int]] = {}
+        for i, k in enumerate(keys):
+            if k not in self.cache:
+                todo.setdefault(k[0], []).append(i)
+        for rows in todo.values():
+            unique = list({keys[i][1]: i for i in rows}.values())  # identical texts render once
+            self.calls += 1
+            outs = self.restorer.restore_final_batch(rgbs[unique[0]], [parse_cot(texts[i]) for i in unique],
+                                                     scale=self.scale, seed=self.seed, batch_size=self.batch_size)
+            for i, out in zip(unique, outs):
+                self.cache[keys[i]] = out
+        while len(self.cache) > self.max_items:
+            self.cache.popitem(last=False)
+        return [self.cache[k] for k in keys]
+
+
+@lru_cache(maxsize=256)
+def _reference(path: str, width: int, height: int) -> np.ndarray:
+    rgb = to_float(read_image(path).rgb)
+    return resize(rgb, (width, height))
+
+
+def reference_for(hr_path: str | None, like: np.ndarray) -> np.ndarray | None:
+    """The HR image at `like`'s size (None without a readable path)."""
+    if not hr_path:
+        return None
+    try:
+        return _reference(str(hr_path), like.shape[1], like.shape[0])
+    except Exception as e:  # noqa: BLE001 - a missing reference makes the reward None, not the run fail
+        log.warning("reference %s unreadable (%s): fidelity rewards skip it", hr_path, type(e).__name__)
+        return None
+
+
+# --- Scorers -------------------------------------------------------------------------------------
+class FidelityScorer:
+    """Full reference, [0, 1]: PSNR mapped 15→0 … 35→1 dB, SSIM, and 1 − DISTS when pyiqa is there."""
+
+    scale = "unit"
+
+    def __init__(self, use_pyiqa: bool = True, device: str = "cpu"):
+        self.dists = _optional_pyiqa("dists", device) if use_pyiqa else None
+
+    def parts(self, sr: np.ndarray, hr: np.ndarray) -> dict[str, float]:
+        p, g = M.as_batch(sr), M.as_batch(hr)
+        psnr = float(M.psnr(p, g)[0])
+        lo, hi = PSNR_RANGE
+        out = {"psnr": float(np.clip((psnr - lo) / (hi - lo), 0, 1)), "ssim": float(np.clip(float(M.ssim(p, g)[0]), 0, 1))}
+        if self.dists is not None:
+            out["dists"] = float(np.clip(1 - float(self.dists(p.float(), g.float())[0]), 0, 1))
+        return out
+
+    def __call__(self, sr: list, lq: list, hr: list) -> list[float | None]:
+        return [None if h is None else float(np.mean(list(self.parts(s, h).values()))) for s, h in zip(sr, hr)]
+
+
+class NRIQAScorer:
+    """RealSR-R1's visual expert: mean of TOPIQ-NR, MUSIQ/100, MANIQA, CLIPIQA (pyiqa), [0, 1]."""
+
+    scale = "unit"
+
+    def __init__(self, device: str = "cpu"):
+        import torch
+
+        self.metrics = {name: M.PyiqaMetric(name, torch.device(device)) for name in NR_IQA}  # raises if unavailable
+
+    def __call__(self, sr: list, lq: list, hr: list) -> list[float | None]:
+        scores = []
+        for s in sr:
+            t = M.as_batch(s).float()
+            vals = [float(m(t, None)[0]) / (100.0 if name == "musiq" else 1.0) for name, m in self.metrics.items()]
+            scores.append(float(np.clip(np.mean(vals), 0, 1)))
+        return scores
+
+
+class AnalyserQuality:
+    """Offline no-reference proxy in [1, 5] from the classical analyser's degradation levels."""
+
+    scale = "mos"
+
+    def __call__(self, sr: list, lq: list, hr: list) -> list[float | None]:
+        from ..analyze import analyze
+
+        out = []
+        for s in sr:
+            items = {i.type: i.level for i in analyze(s).items}
+            levels = [LEVELS.index(items.get(k, "none")) / (len(LEVELS) - 1) for k in ("blur", "noise", "jpeg")]
+            out.append(5.0 - 4.0 * float(np.mean(levels)))
+        return out
+
+
+JUDGE_PROMPT = ("You are an expert in image restoration. The first image is a degraded photo, the second is "
+                "its restoration{ref}. Rate the restoration from 1 (worse or unusable) to 5 (clean, sharp, "
+                "faithful). Answer with one digit.")
+
+
+def parse_score(text: str) -> float | None:
+    """The first standalone digit 1–5 in a judge's answer, else None."""
+    m = re.search(r"(?<!\d)(?<!\d\.)([1-5])(?!\d|\.\d)", text or "")
+    return float(m.group(1)) if m else None
+
+
+class VLMJudge:
+    """IRPO's expert reward: a chat VLM scores degraded → restored (→ reference) from 1 to 5."""
+
+    scale = "mos"
+
+    def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto", load_in_4bit: bool = False):
+        from ..policy import load_vlm
+
+        self.model, self.processor, _, _ = load_vlm(model_path, device=device, dtype=dtype, load_in_4bit=load_in_4bit)
+        self.model.eval()
+
+    def answer(self, images: list[np.ndarray]) -> str:
+        import torch
+        from PIL import Image
+
+        pils = [Image.fromarray((np.clip(i, 0, 1) * 255 + 0.5).astype("uint8")) for i in images]
+        ref = " and the third is the undegraded reference" if len(pils) == 3 else ""
+        content = [{"type": "image"} for _ in pils] + [{"type": "text", "text": JUDGE_PROMPT.format(ref=ref)}]
+        prompt = self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                    add_generation_prompt=True)
+        inputs = self.processor(text=[prompt], images=pils, return_tensors="pt").to(self.model.device)
+        with torch.no_grad():
+            ids = self.model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        return self.processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+
+    def __call__(self, sr: list, lq: list, hr: list) -> list[float | None]:
+        return [parse_score(self.answer([q, s] + ([h] if h is not None else []))) for s, q, h in zip(sr, lq, hr)]
+
+
+def _optional_pyiqa(name: str, device: str):
+    import torch
+
+    try:
+        return M.PyiqaMetric(name, torch.device(device))
+    except M.MetricUnavailable:
+        return None
+
+
+def build_scorer(name: str, **options):
+    """A scorer by its config name: fidelity, nr-iqa, vlm-judge (needs `model`), analyser."""
+    if name == "fidelity":
+        return FidelityScorer(**options)
+    if name == "nr-iqa":
+        return NRIQAScorer(**options)
+    if name == "vlm-judge":
+        if not options.get("model"):
+            raise ValueError("the vlm-judge expert needs `model` (a chat VLM folder)")
+        return VLMJudge(options.pop("model"), **options)
+    if name == "analyser":
+        return AnalyserQuality()
+    raise ValueError(f"unknown visual expert {name!r} (fidelity, nr-iqa, vlm-judge, analyser)")
+
+
+def _unit(scorer, values: list) -> list[float | None]:
+    return [to_unit(v) for v in values] if scorer.scale == "mos" else values
+
+
+def _mos(scorer, values: list) -> list[float | None]:
+    return values if scorer.scale == "mos" else [to_mos(v) for v in values]
+
+
+# --- Rewards -------------------------------------------------------------------------------------
+def _inputs(restorations: Restorations, completions, image, hr_path):
+    texts = [completion_text(c) for c in completions]
+    sr = restorations.final(image, texts)
+    lq = [as_rgb(i) for i in image]
+    hr = [reference_for(p, s) for p, s in zip(hr_path or [None] * len(sr), sr)]
+    return sr, lq, hr
+
+
+def make_generation_reward(restorations: Restorations, expert):
+    """RealSR-R1's generation reward: the expert's score of the final image, in [0, 1]."""
+    def generation(prompts, completions, image, hr_path=None, **kwargs):
+        sr, lq, hr = _inputs(restorations, completions, image, hr_path)
+        return _unit(expert, expert(sr, lq, hr))
+
+    return generation
+
+
+def make_compass_reward(restorations: Restorations, quality, fidelity=None, gamma: float = 7.0):
+    """OARS COMPASS: F from full-reference fidelity, Q_LR/Q_SR from `quality` on [1, 5]."""
+    fidelity = fidelity or FidelityScorer(use_pyiqa=True)
+    if gamma <= 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+
+    def compass(prompts, completions, image, hr_path=None, **kwargs):
+        sr, lq, hr = _inputs(restorations, completions, image, hr_path)
+        f = _unit(fidelity, fidelity(sr, lq, hr))
+        q_sr = _mos(quality, quality(sr, lq, hr))
+        q_lr = _mos(quality, quality(lq, lq, [None] * len(lq)))
+        return [None if None in (a, b, c) else compass_reward_value(a, b, c, gamma) for a, b, c in zip(f, q_lr, q_sr)]
+
+    return compass
+
+
+def make_irpo_general_reward(restorations: Restorations, device: str = "cpu"):
+    """IRPO's general reward from the fidelity metrics available here, in [0, 1]."""
+    scorer = FidelityScorer(use_pyiqa=True, device=device)
+    lpips = _optional_pyiqa("lpips", device)
+
+    def irpo_general(prompts, completions, image, hr_path=None, **kwargs):
+        sr, lq, hr = _inputs(restorations, completions, image, hr_path)
+        out = []
+        for s, h in zip(sr, hr):
+            if h is None:
+                out.append(None)
+                continue
+            parts = scorer.parts(s, h)
+            if lpips is not None:
+                parts["lpips"] = float(np.clip(1 - float(lpips(M.as_batch(s).float(), M.as_batch(h).float())[0]), 0, 1))
+            out.append(float(np.mean(list(parts.values()))))
+        return out
+
+    return irpo_general

@@ -1,0 +1,296 @@
+"""`python -m realsr_r1.train`: VLCoT-GRPO fine-tuning of the VLM policy on TRL's GRPOTrainer.
+
+    python -m realsr_r1.train --config configs/grpo.yaml [--resume] [--set key=value ...]
+    python -m realsr_r1.train filter --config configs/grpo.yaml --keep 0.3 [--out DIR]
+
+The trainer is TRL's; this module is the glue (design.md §4): the dataset from `realsr_r1.data`,
+the VLM and processor through the same loader inference uses, LoRA (QLoRA with a 4-bit base) with
+the vision tower frozen by default, rewards by name with weights (rewards/registry.py), and two
+options from related papers:
+
+- OARS group filtering (`group_filter`): a group whose (weight-normalised) reward mean is above
+  `mean_above` and std below `std_below` has nothing left to teach; its completions are masked out
+  of the loss. The count is logged as `group_filter/dropped` each step.
+- IRPO data filtering (`filter`): every training input is scored once with the frozen policy and
+  the configured rewards; the lowest-scoring fraction `--keep` becomes the training set.
+
+Checkpoints (the LoRA adapter, optimizer, scheduler, RNG, step) go to `output_dir/checkpoint-N`
+every `trainer.save_steps`; `--resume` continues from the last one. Per-reward means and stds are
+appended each logging step to `output_dir/log.jsonl` and sent to `trainer.report_to`. The final
+adapter is saved in `output_dir` and loads with `python -m realsr_r1.infer --adapter DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from .profiles import ConfigError, load_config
+
+LOG_FILE = "log.jsonl"
+
+
+# --- Config → parts ----------------------------------------------------------------------------
+def model_path(cfg: dict) -> Path:
+    from .weights import default_dir
+
+    name = cfg.get("model")
+    if not name:
+        raise ConfigError("the training config needs `model` (a VLM folder, or a name under the weights folder)")
+    path = Path(str(name)).expanduser()
+    path = path if path.is_dir() else default_dir() / str(name)
+    if not path.is_dir():
+        raise ConfigError(f"VLM not found at {path}: `python -m realsr_r1.download full` or set `model`")
+    return path
+
+
+def restorations_factory(cfg: dict, device: str):
+    """A `Restorations` over the restorer the config names (`restorer.profile` + overrides)."""
+    def make():
+        from .profiles import build_restorer
+        from .rewards.visual import Restorations
+
+        section = dict(cfg.get("restorer") or {})
+        profile = section.pop("profile", None)
+        base = dict(load_config(profile).get("restorer") or {}) if profile else {}
+        base.update({k: v for k, v in section.items() if k not in ("scale", "batch_size", "seed")})
+        restorer = build_restorer(base, device=device)
+        return Restorations(restorer, scale=float(section.get("scale", 4)), seed=int(section.get("seed", 0)),
+                            batch_size=section.get("batch_size"))
+
+    return make
+
+
+def lora_config(cfg: dict):
+    """LoRA from the config's `lora` section; `lora: null` trains the full model (as RealSR-R1 did)."""
+    from peft import LoraConfig
+
+    if "lora" in cfg and not cfg["lora"]:
+        return None
+    lora = cfg.get("lora") or {}
+    targets = list(lora.get("targets") or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    if lora.get("train_vision", False):
+        target_modules = targets
+    else:  # the same names exist in the vision tower's blocks: keep those frozen
+        target_modules = rf"^(?!.*\b(visual|vision_tower|vision_model)\b).*\.({'|'.join(targets)})$"
+    return LoraConfig(r=int(lora.get("r", 16)), lora_alpha=int(lora.get("alpha", 32)),
+                      lora_dropout=float(lora.get("dropout", 0.05)), target_modules=target_modules,
+                      task_type="CAUSAL_LM")
+
+
+def load_policy_model(cfg: dict, device: str):
+    from .policy import load_vlm
+
+    model, processor, _, _ = load_vlm(model_path(cfg), device=device, dtype=cfg.get("dtype", "auto"),
+                                      load_in_4bit=bool(cfg.get("load_in_4bit")), max_pixels=cfg.get("max_pixels"))
+    if cfg.get("load_in_4bit"):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model, processor
+
+
+def train_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def grpo_args(cfg: dict, output_dir: Path, weights: list[float]):
+    from trl import GRPOConfig
+
+    import torch
+
+    t = dict(cfg.get("trainer") or {})
+    if not torch.cuda.is_available():  # CPU runs (tests, laptops): no mixed precision
+        t.update(use_cpu=True, bf16=False, fp16=False)
+    t.setdefault("report_to", "none")
+    try:
+        return GRPOConfig(output_dir=str(output_dir), reward_weights=weights, **t)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"trainer: {' '.join(str(e).split())}") from None
+
+
+# --- Trainer parts --------------------------------------------------------------------------------
+def _callbacks(log_path: Path):
+    from transformers import TrainerCallback
+
+    class JsonlLog(TrainerCallback):
+        """Every logged dict (per-reward mean/std, loss, KL, dropped groups) as one JSON line."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+    return [JsonlLog()]
+
+
+def trainer_class(group_filter: dict | None):
+    from trl import GRPOTrainer
+
+    if not group_filter:
+        return GRPOTrainer
+    import torch
+
+    mean_above = float(group_filter.get("mean_above", 0.9))
+    std_below = float(group_filter.get("std_below", 0.05))
+
+    class GroupFilteredGRPOTrainer(GRPOTrainer):
+        """OARS: groups with a high, flat reward contribute nothing to the loss."""
+
+        def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+            self._group_rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            return self._group_rewards  # every process's rows (TRL gathers them)
+
+        def _generate_and_score_completions(self, inputs):
+            out = super()._generate_and_score_completions(inputs)
+            mode = "train" if self.model.training else "eval"
+            g = self.num_generations if mode == "train" else self.num_generations_eval
+            w = self.reward_weights.to(self._group_rewards.device)
+            total = (self._group_rewards * w).nansum(dim=1) / w.abs().sum().clamp(min=1e-8)
+            groups = total.view(-1, g)
+            drop = (groups.mean(dim=1) > mean_above) & (groups.std(dim=1) < std_below)
+            rows = drop.repeat_interleave(g)
+            n_local = out["advantages"].shape[0]
+            start = self.accelerator.process_index * n_local
+            local = rows[start:start + n_local].to(out["advantages"].device)
+            out["advantages"] = torch.where(local, torch.zeros_like(out["advantages"]), out["advantages"])
+            out["completion_mask"] = out["completion_mask"] * (~local).to(out["completion_mask"].dtype)[:, None]
+            self._metrics[mode]["group_filter/dropped"].append(float(drop.sum().item()))
+            self._metrics[mode]["group_filter/frac_dropped"].append(float(drop.float().mean().item()))
+            return out
+
+    return GroupFilteredGRPOTrainer
+
+
+def build_trainer(cfg: dict, output_dir: Path):
+    from .data import load_dataset
+    from .rewards.registry import build_rewards
+
+    device = train_device()
+    dataset = load_dataset(cfg["data"]) if cfg.get("data") else None
+    if dataset is None:
+        raise ConfigError("the training config needs `data` (a folder from `python -m realsr_r1.data build`)")
+    funcs, weights = build_rewards(cfg.get("rewards") or {}, restorations=restorations_factory(cfg, device),
+                                   device=device)
+    model, processor = load_policy_model(cfg, device)
+    args = grpo_args(cfg, output_dir, weights)
+    cls = trainer_class(cfg.get("group_filter"))
+    return cls(model=model, reward_funcs=funcs, args=args, train_dataset=dataset, processing_class=processor,
+               peft_config=lora_config(cfg), callbacks=_callbacks(output_dir / LOG_FILE))
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+
+
+def train(cfg: dict, *, resume: bool = False) -> Path:
+    output_dir = Path(cfg.get("output_dir") or "runs/grpo")
+    checkpoint = last_checkpoint(output_dir) if output_dir.is_dir() else None
+    if resume and checkpoint is None:
+        raise ConfigError(f"--resume: no checkpoint-N folder in {output_dir}")
+    if checkpoint is not None and not resume:
+        raise ConfigError(f"{output_dir} already has {checkpoint.name}: pass --resume to continue it, "
+                          "or choose another output_dir")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    trainer = build_trainer(cfg, output_dir)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    trainer.save_model(str(output_dir))  # the LoRA adapter: `infer --adapter output_dir`
+    return output_dir
+
+
+# --- IRPO data filtering ------------------------------------------------------------------------------
+def filter_dataset(cfg: dict, keep: float, out: Path | None = None, log=print) -> Path:
+    """Score every input with the frozen policy + rewards; save the hardest `keep` fraction."""
+    import numpy as np
+
+    from .data import load_dataset
+    from .imageio import LoadedImage, atomic_write_text
+    from .policy import VLMPolicy
+    from .rewards.registry import build_rewards
+    from .rewards.visual import as_rgb
+
+    if not 0 < keep <= 1:
+        raise ConfigError(f"--keep must be in (0, 1], got {keep}")
+    data = Path(cfg["data"])
+    dataset = load_dataset(data)
+    out = Path(out or f"{data.as_posix().rstrip('/')}-hardest{round(100 * keep)}")
+    out.mkdir(parents=True, exist_ok=True)
+    device = train_device()
+    funcs, weights = build_rewards(cfg.get("rewards") or {}, restorations=restorations_factory(cfg, device),
+                                   device=device)
+    model, processor = load_policy_model(cfg, device)
+    generation = {"max_new_tokens": int((cfg.get("trainer") or {}).get("max_completion_length", 384)),
+                  "do_sample": False}
+    policy = VLMPolicy(model.eval(), processor, model_path=str(model_path(cfg)), dtype=None, generation=generation)
+
+    scores_path = out / "scores.jsonl"
+    done = {}
+    if scores_path.is_file():  # resume: inputs already scored are not scored again
+        for line in scores_path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            done[row["index"]] = row
+    columns = [c for c in dataset.column_names if c != "prompt"]
+    with open(scores_path, "a", encoding="utf-8") as f:
+        for i in range(len(dataset)):
+            if i in done:
+                continue
+            row = dataset[i]
+            text = "".join(policy.stream(LoadedImage(rgb=as_rgb(row["image"])), None, seed=i))
+            values = [fn(prompts=[row["prompt"]], completions=[text], **{c: [row[c]] for c in columns})[0]
+                      for fn in funcs]
+            total = sum(w * v for w, v in zip(weights, values) if v is not None)
+            done[i] = {"index": i, "reward": total, "rewards": dict(zip([fn.__name__ for fn in funcs], values))}
+            f.write(json.dumps(done[i]) + "\n")
+            f.flush()
+            log(f"scored {i + 1}/{len(dataset)}: reward {total:.3f}")
+    n_keep = max(1, math.ceil(keep * len(dataset)))
+    hardest = sorted(done.values(), key=lambda r: (r["reward"], r["index"]))[:n_keep]
+    subset = dataset.select(sorted(r["index"] for r in hardest))
+    subset.save_to_disk(str(out / "dataset"))
+    atomic_write_text(out / "filter.json", json.dumps({"source": str(data), "keep": keep, "kept": n_keep,
+                                                       "of": len(dataset), "max_reward_kept": hardest[-1]["reward"],
+                                                       "mean_reward_all": float(np.mean([r["reward"] for r in done.values()]))}))
+    log(f"kept the {n_keep} lowest-scoring of {len(dataset)} inputs in {out / 'dataset'}")
+    return out
+
+
+# --- CLI -------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] == "filter" else "train"
+    p = argparse.ArgumentParser(prog=f"python -m realsr_r1.train{' filter' if command == 'filter' else ''}",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="a YAML file (configs/grpo.yaml, configs/grpo-realsr-r1.yaml…)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set trainer.learning_rate=1e-5 (repeatable)")
+    if command == "filter":
+        p.add_argument("--keep", type=float, default=0.3, help="fraction of inputs to keep (IRPO: 0.3)")
+        p.add_argument("--out", help="output folder (default: DATA-hardestNN)")
+    else:
+        p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if command == "filter":
+            filter_dataset(cfg, args.keep, Path(args.out) if args.out else None,
+                           log=lambda m: print(m, file=sys.stderr))
+        else:
+            out = train(cfg, resume=args.resume)
+            print(f"adapter saved in {out} (use: python -m realsr_r1.infer --adapter {out} …)", file=sys.stderr)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

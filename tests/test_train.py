@@ -1,0 +1,110 @@
+"""VLCoT-GRPO end to end on CPU: tiny random VLM + upscaler, a dataset built from repo photos,
+TRL's GRPOTrainer through `python -m realsr_r1.train` as users run it."""
+
+import json
+import math
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import REPO, photo, weights_env
+from realsr_r1 import infer, train
+from tiny_diffusion import build_tiny_upscaler
+from tiny_models import build_tiny_vlm
+
+CONFIG = str(REPO / "configs" / "grpo-tiny.yaml")
+REWARDS = ("format", "degradation", "understanding", "generation", "letter_fraction")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from realsr_r1.data import build_dataset
+
+    root = tmp_path_factory.mktemp("grpo")
+    weights = root / "weights"
+    build_tiny_vlm(weights / "tiny-vlm")
+    build_tiny_upscaler(weights / "tiny-upscaler")
+    hr = root / "hr"
+    hr.mkdir()
+    for i, name in enumerate(["dog.png", "chip.png", "dog.png"]):
+        photo((64, 48), name).rotate(90 * i, expand=False).save(hr / f"{i}.png")
+    tags = root / "tags.jsonl"
+    tags.write_text("".join(json.dumps({"file": f"{i}.png", "tags": ["dog", "grass"]}) + "\n" for i in range(3)))
+    with weights_env(weights):
+        build_dataset(hr, root / "data", tags=tags, log=lambda *a: None)
+        yield root
+
+
+def run(root, out, *extra, command=()):
+    return train.main([*command, "--config", CONFIG, "--set", f"data={root / 'data'}",
+                       "--set", "rewards.tiny_rewards:letter_fraction=1.0", *extra,
+                       *([] if command else ["--set", f"output_dir={out}"])])
+
+
+def log_rows(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_train_resume_and_use_the_adapter(setup, tmp_path, capsys):
+    out = setup / "run"
+    t = time.perf_counter()
+    assert run(setup, out) == 0, capsys.readouterr().err
+    assert time.perf_counter() - t < 120
+
+    steps = [r for r in log_rows(out) if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:  # every configured reward is logged, with its spread, and the filter's count
+        for name in REWARDS:
+            assert f"rewards/{name}/mean" in r and f"rewards/{name}/std" in r
+        assert r["group_filter/dropped"] == 0
+        assert 0 <= r["rewards/generation/mean"] <= 1
+    assert (out / "checkpoint-1" / "optimizer.pt").is_file() and (out / "checkpoint-2" / "trainer_state.json").is_file()
+
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert adapter and not any("visual" in k for k in adapter)  # the vision tower stays frozen
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())  # B starts at 0: it learned
+
+    assert run(setup, out) == 2 and "pass --resume" in capsys.readouterr().err  # no silent overwrite
+    assert run(setup, out, "--resume", "--set", "trainer.max_steps=3") == 0, capsys.readouterr().err
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    assert [r["step"] for r in log_rows(out) if "reward" in r] == [1, 2, 3]  # continued, not restarted
+
+    src = tmp_path / "in"
+    src.mkdir()
+    photo((16, 12)).save(src / "p.png")
+    with weights_env(setup / "weights"):
+        rc = infer.main(["-i", str(src), "-o", str(tmp_path / "o"), "--profile", str(REPO / "configs" / "tiny.yaml"),
+                         "--adapter", str(out), "--quiet", "--set", "restorer.rough=diffusion"])
+        assert rc == 0, capsys.readouterr().err
+        side = json.loads((tmp_path / "o" / "p.json").read_text())
+        assert side["policy_info"]["adapter"] == str(out)
+        rc = infer.main(["-i", str(src), "-o", str(tmp_path / "o2"), "--profile", "lite", "--adapter", str(out)])
+        assert rc == 2 and "needs a profile with a VLM policy" in capsys.readouterr().err
+
+
+def test_group_filter_drops_flat_groups(setup, capsys):
+    out = setup / "filtered"
+    rc = run(setup, out, "--set", "trainer.max_steps=1", "--set", "group_filter.mean_above=-1e9",
+             "--set", "group_filter.std_below=1e9")
+    assert rc == 0, capsys.readouterr().err
+    (row,) = [r for r in log_rows(out) if "reward" in r]
+    assert row["group_filter/dropped"] == 1 and row["group_filter/frac_dropped"] == 1  # one group per step
+    assert row["grad_norm"] == 0  # masked out of the loss: nothing to learn from it
+
+
+def test_irpo_keeps_the_hardest_inputs(setup, capsys):
+    out = setup / "hard"
+    assert run(setup, None, "--keep", "0.5", "--out", str(out), command=("filter",)) == 0, capsys.readouterr().err
+    scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert sorted(s["index"] for s in scores) == [0, 1, 2]
+    from realsr_r1.data import load_dataset
+
+    kept = load_dataset(out)
+    assert len(kept) == math.ceil(0.5 * 3)
+    lowest = sorted(scores, key=lambda s: (s["reward"], s["index"]))[:2]
+    original = load_dataset(setup / "data")
+    assert sorted(kept["hr_path"]) == sorted(original[s["index"]]["hr_path"] for s in lowest)
+    assert run(setup, None, "--keep", "0.5", "--out", str(out), command=("filter",)) == 0
+    assert len((out / "scores.jsonl").read_text().splitlines()) == 3  # resumed: nothing scored twice
