@@ -108,3 +108,19 @@ def test_irpo_keeps_the_hardest_inputs(setup, capsys):
     assert sorted(kept["hr_path"]) == sorted(original[s["index"]]["hr_path"] for s in lowest)
     assert run(setup, None, "--keep", "0.5", "--out", str(out), command=("filter",)) == 0
     assert len((out / "scores.jsonl").read_text().splitlines()) == 3  # resumed: nothing scored twice
+
+
+def test_qlora_trains_on_a_4bit_base(setup, capsys):
+    import bitsandbytes as bnb
+
+    from realsr_r1.profiles import load_config
+
+    cfg = load_config(CONFIG, ["load_in_4bit=true"])
+    with weights_env(setup / "weights"):
+        model, _ = train.load_policy_model(cfg, "cpu")
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+        del model
+    out = setup / "qlora"
+    assert run(setup, out, "--set", "load_in_4bit=true", "--set", "trainer.max_steps=1") == 0, capsys.readouterr().err
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert any("lora_A" in k for k in adapter) and [r["step"] for r in log_rows(out) if "reward" in r] == [1]
