@@ -8,17 +8,13 @@ interrupted run resumes; a bad file is reported in one line and the rest still f
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import platform
 import sys
 import traceback
 from pathlib import Path
 
 from tqdm import tqdm
 
-from . import __version__
-from .cot import render_cot
 from .imageio import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -28,7 +24,8 @@ from .imageio import (
     read_image,
     write_image,
 )
-from .pipeline import Done, Failed, RestorationResult, StageImage
+from .pipeline import Done, Failed, StageImage
+from .sidecar import build_sidecar
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,15 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _versions() -> dict:
-    import numpy
-    import PIL
-    import torch
-
-    return {"realsr_r1": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": numpy.__version__, "pillow": PIL.__version__}
-
-
 def _output_ext(requested: str, src: Path, has_alpha: bool, bit_depth: int) -> str:
     if has_alpha or bit_depth == 16:
         if requested == "jpg":
@@ -97,33 +85,6 @@ def _output_stems(files: list[Path], suffix: str) -> dict[Path, str]:
         stem = f.stem if counts[f.stem.lower()] == 1 else f"{f.stem}_{f.suffix.lstrip('.').lower()}"
         stems[f] = f"{stem}_{suffix}" if suffix else stem
     return stems
-
-
-def _sidecar(src: Path, out_name: str, result: RestorationResult, profile_reason: str,
-             stage_files: dict[str, str], notes: list[str], loaded) -> dict:
-    plan = result.plan
-    images = {s: stage_files.get(s, plan.images.get(s, "")) for s in plan.images}
-    return {
-        "input": src.name,
-        "output": out_name,
-        "profile": result.info.get("profile"),
-        "profile_reason": profile_reason,
-        "chain_of_thought": render_cot(plan.degradation, plan.understanding, images),
-        "policy_output": result.cot,
-        "plan": {**plan.to_dict(), "images": images},
-        "analysis": result.analysis.to_dict(),
-        "input_info": {"size": list(loaded.size), "mode": loaded.mode, "bit_depth": loaded.bit_depth,
-                       "alpha": loaded.has_alpha, "format": loaded.format},
-        "stages": {s: {"size": [im.rgb.shape[1], im.rgb.shape[0]], "seconds": round(im.seconds, 4),
-                       "file": stage_files.get(s)} for s, im in result.stages.items()},
-        "timings": {k: round(v, 4) for k, v in result.timings.items()},
-        "scale": result.scale,
-        "seed": result.seed,
-        **{k: v for k, v in result.info.items() if k != "profile"},
-        "notes": notes,
-        "versions": _versions(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def _shard() -> tuple[int, int, int]:
@@ -239,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
                     stage_files[stage] = name
             write_image(out_dir / out_name, result.rgb, result.alpha, **write_kw)
             notes = list(loaded.notes) + [getattr(pipeline.policy, "note", "")]
-            sidecar = _sidecar(path, out_name, result, reason, stage_files, [n for n in notes if n], loaded)
+            sidecar = build_sidecar(path.name, out_name, result, reason, stage_files, [n for n in notes if n], loaded)
             atomic_write_text(sidecar_path, json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n")
             done += 1
         except (OSError, ValueError) as e:

@@ -1,0 +1,122 @@
+"""`python app.py`: the Gradio demo. It lays out what `realsr_r1.demo` derives from the pipeline's
+event stream; no restoration logic lives here.
+
+    python app.py [--host 127.0.0.1] [--port 7860] [--profile auto] [--max-size PIXELS] [--concurrency 1]
+
+Fully offline: analytics off, system fonts only (no font or script from the network), temp files
+in a folder the app owns and deletes at exit, and only the app's results and examples are served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+_OWN_TEMP = None
+if "GRADIO_TEMP_DIR" not in os.environ:  # before gradio is imported: it reads this once
+    _OWN_TEMP = tempfile.mkdtemp(prefix="realsr-r1-demo-")
+    os.environ["GRADIO_TEMP_DIR"] = _OWN_TEMP
+    atexit.register(shutil.rmtree, _OWN_TEMP, ignore_errors=True)
+
+import gradio as gr  # noqa: E402
+
+from realsr_r1.demo import LEVEL_COLOURS, DemoSession  # noqa: E402
+from realsr_r1.imageio import DEFAULT_MAX_PIXELS  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+EXAMPLES = sorted((HERE / "examples").glob("*.png"))
+SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
+SYSTEM_MONO = ["ui-monospace", "monospace"]
+
+
+def _same(a, b) -> bool:
+    return a is b or (isinstance(a, (str, list)) and type(a) is type(b) and a == b)
+
+
+def build_app(session: DemoSession, default_profile: str = "auto") -> gr.Blocks:
+    profiles = list(session.profiles)
+    with gr.Blocks(title="realsr-r1", analytics_enabled=False, delete_cache=(1800, 3600)) as demo:
+        gr.Markdown("# realsr-r1 — reason, then restore\nUpload a low-quality photo: the model writes what "
+                    "degrades it and what it shows, then restores it rough → middle → final.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                # A file, not gr.Image: our reader decodes it (16-bit, EXIF, CMYK…) and reports problems.
+                image = gr.File(label="Low-quality image", file_types=["image"], type="filepath",
+                                elem_id="input-file")
+                preview = gr.Image(label="Input", interactive=False, height=220, elem_id="input-preview")
+                if EXAMPLES:
+                    gr.Examples([[str(p)] for p in EXAMPLES], inputs=[image], label="Examples")
+                profile = gr.Dropdown(profiles, value=default_profile if default_profile in profiles else profiles[0],
+                                      label="Profile", elem_id="profile")
+                with gr.Row():
+                    scale = gr.Slider(1, 8, value=4, step=0.5, label="Scale")
+                    seed = gr.Number(0, precision=0, label="Seed")
+                with gr.Accordion("Diffusion options (full profile)", open=False):
+                    steps = gr.Slider(1, 50, value=20, step=1, label="Steps per stage")
+                    color_fix = gr.Radio(["wavelet", "adain", "none"], value="wavelet", label="Colour fix")
+                run = gr.Button("Restore", variant="primary", elem_id="run")
+            with gr.Column(scale=2):
+                status = gr.Markdown("Ready.", elem_id="status")
+                reasoning = gr.Textbox(label="Reasoning (streamed)", lines=8, max_lines=16, elem_id="reasoning")
+                degradation = gr.HighlightedText(label="Degradation", color_map=LEVEL_COLOURS, elem_id="degradation")
+                understanding = gr.Markdown(elem_id="understanding")
+        with gr.Row():
+            rough = gr.Image(label="rough", interactive=False, elem_id="stage-rough")
+            middle = gr.Image(label="middle", interactive=False, elem_id="stage-middle")
+            final = gr.Image(label="final", interactive=False, elem_id="stage-final")
+        with gr.Row():
+            compare = gr.ImageSlider(label="Before / after (input upscaled vs result)", elem_id="compare")
+            files = gr.File(label="Downloads: result and JSON sidecar", file_count="multiple", elem_id="files")
+
+        outputs = [status, reasoning, degradation, understanding, rough, middle, final, compare, files]
+
+        def restore(path, profile_label, scale_value, steps_value, seed_value, color):
+            use_diffusion_options = profile_label != "lite"
+            sent: list = [object()] * len(outputs)
+            for view in session.restore(path, profile_label, scale=scale_value, seed=int(seed_value or 0),
+                                        steps=int(steps_value) if use_diffusion_options else None,
+                                        color_fix=color if use_diffusion_options else None):
+                values = [view.status, view.reasoning, view.degradation, view.understanding, view.stages["rough"],
+                          view.stages["middle"], view.stages["final"], view.compare, view.files or None]
+                # Only what changed goes to the browser: images are not re-encoded for every token.
+                yield [gr.skip() if _same(v, old) else v for v, old in zip(values, sent)]
+                sent = values
+
+        image.change(session.preview, [image], [preview, status], api_name="preview")
+        run.click(restore, [image, profile, scale, steps, seed, color_fix], outputs, api_name="restore")
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python app.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve your network")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--profile", default="auto",
+                   help="the profile selected first: auto, lite, full, or a YAML config (added to the list)")
+    p.add_argument("--max-size", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger inputs (pixels)")
+    p.add_argument("--concurrency", type=int, default=1, help="restorations running at once (they share the models)")
+    p.add_argument("--queue-size", type=int, default=16, help="requests waiting beyond that are turned away")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    extra = [args.profile] if args.profile.endswith((".yaml", ".yml")) else []
+    profiles = DemoSession.available(extra)
+    session = DemoSession(profiles, Path(os.environ["GRADIO_TEMP_DIR"]) / "results", device=args.device,
+                          max_pixels=args.max_size)
+    default = Path(args.profile).stem if extra else args.profile
+    demo = build_app(session, default)
+    demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
+    theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=SYSTEM_MONO)
+    demo.launch(server_name=args.host, server_port=args.port, theme=theme, footer_links=[],
+                allowed_paths=[str(session.out_root), str(HERE / "examples")], show_error=True)
+
+
+if __name__ == "__main__":
+    main()

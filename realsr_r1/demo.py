@@ -1,0 +1,222 @@
+"""What the Gradio demo shows, derived from the pipeline's event stream (app.py only lays it out).
+
+`DemoSession` owns the models (one pipeline per profile, built on first use and shared by every
+request) and the folder the demo serves results from. `DemoSession.restore(...)` runs one image and
+yields `View` snapshots as events arrive: the reasoning text grows token by token, the degradation
+items appear as labels once `</degradation>` closes, the understanding texts as their tags close,
+each stage's image (and its diffusion previews) as soon as it exists, a status line with the
+current stage, and at the end a before/after pair and the result + sidecar files. Errors end the
+run with a one-line message in the view; the session keeps serving.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .cot import STAGES
+from .imageio import DEFAULT_MAX_PIXELS, ImageReadError, atomic_write_text, read_image, write_image
+from .pipeline import (AnalysisReady, Done, Failed, PlanReady, PlanUpdate, StageImage, StagePreview, StageStarted,
+                       TextDelta)
+from .profiles import ConfigError, build_pipeline, choose_profile, load_config
+from .restorers.lite import resize
+from .sidecar import build_sidecar
+
+log = logging.getLogger(__name__)
+LEVEL_COLOURS = {"none": "green", "light": "yellow", "medium": "orange", "heavy": "red"}
+KEEP_RESULTS_S = 3600  # results older than this are deleted from the served folder
+
+
+@dataclass
+class View:
+    status: str = ""
+    reasoning: str = ""
+    degradation: list[tuple[str, str | None]] = field(default_factory=list)  # (text, level) for HighlightedText
+    understanding: str = ""
+    stages: dict[str, np.ndarray | None] = field(default_factory=lambda: {s: None for s in STAGES})
+    compare: tuple[np.ndarray, np.ndarray] | None = None
+    files: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def to_display(rgb: np.ndarray, alpha: np.ndarray | None = None) -> np.ndarray:
+    """uint8 RGB(A) for the browser, whatever the pipeline's dtype."""
+    arr = np.asarray(rgb)
+    if arr.dtype == np.uint16:
+        arr = (arr >> 8).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        arr = (np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8)
+    if alpha is not None:
+        a = to_display(np.asarray(alpha)[..., None].repeat(3, axis=2))[..., :1]
+        arr = np.concatenate([arr, a], axis=2)
+    return arr
+
+
+def degradation_labels(plan) -> list[tuple[str, str | None]]:
+    out = []
+    for item in plan.degradation:
+        if item.type == "downsample":
+            out.append((f"downsample {item.level}", None))
+        else:
+            out.append((f"{item.type}: {item.level}", item.level))
+    return out
+
+
+def understanding_text(plan) -> str:
+    parts = [f"**{s}** — {plan.understanding.get(s) or '…'}" for s in STAGES if plan.understanding.get(s)]
+    return "\n\n".join(parts)
+
+
+class DemoSession:
+    """Models loaded once per profile and shared; results written under `out_root`."""
+
+    def __init__(self, profiles: dict[str, str], out_root: str | Path, *, device: str = "auto",
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.profiles = profiles  # label → profile name or YAML path
+        self.out_root = Path(out_root)
+        self.out_root.mkdir(parents=True, exist_ok=True)
+        self.device = device
+        self.max_pixels = int(max_pixels)
+        self._pipelines: dict[str, tuple] = {}
+        self._lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self.running = 0  # restorations in progress (the queue bounds this)
+
+    @staticmethod
+    def available(extra: list[str] | None = None) -> dict[str, str]:
+        """Profiles this machine can run: auto and lite always, full with its weights, plus `extra`."""
+        from .download import full_profile_present
+
+        found = {"auto": "auto", "lite": "lite"}
+        if full_profile_present():
+            found["full"] = "full"
+        for path in extra or []:
+            found[Path(path).stem] = str(path)
+        return found
+
+    def pipeline(self, label: str):
+        """(pipeline, reason) for a profile label, built on first use (one build at a time)."""
+        with self._lock:
+            if label not in self._pipelines:
+                target = self.profiles.get(label)
+                if target is None:
+                    raise ConfigError(f"profile {label!r} is not offered here ({', '.join(self.profiles)})")
+                if target.endswith((".yaml", ".yml")):
+                    name, reason = Path(target).stem, "config file"
+                else:
+                    name, reason = choose_profile(target)
+                self._pipelines[label] = (build_pipeline(load_config(target if reason == "config file" else name),
+                                                         device=self.device), f"{name}: {reason}")
+            return self._pipelines[label]
+
+    def preview(self, path: str | None) -> tuple[np.ndarray | None, str]:
+        """(the upload as the browser shows it, status line): problems are said at upload time."""
+        if not path:
+            return None, "Ready."
+        try:
+            loaded = read_image(path, max_pixels=self.max_pixels)
+        except (ImageReadError, OSError) as e:
+            return None, f"**Error:** {Path(path).name}: {' '.join(str(e).split())}"
+        return to_display(loaded.rgb, loaded.alpha), f"{Path(path).name}: {loaded.size[0]}×{loaded.size[1]}, ready."
+
+    def cleanup(self, max_age_s: float = KEEP_RESULTS_S) -> None:
+        now = time.time()
+        for run in self.out_root.iterdir():
+            if run.is_dir() and now - run.stat().st_mtime > max_age_s:
+                shutil.rmtree(run, ignore_errors=True)
+
+    def restore(self, path: str | None, profile: str = "auto", *, scale: float = 4.0, steps: int | None = None,
+                seed: int = 0, color_fix: str | None = None) -> Iterator[View]:
+        view = View(status="Loading…")
+        if not path:
+            yield replace(view, status="Upload an image or pick an example first.", error="no image")
+            return
+        name = Path(path).name
+        try:
+            try:
+                loaded = read_image(path, max_pixels=self.max_pixels)
+            except (ImageReadError, OSError) as e:
+                raise ImageReadError(f"{name}: {' '.join(str(e).split())}") from None
+            yield view
+            pipe, reason = self.pipeline(profile)
+        except (ImageReadError, ConfigError, OSError, ValueError, RuntimeError) as e:
+            msg = " ".join(str(e).split())
+            yield replace(view, status=f"**Error:** {msg}", error=msg)
+            return
+        self.cleanup()
+        restorer = with_options(pipe.restorer, steps=steps, color_fix=color_fix)
+        run = copy.copy(pipe)
+        run.restorer = restorer
+        t0 = time.perf_counter()
+        view.status = "Reading the degradation…"
+        yield view
+        with self._count_lock:
+            self.running += 1
+            log.info("start %s with %s (%d running)", name, profile, self.running)
+        try:
+            yield from self._follow(run, loaded, view, name, reason, seed, scale, t0)
+        finally:
+            with self._count_lock:
+                self.running -= 1
+                log.info("end %s (%d running)", name, self.running)
+
+    def _follow(self, run, loaded, view: View, name: str, reason: str, seed: int, scale: float, t0: float):
+        """Turn one run's events into views."""
+        for event in run.run(loaded, seed=int(seed), scale=float(scale)):
+            if isinstance(event, TextDelta):
+                view.reasoning += event.text
+                view.status = f"Reasoning… ({len(view.reasoning)} characters)"
+            elif isinstance(event, AnalysisReady):
+                continue
+            elif isinstance(event, (PlanUpdate, PlanReady)):
+                view.degradation = degradation_labels(event.plan)
+                view.understanding = understanding_text(event.plan)
+                if isinstance(event, PlanReady):
+                    view.status = "Plan ready; restoring…"
+            elif isinstance(event, StageStarted):
+                view.status = f"Stage {STAGES.index(event.stage) + 1}/3: {event.stage} ({event.size[0]}×{event.size[1]})"
+            elif isinstance(event, StagePreview):
+                view.stages = {**view.stages, event.stage: to_display(event.image)}
+                view.status = f"Stage {STAGES.index(event.stage) + 1}/3: {event.stage}, step {event.step}/{event.total}"
+            elif isinstance(event, StageImage):
+                view.stages = {**view.stages, event.stage: to_display(event.rgb, event.alpha)}
+            elif isinstance(event, Done):
+                view.files = self._save(name, event.result, reason, loaded)
+                final = to_display(event.result.rgb)
+                before = to_display(resize(loaded.rgb, (final.shape[1], final.shape[0])))
+                view.compare = (before, final)
+                view.status = f"Done in {time.perf_counter() - t0:.1f} s ({reason})."
+            elif isinstance(event, Failed):
+                view.error = f"{name}: {event.message}"
+                view.status = f"**Error:** {view.error}"
+            yield view
+
+    def _save(self, name: str, result, reason: str, loaded) -> list[str]:
+        folder = self.out_root / uuid.uuid4().hex[:12]
+        stem = Path(name).stem
+        image_path = folder / f"{stem}.png"
+        write_image(image_path, result.rgb, result.alpha)
+        sidecar = build_sidecar(name, image_path.name, result, reason, {}, [], loaded)
+        atomic_write_text(folder / f"{stem}.json", json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n")
+        return [str(image_path), str(folder / f"{stem}.json")]
+
+
+def with_options(restorer, *, steps: int | None = None, color_fix: str | None = None):
+    """A per-request view of a shared restorer (same models) with its own steps / colour fix."""
+    changes = {k: v for k, v in (("steps", steps), ("color_fix", color_fix)) if v is not None and hasattr(restorer, k)}
+    if not changes:
+        return restorer
+    own = copy.copy(restorer)
+    for key, value in changes.items():
+        setattr(own, key, int(value) if key == "steps" else value)
+    return own

@@ -1,0 +1,48 @@
+"""The sidecar: the JSON record beside each restored image (CLI and demo write the same one)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+
+from . import __version__
+from .cot import render_cot
+from .pipeline import RestorationResult
+
+
+def versions() -> dict:
+    import numpy
+    import PIL
+    import torch
+
+    return {"realsr_r1": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "pillow": PIL.__version__}
+
+
+
+def build_sidecar(input_name: str, out_name: str, result: RestorationResult, profile_reason: str,
+                  stage_files: dict[str, str], notes: list[str], loaded) -> dict:
+    """The JSON record written beside a restored image: chain of thought, plan, analysis, timings."""
+    plan = result.plan
+    images = {s: stage_files.get(s, plan.images.get(s, "")) for s in plan.images}
+    return {
+        "input": input_name,
+        "output": out_name,
+        "profile": result.info.get("profile"),
+        "profile_reason": profile_reason,
+        "chain_of_thought": render_cot(plan.degradation, plan.understanding, images),
+        "policy_output": result.cot,
+        "plan": {**plan.to_dict(), "images": images},
+        "analysis": result.analysis.to_dict(),
+        "input_info": {"size": list(loaded.size), "mode": loaded.mode, "bit_depth": loaded.bit_depth,
+                       "alpha": loaded.has_alpha, "format": loaded.format},
+        "stages": {s: {"size": [im.rgb.shape[1], im.rgb.shape[0]], "seconds": round(im.seconds, 4),
+                       "file": stage_files.get(s)} for s, im in result.stages.items()},
+        "timings": {k: round(v, 4) for k, v in result.timings.items()},
+        "scale": result.scale,
+        "seed": result.seed,
+        **{k: v for k, v in result.info.items() if k != "profile"},
+        "notes": notes,
+        "versions": versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,201 @@
+"""The Gradio demo, running as users start it (`python app.py`): driven through gradio_client and
+in a real headless Chromium."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, photo
+from tiny_diffusion import build_tiny_upscaler
+from tiny_models import build_tiny_vlm
+
+ARTIFACTS = Path(os.environ.get("REALSR_R1_ARTIFACTS", REPO / "tests" / "artifacts"))
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    """The demo on 127.0.0.1 with the lite profile and the tiny full profile (configs/tiny.yaml)."""
+    root = tmp_path_factory.mktemp("app")
+    build_tiny_vlm(root / "weights" / "tiny-vlm")
+    build_tiny_upscaler(root / "weights" / "tiny-upscaler")
+    port = free_port()
+    env = {**os.environ, "REALSR_R1_WEIGHTS": str(root / "weights"), "GRADIO_TEMP_DIR": str(root / "gradio"),
+           "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = open(root / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), "--profile",
+                             str(REPO / "configs" / "tiny.yaml"), "--device", "cpu", "--concurrency", "2",
+                             "--max-size", "200000"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    for _ in range(240):
+        if proc.poll() is not None:
+            break
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+    if proc.poll() is not None:
+        pytest.fail(f"app did not start: {(root / 'app.log').read_text()[-2000:]}")
+    yield {"url": url, "root": root, "log": root / "app.log"}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def submit(url, path, profile="tiny", scale=4, steps=4):
+    from gradio_client import Client, handle_file
+
+    client = Client(url, verbose=False)
+    return client.submit(handle_file(str(path)), profile, scale, steps, 0, "wavelet", api_name="/restore")
+
+
+def states(job):
+    """The page's state after each streamed update (the app sends only what changed)."""
+    out, state = [], [None] * 9
+    for update in job:
+        state = [old if isinstance(new, dict) and new.get("__type__") == "update" else new
+                 for new, old in zip(update, state)]
+        out.append(state)
+    return out
+
+
+def first_index(updates, test):
+    return next((i for i, u in enumerate(updates) if test(u)), None)
+
+
+def test_stream_order_and_files(app, tmp_path):
+    photo((24, 16)).save(tmp_path / "dog.png")
+    job = submit(app["url"], tmp_path / "dog.png")
+    updates = states(job)
+    status, reasoning, degradation, understanding, rough, middle, final, compare, files = updates[-1]
+    assert status.startswith("Done"), status
+    text_at = first_index(updates, lambda u: u[1])
+    stage_at = [first_index(updates, lambda u, k=k: u[k]) for k in (4, 5, 6)]
+    assert text_at is not None and None not in stage_at
+    assert text_at < stage_at[0] < stage_at[1] < stage_at[2]  # text first, then rough → middle → final
+    assert first_index(updates, lambda u: "step" in u[0]) is not None  # diffusion previews streamed
+    assert reasoning == json.loads(Path(files[1]).read_text())["policy_output"]
+    assert sorted(Path(f).suffix for f in files) == [".json", ".png"]
+    side = json.loads(Path(next(f for f in files if f.endswith(".json"))).read_text())
+    assert side["input"] == "dog.png" and side["stages"]["final"]["size"] == [96, 64]
+    assert compare is not None
+
+
+def test_lite_profile_and_degradation_labels(app, tmp_path):
+    photo((24, 16)).save(tmp_path / "p.png")
+    updates = states(submit(app["url"], tmp_path / "p.png", profile="lite", scale=2))
+    status, _, degradation, *_ = updates[-1]
+    assert status.startswith("Done"), status
+    labels = [d["token"] for d in degradation]  # HighlightedText over the API: [{"token", "class_or_confidence"}]
+    assert {d["token"]: d["class_or_confidence"] for d in degradation}["downsample x2"] is None
+    assert any(label.startswith("noise:") for label in labels) and "downsample x2" in labels
+
+
+def test_bad_upload_gets_a_message_and_the_app_keeps_serving(app, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really an image" * 10)
+    updates = states(submit(app["url"], bad))
+    status = updates[-1][0]
+    assert "Error" in status and "broken" in status, status
+    big = tmp_path / "big.png"
+    photo((600, 400)).save(big)  # over the app's --max-size 200000
+    assert "Error" in states(submit(app["url"], big))[-1][0]
+    photo((16, 12)).save(tmp_path / "ok.png")
+    assert states(submit(app["url"], tmp_path / "ok.png"))[-1][0].startswith("Done")
+
+
+def test_four_clients_at_once_within_the_concurrency_bound(app, tmp_path):
+    """--concurrency 2: four requests at once all finish; the server never runs more than two."""
+    import re
+
+    before = len(app["log"].read_text().splitlines())
+    jobs = []
+    for i in range(4):
+        photo((40 + 4 * i, 32)).save(tmp_path / f"{i}.png")
+        jobs.append(submit(app["url"], tmp_path / f"{i}.png"))
+    finals = [states(j)[-1] for j in jobs]
+    assert all(f[0].startswith("Done") for f in finals)
+    lines = app["log"].read_text().splitlines()[before:]
+    running = [int(m.group(1)) for line in lines if (m := re.search(r"start .* \((\d+) running\)", line))]
+    assert len(running) == 4 and max(running) == 2  # two at once, and the bound held
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], capture_output=True, timeout=900)
+        found = shutil.which("chromium")
+    if not found:
+        pytest.skip("Chromium is not installed and could not be installed with apt-get (needs root and apt)")
+    return found
+
+
+def test_in_a_real_browser(app, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    exe = chromium()
+    photo((96, 64)).save(tmp_path / "dog.png")
+    outside = []
+    with playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1300})
+        page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(("http://127.0.0.1", "data:", "blob:")) else None)
+        page.goto(app["url"])
+        page.locator("#profile input").click()
+        page.get_by_role("option", name="lite").click()  # the analyser's text and Real-ESRGAN: a readable page
+        page.locator("#input-file input[type=file]").set_input_files(str(tmp_path / "dog.png"))
+        page.locator("#run").click()
+        page.wait_for_function("document.querySelector('#status') && document.querySelector('#status').innerText.startsWith('Done')",
+                               timeout=120_000)
+        page.wait_for_timeout(500)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)  # kept even when a check below fails
+        reasoning = page.locator("#reasoning textarea").input_value()
+        assert reasoning.strip()
+        for stage in ("rough", "middle", "final"):  # shown and actually decoded by the browser
+            img = page.locator(f"#stage-{stage} img").first
+            assert img.is_visible() and img.evaluate("i => i.complete && i.naturalWidth > 0")
+        listed = page.locator("#files").inner_text().replace("\n", "")  # the name and extension are separate spans
+        assert "dog.png" in listed and "dog.json" in listed
+        browser.close()
+    assert (ARTIFACTS / "demo.png").stat().st_size > 10_000
+    assert not outside, f"the page fetched from outside: {outside[:5]}"
+
+
+def test_request_options_do_not_touch_the_shared_restorer():
+    import numpy as np
+
+    from realsr_r1.demo import to_display, with_options
+
+    class Restorer:
+        steps, color_fix = 20, "wavelet"
+
+    shared = Restorer()
+    own = with_options(shared, steps=5, color_fix="none")
+    assert (own.steps, own.color_fix) == (5, "none") and (shared.steps, shared.color_fix) == (20, "wavelet")
+    assert with_options(shared) is shared and not hasattr(with_options(object(), steps=3), "steps")
+
+    rgb16 = np.full((2, 3, 3), 65535, np.uint16)
+    alpha = np.array([[0.0, 0.5, 1.0]] * 2, np.float32)
+    shown = to_display(rgb16, alpha)
+    assert shown.dtype == np.uint8 and shown.shape == (2, 3, 4)
+    assert shown[0, :, 3].tolist() == [0, 128, 255] and shown[..., :3].min() == 255
