@@ -199,3 +199,38 @@ def test_request_options_do_not_touch_the_shared_restorer():
     shown = to_display(rgb16, alpha)
     assert shown.dtype == np.uint8 and shown.shape == (2, 3, 4)
     assert shown[0, :, 3].tolist() == [0, 128, 255] and shown[..., :3].min() == 255
+
+
+def test_only_the_apps_own_files_are_served(app):
+    import urllib.error
+
+    for path in ("/etc/passwd", str(REPO / "README.md")):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{app['url']}gradio_api/file={path}", timeout=10)
+        assert e.value.code in (403, 404)
+
+
+def test_a_model_failure_is_a_message_in_the_view(tmp_path, weights_dir):
+    from realsr_r1.demo import DemoSession
+    from realsr_r1.profiles import build_pipeline, load_config
+
+    session = DemoSession({"lite": "lite"}, tmp_path / "out", device="cpu")
+    pipe = build_pipeline(load_config("lite"), device="cpu")
+
+    class Broken:
+        name = "broken"
+
+        def stages(self, *a, **k):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+        def describe(self):
+            return {}
+
+    pipe.restorer = Broken()
+    session._pipelines["lite"] = (pipe, "lite: test")
+    photo((16, 12)).save(tmp_path / "a.png")
+    views = list(session.restore(str(tmp_path / "a.png"), "lite"))
+    assert views[-1].error.startswith("a.png: out of memory") and "Error" in views[-1].status
+    assert session.running == 0  # the failed run is not counted as running any more
+    ok = list(session.restore(str(tmp_path / "a.png"), "lite"))  # same session, next request
+    assert ok[-1].error and ok[-1].files == []
