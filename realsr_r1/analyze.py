@@ -35,6 +35,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -63,11 +64,18 @@ def _box_sum(a: np.ndarray, h: int, w: int) -> np.ndarray:
 def _chen_sigma2(eigenvalues: np.ndarray) -> float:
     """Chen et al.: the noise eigenvalues are the largest low set whose mean equals its median."""
     ev = np.sort(eigenvalues)
-    for n in range(len(ev), 0, -1):
-        tau = ev[:n].mean()
-        if np.sum(ev[:n] > tau) == np.sum(ev[:n] < tau):
-            return float(tau)
-    return float(ev[0])
+    n = np.arange(len(ev), 0, -1)  # candidate set sizes, largest first, all at once
+    tau = np.cumsum(ev)[n - 1] / n  # mean of the k smallest, for every k
+    inside = np.arange(len(ev))[None, :] < n[:, None]
+    balanced = ((ev[None, :] > tau[:, None]) & inside).sum(1) == ((ev[None, :] < tau[:, None]) & inside).sum(1)
+    return float(tau[np.argmax(balanced)]) if balanced.any() else float(ev[0])
+
+
+@lru_cache(maxsize=None)
+def _texture_threshold(p: int) -> float:
+    """Gamma quantile of a noise-only patch's texture per sigma^2 (scipy's ppf is slow: once per size)."""
+    trace = 4 * p * (p - 1)
+    return float(stats.gamma.ppf(NOISE_CONFIDENCE, a=p * p / 2, scale=2 * trace / (p * p)))
 
 
 def estimate_noise(rgb: np.ndarray) -> float:
@@ -88,8 +96,7 @@ def estimate_noise(rgb: np.ndarray) -> float:
         usable[:] = True
     windows = [sliding_window_view(img[..., c], (p, p)) for c in range(3)]
     # A noise-only patch's texture is gamma distributed with mean sigma^2 * tr(Dh'Dh + Dv'Dv).
-    trace = 4 * p * (p - 1)
-    threshold = stats.gamma.ppf(NOISE_CONFIDENCE, a=p * p / 2, scale=2 * trace / (p * p))
+    threshold = _texture_threshold(p)
     selected, sigma2 = usable, None
     for _ in range(8):
         idx = np.flatnonzero(selected)
@@ -242,6 +249,11 @@ def _grid_offset(y: np.ndarray, window: int = 320) -> tuple[int, int]:
     return max(zeros, key=zeros.get)
 
 
+# Per DCT frequency: the distinct quantiser steps over all qualities, and each quality's index into them.
+_STEPS = [(steps, np.searchsorted(steps, _LUMA_TABLES[:, f]))
+          for f, steps in ((f, np.unique(_LUMA_TABLES[:, f])) for f in range(64))]
+
+
 def _quality_scores(coef: np.ndarray) -> np.ndarray:
     """Lattice-fit score of every IJG quality for these DCT coefficients (see the module docstring)."""
     scores = np.zeros(len(QUALITIES))
@@ -251,10 +263,10 @@ def _quality_scores(coef: np.ndarray) -> np.ndarray:
         c = c[np.abs(c) >= JPEG_TOLERANCE]  # the zero bin fits every step: no evidence
         if c.size < 8:
             continue
-        steps = np.unique(_LUMA_TABLES[:, f])
+        steps, index = _STEPS[f]
         dist = np.abs(c[None, :] - steps[:, None] * np.round(c[None, :] / steps[:, None]))
-        hit = (dist <= JPEG_TOLERANCE).mean(axis=1) - np.minimum(2 * JPEG_TOLERANCE / steps, 1)
-        scores += c.size * hit[np.searchsorted(steps, _LUMA_TABLES[:, f])]
+        hit = (dist <= JPEG_TOLERANCE).sum(axis=1) / c.size - np.minimum(2 * JPEG_TOLERANCE / steps, 1)
+        scores += c.size * hit[index]
         total += c.size
     return scores / total if total else scores
 
