@@ -360,7 +360,8 @@ class DiffusionStages:
         lw, lh = max(1, round(tw / 4)), max(1, round(th / 4))
         ph, pw = -(-lh // PAD_MULTIPLE) * PAD_MULTIPLE, -(-lw // PAD_MULTIPLE) * PAD_MULTIPLE
         cond = _pad(resize(reference, (lw, lh)), ph, pw)
-        init = None if previous is None else _pad(resize(previous, (4 * lw, 4 * lh)), 4 * ph, 4 * pw)
+        starts_from_previous = previous is not None and self.strength < 1
+        init = _pad(resize(previous, (4 * lw, 4 * lh)), 4 * ph, 4 * pw) if starts_from_previous else None
         crop = lambda img: img[: 4 * lh, : 4 * lw]  # noqa: E731 - the padding goes
         wrapped = None if preview is None else (lambda img, step, total: preview(resize(crop(img), size), step, total))
         out = yield from self._run_stage(cond, init, prompts, noise_levels, seed, wrapped)
