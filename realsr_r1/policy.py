@@ -220,6 +220,7 @@ class VLMPolicy:
                  adapter: str | None = None, generation: dict | None = None):
         self.model = model
         self.processor = processor
+        self._local = threading.local()
         self.model_path = str(model_path)
         self.dtype = dtype
         self.quantization = quantization
@@ -245,6 +246,11 @@ class VLMPolicy:
         model.eval()
         return cls(model, processor, model_path=str(model_path), dtype=dtype, quantization=quantization,
                    adapter=None if adapter is None else str(adapter), generation=generation)
+
+    @property
+    def last_stats(self) -> dict:
+        """Tokens and seconds of the last stream() read in this thread (requests run in their own)."""
+        return getattr(self._local, "stats", {})
 
     def describe(self) -> dict:
         return {
@@ -284,7 +290,7 @@ class VLMPolicy:
         stop = threading.Event()  # set when the caller stops reading: generation ends early
 
         prompt_len = inputs["input_ids"].shape[1]
-        stats = self.last_stats = {"new_tokens": 0, "seconds": 0.0}
+        stats = self._local.stats = {"new_tokens": 0, "seconds": 0.0}
 
         def stopped(input_ids, scores, **kwargs):
             stats["new_tokens"] = int(input_ids.shape[1] - prompt_len)  # for tokens/s in sidecars and benchmarks

@@ -29,6 +29,7 @@ import os
 import sys
 from pathlib import Path
 
+from .policy import PolicyLoadError
 from .profiles import ConfigError, load_config
 
 LOG_FILE = "log.jsonl"
@@ -36,16 +37,10 @@ LOG_FILE = "log.jsonl"
 
 # --- Config → parts ----------------------------------------------------------------------------
 def model_path(cfg: dict) -> Path:
-    from .weights import default_dir
+    """The VLM folder: `model` as a path, or a name under the weights folder (as profiles resolve it)."""
+    from .profiles import _model_path
 
-    name = cfg.get("model")
-    if not name:
-        raise ConfigError("the training config needs `model` (a VLM folder, or a name under the weights folder)")
-    path = Path(str(name)).expanduser()
-    path = path if path.is_dir() else default_dir() / str(name)
-    if not path.is_dir():
-        raise ConfigError(f"VLM not found at {path}: `python -m realsr_r1.download full` or set `model`")
-    return path
+    return _model_path(cfg, "policy")
 
 
 def restorations_factory(cfg: dict, device: str):
@@ -163,6 +158,8 @@ def trainer_class(group_filter: dict | None):
             local = rows[start:start + n_local].to(out["advantages"].device)
             out["advantages"] = torch.where(local, torch.zeros_like(out["advantages"]), out["advantages"])
             out["completion_mask"] = out["completion_mask"] * (~local).to(out["completion_mask"].dtype)[:, None]
+            if "num_items_in_batch" in out:  # the loss normalises by the tokens that still count
+                out["num_items_in_batch"] = self.accelerator.gather(out["completion_mask"].sum()).sum()
             self._metrics[mode]["group_filter/dropped"].append(float(drop.sum().item()))
             self._metrics[mode]["group_filter/frac_dropped"].append(float(drop.float().mean().item()))
             return out
@@ -175,16 +172,20 @@ def build_trainer(cfg: dict, output_dir: Path):
     from .rewards.registry import build_rewards
 
     device = train_device()
-    dataset = load_dataset(cfg["data"]) if cfg.get("data") else None
-    if dataset is None:
-        raise ConfigError("the training config needs `data` (a folder from `python -m realsr_r1.data build`)")
+    dataset = load_dataset(_data_dir(cfg))
     funcs, weights = build_rewards(cfg.get("rewards") or {}, restorations=restorations_factory(cfg, device),
                                    device=device)
+    args = grpo_args(cfg, output_dir, weights)  # config mistakes show before minutes of model loading
     model, processor = load_policy_model(cfg, device)
-    args = grpo_args(cfg, output_dir, weights)
     cls = trainer_class(cfg.get("group_filter"))
     return cls(model=model, reward_funcs=funcs, args=args, train_dataset=dataset, processing_class=processor,
                peft_config=lora_config(cfg), callbacks=_callbacks(output_dir / LOG_FILE))
+
+
+def _data_dir(cfg: dict) -> Path:
+    if not cfg.get("data"):
+        raise ConfigError("the training config needs `data` (a folder from `python -m realsr_r1.data build`)")
+    return Path(cfg["data"])
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
@@ -220,7 +221,7 @@ def filter_dataset(cfg: dict, keep: float, out: Path | None = None, log=print) -
 
     if not 0 < keep <= 1:
         raise ConfigError(f"--keep must be in (0, 1], got {keep}")
-    data = Path(cfg["data"])
+    data = _data_dir(cfg)
     dataset = load_dataset(data)
     out = Path(out or f"{data.as_posix().rstrip('/')}-hardest{round(100 * keep)}")
     out.mkdir(parents=True, exist_ok=True)
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             out = train(cfg, resume=args.resume)
             print(f"adapter saved in {out} (use: python -m realsr_r1.infer --adapter {out} …)", file=sys.stderr)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, ImportError, PolicyLoadError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0

@@ -258,7 +258,7 @@ def test_half_precision_nan_retries_in_fp32(tiny_path, image, monkeypatch, caplo
         out = finals(run(r, image, Plan()))
     assert seen == [torch.bfloat16, torch.float32] * 3
     assert all(np.isfinite(e.rgb).all() for e in out.values())
-    assert len(r.fallbacks) == 3 and "retrying in fp32" in caplog.text
+    assert r.fp32_retries == 3 and "retrying in fp32" in caplog.text
     assert r.pipe.unet.dtype == torch.bfloat16  # back to the chosen precision afterwards
 
 
@@ -302,3 +302,32 @@ def test_final_stage_batch_equals_one_by_one(tiny_path, image):
         np.testing.assert_allclose(batch[i], alone, atol=1e-4)
     split = r.restore_final_batch(image.rgb, plans, scale=4.0, seed=3, batch_size=2)
     np.testing.assert_allclose(np.stack(split), np.stack(batch), atol=1e-4)
+
+
+def test_one_denoising_at_a_time_across_threads_and_copies(restorer, image, monkeypatch):
+    """The scheduler's state is shared: concurrent requests (and the demo's per-request copies) take turns."""
+    import copy
+    import threading
+    import time
+
+    active, peak = [0], [0]
+    real = restorer._denoise
+
+    def counted(*a, **k):
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)
+        try:
+            return (yield from real(*a, **k))
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(restorer, "_denoise", counted)
+    other = copy.copy(restorer)
+    other.steps = 2
+    threads = [threading.Thread(target=r.restore_final_batch, args=(image.rgb, [Plan()])) for r in (restorer, other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] == 1

@@ -47,6 +47,8 @@ def test_restorations_batch_per_image_and_cache(lq_hr):
     assert out[1].mean() > out[0].mean()
     again = r.final([lq, other], [COT.format("fur and grass"), COT.format("x")])
     assert fake.batches == [2, 1] and again[0] is out[1]  # all cached: no new call
+    r.final([other], [COT.format("a new batch")])
+    assert fake.batches == [2, 1, 1] and len(r.cache) == 1  # earlier batches' images are dropped
 
 
 def test_fidelity_scorer(lq_hr):

@@ -124,3 +124,16 @@ def test_qlora_trains_on_a_4bit_base(setup, capsys):
     assert run(setup, out, "--set", "load_in_4bit=true", "--set", "trainer.max_steps=1") == 0, capsys.readouterr().err
     adapter = load_file(out / "adapter_model.safetensors")
     assert any("lora_A" in k for k in adapter) and [r["step"] for r in log_rows(out) if "reward" in r] == [1]
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["--set", "data=null"], "needs `data`"),
+    (["--set", "trainer.no_such_option=1"], "trainer:"),
+    (["--set", "dtype=fp8"], "unknown dtype"),
+    (["--set", "model=no-such-model"], "weights not found"),
+    (["--set", "rewards.beauty=1"], "unknown reward"),
+])
+def test_config_mistakes_are_one_line_errors(setup, tmp_path, capsys, overrides, words):
+    assert run(setup, tmp_path / "run", *overrides) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and words in err[-1] and "Traceback" not in "\n".join(err)

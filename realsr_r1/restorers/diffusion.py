@@ -38,6 +38,7 @@ mean/std; "none" skips it.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -46,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cot import Plan
+from ..cot import STAGES, Plan
 from ..imageio import LoadedImage, to_float
 from ..pipeline import StageImage, StagePreview, StageStarted, stage_sizes
 from .latent_tiling import tiled_predict
@@ -62,7 +63,6 @@ PAD_MULTIPLE = 8  # the x4 upscaler UNet downsamples its latent 3 times
 MIN_TILE = 32  # latent pixels: below this, halving on out-of-memory stops
 ROUGH_METHODS = ("realesrgan", "diffusion")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_STAGE_ORDER = ("rough", "middle", "final")
 
 
 # --- Plan → conditioning ---------------------------------------------------------------------------
@@ -169,7 +169,7 @@ class DiffusionStages:
     name = "sd-x4-upscaler"
 
     def __init__(self, pipe, *, device: torch.device, dtype: torch.dtype, num_inference_steps: int = 20,
-                 guidance_scale: float = 7.0, negative_prompt: str | None = DEFAULT_NEGATIVE,
+                 guidance_scale: float = 7.5, negative_prompt: str | None = DEFAULT_NEGATIVE,
                  color_fix: str = "wavelet", cpu_offload: bool = False, preview_every: int = 5,
                  strength: float = 0.8, tile: int = 128, tile_overlap: int = 32, vae_tile: int = 512,
                  regression=None):
@@ -177,8 +177,9 @@ class DiffusionStages:
             raise ValueError(f"unknown color fix {color_fix!r} (use {', '.join(COLOR_FIXES)})")
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
-        if tile < 0 or tile_overlap < 0 or (tile and tile_overlap >= tile):
-            raise ValueError(f"need tile ≥ 0 and 0 ≤ tile_overlap < tile, got {tile} and {tile_overlap}")
+        rounded = int(tile) // PAD_MULTIPLE * PAD_MULTIPLE  # tiles must fit the UNet's downsampling
+        if tile < 0 or (tile and not rounded) or tile_overlap < 0 or (rounded and tile_overlap >= rounded):
+            raise ValueError(f"need tile 0 or ≥ {PAD_MULTIPLE} and 0 ≤ tile_overlap < tile, got {tile} and {tile_overlap}")
         self.pipe = pipe
         self.device = device
         self.dtype = dtype
@@ -189,10 +190,13 @@ class DiffusionStages:
         self.cpu_offload = bool(cpu_offload)
         self.preview_every = int(preview_every or 0)
         self.strength = float(strength)
-        self.tile = int(tile) // PAD_MULTIPLE * PAD_MULTIPLE  # 0: no latent tiling
+        self.tile = rounded  # 0: no latent tiling
         self.tile_overlap = int(tile_overlap)
         self.regression = regression  # an ESRGANRestorer for the rough stage, or None
-        self.fallbacks: list[str] = []  # stages retried in fp32
+        self.fp32_retries = 0  # stages redone in fp32 after NaNs
+        # One denoising at a time per model: the scheduler's timesteps and the fp32 retry are shared
+        # state, and per-request copies (the demo's) share this lock with the original.
+        self._lock = threading.Lock()
         self.pipe.set_progress_bar_config(disable=True)
         self.vae_tile = int(vae_tile or 0)  # output pixels; 0: decode/encode whole images
         if self.vae_tile:
@@ -215,7 +219,8 @@ class DiffusionStages:
         if rough == "realesrgan":
             from .esrgan import ESRGANRestorer
 
-            regression = ESRGANRestorer.from_pretrained(None, device=str(dev), precision="auto")
+            regression = ESRGANRestorer.from_pretrained(None, device=str(dev),
+                                                        precision="fp32" if dtype == "fp32" else "auto")
         pipe = StableDiffusionUpscalePipeline.from_pretrained(str(path), dtype=torch_dtype)
         return cls(pipe, device=dev, dtype=torch_dtype, regression=regression, **options)
 
@@ -320,13 +325,11 @@ class DiffusionStages:
                 yield preview(self._decode(latents[:1])[0], i + 1, total)
         return self._decode(latents)
 
-    def _run_stage(self, cond: np.ndarray, init: np.ndarray | None, prompts: list[str], noise_levels: list[int],
-                   seed: int, preview):
-        """_denoise with the memory and precision fallbacks: halve the tile on OOM, fp32 on NaN."""
+    def _fit(self, cond, init, prompts, noise_levels, seed, preview):
+        """_denoise, halving the latent tile while the GPU runs out of memory."""
         while True:
             try:
-                out = yield from self._denoise(cond, init, prompts, noise_levels, seed, self.tile, preview)
-                break
+                return (yield from self._denoise(cond, init, prompts, noise_levels, seed, self.tile, preview))
             except torch.OutOfMemoryError:
                 current = self.tile or max(cond.shape[:2])
                 if current <= MIN_TILE:
@@ -335,14 +338,20 @@ class DiffusionStages:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 log.warning("out of GPU memory in the diffusion stage: retrying with latent tile %d", self.tile)
-        if not np.isfinite(out).all() and self.dtype != torch.float32:
-            log.warning("diffusion stage produced NaNs in %s; retrying in fp32", self.precision)
-            self.fallbacks.extend(prompts)
-            self._place(torch.float32)
-            try:
-                out = yield from self._denoise(cond, init, prompts, noise_levels, seed, self.tile, preview)
-            finally:
-                self._place(self.dtype)
+
+    def _run_stage(self, cond: np.ndarray, init: np.ndarray | None, prompts: list[str], noise_levels: list[int],
+                   seed: int, preview):
+        """One stage with the fallbacks: smaller tiles on OOM, then fp32 (also tiled) on NaN."""
+        with self._lock:
+            out = yield from self._fit(cond, init, prompts, noise_levels, seed, preview)
+            if not np.isfinite(out).all() and self.dtype != torch.float32:
+                log.warning("diffusion stage produced NaNs in %s; retrying in fp32", self.precision)
+                self.fp32_retries += 1
+                self._place(torch.float32)
+                try:
+                    out = yield from self._fit(cond, init, prompts, noise_levels, seed, preview)
+                finally:
+                    self._place(self.dtype)
         return np.nan_to_num(out, nan=0.5)
 
     # stages ----------------------------------------------------------------------------------
@@ -372,7 +381,7 @@ class DiffusionStages:
         inp = to_float(image.rgb)
         reference = inp  # what diffusion stages condition on (module doc)
         previous = None
-        for index, stage in enumerate(_STAGE_ORDER):
+        for index, stage in enumerate(STAGES):
             t = time.perf_counter()
             size = tuple(sizes[stage])
             yield StageStarted(stage, size)

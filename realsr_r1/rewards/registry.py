@@ -65,7 +65,7 @@ def build_rewards(spec: dict, *, restorations: Callable[[], visual.Restorations]
             fn = visual.make_generation_reward(rendered(), expert)
         elif name == "compass":
             quality = visual.build_scorer(o.get("quality", "analyser"), **_scorer_options(o, "quality", device))
-            fn = visual.make_compass_reward(rendered(), quality, gamma=float(o.get("gamma", 7.0)))
+            fn = visual.make_compass_reward(rendered(), quality, gamma=float(o.get("gamma", 7.0)), device=device)
         else:
             fn = visual.make_irpo_general_reward(rendered(), device=device)
         funcs.append(_named(fn, name.rpartition(":")[2]))

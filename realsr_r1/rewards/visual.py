@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections import OrderedDict
 from functools import lru_cache
 
 import numpy as np
@@ -72,17 +71,17 @@ class Restorations:
     """Final images for (LQ image, completion text) pairs: batched per image, cached by hash.
 
     `restorer` is anything with `restore_final_batch(rgb, plans, scale=, seed=, batch_size=)`
-    (DiffusionStages, LiteStages). `calls` counts restorer calls (for tests and benchmarks).
+    (DiffusionStages, LiteStages). The cache serves the reward functions of one batch: a call that
+    brings new pairs drops the images of earlier batches (final images are HR-sized: keeping many
+    would take gigabytes). `calls` counts restorer calls (for tests and benchmarks).
     """
 
-    def __init__(self, restorer, *, scale: float = 4.0, seed: int = 0, batch_size: int | None = None,
-                 max_items: int = 1024):
+    def __init__(self, restorer, *, scale: float = 4.0, seed: int = 0, batch_size: int | None = None):
         self.restorer = restorer
         self.scale = float(scale)
         self.seed = int(seed)
         self.batch_size = batch_size
-        self.max_items = int(max_items)
-        self.cache: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self.cache: dict[tuple[str, str], np.ndarray] = {}
         self.calls = 0
 
     def final(self, images: list, texts: list[str]) -> list[np.ndarray]:
@@ -92,6 +91,9 @@ class Restorations:
         for i, k in enumerate(keys):
             if k not in self.cache:
                 todo.setdefault(k[0], []).append(i)
+        if todo:  # a new batch: what earlier batches rendered will not be asked for again
+            wanted = set(keys)
+            self.cache = {k: v for k, v in self.cache.items() if k in wanted}
         for rows in todo.values():
             unique = list({keys[i][1]: i for i in rows}.values())  # identical texts render once
             self.calls += 1
@@ -99,12 +101,10 @@ class Restorations:
                                                      scale=self.scale, seed=self.seed, batch_size=self.batch_size)
             for i, out in zip(unique, outs):
                 self.cache[keys[i]] = out
-        while len(self.cache) > self.max_items:
-            self.cache.popitem(last=False)
         return [self.cache[k] for k in keys]
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=16)  # a batch's references (G rows share one); HR images are large
 def _reference(path: str, width: int, height: int) -> np.ndarray:
     rgb = to_float(read_image(path).rgb)
     return resize(rgb, (width, height))
@@ -268,9 +268,10 @@ def make_generation_reward(restorations: Restorations, expert):
     return generation
 
 
-def make_compass_reward(restorations: Restorations, quality, fidelity=None, gamma: float = 7.0):
+def make_compass_reward(restorations: Restorations, quality, fidelity=None, gamma: float = 7.0,
+                        device: str = "cpu"):
     """OARS COMPASS: F from full-reference fidelity, Q_LR/Q_SR from `quality` on [1, 5]."""
-    fidelity = fidelity or FidelityScorer(use_pyiqa=True)
+    fidelity = fidelity or FidelityScorer(use_pyiqa=True, device=device)
     if gamma <= 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
 
@@ -278,7 +279,11 @@ def make_compass_reward(restorations: Restorations, quality, fidelity=None, gamm
         sr, lq, hr = _inputs(restorations, completions, image, hr_path)
         f = _unit(fidelity, fidelity(sr, lq, hr))
         q_sr = _mos(quality, quality(sr, lq, hr))
-        q_lr = _mos(quality, quality(lq, lq, [None] * len(lq)))
+        # Q_LR once per distinct input: the G completions of a group share it
+        first = {image_key(x): x for x in lq}
+        scored = dict(zip(first, _mos(quality, quality(list(first.values()), list(first.values()),
+                                                       [None] * len(first)))))
+        q_lr = [scored[image_key(x)] for x in lq]
         return [None if None in (a, b, c) else compass_reward_value(a, b, c, gamma) for a, b, c in zip(f, q_lr, q_sr)]
 
     return compass
