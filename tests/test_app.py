@@ -143,7 +143,10 @@ def chromium() -> str:
     if found:
         return found
     if shutil.which("apt-get") and os.geteuid() == 0:
-        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], capture_output=True, timeout=900)
+        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
+        if subprocess.run(install, capture_output=True, timeout=900).returncode != 0:  # stale package lists
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=600)
+            subprocess.run(install, capture_output=True, timeout=900)
         found = shutil.which("chromium")
     if not found:
         pytest.skip("Chromium is not installed and could not be installed with apt-get (needs root and apt)")
