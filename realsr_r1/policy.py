@@ -158,10 +158,9 @@ def load_vlm(model_path, *, device: str = "auto", dtype="auto", load_in_4bit: bo
         raise PolicyLoadError(f"VLM model not found: {model_path}")
     if load_in_4bit and load_in_8bit:
         raise PolicyLoadError("choose one of load_in_4bit and load_in_8bit")
-    from .device import resolve_device
+    from .device import PRECISIONS as names, resolve_device
 
     device = str(resolve_device(device))
-    names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if dtype == "auto":
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     elif isinstance(dtype, str):

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cot import STAGES, Plan
+from ..device import PRECISIONS, resolve_device
 from ..imageio import LoadedImage, to_float
 from ..pipeline import StageImage, StagePreview, StageStarted, stage_sizes
 from .latent_tiling import tiled_predict
@@ -62,7 +63,6 @@ COLOR_FIXES = ("wavelet", "adain", "none")
 PAD_MULTIPLE = 8  # the x4 upscaler UNet downsamples its latent 3 times
 MIN_TILE = 32  # latent pixels: below this, halving on out-of-memory stops
 ROUGH_METHODS = ("realesrgan", "diffusion")
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # --- Plan → conditioning ---------------------------------------------------------------------------
@@ -143,19 +143,15 @@ def color_fix(output: np.ndarray, source: np.ndarray, method: str = "wavelet", d
 
 # --- Restorer --------------------------------------------------------------------------------------
 def _resolve(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    device = (device or "auto").lower()
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
+    dev = resolve_device(device)
     dtype = (dtype or "auto").lower()
     if dtype == "auto":
         if dev.type == "cuda":
             return dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return dev, torch.float32
-    if dtype not in _DTYPES:
+    if dtype not in PRECISIONS:
         raise ValueError(f"unknown dtype {dtype!r} (use auto, fp32, fp16 or bf16)")
-    return dev, _DTYPES[dtype]
+    return dev, PRECISIONS[dtype]
 
 
 def _pad(arr: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -235,7 +231,7 @@ class DiffusionStages:
 
     @property
     def precision(self) -> str:
-        return {v: k for k, v in _DTYPES.items()}[self.dtype]
+        return {v: k for k, v in PRECISIONS.items()}[self.dtype]
 
     def describe(self) -> dict:
         return {"restorer": self.name, "device": str(self.device), "precision": self.precision,
