@@ -73,6 +73,32 @@ def choose_precision(device: torch.device | str, force_fp32: bool = False) -> st
     return "fp32"
 
 
+# What "auto" means for the weights of a model loaded on a device (the VLM, the diffusion upscaler):
+# on CUDA the first precision the GPU supports; elsewhere fp32 (bf16 weights on CPU only pay off
+# through autocast, which the Real-ESRGAN restorer does itself via `choose_precision`).
+AUTO_WEIGHT_PRECISION = {"cuda": ("bf16", "fp16"), "cpu": ("fp32",), "mps": ("fp32",)}
+
+
+def _supported(device: torch.device, precision: str) -> bool:
+    if device.type == "cuda" and precision == "bf16":
+        return torch.cuda.is_bf16_supported()
+    return True
+
+
+def weight_dtype(device: torch.device | str, precision: str | torch.dtype | None = "auto") -> torch.dtype:
+    """The torch dtype to load a model's weights in on `device`: 'auto' from AUTO_WEIGHT_PRECISION,
+    else the named precision, checked as `check_precision` does. The one place 'auto' is decided."""
+    if isinstance(precision, torch.dtype):
+        return precision
+    device = torch.device(device)
+    precision = (precision or "auto").strip().lower()
+    precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(precision, precision)
+    if precision == "auto":
+        choices = AUTO_WEIGHT_PRECISION.get(device.type, ("fp32",))
+        precision = next((p for p in choices if _supported(device, p)), "fp32")
+    return PRECISIONS[check_precision(device, precision)]
+
+
 def check_precision(device: torch.device, precision: str) -> str:
     """Resolve 'auto' and refuse combinations that would be slow or unsupported."""
     if precision == "auto":

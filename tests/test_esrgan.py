@@ -261,3 +261,19 @@ def test_restorer_reports_precision_and_rejects_bad_input(esr):
         esr.upscale(np.zeros((4, 4), np.float32))
     with pytest.raises(ValueError, match="outscale"):
         esr.restore(np.zeros((4, 4, 3), np.float32), outscale=0)
+
+
+def test_weight_dtype_is_one_table(monkeypatch):
+    """'auto' weights: bf16 on a bf16 GPU, fp16 on one without (not bf16 as the VLM loader took), fp32 on CPU."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert devmod.weight_dtype("cuda", "auto") == torch.float16
+    with pytest.raises(ValueError, match="does not support bf16"):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
+        devmod.weight_dtype("cuda", "bf16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert devmod.weight_dtype("cuda:0", "auto") == torch.bfloat16
+    assert devmod.weight_dtype("cpu", "auto") == torch.float32
+    assert devmod.weight_dtype("cpu", "bfloat16") == torch.bfloat16
+    assert devmod.weight_dtype("cpu", torch.float16) == torch.float16
+    with pytest.raises(ValueError, match="unknown precision"):
+        devmod.weight_dtype("cpu", "int4")
