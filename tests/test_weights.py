@@ -8,7 +8,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from realsr_r1 import weights
+from realsr_r1 import imageio, weights
 from realsr_r1.restorers import esrgan
 from realsr_r1.restorers.ncnn_convert import NcnnFormatError, convert_rrdbnet, read_param
 
@@ -35,7 +35,15 @@ def test_conversion_metadata_and_lossless(x4plus, x4_sources):
     # Lossless: conv weights stay fp16 as stored in the .bin, biases fp32.
     assert state["body.22.rdb3.conv5.weight"].dtype == torch.float16
     assert state["conv_last.bias"].dtype == torch.float32
-    assert oct(x4plus.stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_converted_file_gets_the_mode_of_the_users_umask(x4_sources, tmp_path):
+    old = os.umask(0o002)
+    try:
+        dest = weights.convert(*x4_sources, tmp_path / "x.safetensors")
+    finally:
+        os.umask(old)
+    assert dest.stat().st_mode & 0o777 == 0o664
 
 
 def test_second_call_reuses_the_file(x4plus):
@@ -97,11 +105,10 @@ def test_missing_data_package_says_what_to_install(monkeypatch, tmp_path):
 
 
 def test_failed_conversion_leaves_no_file(monkeypatch, tmp_path, x4_sources):
-    def dies_half_way(tensors, path, metadata=None):
-        Path(path).write_bytes(b"partial")
+    def dies_half_way(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", dies_half_way)
+    monkeypatch.setattr(imageio.os, "fsync", dies_half_way)  # after the bytes went to the temp file
     with pytest.raises(OSError, match="disk full"):
         weights.realesrgan_x4plus(tmp_path)
     assert not list(tmp_path.iterdir())  # neither the target nor the temp file
