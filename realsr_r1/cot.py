@@ -122,99 +122,168 @@ class DegradationItem:
 # Words a policy (or the paper's free-form list: "medium blur, light compression") may use.
 _TYPE_SYNONYMS = {
     "blur": "blur", "blurry": "blur", "blurred": "blur", "blurring": "blur", "defocus": "blur",
+    "out-of-focus": "blur",
     "noise": "noise", "noisy": "noise", "grain": "noise", "grainy": "noise",
     "jpeg": "jpeg", "jpg": "jpeg", "compression": "jpeg", "compressed": "jpeg",
-    "artifacts": "jpeg", "artefacts": "jpeg", "blocking": "jpeg",
+    "artifacts": "jpeg", "artefacts": "jpeg", "artifact": "jpeg", "artefact": "jpeg", "blocking": "jpeg",
     "downsample": "downsample", "downsampled": "downsample", "downsampling": "downsample",
     "downscale": "downsample", "downscaled": "downsample", "resize": "downsample",
     "low-resolution": "downsample", "lowres": "downsample", "scale": "downsample",
 }
+# Words that narrow a type without changing it ("gaussian noise", "motion blur", "blur level").
+_TYPE_MODIFIERS = {"gaussian", "motion", "lens", "camera", "sensor", "shot", "color", "colour", "chroma",
+                   "luminance", "image", "level", "amount", "degree", "strength", "factor"}
+# Fixed phrases read as one word, hence as a plain synonym.
+_TYPE_PHRASES = {"out of focus": "out-of-focus", "low resolution": "low-resolution"}
 _LEVEL_SYNONYMS = {
     "none": "none", "no": "none", "clean": "none", "zero": "none",
     "light": "light", "slight": "light", "mild": "light", "low": "light", "weak": "light",
     "medium": "medium", "moderate": "medium", "mid": "medium",
     "heavy": "heavy", "severe": "heavy", "strong": "heavy", "high": "heavy",
 }
+# Words around a level that add nothing the four levels can say ("very heavy", "medium level").
+_LEVEL_FILLERS = {"very", "quite", "fairly", "rather", "relatively", "somewhat", "level"}
+_LEVEL_RANGE = re.compile(r"\s*(?:-|–|—|/|\bto\b|\bor\b)\s*")
 _FACTOR_RE = re.compile(r"^(?:x|×)\s*(\d+(?:\.\d+)?)$|^(\d+(?:\.\d+)?)\s*(?:x|×)$|^(\d+(?:\.\d+)?)$")
 _PARAM_RE = re.compile(r"([a-z_]+)\s*[=:]?\s*(-?\d+(?:\.\d+)?)")
+_PARAMS_AT_END = re.compile(r"\(([^()]*)(\)?)\s*$")
+# What a comma inside an unclosed "(" continues: another number ("size 7"), not a new item.
+_PARAM_NEXT = re.compile(r"\s*[a-z_]+\s*[=:]?\s*-?\d", re.IGNORECASE)
+# A list marker (not "1.5x": numbering never runs into a digit), then emphasis and code marks.
+_LIST_MARKER = re.compile(r"^\s*(?:[-+•–—]+|#+|\(?\d{1,2}[.)](?!\d))\s*")
+_EMPHASIS = re.compile(r"\*+|`+|(?<!\w)_+|_+(?!\w)")
+
+
+def _group_end(text: str, start: int) -> int:
+    """End of the "(" group at `start`: after its ")", or, when a separator or another "(" comes
+    first, before that separator (or before a comma that starts a new item), so an unclosed "("
+    does not swallow the items after it."""
+    stop = next((j for j in range(start + 1, len(text)) if text[j] in ");\n("), len(text))
+    if stop < len(text) and text[stop] == ")":
+        return stop + 1
+    return next((j for j in range(start + 1, stop) if text[j] == "," and not _PARAM_NEXT.match(text, j + 1)),
+                stop)
 
 
 def _split_items(text: str) -> list[str]:
-    """Split on ; , or newlines that are not inside parentheses."""
-    parts, depth, cur = [], 0, []
-    for ch in text:
+    """Split on ; , or newlines that are not inside parentheses (an unclosed one ends early)."""
+    parts, cur, i = [], [], 0
+    while i < len(text):
+        ch = text[i]
         if ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth = max(0, depth - 1)
-        if ch in ";,\n" and depth == 0:
+            end = _group_end(text, i)
+            cur.append(text[i:end])
+            i = end
+            continue
+        if ch in ";,\n":
             parts.append("".join(cur))
             cur = []
         else:
             cur.append(ch)
+        i += 1
     parts.append("".join(cur))
     return [p.strip() for p in parts if p.strip()]
 
 
-def _parse_level(kind: str, words: str) -> str | None:
-    words = words.strip().lower()
+def _strip_markdown(text: str) -> str:
+    return _EMPHASIS.sub("", _LIST_MARKER.sub("", text, count=1)).strip()
+
+
+def _read_type(words: list[str]) -> tuple[str | None, str | None]:
+    """The one type the words name, allowing modifiers; (None, None) when not exactly one."""
+    kinds = {_TYPE_SYNONYMS[w] for w in words if w in _TYPE_SYNONYMS}
+    rest = [w for w in words if w not in _TYPE_SYNONYMS]
+    if len(kinds) != 1 or any(w not in _TYPE_MODIFIERS for w in rest):
+        return None, None
+    kind = kinds.pop()
+    return kind, (f"degradation type {' '.join(words)!r} read as {kind!r}" if len(words) > 1 else None)
+
+
+def _one_level(words: str) -> str | None:
+    kept = [w for w in words.split() if w not in _LEVEL_FILLERS]
+    return _LEVEL_SYNONYMS.get(kept[0]) if len(kept) == 1 else None
+
+
+def _read_level(kind: str, words: str) -> tuple[str | None, str | None]:
+    """(level, note on how it was read) or (None, None)."""
+    words = " ".join(words.split())
     if kind == "downsample":
-        if words in ("", "yes", "true"):
-            return None  # present, factor unknown
         if _LEVEL_SYNONYMS.get(words) == "none":
-            return "none"
+            return "none", None
         m = _FACTOR_RE.match(words.replace(" ", ""))
-        if m:
-            return level_for("downsample", float(next(g for g in m.groups() if g)))
-        return None
-    return _LEVEL_SYNONYMS.get(words)
+        return (level_for("downsample", float(next(g for g in m.groups() if g))) if m else None), None
+    if words in _LEVEL_SYNONYMS:
+        return _LEVEL_SYNONYMS[words], None
+    pieces = _LEVEL_RANGE.split(words)
+    levels = [_one_level(p) for p in pieces]
+    if None in levels:
+        return None, None
+    if len(levels) == 1:
+        return levels[0], f"level {words!r} read as {levels[0]!r}"
+    # A range reads as one level, the heavier: the same for "medium-heavy" and "heavy to medium",
+    # and a hedge never earns the degradation reward for both of its levels.
+    level = max(levels, key=LEVELS.index)
+    return level, f"level range {words!r} read as {level!r} (the heavier)"
 
 
-def parse_item(text: str) -> tuple[DegradationItem | None, str | None]:
-    """Parse one item. Returns (item, None) or (None, problem)."""
-    raw = text.strip()
-    params: dict[str, float] = {}
-    m = re.search(r"\((.*)\)\s*$", raw, flags=re.S)
-    body = raw
-    if m:
-        params = {k.lower(): float(v) for k, v in _PARAM_RE.findall(m.group(1).lower())}
-        body = raw[: m.start()].strip()
-    body = body.lower().strip().rstrip(".")
-    if ":" in body:  # canonical "type: level"
+def _type_and_level_words(body: str) -> tuple[str | None, str | None, str]:
+    """(type, note, level words) from "type: level" or free form ("medium blur", "downsample x4")."""
+    for phrase, word in _TYPE_PHRASES.items():
+        body = body.replace(phrase, word)
+    if ":" in body:
         head, _, tail = body.partition(":")
-        kind = _TYPE_SYNONYMS.get(head.strip())
-        level_words = tail
-    else:  # free form: "medium blur", "heavy noise", "downsample x4", "light jpeg compression"
-        words = body.split()
-        kind = next((_TYPE_SYNONYMS[w] for w in words if w in _TYPE_SYNONYMS), None)
-        level_words = " ".join(w for w in words if _TYPE_SYNONYMS.get(w) is None)
-        if kind == "downsample" and not level_words:
-            level_words = ""
+        return (*_read_type(head.split()), tail)
+    words = [w.strip(".,:=!-–—") for w in body.split()]  # "blur - medium": a dash between is no word
+    words = [w for w in words if w]
+    named = [w for w in words if w in _TYPE_SYNONYMS or w in _TYPE_MODIFIERS]
+    kind, note = _read_type(named)
+    return kind, note, " ".join(w for w in words if w not in named)
+
+
+def parse_item(text: str) -> tuple[DegradationItem | None, list[str]]:
+    """Parse one item: (item, notes on what was normalised) or (None, [the problem]).
+
+    Markdown (bullets, numbering, bold), modifiers of a type, level ranges and an unclosed "(" are
+    read and noted; an empty item (a markdown rule, a bare bullet) gives (None, [])."""
+    raw = text.strip()
+    notes: list[str] = []
+    body = _strip_markdown(raw)
+    if body != raw:
+        notes.append(f"markdown removed from degradation item {raw!r}")
+    body = body.lower().rstrip(".!").strip()
+    if not any(ch.isalnum() for ch in body):
+        return None, []
+    params: dict[str, float] = {}
+    m = _PARAMS_AT_END.search(body)
+    if m:
+        params = {k: float(v) for k, v in _PARAM_RE.findall(m.group(1))}
+        body = body[: m.start()].strip()
+        if not m.group(2):
+            notes.append(f"unclosed '(' in degradation item {raw!r}")
+    kind, type_note, level_words = _type_and_level_words(body)
     if kind is None:
-        return None, f"unknown degradation item {raw!r}"
-    level = _parse_level(kind, level_words)
+        return None, [f"unknown degradation item {raw!r}"]
+    level, level_note = _read_level(kind, level_words)
     if level is None:
         if kind == "downsample" and not level_words.strip():
-            return None, f"downsample item without a factor: {raw!r}"
-        return None, f"unknown level in degradation item {raw!r}"
-    return DegradationItem(kind, level, params), None
+            return None, [f"downsample item without a factor: {raw!r}"]
+        return None, [f"unknown level in degradation item {raw!r}"]
+    notes += [n for n in (type_note, level_note) if n]
+    return DegradationItem(kind, level, params), notes
 
 
 def parse_degradation(text: str) -> tuple[list[DegradationItem], list[str]]:
     """Parse the body of <degradation>. Unknown or repeated items are reported, not fatal."""
     items: list[DegradationItem] = []
     problems: list[str] = []
-    seen: set[str] = set()
     for part in _split_items(text):
-        item, problem = parse_item(part)
-        if problem:
-            problems.append(problem)
-            continue
-        if item.type in seen:
+        item, notes = parse_item(part)
+        if item is not None and any(i.type == item.type for i in items):
             problems.append(f"repeated degradation type {item.type!r} (kept the first)")
             continue
-        seen.add(item.type)
-        items.append(item)
+        problems.extend(notes)
+        if item is not None:
+            items.append(item)
     return items, problems
 
 
@@ -291,76 +360,87 @@ _PARTIAL_TAG_AT_END = re.compile(r"<\s*/?\s*[a-z_]*$", re.IGNORECASE)
 FORMAT_PATTERN = re.compile(
     r"^\s*" + r"\s*".join(rf"<{t}>.*?</{t}>" for t in TAGS) + r"\s*$", re.DOTALL
 )
+FORMAT_MODES = ("strict", "released")
 
 
-def matches_format(text: str) -> bool:
-    """True when `text` is exactly the seven tags in contract order (whitespace between is fine)."""
-    return bool(FORMAT_PATTERN.match(text or ""))
+def matches_format(text: str, mode: str = "strict") -> bool:
+    """True when `text` is the seven tags in contract order, whitespace between them allowed.
+
+    `released` is the released code's regex, whose lazy `.*?` also spans a repeated or nested tag
+    (`<degradation>…</degradation><degradation>…</degradation>` passes); `strict` also requires
+    that no tag of ours (in any spelling the parser reads) occurs anywhere else, so a policy
+    cannot learn to repeat sections."""
+    if mode not in FORMAT_MODES:
+        raise ValueError(f"format mode {mode!r}: expected one of {', '.join(FORMAT_MODES)}")
+    text = text or ""
+    if not FORMAT_PATTERN.match(text):
+        return False
+    return mode == "released" or len(_TAG_TOKEN.findall(text)) == 2 * len(TAGS)
+
+
+def _scan_sections(text: str) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """(tag, body) of every opened tag in text order, the text outside tags, and the problems.
+
+    A tag that opens before the current one closed closes it; a stray closing tag inside a body is
+    cut out of it; a tag name cut off by the end of the text is not content."""
+    sections: list[tuple[str, str]] = []
+    outside: list[str] = []
+    problems: list[str] = []
+    open_tag, body, pos = None, [], 0
+    for tok in _TAG_TOKEN.finditer(text):
+        is_close, name = tok.group(1) == "/", tok.group(2).lower()
+        piece, pos = text[pos : tok.start()], tok.end()
+        if open_tag is None:
+            outside.append(piece)
+            if is_close:
+                problems.append(f"</{name}> without an opening tag")
+            else:
+                open_tag, body = name, []
+            continue
+        body.append(piece)
+        if is_close and name == open_tag:
+            sections.append((open_tag, "".join(body)))
+            open_tag = None
+        elif is_close:
+            problems.append(f"</{name}> inside <{open_tag}> (tags nested or crossed)")
+        else:
+            problems.append(f"<{open_tag}> is not closed")
+            sections.append((open_tag, "".join(body)))
+            open_tag, body = name, []
+    if open_tag is None:
+        outside.append(_PARTIAL_TAG_AT_END.sub("", text[pos:]))
+    else:
+        problems.append(f"<{open_tag}> is not closed (text ends inside it)")
+        sections.append((open_tag, _PARTIAL_TAG_AT_END.sub("", "".join(body) + text[pos:])))
+    return sections, outside, problems
+
+
+def _layout_problems(order: list[str], outside: list[str]) -> list[str]:
+    """Stray text, missing tags and tags out of order, given the tags in order of appearance."""
+    problems = []
+    stray = " ".join(s.strip() for s in outside if s.strip())
+    if stray:
+        problems.append(f"text outside the tags: {stray[:60]!r}")
+    missing = [t for t in TAGS if t not in order]
+    if missing:
+        problems.append("missing " + ", ".join(f"<{t}>" for t in missing))
+    if order != [t for t in TAGS if t in order]:
+        problems.append("tags out of order: " + " ".join(order))
+    return problems
 
 
 def parse_cot(text: str | None) -> Plan:
     """Parse any string into a Plan. Never raises; `plan.problems` says what was wrong."""
-    text = text if isinstance(text, str) else ""
-    problems: list[str] = []
+    sections, outside, problems = _scan_sections(text if isinstance(text, str) else "")
     contents: dict[str, str] = {}
-    order: list[str] = []
-    tokens = list(_TAG_TOKEN.finditer(text))
-    pos = 0
-    outside: list[str] = []
-    open_tag: str | None = None
-    open_end = 0
-    body_parts: list[str] = []  # pieces of the open tag's body (stray closing tags cut out)
-
-    def close_open(end: int, closed: bool) -> None:
-        nonlocal open_tag
-        body = "".join(body_parts) + text[open_end:end]
-        if not closed:
-            body = _PARTIAL_TAG_AT_END.sub("", body) if end == len(text) else body
-            problems.append(
-                f"<{open_tag}> is not closed" + (" (text ends inside it)" if end == len(text) else "")
-            )
-        if open_tag in contents:
-            problems.append(f"repeated <{open_tag}> (kept the first)")
+    for name, body in sections:
+        if name in contents:
+            problems.append(f"repeated <{name}> (kept the first)")
         else:
-            contents[open_tag] = body.strip()
-            order.append(open_tag)
-        open_tag = None
-
-    for tok in tokens:
-        is_close, name = tok.group(1) == "/", tok.group(2).lower()
-        if open_tag is None:
-            outside.append(text[pos : tok.start()])
-            if is_close:
-                problems.append(f"</{name}> without an opening tag")
-            else:
-                open_tag, open_end, body_parts = name, tok.end(), []
-        elif is_close and name == open_tag:
-            close_open(tok.start(), closed=True)
-        elif is_close:
-            problems.append(f"</{name}> inside <{open_tag}> (tags nested or crossed)")
-            body_parts.append(text[open_end : tok.start()])
-            open_end = tok.end()
-        else:  # a new tag opens before the current one closed
-            close_open(tok.start(), closed=False)
-            open_tag, open_end, body_parts = name, tok.end(), []
-        pos = tok.end()
-    if open_tag is not None:
-        close_open(len(text), closed=False)
-    else:
-        outside.append(_PARTIAL_TAG_AT_END.sub("", text[pos:]))
-
-    stray = " ".join(s.strip() for s in outside if s.strip())
-    if stray:
-        problems.append(f"text outside the tags: {stray[:60]!r}")
-    missing = [t for t in TAGS if t not in contents]
-    if missing:
-        problems.append("missing " + ", ".join(f"<{t}>" for t in missing))
-    present_order = [t for t in TAGS if t in order]
-    if order != present_order:
-        problems.append("tags out of order: " + " ".join(order))
-
+            contents[name] = body.strip()
+    problems += _layout_problems(list(contents), outside)
     items, deg_problems = parse_degradation(contents.get("degradation", ""))
-    problems.extend(deg_problems)
+    problems += deg_problems
     if "degradation" in contents and not items:
         problems.append("no degradation item recognised")
     return Plan(

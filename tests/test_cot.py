@@ -5,6 +5,7 @@ import random
 import pytest
 
 from realsr_r1.cot import (
+    FORMAT_MODES,
     LEVELS,
     STAGES,
     TAGS,
@@ -165,3 +166,146 @@ def test_messages_carry_image_and_prompt():
     assert [m["role"] for m in msgs] == ["system", "user"]
     assert msgs[1]["content"][0] == {"type": "image", "image": "IMG"}
     assert all(f"<{t}>" in msgs[1]["content"][1]["text"] for t in TAGS)
+
+
+# --- What VLMs really write -------------------------------------------------------------------------
+def md(raw):
+    return f"markdown removed from degradation item {raw!r}"
+
+
+def typ(phrase, kind):
+    return f"degradation type {phrase!r} read as {kind!r}"
+
+
+def lvl(words, level):
+    return f"level {words!r} read as {level!r}"
+
+
+def rng(words, level):
+    return f"level range {words!r} read as {level!r} (the heavier)"
+
+
+def unclosed(raw):
+    return f"unclosed '(' in degradation item {raw!r}"
+
+
+# body of <degradation> -> (items as (type, level) or (type, level, params), problems, in order)
+VLM_WRITES = [
+    ("- blur: medium\n- noise: light", [("blur", "medium"), ("noise", "light")],
+     [md("- blur: medium"), md("- noise: light")]),
+    ("* blur: medium\n* noise: heavy", [("blur", "medium"), ("noise", "heavy")],
+     [md("* blur: medium"), md("* noise: heavy")]),
+    ("• jpeg: light", [("jpeg", "light")], [md("• jpeg: light")]),
+    ("+ downsample: x2", [("downsample", "x2")], [md("+ downsample: x2")]),
+    ("1. noise: light\n2. blur: heavy", [("noise", "light"), ("blur", "heavy")],
+     [md("1. noise: light"), md("2. blur: heavy")]),
+    ("1) noise: light; 2) downsample: x4", [("noise", "light"), ("downsample", "x4")],
+     [md("1) noise: light"), md("2) downsample: x4")]),
+    ("**blur**: medium; **noise**: light", [("blur", "medium"), ("noise", "light")],
+     [md("**blur**: medium"), md("**noise**: light")]),
+    ("**Blur:** Medium", [("blur", "medium")], [md("**Blur:** Medium")]),
+    ("blur: **heavy**", [("blur", "heavy")], [md("blur: **heavy**")]),
+    ("*blur*: light", [("blur", "light")], [md("*blur*: light")]),
+    ("_noise_: medium", [("noise", "medium")], [md("_noise_: medium")]),
+    ("`jpeg`: light", [("jpeg", "light")], [md("`jpeg`: light")]),
+    ("jpeg artifacts: heavy", [("jpeg", "heavy")], [typ("jpeg artifacts", "jpeg")]),
+    ("jpeg compression: light", [("jpeg", "light")], [typ("jpeg compression", "jpeg")]),
+    ("gaussian noise: light", [("noise", "light")], [typ("gaussian noise", "noise")]),
+    ("Gaussian Blur: medium", [("blur", "medium")], [typ("gaussian blur", "blur")]),
+    ("motion blur: heavy", [("blur", "heavy")], [typ("motion blur", "blur")]),
+    ("compression artifacts: medium", [("jpeg", "medium")], [typ("compression artifacts", "jpeg")]),
+    ("sensor noise: light", [("noise", "light")], [typ("sensor noise", "noise")]),
+    ("blur level: light", [("blur", "light")], [typ("blur level", "blur")]),
+    ("out of focus: light", [("blur", "light")], []),  # a fixed phrase is a synonym
+    ("low resolution: x2", [("downsample", "x2")], []),
+    ("downsampling: x4; downscale: 4x", [("downsample", "x4")],
+     ["repeated degradation type 'downsample' (kept the first)"]),
+    ("blur: medium-heavy", [("blur", "heavy")], [rng("medium-heavy", "heavy")]),
+    ("noise: heavy-medium", [("noise", "heavy")], [rng("heavy-medium", "heavy")]),  # order-free
+    ("noise: light to medium", [("noise", "medium")], [rng("light to medium", "medium")]),
+    ("jpeg: light/moderate", [("jpeg", "medium")], [rng("light/moderate", "medium")]),
+    ("blur: none–light", [("blur", "light")], [rng("none–light", "light")]),
+    ("blur: very heavy", [("blur", "heavy")], [lvl("very heavy", "heavy")]),
+    ("noise: medium level", [("noise", "medium")], [lvl("medium level", "medium")]),
+    ("blur: medium (sigma 1.8; noise: heavy; jpeg: light",
+     [("blur", "medium", {"sigma": 1.8}), ("noise", "heavy"), ("jpeg", "light")],
+     [unclosed("blur: medium (sigma 1.8")]),
+    ("blur: medium (sigma 1.8\nnoise: heavy", [("blur", "medium", {"sigma": 1.8}), ("noise", "heavy")],
+     [unclosed("blur: medium (sigma 1.8")]),
+    ("blur: medium (sigma 1.8, noise: heavy, jpeg: light",
+     [("blur", "medium", {"sigma": 1.8}), ("noise", "heavy"), ("jpeg", "light")],
+     [unclosed("blur: medium (sigma 1.8")]),
+    ("blur: medium (sigma 1.8, size 7, noise: heavy",
+     [("blur", "medium", {"sigma": 1.8, "size": 7.0}), ("noise", "heavy")],
+     [unclosed("blur: medium (sigma 1.8, size 7")]),
+    ("noise: light; blur: heavy (sigma 2.5", [("noise", "light"), ("blur", "heavy", {"sigma": 2.5})],
+     [unclosed("blur: heavy (sigma 2.5")]),  # truncated inside the numbers
+    ("noise: light.\nBlur: None", [("noise", "light"), ("blur", "none")], []),
+    ("- **JPEG artifacts**: medium-heavy", [("jpeg", "heavy")],
+     [md("- **JPEG artifacts**: medium-heavy"), typ("jpeg artifacts", "jpeg"), rng("medium-heavy", "heavy")]),
+    ("- heavy gaussian noise", [("noise", "heavy")], [md("- heavy gaussian noise"), typ("gaussian noise", "noise")]),
+    ("- rain: heavy\n- blur: light", [("blur", "light")],
+     ["unknown degradation item '- rain: heavy'", md("- blur: light")]),
+    ("-\n---\n- blur: light\n**", [("blur", "light")], [md("- blur: light")]),  # markdown-only lines
+    ("blur: extreme-heavy", [], ["unknown level in degradation item 'blur: extreme-heavy'"]),
+    ("blur noise: medium", [], ["unknown degradation item 'blur noise: medium'"]),  # two types
+    ("gaussian: medium", [], ["unknown degradation item 'gaussian: medium'"]),  # no type
+    ("1.5x downsample", [("downsample", "x1.5")], []),  # a factor is not numbering
+    ("Blur - Medium; noise – light", [("blur", "medium"), ("noise", "light")], []),
+    ("1. **Blur**: Medium (sigma 1.6)\n2. **Noise**: light-medium\n3. **JPEG compression**: none\n"
+     "4. **Downsampling**: 4x",
+     [("blur", "medium", {"sigma": 1.6}), ("noise", "medium"), ("jpeg", "none"), ("downsample", "x4")],
+     [md("1. **Blur**: Medium (sigma 1.6)"), md("2. **Noise**: light-medium"), rng("light-medium", "medium"),
+      md("3. **JPEG compression**: none"), typ("jpeg compression", "jpeg"), md("4. **Downsampling**: 4x")]),
+]
+
+
+def _items(plan):
+    return [(i.type, i.level, i.params) if i.params else (i.type, i.level) for i in plan.degradation]
+
+
+@pytest.mark.parametrize("body, items, problems", VLM_WRITES, ids=[repr(b[:40]) for b, _, _ in VLM_WRITES])
+def test_parse_what_vlms_write(body, items, problems):
+    plan = parse_cot(render_cot(body))
+    assert _items(plan) == items
+    expected = problems if items else problems + ["no degradation item recognised"]
+    assert plan.problems == expected
+    assert parse_degradation(body) == (plan.degradation, problems)
+
+
+def test_vlm_table_is_large_enough():
+    assert len(VLM_WRITES) >= 30
+
+
+def test_normalised_noise_reaches_the_plan():
+    # what the restorer's noise_level reads: the stated level, not the default
+    plan = parse_cot(render_cot("- **Gaussian noise**: medium-heavy\n- blur: light"))
+    assert plan.level("noise") == "heavy" and plan.level("blur") == "light"
+
+
+def test_parse_never_raises_on_random_fragments():
+    rng_ = random.Random(1)
+    pieces = ["<degradation>", "</degradation>", "<rough_understand>", "</final_image>", "(", ")", ";", ",",
+              "\n", "- ", "1. ", "**", "_", "`", "blur", "noise", ": ", "medium", "-heavy", " to ", "x4", "4x",
+              "sigma 1.8", "gaussian", "jpeg artifacts", "<", ">", "/", "×", "–", ".", "  "]
+    for _ in range(500):
+        text = "".join(rng_.choice(pieces) for _ in range(rng_.randint(0, 40)))
+        plan = parse_cot(text)
+        assert isinstance(plan, Plan) and all(isinstance(p, str) for p in plan.problems)
+        assert all(i.type in ("blur", "noise", "jpeg", "downsample") for i in plan.degradation)
+
+
+def test_matches_format_modes():
+    good = FULL.render()
+    repeated = good.replace("</degradation>", "</degradation>\n<degradation>noise: light</degradation>", 1)
+    nested = good.replace("a dog lying on grass", "a dog <middle_understand>x</middle_understand> on grass")
+    lookalike = good.replace("a dog lying on grass", "a dog < / rough_image > on grass")
+    for mode in FORMAT_MODES:
+        assert matches_format(good, mode) and matches_format(good.replace("\n", " \n "), mode)
+        assert not matches_format(good.replace("<middle_image></middle_image>", ""), mode)
+    assert matches_format(good)  # strict is the default
+    for text in (repeated, nested, lookalike):
+        assert not matches_format(text) and not matches_format(text, "strict")
+        assert matches_format(text, "released")  # the released regex's lazy .*? spans them
+    with pytest.raises(ValueError, match="strict"):
+        matches_format(good, "lenient")

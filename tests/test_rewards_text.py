@@ -61,9 +61,43 @@ def test_format_reward_whitespace_and_order():
     bad = ["preamble " + GOOD, GOOD + " trailing", GOOD.replace("<final_image></final_image>", ""),
            swapped.replace("<X>", "<middle_understand>"), GOOD.upper()]
     assert T.format_reward(None, bad) == [0.0] * len(bad)
-    # the released full-match regex judges order only: a repeat that keeps the order passes
-    doubled = GOOD.replace("</degradation>", "</degradation><degradation>noise: light</degradation>", 1)
-    assert T.format_reward(None, [doubled]) == [1.0]
+    released = T.make_format_reward("released")
+    assert released(None, [GOOD, CANONICAL, spaced, GOOD.replace("\n", "")]) == [1.0] * 4
+    assert released(None, bad) == [0.0] * len(bad)
+
+
+DOUBLED = GOOD.replace("</degradation>", "</degradation><degradation>noise: light</degradation>", 1)
+NESTED = GOOD.replace("a dog lying", "a dog <middle_understand>on a lawn</middle_understand> lying")
+
+
+def test_format_strict_rejects_repeated_and_nested_tags():
+    # the released regex's lazy .*? spans a repeat or a nested tag: a policy could learn to repeat
+    assert T.format_reward(None, [DOUBLED, NESTED]) == [0.0, 0.0]
+    assert T.make_format_reward()(None, [DOUBLED, NESTED]) == [0.0, 0.0]
+    assert T.make_format_reward("released")(None, [DOUBLED, NESTED]) == [1.0, 1.0]
+    repeated_section = GOOD.replace("</final_image>", "</final_image>\n<final_image></final_image>")
+    assert T.format_reward(None, [repeated_section]) == [0.0]
+
+
+def test_make_format_reward_modes():
+    assert T.make_format_reward().__name__ == T.make_format_reward("released").__name__ == "format"
+    assert T.FACTORIES["format"] is T.make_format_reward
+    with pytest.raises(ValueError, match="released"):
+        T.make_format_reward("lenient")
+
+
+def test_normalised_parse_does_not_raise_format():
+    # what the VLM writes inside the tags is the content rewards' business: bullets keep format 1
+    bullets = chain("- **blur**: medium\n- gaussian noise: heavy\n- jpeg: light\n- downsample: x4")
+    assert T.format_reward(None, [bullets]) == [1.0]
+    assert T.degradation_reward(None, [bullets], degradation=[TRUTH_DICTS]) == [1.0]
+    # broken tags stay 0 in both modes even though the parser recovers the whole plan from them
+    unclosed_paren = chain("blur: medium (sigma 1.8; noise: heavy; jpeg: light; downsample: x4")
+    broken = [bullets.replace("</degradation>", ""), bullets.replace("<rough_image></rough_image>", ""),
+              "- blur: medium\n" + bullets, unclosed_paren.replace("</final_image>", "</final_image")]
+    for mode in ("strict", "released"):
+        assert T.make_format_reward(mode)(None, broken) == [0.0] * len(broken)
+    assert T.degradation_reward(None, broken, degradation=[TRUTH_DICTS] * len(broken)) == [1.0] * len(broken)
 
 
 @pytest.mark.parametrize("name", MALFORMED)

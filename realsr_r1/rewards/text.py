@@ -8,9 +8,10 @@ dataset columns arrive as keyword lists aligned with `completions`, and unknown 
 0 and the content rewards score whatever `cot.parse_cot` still recovers from them. None means "no
 ground truth to judge by"; TRL leaves such values out of the weighted sum.
 
-- `format` ∈ {0, 1} (RealSR-R1): 1 when the text is the seven VLCoT tags in order (the released
-  code's full-match regex, `cot.matches_format`). Like that regex it judges order, not content, so a
-  tag repeated in a way that keeps the order still scores 1.
+- `format` ∈ {0, 1} (RealSR-R1): 1 when the text is the seven VLCoT tags in order, each exactly once
+  and none nested (`cot.matches_format`); it judges the tags, not what is inside them, and the
+  parser's tolerance never raises it. `make_format_reward("released")` keeps the released code's
+  full-match regex, which also passes a repeated or nested tag (its lazy `.*?` spans the repeat).
 - `degradation` ∈ [0, 1] (RealSR-R1): fraction of ground-truth items whose type the completion names
   at the same level (3 of 5 → 0.6); optionally `partial_credit` for one level off.
 - `understanding` ∈ [0, 1] (RealSR-R1): fraction of ground-truth content tags found in the three
@@ -65,8 +66,18 @@ def _need(column, name: str, n: int) -> list:
 
 # --- format -----------------------------------------------------------------------------------------
 def format_reward(prompts, completions, **kwargs) -> list[float]:
-    """1.0 when a completion is the seven VLCoT tags in contract order, else 0.0."""
+    """1.0 when a completion is the seven VLCoT tags in contract order, each once, else 0.0."""
     return [1.0 if matches_format(completion_text(c)) else 0.0 for c in completions]
+
+
+def make_format_reward(mode: str = "strict"):
+    """The format reward: `strict` (the default) or `released` (the released regex, to reproduce)."""
+    matches_format("", mode)  # validates the mode now, not at the first batch
+
+    def format(prompts, completions, **kwargs):
+        return [1.0 if matches_format(completion_text(c), mode) else 0.0 for c in completions]
+
+    return format
 
 
 # --- degradation ------------------------------------------------------------------------------------
@@ -259,4 +270,5 @@ def compass_reward_value(fidelity: float, q_lr: float, q_sr: float, gamma: float
 
 
 TEXT_REWARDS = {"format": format_reward, "degradation": degradation_reward, "understanding": understanding_reward}
-FACTORIES = {"degradation": make_degradation_reward, "understanding": make_understanding_reward}
+FACTORIES = {"format": make_format_reward, "degradation": make_degradation_reward,
+             "understanding": make_understanding_reward}
