@@ -99,9 +99,17 @@ class RestorationResult:
 # --- What a profile plugs in ---------------------------------------------------------------------
 class Policy(Protocol):
     name: str
+    note: str  # what the sidecar should say about this policy's output ("" when nothing)
 
     def stream(self, image: LoadedImage, analysis: Analysis, *, seed: int, scale: float) -> Iterator[str]:
         """Yield the chain-of-thought text piece by piece."""
+
+    def describe(self) -> dict:
+        """Model, precision and decoding facts for the sidecar."""
+
+    @property
+    def last_stats(self) -> dict:
+        """{"new_tokens", "seconds"} of the last stream() in this thread; {} when nothing was generated."""
 
 
 class StageRestorer(Protocol):
@@ -114,6 +122,10 @@ class StageRestorer(Protocol):
 
     def describe(self) -> dict:
         """Device, precision and model facts for the sidecar."""
+
+    def restore_final_batch(self, rgb: np.ndarray, plans: list[Plan], *, scale: float = 4.0, seed: int = 0,
+                            batch_size: int | None = None) -> list[np.ndarray]:
+        """The final stage for many chains of thought about one image (GRPO's image rewards)."""
 
 
 def stage_sizes(width: int, height: int, scale: float) -> dict[str, tuple[int, int]]:
@@ -170,10 +182,9 @@ class RestorationPipeline:
             if missing:
                 raise RuntimeError(f"restorer produced no image for stage(s) {', '.join(missing)}")
             final = stages["final"]
-            info = {"profile": self.profile, "policy": self.policy.name, **self.restorer.describe()}
-            if hasattr(self.policy, "describe"):
-                info["policy_info"] = self.policy.describe()
-            if getattr(self.policy, "last_stats", None):  # tokens generated, for tokens/s
+            info = {"profile": self.profile, "policy": self.policy.name, **self.restorer.describe(),
+                    "policy_info": self.policy.describe()}
+            if self.policy.last_stats:  # tokens generated, for tokens/s
                 info["reason_tokens"] = self.policy.last_stats["new_tokens"]
             yield Done(RestorationResult(final.rgb, final.alpha, plan, cot, analysis, stages,
                                          timings, seed, scale, info))

@@ -29,7 +29,7 @@ import os
 import sys
 from pathlib import Path
 
-from .policy import PolicyLoadError
+from .vlm import PolicyLoadError
 from .profiles import ConfigError, load_config
 
 LOG_FILE = "log.jsonl"
@@ -77,16 +77,56 @@ def lora_config(cfg: dict):
                       task_type="CAUSAL_LM")
 
 
-def load_policy_model(cfg: dict, device: str):
-    from .policy import load_vlm
+def full_finetune(cfg: dict) -> bool:
+    return lora_config(cfg) is None and not cfg.get("load_in_4bit")
 
-    model, processor, _, _ = load_vlm(model_path(cfg), device=device, dtype=cfg.get("dtype", "auto"),
+
+def load_policy_model(cfg: dict, device: str):
+    """The VLM to train. Full fine-tuning loads fp32 weights whatever `dtype` says: AdamW steps of
+    ~lr (2e-6) are below bf16's resolution (8 bits of mantissa) and would round away; `dtype` then
+    only sets the autocast precision (GRPOConfig bf16/fp16). LoRA trains fp32 adapters (PEFT's
+    `get_peft_model(autocast_adapter_dtype=True)`) over a base in `dtype`."""
+    from .device import weight_dtype
+    from .vlm import load_vlm
+
+    try:  # checked even where full fine-tuning overrides it: a typo must not pass silently
+        weight_dtype(device, cfg.get("dtype", "auto"))
+    except ValueError as e:
+        raise ConfigError(f"dtype: {e}") from None
+    dtype = "fp32" if full_finetune(cfg) else cfg.get("dtype", "auto")
+    model, processor, _, _ = load_vlm(model_path(cfg), device=device, dtype=dtype,
                                       load_in_4bit=bool(cfg.get("load_in_4bit")), max_pixels=cfg.get("max_pixels"))
     if cfg.get("load_in_4bit"):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model, processor
+
+
+def check_trainable_precision(trainer, cfg: dict) -> None:
+    """Refuse a run whose trainable weights would not take small updates (see load_policy_model).
+
+    DeepSpeed keeps fp32 master weights itself; TRL casts QLoRA adapters to bf16 on purpose (its
+    `GRPOTrainer.__init__`, after the QLoRA paper), so those two are left alone."""
+    import torch
+
+    if getattr(trainer, "is_deepspeed_enabled", False) or cfg.get("load_in_4bit"):
+        return
+    low = {str(p.dtype).replace("torch.", "") for p in trainer.model.parameters()
+           if p.requires_grad and p.dtype != torch.float32}
+    if low:
+        raise ConfigError(f"trainable weights are {', '.join(sorted(low))}: optimizer steps this small round away; "
+                          "train fp32 weights (dtype: fp32) or under DeepSpeed")
+
+
+def decoding(cfg: dict):
+    """The rollouts' sampling settings: the config's `generation:` section over the project defaults."""
+    from .decoding import Decoding
+
+    try:
+        return Decoding.from_config(cfg.get("generation"))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(" ".join(str(e).split())) from None
 
 
 def train_device() -> str:
@@ -102,7 +142,17 @@ def grpo_args(cfg: dict, output_dir: Path, weights: list[float]):
 
     import torch
 
+    from .decoding import GRPO_FIELDS
+
     t = dict(cfg.get("trainer") or {})
+    for key in set(t) & set(GRPO_FIELDS.values()):
+        setting = next(k for k, v in GRPO_FIELDS.items() if v == key)
+        raise ConfigError(f"trainer.{key}: decoding is set in `generation:` ({setting}), shared by the rollouts, "
+                          "the IRPO filter and inference")
+    try:
+        t.update(decoding(cfg).grpo_fields())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if not torch.cuda.is_available():  # CPU runs (tests, laptops): no mixed precision
         t.update(use_cpu=True, bf16=False, fp16=False)
     t.setdefault("report_to", "none")
@@ -127,44 +177,22 @@ def _callbacks(log_path: Path):
     return [JsonlLog()]
 
 
-def trainer_class(group_filter: dict | None):
-    from trl import GRPOTrainer
-
+def trainer_and_options(group_filter: dict | None):
+    """TRL's GRPOTrainer, or the OARS group-filtering subclass with its thresholds."""
     if not group_filter:
-        return GRPOTrainer
-    import torch
+        from trl import GRPOTrainer
 
-    mean_above = float(group_filter.get("mean_above", 0.9))
-    std_below = float(group_filter.get("std_below", 0.05))
+        return GRPOTrainer, {}
+    from .group_filter import GroupFilteredGRPOTrainer, check_trl
 
-    class GroupFilteredGRPOTrainer(GRPOTrainer):
-        """OARS: groups with a high, flat reward contribute nothing to the loss."""
-
-        def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-            self._group_rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-            return self._group_rewards  # every process's rows (TRL gathers them)
-
-        def _generate_and_score_completions(self, inputs):
-            out = super()._generate_and_score_completions(inputs)
-            mode = "train" if self.model.training else "eval"
-            g = self.num_generations if mode == "train" else self.num_generations_eval
-            w = self.reward_weights.to(self._group_rewards.device)
-            total = (self._group_rewards * w).nansum(dim=1) / w.abs().sum().clamp(min=1e-8)
-            groups = total.view(-1, g)
-            drop = (groups.mean(dim=1) > mean_above) & (groups.std(dim=1) < std_below)
-            rows = drop.repeat_interleave(g)
-            n_local = out["advantages"].shape[0]
-            start = self.accelerator.process_index * n_local
-            local = rows[start:start + n_local].to(out["advantages"].device)
-            out["advantages"] = torch.where(local, torch.zeros_like(out["advantages"]), out["advantages"])
-            out["completion_mask"] = out["completion_mask"] * (~local).to(out["completion_mask"].dtype)[:, None]
-            if "num_items_in_batch" in out:  # the loss normalises by the tokens that still count
-                out["num_items_in_batch"] = self.accelerator.gather(out["completion_mask"].sum()).sum()
-            self._metrics[mode]["group_filter/dropped"].append(float(drop.sum().item()))
-            self._metrics[mode]["group_filter/frac_dropped"].append(float(drop.float().mean().item()))
-            return out
-
-    return GroupFilteredGRPOTrainer
+    unknown = set(group_filter) - {"mean_above", "std_below"}
+    if unknown:
+        raise ConfigError(f"group_filter.{sorted(unknown)[0]}: unknown key (mean_above, std_below)")
+    try:
+        check_trl()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return GroupFilteredGRPOTrainer, {k: float(v) for k, v in group_filter.items()}
 
 
 def build_trainer(cfg: dict, output_dir: Path):
@@ -173,13 +201,18 @@ def build_trainer(cfg: dict, output_dir: Path):
 
     device = train_device()
     dataset = load_dataset(_data_dir(cfg))
+    cls, options = trainer_and_options(cfg.get("group_filter"))
+    # Every reward model (restorer, judge, similarity encoder) is built here, before GRPOConfig: under
+    # DeepSpeed ZeRO-3 the config turns on partitioned loading (HfDeepSpeedConfig → zero.Init) for
+    # every model built after it, and a reward model built that way fails ("'weight' must be 2-D").
     funcs, weights = build_rewards(cfg.get("rewards") or {}, restorations=restorations_factory(cfg, device),
                                    device=device)
     args = grpo_args(cfg, output_dir, weights)  # config mistakes show before minutes of model loading
     model, processor = load_policy_model(cfg, device)
-    cls = trainer_class(cfg.get("group_filter"))
-    return cls(model=model, reward_funcs=funcs, args=args, train_dataset=dataset, processing_class=processor,
-               peft_config=lora_config(cfg), callbacks=_callbacks(output_dir / LOG_FILE))
+    trainer = cls(model=model, reward_funcs=funcs, args=args, train_dataset=dataset, processing_class=processor,
+                  peft_config=lora_config(cfg), callbacks=_callbacks(output_dir / LOG_FILE), **options)
+    check_trainable_precision(trainer, cfg)
+    return trainer
 
 
 def _data_dir(cfg: dict) -> Path:
@@ -204,8 +237,19 @@ def train(cfg: dict, *, resume: bool = False) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(cfg, output_dir)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    trainer.save_model(str(output_dir))  # the LoRA adapter: `infer --adapter output_dir`
+    trainer.save_model(str(output_dir))  # the LoRA adapter (`infer --adapter`), or the whole model
+    from .decoding import TRAINED_DECODING_FILE
+    from .imageio import atomic_write_text
+
+    if trainer.is_world_process_zero():  # inference samples as the rollouts did (policy.py reads it)
+        atomic_write_text(output_dir / TRAINED_DECODING_FILE, json.dumps(decoding(cfg).to_dict(), indent=2) + "\n")
     return output_dir
+
+
+def saved_message(cfg: dict, out: Path) -> str:
+    if full_finetune(cfg):
+        return f"model saved in {out} (use: python -m realsr_r1.infer --profile full --set policy.model={out} …)"
+    return f"adapter saved in {out} (use: python -m realsr_r1.infer --adapter {out} …)"
 
 
 # --- IRPO data filtering ------------------------------------------------------------------------------
@@ -229,9 +273,8 @@ def filter_dataset(cfg: dict, keep: float, out: Path | None = None, log=print) -
     funcs, weights = build_rewards(cfg.get("rewards") or {}, restorations=restorations_factory(cfg, device),
                                    device=device)
     model, processor = load_policy_model(cfg, device)
-    generation = {"max_new_tokens": int((cfg.get("trainer") or {}).get("max_completion_length", 384)),
-                  "do_sample": False}
-    policy = VLMPolicy(model.eval(), processor, model_path=str(model_path(cfg)), dtype=None, generation=generation)
+    # scored as the policy will sample in training (IRPO filters by what the rollouts would earn)
+    policy = VLMPolicy(model.eval(), processor, model_path=str(model_path(cfg)), dtype=None, generation=decoding(cfg))
 
     scores_path = out / "scores.jsonl"
     done = {}
@@ -286,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                            log=lambda m: print(m, file=sys.stderr))
         else:
             out = train(cfg, resume=args.resume)
-            print(f"adapter saved in {out} (use: python -m realsr_r1.infer --adapter {out} …)", file=sys.stderr)
+            print(saved_message(cfg, out), file=sys.stderr)
     except (ConfigError, ValueError, FileNotFoundError, ImportError, PolicyLoadError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

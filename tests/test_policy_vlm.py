@@ -143,7 +143,7 @@ def test_token_stream_decodes_incrementally_to_the_full_text():
 
     import torch
 
-    from realsr_r1.policy import TokenStream
+    from realsr_r1.vlm import TokenStream
     from tiny_models import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
@@ -173,3 +173,112 @@ def test_token_stream_decodes_incrementally_to_the_full_text():
     assert "".join(pieces) == expected
     assert all(p and "\ufffd" not in p for p in pieces)  # never half a character
     assert len(pieces) > 5  # streamed as it came, not one lump
+
+
+# --- Real checkpoints' configs (issue 10: decoding, image budget) -----------------------------------
+# What Qwen2.5-VL-3B-Instruct ships: generation_config.json and the pixel keys of preprocessor_config.json.
+QWEN_GENERATION_CONFIG = {"do_sample": True, "repetition_penalty": 1.05, "temperature": 0.1, "top_k": 1,
+                          "top_p": 0.001}
+QWEN_PIXELS = {"min_pixels": 3136, "max_pixels": 12845056,
+               "size": {"shortest_edge": 3136, "longest_edge": 12845056}}
+
+
+def _edit_json(path, **values):
+    import json
+
+    data = json.loads(path.read_text())
+    data.update(values)
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture(scope="module")
+def qwen_like_vlm(tmp_path_factory):
+    """The tiny VLM with the real checkpoint's generation and pixel settings."""
+    path = build_tiny_vlm(tmp_path_factory.mktemp("qwen_like"))
+    _edit_json(path / "generation_config.json", **QWEN_GENERATION_CONFIG)
+    _edit_json(path / "preprocessor_config.json", **QWEN_PIXELS)
+    return path
+
+
+def test_checkpoint_generation_config_does_not_make_sampling_greedy(qwen_like_vlm, image):
+    """top_k=1 in the checkpoint made every seed give the same text; our settings must be the ones used."""
+    policy = VLMPolicy.from_pretrained(qwen_like_vlm, generation={"max_new_tokens": 12})
+    texts = {"".join(policy.stream(image, None, seed=s, scale=4.0)) for s in range(3)}
+    assert len(texts) > 1
+    used = policy.describe()["generation"]
+    assert used["top_k"] == 0 and used["repetition_penalty"] == 1.0 and used["temperature"] == 0.9
+
+
+def test_generate_receives_every_decoding_field(qwen_like_vlm, image, monkeypatch):
+    from realsr_r1.decoding import Decoding
+
+    policy = VLMPolicy.from_pretrained(qwen_like_vlm, generation={"max_new_tokens": 4, "top_p": 0.8})
+    seen = {}
+    real = policy.model.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(policy.model, "generate", spy)
+    "".join(policy.stream(image, None, seed=0))
+    for field, value in Decoding(max_new_tokens=4, top_p=0.8).to_dict().items():
+        assert seen[field] == value, field
+    assert seen["suppress_tokens"] == [policy.model.config.image_token_id]  # as TRL's rollouts
+
+
+def test_greedy_decoding_is_deterministic_and_penalty_free(qwen_like_vlm, image):
+    from realsr_r1.decoding import Decoding
+
+    kw = Decoding(do_sample=False).generate_kwargs()
+    assert kw["do_sample"] is False and kw["temperature"] is None and kw["top_k"] is None
+    assert kw["repetition_penalty"] == 1.0
+    policy = VLMPolicy.from_pretrained(qwen_like_vlm, generation={"max_new_tokens": 8, "do_sample": False})
+    assert len({"".join(policy.stream(image, None, seed=s)) for s in range(2)}) == 1
+
+
+def test_bad_decoding_key_is_one_line():
+    from realsr_r1.decoding import Decoding
+
+    with pytest.raises(ValueError, match=r"generation\.temprature: unknown decoding setting \(did you mean temperature"):
+        Decoding.from_config({"temprature": 0.5})
+
+
+def test_image_budget_through_size_without_deprecation(qwen_like_vlm, image):
+    """max_pixels reaches the processor's `size`; no FutureWarning, and the grid fits the budget even
+    though the checkpoint says 12.8 MP."""
+    import warnings
+
+    from PIL import Image
+
+    policy = VLMPolicy.from_pretrained(qwen_like_vlm, max_pixels=28 * 28 * 16)
+    ip = policy.processor.image_processor
+    assert ip.size["longest_edge"] == 28 * 28 * 16 and ip.size["shortest_edge"] <= 28 * 28 * 16
+    big = Image.new("RGB", (1024, 1024))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        out = ip(images=[big], return_tensors="pt")
+        policy._inputs(LoadedImage(rgb=np.zeros((1024, 1024, 3), np.float32)))
+    t, h, w = out["image_grid_thw"][0].tolist()
+    assert (h * 14) * (w * 14) <= 28 * 28 * 16 and (h, w) == (8, 8)
+
+
+def test_adapter_pointing_at_a_full_model_is_one_line(qwen_like_vlm):
+    with pytest.raises(PolicyLoadError, match="not a LoRA adapter; it holds a full model: use --set policy.model="):
+        VLMPolicy.from_pretrained(qwen_like_vlm, adapter=qwen_like_vlm)
+
+
+def test_adapter_brings_its_training_decoding(tiny_vlm, tmp_path):
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from realsr_r1.decoding import TRAINED_DECODING_FILE
+
+    peft_model = get_peft_model(AutoModelForImageTextToText.from_pretrained(tiny_vlm),
+                                LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    peft_model.save_pretrained(tmp_path / "lora")
+    (tmp_path / "lora" / TRAINED_DECODING_FILE).write_text(json.dumps({"temperature": 0.6, "max_new_tokens": 20}))
+    tuned = VLMPolicy.from_pretrained(tiny_vlm, adapter=tmp_path / "lora", generation={"max_new_tokens": 5})
+    assert tuned.decoding.temperature == 0.6 and tuned.decoding.max_new_tokens == 5  # the profile's key wins

@@ -129,7 +129,8 @@ def test_qlora_trains_on_a_4bit_base(setup, capsys):
 @pytest.mark.parametrize("overrides,words", [
     (["--set", "data=null"], "needs `data`"),
     (["--set", "trainer.no_such_option=1"], "trainer:"),
-    (["--set", "dtype=fp8"], "unknown dtype"),
+    (["--set", "dtype=fp8"], "dtype: unknown precision"),
+    (["--set", "lora=null", "--set", "dtype=fp8"], "dtype: unknown precision"),
     (["--set", "model=no-such-model"], "weights not found"),
     (["--set", "rewards.beauty=1"], "unknown reward"),
 ])
@@ -137,3 +138,136 @@ def test_config_mistakes_are_one_line_errors(setup, tmp_path, capsys, overrides,
     assert run(setup, tmp_path / "run", *overrides) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error:") and words in err[-1] and "Traceback" not in "\n".join(err)
+
+
+# --- Issue 10: precision, decoding, group filter ------------------------------------------------------
+def _changed_fraction(before, after):
+    """Share of weights an optimizer step changed, compared at the precision they were stored in."""
+    import torch
+
+    names = [k for k in after if "layers.0.self_attn.q_proj.weight" in k or "layers.0.mlp.up_proj.weight" in k]
+    assert names
+    changed = total = 0
+    for k in names:
+        b = before[k].to(after[k].dtype)
+        changed += int((after[k] != b).sum())
+        total += b.numel()
+    return changed / total, {str(after[k].dtype) for k in names} == {str(torch.float32)}
+
+
+def test_full_finetuning_learns_at_a_small_learning_rate(setup, capsys, tmp_path):
+    """dtype bf16 (what auto gives on a GPU) with lora: null used to round 2e-6 AdamW steps away."""
+    out = setup / "full"
+    rc = run(setup, out, "--set", "lora=null", "--set", "dtype=bf16", "--set", "trainer.learning_rate=2.0e-6",
+             "--set", "trainer.max_steps=1", "--set", "group_filter=null")
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert f"model saved in {out}" in err and f"--set policy.model={out}" in err and "--adapter" not in err
+    fraction, fp32 = _changed_fraction(load_file(setup / "weights" / "tiny-vlm" / "model.safetensors"),
+                                       load_file(out / "model.safetensors"))
+    assert fp32 and fraction > 0.5
+
+    src = tmp_path / "in"
+    src.mkdir()
+    photo((16, 12)).save(src / "p.png")
+    with weights_env(setup / "weights"):  # the trained model loads as a policy, with its decoding
+        rc = infer.main(["-i", str(src), "-o", str(tmp_path / "o"), "--profile", str(REPO / "configs" / "tiny.yaml"),
+                         "--quiet", "--set", f"policy.model={out}", "--adapter", str(out)])
+        assert rc == 2 and "holds a full model: use --set policy.model=" in capsys.readouterr().err
+        rc = infer.main(["-i", str(src), "-o", str(tmp_path / "o"), "--profile", str(REPO / "configs" / "tiny.yaml"),
+                         "--quiet", "--set", f"policy.model={out}"])
+        assert rc == 0, capsys.readouterr().err
+    side = json.loads((tmp_path / "o" / "p.json").read_text())
+    assert side["policy_info"]["generation"]["temperature"] == 1.0  # grpo-tiny's, recorded beside the model
+
+
+def test_lora_run_says_adapter_and_records_its_decoding(setup):
+    out = setup / "run"  # from test_train_resume_and_use_the_adapter (same module fixture)
+    if not (out / "adapter_config.json").is_file():
+        pytest.skip("runs after test_train_resume_and_use_the_adapter")
+    from realsr_r1.decoding import TRAINED_DECODING_FILE
+
+    recorded = json.loads((out / TRAINED_DECODING_FILE).read_text())
+    assert recorded["max_new_tokens"] == 16 and recorded["top_k"] == 0 and recorded["repetition_penalty"] == 1.0
+    assert train.saved_message({"lora": {"r": 4}}, out).startswith(f"adapter saved in {out}")
+
+
+def test_rollouts_sample_with_the_one_decoding(setup, tmp_path):
+    from realsr_r1.profiles import ConfigError, load_config
+
+    cfg = load_config(CONFIG, ["generation.top_p=0.8"])
+    args = train.grpo_args(cfg, tmp_path, [1.0])
+    assert (args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.max_completion_length) == \
+        (1.0, 0.8, 0, 1.0, 16)
+    with pytest.raises(ConfigError, match=r"trainer\.temperature: decoding is set in `generation:`"):
+        train.grpo_args(load_config(CONFIG, ["trainer.temperature=0.5"]), tmp_path, [1.0])
+    with pytest.raises(ConfigError, match="GRPO, which samples"):
+        train.grpo_args(load_config(CONFIG, ["generation.do_sample=false"]), tmp_path, [1.0])
+
+
+def test_group_mean_uses_only_the_rewards_present():
+    import torch
+
+    from realsr_r1.group_filter import group_drop
+
+    nan = float("nan")
+    # rewards [1, None] with weights [1, 1]: the mean is 1, not 0.5, so the flat group goes
+    drop = group_drop(torch.tensor([[1.0, nan], [1.0, nan]]), torch.tensor([1.0, 1.0]), 2, 0.9, 0.05)
+    assert drop.tolist() == [True]
+    rewards = torch.tensor([[1.0, nan], [1.0, nan], [1.0, 0.0], [1.0, 0.0]])
+    assert group_drop(rewards, torch.tensor([1.0, 1.0]), 2, 0.9, 0.05).tolist() == [True, False]
+    # a row with no reward at all is never judged flat
+    assert group_drop(torch.tensor([[nan], [nan]]), torch.tensor([1.0]), 2, -1.0, 1.0).tolist() == [False]
+
+
+def test_trl_version_guard():
+    from realsr_r1.group_filter import check_trl
+
+    check_trl()  # the installed TRL is one the overrides were written for
+    with pytest.raises(ValueError, match="TRL 1.18.0 is installed"):
+        check_trl("1.18.0")
+
+    class Changed:
+        def _calculate_rewards(self, inputs, prompts, completions):
+            pass
+
+        _generate_and_score_completions = _compute_loss = _calculate_rewards
+
+    with pytest.raises(ValueError, match="changed GRPOTrainer._calculate_rewards"):
+        check_trl(cls=Changed)
+
+
+@pytest.fixture(scope="module")
+def filtered_trainer(setup, tmp_path_factory):
+    from realsr_r1.group_filter import GroupFilteredGRPOTrainer
+    from realsr_r1.profiles import load_config
+
+    cfg = load_config(CONFIG, [f"data={setup / 'data'}", f"output_dir={tmp_path_factory.mktemp('gf')}"])
+    with weights_env(setup / "weights"):
+        trainer = train.build_trainer(cfg, tmp_path_factory.mktemp("gf_out"))
+    assert isinstance(trainer, GroupFilteredGRPOTrainer)
+    trainer.model.eval()  # no gradient accumulation in the normaliser
+    return trainer
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "bnpo", "dapo", "luspo"])
+def test_partial_drop_leaves_the_kept_groups_loss_unchanged(filtered_trainer, loss_type, monkeypatch):
+    """Two groups of two; the second dropped. The loss equals that of the first group alone."""
+    import torch
+
+    from realsr_r1.group_filter import KEPT
+
+    trainer = filtered_trainer
+    monkeypatch.setattr(trainer, "loss_type", loss_type)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(20, 300, (4, 6), generator=g)
+    completion = torch.randint(20, 300, (4, 5), generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    mask[2:] = 0  # what the filter leaves of a dropped group
+    everything = {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "completion_ids": completion,
+                  "completion_mask": mask, "advantages": torch.tensor([1.0, -0.5, 0.0, 0.0]),
+                  KEPT: torch.tensor([True, True, False, False]), "num_items_in_batch": mask.sum()}
+    kept = {k: (v[:2] if v.ndim else v) for k, v in everything.items() if k != KEPT}
+    with torch.no_grad():
+        assert torch.allclose(trainer._compute_loss(trainer.model, everything),
+                              trainer._compute_loss(trainer.model, kept), atol=1e-6)

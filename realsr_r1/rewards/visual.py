@@ -195,7 +195,7 @@ class VLMJudge:
     scale = "mos"
 
     def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto", load_in_4bit: bool = False):
-        from ..policy import load_vlm
+        from ..vlm import load_vlm
 
         self.model, self.processor, _, _ = load_vlm(model_path, device=device, dtype=dtype, load_in_4bit=load_in_4bit)
         self.model.eval()
@@ -204,6 +204,8 @@ class VLMJudge:
         import torch
         from PIL import Image
 
+        from ..decoding import Decoding
+
         pils = [Image.fromarray((np.clip(i, 0, 1) * 255 + 0.5).astype("uint8")) for i in images]
         ref = " and the third is the undegraded reference" if len(pils) == 3 else ""
         content = [{"type": "image"} for _ in pils] + [{"type": "text", "text": JUDGE_PROMPT.format(ref=ref)}]
@@ -211,7 +213,8 @@ class VLMJudge:
                                                     add_generation_prompt=True)
         inputs = self.processor(text=[prompt], images=pils, return_tensors="pt").to(self.model.device)
         with torch.no_grad():
-            ids = self.model.generate(**inputs, max_new_tokens=8, do_sample=False)
+            # every decoding field explicit: the checkpoint's repetition penalty must not bend a score
+            ids = self.model.generate(**inputs, **Decoding(max_new_tokens=8, do_sample=False).generate_kwargs(self.model))
         return self.processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
 
     def __call__(self, sr: list, lq: list, hr: list) -> list[float | None]:

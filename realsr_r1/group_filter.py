@@ -1,0 +1,112 @@
+"""OARS group filtering on TRL's GRPOTrainer: a group whose rewards are high and flat has nothing
+left to teach, so its completions leave the loss.
+
+A group's score is the weighted mean of the rewards each row has: a reward that is None for a row
+(TRL stores NaN: `understanding` without tags, `fidelity` without an HR image) is left out and the
+other weights renormalised, so missing rewards neither count as 0 nor block the filter. Dropped
+rows get advantage 0 and an empty loss mask; the loss of the kept rows is then renormalised for
+every `loss_type`, so a partial drop leaves the kept groups' loss what it would be without the
+dropped ones.
+
+The subclass overrides two private methods of TRL 1.16's GRPOTrainer (`_calculate_rewards`,
+`_generate_and_score_completions`) and wraps `_compute_loss`. Private methods change between
+releases without notice, so `check_trl` refuses versions and signatures it was not written for.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from trl import GRPOTrainer
+
+# Written against TRL 1.16 (trl/trainer/grpo_trainer.py); the signatures are checked at start.
+TESTED_TRL = ((1, 16), (1, 17))  # [from, to)
+OVERRIDDEN = {
+    "_calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),
+    "_generate_and_score_completions": ("self", "inputs"),
+    "_compute_loss": ("self", "model", "inputs"),
+}
+# TRL loss types that average per row (sequence means, or a fixed per-row denominator): rows that
+# were dropped still count in it. "bnpo" divides by the mask's token count and "dapo", "cispo",
+# "vespo" by `num_items_in_batch` (recounted after masking): those renormalise by themselves.
+PER_ROW_LOSSES = ("grpo", "sapo", "dr_grpo", "luspo")
+KEPT = "group_kept"  # per-row flag carried through TRL's batch splitting and shuffling
+
+
+def check_trl(version: str | None = None, cls=GRPOTrainer) -> None:
+    """Raise ValueError (one line) unless TRL is a version whose private methods we override."""
+    import trl
+
+    version = version or trl.__version__
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    (lo, hi) = TESTED_TRL
+    if not lo <= parts < hi:
+        raise ValueError(f"group_filter overrides private methods of TRL {lo[0]}.{lo[1]}; "
+                         f"TRL {version} is installed: install trl>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]} "
+                         "or set group_filter: null")
+    for name, params in OVERRIDDEN.items():
+        found = tuple(inspect.signature(getattr(cls, name)).parameters)
+        if found != params:
+            raise ValueError(f"group_filter: TRL {version} changed GRPOTrainer.{name}{found}; "
+                             "set group_filter: null")
+
+
+def group_drop(rewards: torch.Tensor, weights: torch.Tensor, group_size: int, mean_above: float,
+               std_below: float) -> torch.Tensor:
+    """Which groups to drop: rewards (rows × funcs, NaN = missing) → one bool per group."""
+    present = ~torch.isnan(rewards)
+    w = weights.to(rewards.device, rewards.dtype).expand_as(rewards)
+    weight_sum = (w.abs() * present).sum(dim=1)
+    total = (torch.nan_to_num(rewards) * w).sum(dim=1) / weight_sum.clamp(min=1e-8)
+    total = torch.where(weight_sum > 0, total, torch.nan)  # a row with no reward at all: no verdict
+    groups = total.view(-1, group_size)
+    # std of a group of one is NaN, and a group with a row of no rewards is never judged flat
+    return (groups.mean(dim=1) > mean_above) & (groups.std(dim=1) < std_below)
+
+
+def kept_rows_scale(loss_type: str, kept: torch.Tensor) -> torch.Tensor:
+    """Factor for a micro-batch's loss so its kept rows average as if the dropped ones were absent."""
+    if loss_type not in PER_ROW_LOSSES or kept.numel() == 0:
+        return torch.ones((), device=kept.device)
+    n_kept = kept.sum()
+    return torch.where(n_kept > 0, kept.numel() / n_kept.clamp(min=1), torch.zeros((), device=kept.device))
+
+
+class GroupFilteredGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer with OARS group filtering (`mean_above`, `std_below` on the weighted group mean)."""
+
+    def __init__(self, *args, mean_above: float = 0.9, std_below: float = 0.05, **kwargs):
+        check_trl()
+        self.mean_above = float(mean_above)
+        self.std_below = float(std_below)
+        super().__init__(*args, **kwargs)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        self._group_rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        return self._group_rewards  # every process's rows (TRL gathers them)
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        g = self.num_generations if mode == "train" else self.num_generations_eval
+        drop = group_drop(self._group_rewards, self.reward_weights, g, self.mean_above, self.std_below)
+        rows = drop.repeat_interleave(g)
+        n_local = out["advantages"].shape[0]
+        start = self.accelerator.process_index * n_local
+        local = rows[start:start + n_local].to(out["advantages"].device)
+        out["advantages"] = torch.where(local, torch.zeros_like(out["advantages"]), out["advantages"])
+        out["completion_mask"] = out["completion_mask"] * (~local).to(out["completion_mask"].dtype)[:, None]
+        out[KEPT] = ~local
+        if "num_items_in_batch" in out:  # the token-normalised losses divide by the tokens still counted
+            out["num_items_in_batch"] = self.accelerator.gather(out["completion_mask"].sum()).sum()
+        self._metrics[mode]["group_filter/dropped"].append(float(drop.sum().item()))
+        self._metrics[mode]["group_filter/frac_dropped"].append(float(drop.float().mean().item()))
+        return out
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        kept = inputs.get(KEPT)
+        if kept is None:
+            return loss
+        return loss * kept_rows_scale(self.loss_type, kept).to(loss.dtype)
