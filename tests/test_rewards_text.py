@@ -79,6 +79,15 @@ def test_format_strict_rejects_repeated_and_nested_tags():
     assert T.format_reward(None, [repeated_section]) == [0.0]
 
 
+def test_config_chooses_the_format_mode():
+    from realsr_r1.rewards.registry import build_rewards
+
+    (strict,), _ = build_rewards({"format": 1.0})
+    (released,), _ = build_rewards({"format": {"weight": 1.0, "mode": "released"}})
+    assert strict(None, [DOUBLED]) == [0.0] and released(None, [DOUBLED]) == [1.0]
+    assert strict.__name__ == released.__name__ == "format"
+
+
 def test_make_format_reward_modes():
     assert T.make_format_reward().__name__ == T.make_format_reward("released").__name__ == "format"
     assert T.FACTORIES["format"] is T.make_format_reward
@@ -220,7 +229,7 @@ def test_similarity_clipped_to_unit_range():
         T.make_understanding_reward(None, weight=1.5)
 
 
-def test_similarity_model_lazy_import_and_cache(monkeypatch):
+def test_similarity_model_loads_when_built_and_is_cached(monkeypatch):
     monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # import fails
     with pytest.raises(ImportError, match="sentence-transformers"):
         T.make_understanding_reward("some/model")
@@ -235,10 +244,11 @@ def test_similarity_model_lazy_import_and_cache(monkeypatch):
     T._load_encoder.cache_clear()
     try:
         fn = T.make_understanding_reward("some/model")
-        assert loaded == []  # loading waits for the first batch
+        assert loaded == ["some/model"]  # built with the reward, before any trainer config (ZeRO-3)
+        T.make_understanding_reward("some/model")
         for _ in range(2):
             assert fn(None, [GOOD], tags=[["dog"]], caption=["dog"])[0] > 0.5
-        assert loaded == ["some/model"]
+        assert loaded == ["some/model"]  # once
     finally:
         T._load_encoder.cache_clear()
 

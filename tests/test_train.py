@@ -271,3 +271,45 @@ def test_partial_drop_leaves_the_kept_groups_loss_unchanged(filtered_trainer, lo
     with torch.no_grad():
         assert torch.allclose(trainer._compute_loss(trainer.model, everything),
                               trainer._compute_loss(trainer.model, kept), atol=1e-6)
+
+
+def test_reward_models_are_built_before_the_trainer_config(setup, tmp_path, monkeypatch):
+    """Under ZeRO-3 a model built after GRPOConfig is partitioned: every reward model comes first."""
+    import sys
+    import types
+
+    import trl
+
+    from realsr_r1.profiles import load_config
+    from realsr_r1.rewards import text, visual
+
+    events = []
+
+    class Encoder:
+        def __init__(self, path):
+            events.append("similarity encoder")
+
+        def encode(self, texts):
+            return [[1.0, 0.0]] * len(texts)
+
+    monkeypatch.setitem(sys.modules, "sentence_transformers", types.SimpleNamespace(SentenceTransformer=Encoder))
+    text._load_encoder.cache_clear()
+    real_restorations, real_config = visual.Restorations.__init__, trl.GRPOConfig.__init__
+
+    def restorations(self, *a, **k):
+        events.append("restorer")
+        real_restorations(self, *a, **k)
+
+    def config(self, *a, **k):
+        events.append("GRPOConfig")
+        real_config(self, *a, **k)
+
+    monkeypatch.setattr(visual.Restorations, "__init__", restorations)
+    monkeypatch.setattr(trl.GRPOConfig, "__init__", config)
+    cfg = load_config(CONFIG, [f"data={setup / 'data'}", "rewards.understanding={weight: 1.0, similarity_model: mini}"])
+    try:
+        with weights_env(setup / "weights"):
+            train.build_trainer(cfg, tmp_path)
+    finally:
+        text._load_encoder.cache_clear()
+    assert events.index("GRPOConfig") > max(events.index("similarity encoder"), events.index("restorer"))

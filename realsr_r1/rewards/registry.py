@@ -1,7 +1,7 @@
 """Rewards by name, as a training config lists them:
 
     rewards:
-      format: 1.0                                   # name: weight
+      format: 1.0                                   # name: weight; {mode: released} for the released regex
       degradation: {weight: 1.0, partial_credit: 0.5}
       understanding: {weight: 1.0, similarity_model: null}
       generation: {weight: 1.0, expert: fidelity}   # fidelity | nr-iqa | vlm-judge (+ model) | analyser
@@ -55,7 +55,7 @@ def build_rewards(spec: dict, *, restorations: Callable[[], visual.Restorations]
         if ":" in name:
             fn = _import(name, o)
         elif name == "format":
-            fn = text.format_reward
+            fn = text.make_format_reward(o.get("mode", "strict"))
         elif name == "degradation":
             fn = text.make_degradation_reward(float(o.get("partial_credit", 0.0)))
         elif name == "understanding":

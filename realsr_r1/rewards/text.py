@@ -226,25 +226,26 @@ def make_understanding_reward(similarity_model: str | None = None, weight: float
     if not 0.0 <= w <= 1.0:
         raise ValueError(f"similarity weight must be in [0, 1], got {weight!r}")
     if encoder is None and similarity_model:
-        _sentence_transformer()  # fail when the config is built, not an hour into training
+        # Loaded now, when the config is built: a missing package fails before training starts,
+        # and under DeepSpeed ZeRO-3 a model loaded after GRPOConfig would be partitioned (train.py).
+        encoder = _load_encoder(str(similarity_model))
 
     def understanding(prompts, completions, tags=None, caption=None, **kwargs):
         n = len(completions)
-        use_sim = caption is not None and (encoder is not None or bool(similarity_model))
+        use_sim = caption is not None and encoder is not None
         # with a caption to compare against, a dataset may come without tags
         tag_rows = [None] * n if tags is None and use_sim else _need(tags, "tags", n)
         texts = [understanding_text(c) for c in completions]
         scores = [tag_fraction(t, r) for t, r in zip(texts, tag_rows)]
         if not use_sim:
             return scores
-        model = encoder if encoder is not None else _load_encoder(str(similarity_model))
         caps = _need(caption, "caption", n)
         # an empty understanding says nothing about the picture: similarity 0 without asking the model
         rows = [i for i in range(n) if isinstance(caps[i], str) and caps[i].strip()]
         asked = [i for i in rows if texts[i].strip()]
         sims = dict.fromkeys(rows, 0.0)
         if asked:
-            sims.update(zip(asked, _similarities(model, [texts[i] for i in asked], [caps[i] for i in asked])))
+            sims.update(zip(asked, _similarities(encoder, [texts[i] for i in asked], [caps[i] for i in asked])))
         for i, s in sims.items():
             scores[i] = s if scores[i] is None else (1.0 - w) * scores[i] + w * s
         return scores
