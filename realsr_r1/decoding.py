@@ -29,6 +29,7 @@ GRPO_FIELDS = {"max_new_tokens": "max_completion_length", "temperature": "temper
 @dataclasses.dataclass(frozen=True)
 class Decoding:
     max_new_tokens: int = 384
+    min_new_tokens: int = 0  # benchmarks force long chains with it
     do_sample: bool = True
     temperature: float = 0.9
     top_p: float = 1.0
@@ -37,8 +38,9 @@ class Decoding:
     repetition_penalty: float = 1.0  # 1: no penalty
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"generation.max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < 1 or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"generation: need 0 ≤ min_new_tokens ≤ max_new_tokens and max_new_tokens ≥ 1, "
+                             f"got {self.min_new_tokens} and {self.max_new_tokens}")
         if self.do_sample and not self.temperature > 0:
             raise ValueError(f"generation.temperature must be > 0 when sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -79,4 +81,7 @@ class Decoding:
         """The same settings as `GRPOConfig` fields (GRPO always samples)."""
         if not self.do_sample:
             raise ValueError("generation.do_sample: false cannot be used for GRPO, which samples its groups")
-        return {GRPO_FIELDS[k]: v for k, v in self.to_dict().items() if k in GRPO_FIELDS}
+        fields = {GRPO_FIELDS[k]: v for k, v in self.to_dict().items() if k in GRPO_FIELDS}
+        if self.min_new_tokens:  # GRPOConfig has no field of its own for it
+            fields["generation_kwargs"] = {"min_new_tokens": self.min_new_tokens}
+        return fields

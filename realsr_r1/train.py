@@ -150,9 +150,11 @@ def grpo_args(cfg: dict, output_dir: Path, weights: list[float]):
         raise ConfigError(f"trainer.{key}: decoding is set in `generation:` ({setting}), shared by the rollouts, "
                           "the IRPO filter and inference")
     try:
-        t.update(decoding(cfg).grpo_fields())
+        fields = decoding(cfg).grpo_fields()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    fields["generation_kwargs"] = {**(t.get("generation_kwargs") or {}), **fields.get("generation_kwargs", {})} or None
+    t.update(fields)
     if not torch.cuda.is_available():  # CPU runs (tests, laptops): no mixed precision
         t.update(use_cpu=True, bf16=False, fp16=False)
     t.setdefault("report_to", "none")
