@@ -178,7 +178,9 @@ def test_full_finetuning_learns_at_a_small_learning_rate(setup, capsys, tmp_path
                          "--quiet", "--set", f"policy.model={out}"])
         assert rc == 0, capsys.readouterr().err
     side = json.loads((tmp_path / "o" / "p.json").read_text())
-    assert side["policy_info"]["generation"]["temperature"] == 1.0  # grpo-tiny's, recorded beside the model
+    used = side["policy_info"]["generation"]  # the sidecar records the decoding that ran
+    assert used["temperature"] == 1.0 and used["max_new_tokens"] == 16  # grpo-tiny's, recorded beside the model
+    assert used["top_k"] == 0 and used["repetition_penalty"] == 1.0
 
 
 def test_lora_run_says_adapter_and_records_its_decoding(setup):
