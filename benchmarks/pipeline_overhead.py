@@ -51,7 +51,7 @@ def bare_run(pipe, image, seed: int, tokens: int) -> None:
     """The model calls of one restoration, made directly."""
     import torch
 
-    from realsr_r1.restorers.diffusion import noise_level_for, stage_prompt
+    from realsr_r1.restorers.conditioning import noise_level_for, stage_prompt
     from realsr_r1.restorers.lite import resize
     from realsr_r1.cot import Plan
     from realsr_r1.pipeline import stage_sizes

@@ -8,8 +8,10 @@ pytest.importorskip("diffusers")
 from realsr_r1.cot import Plan, parse_cot  # noqa: E402
 from realsr_r1.imageio import LoadedImage  # noqa: E402
 from realsr_r1.pipeline import StageImage, StagePreview, StageStarted  # noqa: E402
-from realsr_r1.restorers.diffusion import (DiffusionStages, color_fix, drain,  # noqa: E402
-                                          noise_level_for, stage_prompt)
+from realsr_r1.restorers.color import color_fix  # noqa: E402
+from realsr_r1.restorers.conditioning import Condition, noise_level_for, stage_prompt  # noqa: E402
+from realsr_r1.restorers.diffusion import DiffusionStages, drain  # noqa: E402
+from realsr_r1.restorers.lite import resize  # noqa: E402
 
 from tiny_diffusion import build_tiny_upscaler  # noqa: E402
 
@@ -50,7 +52,8 @@ def finals(events):
 
 def test_describe(restorer):
     assert restorer.describe() == {"restorer": "sd-x4-upscaler", "device": "cpu", "precision": "fp32", "steps": 4,
-                                   "strength": 0.5, "tile": 128, "vae_tile": 512, "rough": "diffusion"}
+                                   "strength": 0.5, "tile": 128, "vae_tile": 512, "vae_slicing": False,
+                                   "rough": "diffusion"}
 
 
 def test_events_sizes_previews_and_range(restorer, image):
@@ -86,9 +89,9 @@ def test_own_loop_matches_the_diffusers_pipeline(tiny_path, guidance):
     import torch
 
     r = DiffusionStages.from_pretrained(tiny_path, device="cpu", rough="diffusion", num_inference_steps=3,
-                                        guidance_scale=guidance, vae_tile=0)
+                                        guidance_scale=guidance, tile=0, vae_tile=0)
     cond = np.random.default_rng(3).random((8, 16, 3), dtype=np.float32)
-    (ours,) = drain(r._denoise(cond, None, ["a cat"], [30], seed=11, tile=0, preview=None))
+    (ours,) = drain(r._sample(cond, None, [Condition("a cat", r.negative_prompt, 30)], seed=11, preview=None))
     ref = r.pipe(prompt="a cat", image=torch.from_numpy(cond).permute(2, 0, 1)[None], num_inference_steps=3,
                  guidance_scale=guidance, noise_level=30, negative_prompt=r.negative_prompt if guidance > 1 else None,
                  generator=torch.Generator("cpu").manual_seed(11), output_type="np").images[0]
@@ -149,9 +152,8 @@ def test_vae_tiles_large_images_only(tiny_path, image, monkeypatch):
 
 
 def test_out_of_memory_halves_the_tile(tiny_path, image, monkeypatch, caplog):
-    import torch
-
     from realsr_r1.restorers import diffusion
+    from realsr_r1.restorers.memory import OutOfMemoryError
 
     monkeypatch.setattr(diffusion, "MIN_TILE", 8)
     r = DiffusionStages.from_pretrained(tiny_path, device="cpu", rough="diffusion", num_inference_steps=2,
@@ -160,7 +162,7 @@ def test_out_of_memory_halves_the_tile(tiny_path, image, monkeypatch, caplog):
 
     def small_only(x, *a, **k):  # a GPU that fits 8x8 latents only
         if x.shape[-1] > 8:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return unet_forward(x, *a, **k)
 
     monkeypatch.setattr(r.pipe.unet, "forward", small_only)
@@ -171,8 +173,8 @@ def test_out_of_memory_halves_the_tile(tiny_path, image, monkeypatch, caplog):
 
     r.tile = 8
     monkeypatch.setattr(r.pipe.unet, "forward", lambda *a, **k: (_ for _ in ()).throw(
-        torch.OutOfMemoryError("CUDA out of memory")))
-    with pytest.raises(torch.OutOfMemoryError):  # nothing smaller to try: the error goes up
+        OutOfMemoryError("CUDA out of memory")))
+    with pytest.raises(OutOfMemoryError):  # nothing smaller to try: the error goes up
         run(r, image, Plan())
 
 
@@ -216,12 +218,38 @@ def test_noise_level_mapping():
     assert noise_level_for(parse_cot("<degradation>noise: heavy</degradation>"), max_noise_level=50) == 50
 
 
-def test_prompt_words():
-    plan = parse_cot(COT)
-    p = stage_prompt(plan, "middle")
-    assert p.startswith("a red brick house, a tree; clean, sharp, high quality; remove ")
-    assert "heavy noise" in p and "light blur" in p and "medium jpeg artifacts" in p and "downsample" not in p
+def test_degradations_go_to_the_negative_prompt():
+    """CLIP text encoders ignore "remove": degradation words belong in the negative prompt (SUPIR, SeeSR)."""
+    from realsr_r1.restorers.conditioning import DEFAULT_NEGATIVE, negative_prompt_for
+
+    plan = parse_cot(COT)  # blur light, noise heavy, jpeg medium
+    positive = stage_prompt(plan, "middle")
+    assert positive == "a red brick house, a tree; clean, sharp, high quality"
+    assert not any(word in positive for word in ("noise", "blur", "jpeg", "artifacts", "remove"))
+    negative = negative_prompt_for(plan, DEFAULT_NEGATIVE)
+    assert negative == DEFAULT_NEGATIVE + ", light blur, heavy noise, medium jpeg artifacts"
+    assert negative_prompt_for(plan, None) == "light blur, heavy noise, medium jpeg artifacts"
+    assert negative_prompt_for(Plan(), DEFAULT_NEGATIVE) == DEFAULT_NEGATIVE
+    assert negative_prompt_for(None, None) == ""
     assert stage_prompt(Plan(), "rough") == "clean, sharp, high quality"
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_each_sample_gets_its_own_negative_prompt(tiny_path, image, monkeypatch, guidance):
+    """GRPO: G texts about one image in one batch; each sample's detected degradations go into its own
+    negative prompt, none into the positive one; without CFG there is no negative prompt at all."""
+    r = DiffusionStages.from_pretrained(tiny_path, device="cpu", rough="diffusion", num_inference_steps=2,
+                                        guidance_scale=guidance, negative_prompt="low quality")
+    seen = []
+    real = r.pipe.encode_prompt
+    monkeypatch.setattr(r.pipe, "encode_prompt", lambda prompt, device, n, cfg, negative=None, **k:
+                        seen.append((list(prompt), negative)) or real(prompt, device, n, cfg, negative, **k))
+    plans = [parse_cot(COT), parse_cot("<degradation>noise: light</degradation>"), Plan()]
+    r.restore_final_batch(image.rgb, plans, seed=0)
+    assert seen == [(["brick texture, leaves; clean, sharp, high quality"] + ["clean, sharp, high quality"] * 2,
+                     None if guidance <= 1 else
+                     ["low quality, light blur, heavy noise, medium jpeg artifacts", "low quality, light noise",
+                      "low quality"])]
 
 
 @pytest.mark.parametrize("method", ["wavelet", "adain"])
@@ -278,7 +306,7 @@ def test_wavelet_blur_is_the_dilated_3x3_kernel(radius):
     import torch
     import torch.nn.functional as F
 
-    from realsr_r1.restorers.diffusion import _wavelet_blur
+    from realsr_r1.restorers.color import _wavelet_blur
 
     x = torch.rand(1, 3, 20, 37, generator=torch.Generator().manual_seed(radius))
     k = torch.tensor([1.0, 2.0, 1.0])
@@ -331,3 +359,150 @@ def test_one_denoising_at_a_time_across_threads_and_copies(restorer, image, monk
     for t in threads:
         t.join()
     assert peak[0] == 1
+
+
+# --- previews: the predicted clean image, decoded small -------------------------------------------------
+def _step_spy(sched, monkeypatch, hide_x0=False):
+    """Record each step's x_t-1 and the scheduler's own x0 prediction; `hide_x0`: a scheduler that
+    returns prev_sample only (e.g. DPMSolverMultistepScheduler)."""
+    from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+    seen = {"x0": [], "xt": []}
+    real = sched.step
+
+    def step(*a, **k):
+        out = real(*a, **{**k, "return_dict": True})
+        seen["x0"].append(out.pred_original_sample.clone())
+        seen["xt"].append(out.prev_sample.clone())
+        if hide_x0:
+            return SchedulerOutput(prev_sample=out.prev_sample) if k.get("return_dict", True) else (out.prev_sample,)
+        return out if k.get("return_dict", True) else (out.prev_sample, out.pred_original_sample)
+
+    monkeypatch.setattr(sched, "step", step)
+    return seen
+
+
+@pytest.mark.parametrize("hide_x0", [False, True])
+def test_previews_show_the_predicted_clean_image_not_the_noisy_latent(tiny_path, image, monkeypatch, hide_x0):
+    """At t≈500 x_t is mostly noise: the preview decodes the step's x0 prediction (DDIMScheduler.step's
+    pred_original_sample, or the same from the model output and alphas_cumprod when a scheduler gives none)."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    r = DiffusionStages.from_pretrained(tiny_path, device="cpu", rough="diffusion", num_inference_steps=4,
+                                        strength=1.0, preview_every=1)
+    # no x0 clipping, so the fallback's x0 is DDIM's exactly
+    r.pipe.scheduler = DDIMScheduler.from_config(r.pipe.scheduler.config, clip_sample=False)
+    seen = _step_spy(r.pipe.scheduler, monkeypatch, hide_x0)
+    decoded = []
+    real = r.codec.preview
+    monkeypatch.setattr(r.codec, "preview", lambda x0, side: decoded.append((x0, real(x0, side))) or decoded[-1][1])
+    events = run(r, image, Plan())
+    previews = [e for e in events if isinstance(e, StagePreview)]
+    assert [(e.stage, e.step) for e in previews] == [(s, i) for s in ("rough", "middle", "final") for i in (1, 2, 3)]
+    latent = {"rough": (3, 4), "middle": (6, 8), "final": (12, 16)}  # 1/4 of each stage's size, unpadded
+    for e, (shown, img) in zip(previews, decoded):
+        h, w = latent[e.stage]
+        step = 4 * ("rough", "middle", "final").index(e.stage) + e.step - 1
+        torch.testing.assert_close(shown, seen["x0"][step][:1, :, :h, :w], atol=1e-5, rtol=0)
+        if e.step == 1:  # x_t after the first step (t≈500) is mostly noise; late x_t ≈ x0
+            assert (shown - seen["xt"][step][:1, :, :h, :w]).abs().max() > 0.1
+        np.testing.assert_allclose(e.image, resize(img, SIZES[e.stage]), atol=1e-6)
+
+
+def test_previews_are_decoded_small(tiny_path, image, monkeypatch):
+    """A preview decodes the x0 latent averaged down to ≤ half its side and ≤ preview_size pixels."""
+    r = DiffusionStages.from_pretrained(tiny_path, device="cpu", rough="diffusion", num_inference_steps=2,
+                                        strength=1.0, preview_every=1, preview_size=16)
+    vae = r.pipe.vae
+    shapes = []
+    real = vae.decode
+    monkeypatch.setattr(vae, "decode", lambda z, *a, **k: shapes.append(tuple(z.shape)) or real(z, *a, **k))
+    events = run(r, image, Plan())
+    assert [e.image.shape for e in events if isinstance(e, StagePreview)] == [(12, 16, 3)] * 3
+    # rough 16x12 (latent 4x3) previews at half the latent side, middle 32x24 (8x6) and final 64x48
+    # (16x12) at 16 pixels wide; the stage images decode their whole padded latents
+    assert shapes == [(1, 4, 2, 2), (1, 4, 8, 8), (1, 4, 3, 4), (1, 4, 8, 8), (1, 4, 3, 4), (1, 4, 16, 16)]
+    assert finals(events)["final"].rgb.shape == (48, 64, 3)
+
+
+# --- out of memory: each part shrinks its own work -----------------------------------------------------
+def _count_unet(unet, monkeypatch):
+    calls = []
+    forward = unet.forward
+    monkeypatch.setattr(unet, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    return calls
+
+
+def test_decode_out_of_memory_slices_without_rerunning_the_unet(tiny_path, image, monkeypatch, caplog):
+    """GRPO decodes G samples at once: on OOM the decode goes one sample at a time; denoising is not redone."""
+    from realsr_r1.restorers.memory import OutOfMemoryError
+
+    r = DiffusionStages.from_pretrained(tiny_path, device="cpu", rough="diffusion", num_inference_steps=2,
+                                        guidance_scale=3.0, vae_tile=0)
+    plans = [parse_cot(COT), parse_cot("<final_understand>a cat</final_understand>"), Plan()]
+    expected = r.restore_final_batch(image.rgb, plans, seed=3)
+    vae = r.pipe.vae
+    real = vae.decode
+
+    def one_at_a_time(z, *a, **k):  # a GPU that decodes one sample at a time
+        if z.shape[0] > 1:
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return real(z, *a, **k)
+
+    monkeypatch.setattr(vae, "decode", one_at_a_time)
+    calls = _count_unet(r.pipe.unet, monkeypatch)
+    with caplog.at_level("WARNING"):
+        out = r.restore_final_batch(image.rgb, plans, seed=3)
+    assert len(calls) == 2  # one pass: 2 steps, one tile, the CFG pair batched
+    assert r.tile == 128 and r.describe()["vae_slicing"] is True and "one sample at a time" in caplog.text
+    np.testing.assert_allclose(np.stack(out), np.stack(expected), atol=1e-5)
+
+
+def test_decode_out_of_memory_halves_the_vae_tile_not_the_latent_tile(tiny_path, image, monkeypatch, caplog):
+    from realsr_r1.restorers import vae as vae_module
+    from realsr_r1.restorers.memory import OutOfMemoryError
+
+    monkeypatch.setattr(vae_module, "MIN_TILE", 32)
+    r = DiffusionStages.from_pretrained(tiny_path, device="cpu", rough="diffusion", num_inference_steps=2,
+                                        strength=1.0, preview_every=0, vae_tile=0)
+    decoder = r.pipe.vae.decoder
+    real = decoder.forward
+
+    def small_tiles(z, *a, **k):  # a GPU that decodes 8x8 latents (32x32 pixels) only
+        if max(z.shape[-2:]) > 8:
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return real(z, *a, **k)
+
+    monkeypatch.setattr(decoder, "forward", small_tiles)
+    calls = _count_unet(r.pipe.unet, monkeypatch)
+    with caplog.at_level("WARNING"):
+        out = finals(run(r, image, Plan()))
+    assert len(calls) == 2 * 3  # 2 steps per stage, nothing redone
+    # rough and middle (8x8 latents) fit; final (16x16) is decoded in 32-pixel tiles
+    assert r.vae_tile == 32 and r.tile == 128 and "retrying with VAE tile 32" in caplog.text
+    assert out["final"].rgb.shape == (48, 64, 3) and np.isfinite(out["final"].rgb).all()
+
+    monkeypatch.setattr(decoder, "forward",
+                        lambda *a, **k: (_ for _ in ()).throw(OutOfMemoryError("CUDA out of memory")))
+    calls.clear()
+    with pytest.raises(OutOfMemoryError):  # nothing smaller to try: the error goes up, after one pass
+        run(r, image, Plan())
+    assert len(calls) == 2
+
+
+def test_out_of_memory_alias_is_portable(monkeypatch):
+    """torch < 2.5 has no torch.OutOfMemoryError; the CUDA one (torch ≥ 1.13) is the same class."""
+    import importlib
+
+    import torch
+
+    from realsr_r1.restorers import memory
+
+    assert memory.OutOfMemoryError is torch.cuda.OutOfMemoryError
+    monkeypatch.delattr(torch, "OutOfMemoryError")
+    try:
+        assert importlib.reload(memory).OutOfMemoryError is torch.cuda.OutOfMemoryError
+    finally:
+        monkeypatch.undo()
+        importlib.reload(memory)
