@@ -2,7 +2,7 @@
 
 Random weights run exactly as fast as trained ones, so no download is needed: the script builds a
 Qwen2.5-VL-3B-Instruct-shaped VLM and a stable-diffusion-x4-upscaler-shaped pipeline from their
-configs (tests' builders with the real sizes), saves them into --workdir with `save_pretrained`
+configs (realsr_r1/tiny.py's builders with the real sizes), saves them into --workdir with `save_pretrained`
 (reused on later runs) and loads them through the code users run (`build_pipeline` on
 configs/full.yaml, with the model folders overridden). The random VLM never writes a closing tag,
 so it always writes `--tokens` tokens (`min_new_tokens`), like a long real chain of thought.
@@ -44,8 +44,8 @@ QWEN_3B_VISION = dict(
 
 def build_models(workdir: Path, tiny: bool, device: str) -> tuple[Path, Path]:
     import torch
-    from tiny_diffusion import build_tiny_upscaler
-    from tiny_models import build_tiny_vlm
+
+    from realsr_r1.tiny import build_tiny_upscaler, build_tiny_vlm
 
     vlm = workdir / ("tiny-vlm" if tiny else "qwen2.5-vl-3b-random")
     sd = workdir / ("tiny-upscaler" if tiny else "sd-x4-upscaler-random")

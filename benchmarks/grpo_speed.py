@@ -36,11 +36,10 @@ WORDS = ["fur", "grass", "a red roof", "brick texture", "leaves", "sky", "water 
 
 def step_times(root: Path, steps: int) -> list[float]:
     from conftest import photo, weights_env
-    from tiny_diffusion import build_tiny_upscaler
-    from tiny_models import build_tiny_vlm
 
     from realsr_r1 import train
     from realsr_r1.data import build_dataset
+    from realsr_r1.tiny import build_tiny_upscaler, build_tiny_vlm
 
     weights, hr = root / "weights", root / "hr"
     build_tiny_vlm(weights / "tiny-vlm")
@@ -63,10 +62,10 @@ def reward_times(root: Path, g: int, size: int, repeats: int, rough: str = "real
                  real_size: bool = False) -> tuple[float, float]:
     import numpy as np
     from PIL import Image
-    from tiny_diffusion import build_tiny_upscaler
 
     from realsr_r1.restorers.diffusion import DiffusionStages
     from realsr_r1.rewards.visual import FidelityScorer, Restorations, make_generation_reward
+    from realsr_r1.tiny import build_tiny_upscaler
 
     from conftest import weights_env
 

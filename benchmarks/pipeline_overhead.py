@@ -27,16 +27,14 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # the tiny model builders the tests use
+sys.path.insert(0, str(REPO / "tests"))  # conftest.weights_env
 
 TARGET = 0.05
 
 
 def build(weights: Path, args):
-    from tiny_diffusion import build_tiny_upscaler
-    from tiny_models import build_tiny_vlm
-
     from realsr_r1.profiles import build_pipeline, load_config
+    from realsr_r1.tiny import build_tiny_upscaler, build_tiny_vlm
 
     build_tiny_vlm(weights / "tiny-vlm")
     build_tiny_upscaler(weights / "tiny-upscaler")

@@ -1,28 +1,132 @@
-"""Profiles: YAML configs in configs/ that say which policy and restorer a pipeline uses.
+"""Profiles: YAML configs that say which policy and restorer a pipeline uses.
 
-A profile is data, not a code branch: `load_config` reads configs/NAME.yaml (or any YAML path),
-applies `key.sub=value` overrides from the command line, and `build_pipeline` turns it into a
-RestorationPipeline. `choose_profile("auto")` says which profile can run here and why.
+A profile is data, not a code branch: `load_config` reads NAME.yaml from the package's configs/
+folder (a checkout's top-level configs/ links there) or any YAML path, applies `key.sub=value`
+overrides, and `build_pipeline` turns it into a RestorationPipeline. `choose_profile("auto")` says
+which profile can run here and why.
+
+Every key is checked before any model loads (`check_profile`): a misspelt key is a one-line error
+naming the closest valid ones, a value of the wrong type names the key. The valid keys of a policy
+or restorer are the keyword parameters of what builds it (COMPONENTS), so each default lives in one
+place, the constructor, and a profile sets only what it chooses; a keyword added to a constructor is
+a valid key at once.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
 from .pipeline import RestorationPipeline
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-PROFILES = ("lite", "full")
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+PROFILES = ("lite", "full", "tiny")
+TOP_KEYS = ("profile", "scale", "policy", "restorer")
+DEFAULT_TYPE = {"policy": "analyser", "restorer": "realesrgan"}
 
 
 class ConfigError(ValueError):
     """A profile or override that cannot be used; the message is one line."""
 
 
+@dataclass(frozen=True)
+class Component:
+    """One `type:` of policy or restorer.
+
+    `parts()` imports and returns the callables it is built with: their keyword parameters that have
+    defaults (except `device` and `internal` ones) are its config keys, named as in `renames`
+    (config key → keyword), plus the `extra` keys read here. A key in `sections` holds a mapping whose
+    keys are the keywords of the callable it names. `precision` is the keyword --fp32 sets; `flags`
+    maps infer's --tile/--tile-pad to config keys; `seeded` says whether a seed changes its output."""
+
+    parts: Callable[[], tuple]
+    build: Callable  # (section, keywords, device) → the policy or restorer
+    renames: dict = field(default_factory=dict)
+    extra: tuple = ()
+    internal: tuple = ()
+    sections: dict = field(default_factory=dict)
+    precision: str | None = None
+    flags: dict = field(default_factory=dict)
+    seeded: bool = False
+
+
+def _analyser_parts():
+    from .policy import AnalyserPolicy
+
+    return (AnalyserPolicy,)
+
+
+def _vlm_parts():
+    from .policy import VLMPolicy
+
+    return (VLMPolicy.from_pretrained,)
+
+
+def _decoding():
+    from .decoding import Decoding
+
+    return Decoding
+
+
+def _esrgan_parts():
+    from .restorers.esrgan import ESRGANRestorer
+
+    return (ESRGANRestorer.from_pretrained,)
+
+
+def _diffusion_parts():
+    from .restorers.diffusion import DiffusionStages
+
+    return (DiffusionStages.from_pretrained, DiffusionStages)
+
+
+def _build_analyser(section: dict, kw: dict, device: str):
+    return _analyser_parts()[0](**kw)
+
+
+def _build_vlm(section: dict, kw: dict, device: str):
+    return _vlm_parts()[0](_model_path(section, "policy"), device=device, **kw)
+
+
+def _build_esrgan(section: dict, kw: dict, device: str):
+    from .restorers.lite import LiteStages
+
+    return LiteStages(_esrgan_parts()[0](device=device, **kw))
+
+
+def _build_diffusion(section: dict, kw: dict, device: str):
+    return _diffusion_parts()[0](_model_path(section, "restorer"), device=device, **kw)
+
+
+COMPONENTS = {
+    "policy": {
+        "analyser": Component(_analyser_parts, _build_analyser),
+        "vlm": Component(_vlm_parts, _build_vlm, extra=("model", "hub"), sections={"generation": _decoding},
+                         precision="dtype", seeded=True),
+    },
+    "restorer": {
+        "realesrgan": Component(_esrgan_parts, _build_esrgan, precision="precision",
+                                flags={"tile": "tile", "tile_pad": "tile_pad"}),
+        # The diffusion tile is in latent pixels (= input pixels at the final ×4 stage); its overlap
+        # is what --tile-pad means there.
+        "diffusion": Component(_diffusion_parts, _build_diffusion, renames={"steps": "num_inference_steps"},
+                               extra=("model", "hub"), internal=("regression",), precision="dtype",
+                               flags={"tile": "tile", "tile_pad": "tile_overlap"}, seeded=True),
+    },
+}
+
+
+# --- Reading ---------------------------------------------------------------------------------------
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> dict:
+    """A YAML config (profile or training preset) by name or path, with overrides applied."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = CONFIG_DIR / f"{name_or_path}.yaml"
@@ -55,8 +159,10 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
 def choose_profile(requested: str) -> tuple[str, str]:
     """(profile, reason). `auto` takes the best profile this machine can run."""
     if requested != "auto":
-        if requested not in PROFILES and not (CONFIG_DIR / f"{requested}.yaml").is_file():
-            raise ConfigError(f"unknown profile {requested!r} (available: {', '.join(PROFILES)})")
+        if requested not in PROFILES:
+            names = ("auto", *PROFILES)
+            raise ConfigError(f"unknown profile {requested!r}{_hint(requested, names, list_all=False)}: "
+                              f"use {', '.join(names)} or a .yaml file")
         return requested, "requested"
     from .download import full_profile_present
     from .weights import default_dir
@@ -71,72 +177,157 @@ def choose_profile(requested: str) -> tuple[str, str]:
     return "full", "auto: full profile weights and a CUDA GPU are present"
 
 
+# --- Checking --------------------------------------------------------------------------------------
+def _hint(key: str, valid, list_all: bool = True) -> str:
+    close = difflib.get_close_matches(str(key), list(valid), n=2, cutoff=0.7)
+    if close:
+        return f" (did you mean {' or '.join(close)}?)"
+    return f" (valid: {', '.join(valid)})" if list_all else ""
+
+
+def _signature(fn) -> inspect.Signature:
+    try:
+        return inspect.signature(fn, eval_str=True)
+    except Exception:  # an annotation that does not evaluate: the key is still valid, its type unchecked
+        return inspect.signature(fn)
+
+
+def _keywords(fn, skip=()) -> dict[str, inspect.Parameter]:
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p for p in _signature(fn).parameters.values()
+            if p.kind in kinds and p.default is not p.empty and p.name not in skip}
+
+
+def component(kind: str, type_) -> Component:
+    """The Component for `policy`/`restorer` type `type_`, or a one-line error."""
+    known = COMPONENTS[kind]
+    if type_ not in known:
+        raise ConfigError(f"{kind}.type: unknown {kind} type {type_!r}{_hint(type_, known)}")
+    return known[type_]
+
+
+def valid_keys(comp: Component) -> dict[str, inspect.Parameter | None]:
+    """Config key → the parameter it sets (None: read by the profile itself, any type)."""
+    back = {keyword: key for key, keyword in comp.renames.items()}
+    keys: dict[str, inspect.Parameter | None] = {"type": None, **dict.fromkeys(comp.extra)}
+    for fn in comp.parts():
+        for name, param in _keywords(fn, skip=("device", *comp.internal)).items():
+            keys[back.get(name, name)] = param
+    return keys
+
+
+def _allowed(param: inspect.Parameter | None) -> tuple[type, ...] | None:
+    """The types a value may have, from the annotation (else the default); None: unchecked."""
+    if param is None:
+        return None
+    ann = param.annotation
+    if ann is param.empty or isinstance(ann, str):
+        return None if param.default is None else (type(param.default),)
+    args = typing.get_args(ann) if typing.get_origin(ann) in (typing.Union, types.UnionType) else (ann,)
+    allowed = tuple(typing.get_origin(a) or a for a in args)
+    if not all(isinstance(t, type) for t in allowed):
+        return None
+    return allowed + ((int,) if float in allowed and int not in allowed else ())
+
+
+def _check_value(where: str, value, param: inspect.Parameter | None) -> None:
+    allowed = _allowed(param)
+    if allowed is None:
+        return
+    if isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool)):
+        return
+    names = " or ".join(t.__name__ for t in allowed if t is not type(None))
+    raise ConfigError(f"{where}: expected {names}, got {value!r}")
+
+
+def _check_keys(where: str, section, keys: dict, what: str = "") -> None:
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: expected a section (key: value lines), got {section!r}")
+    for key, value in section.items():
+        if key not in keys:
+            raise ConfigError(f"{where}.{key}: unknown key{what}{_hint(key, keys)}")
+        _check_value(f"{where}.{key}", value, keys[key])
+
+
+def check_section(kind: str, section, where: str | None = None) -> Component:
+    """Check a `policy` or `restorer` section (keys, value types); returns its Component."""
+    where = where or kind
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: expected a section (key: value lines), got {section!r}")
+    type_ = section.get("type", DEFAULT_TYPE[kind])
+    comp = component(kind, type_)
+    _check_keys(where, section, valid_keys(comp), f" for the {type_} {kind}")
+    for key, make in comp.sections.items():
+        if section.get(key) is not None:
+            _check_keys(f"{where}.{key}", section[key], _keywords(make()))
+    return comp
+
+
+def check_profile(cfg) -> None:
+    """Every key of a profile, checked before anything loads; ConfigError with one line."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"a profile is a mapping of keys ({', '.join(TOP_KEYS)}), got {cfg!r}")
+    for key in cfg:
+        if key not in TOP_KEYS:
+            raise ConfigError(f"{key}: unknown key{_hint(key, TOP_KEYS)}")
+    if not isinstance(cfg.get("profile"), str):
+        raise ConfigError(f"profile: expected the profile's name (written into each sidecar), "
+                          f"got {cfg.get('profile')!r}")
+    scale = cfg.get("scale")
+    if "scale" in cfg and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 16):
+        raise ConfigError(f"scale: expected a number in (0, 16], got {scale!r}")
+    for kind in ("policy", "restorer"):
+        check_section(kind, cfg[kind] if cfg.get(kind) is not None else {})
+
+
+# --- Building --------------------------------------------------------------------------------------
 def _model_path(section: dict, what: str) -> Path:
-    """A model folder: an absolute/relative path as given, else a folder under the weights dir."""
+    """A model folder: a path as given, else a folder under the weights dir. The tiny random models
+    (tiny.BUILDERS) are built there on first use; anything else missing is a one-line error."""
+    from . import tiny
     from .weights import WeightsNotFoundError, default_dir
 
     name = section.get("model")
     if not name:
-        raise ConfigError(f"{what}: no `model` set in the profile")
+        raise ConfigError(f"{what}.model: not set (a folder under the weights folder, or a path)")
     path = Path(name).expanduser()
-    if not path.is_dir():
-        path = default_dir() / str(name)
-    if not path.is_dir():
-        hub = section.get("hub", "the model")
-        raise WeightsNotFoundError(f"{what} weights not found at {path}: run `python -m realsr_r1.download full` "
-                                   f"or put {hub} there")
-    return path
+    if path.is_dir():
+        return path
+    path = default_dir() / str(name)
+    if path.is_dir():
+        return path
+    if str(name) in tiny.BUILDERS:
+        try:
+            return tiny.ensure(str(name), default_dir())
+        except OSError as e:
+            raise WeightsNotFoundError(f"cannot build the tiny model {path} ({e.strerror or e}): set "
+                                       f"REALSR_R1_WEIGHTS to a writable folder") from None
+    hub = section.get("hub", "the model")
+    raise WeightsNotFoundError(f"{what} weights not found at {path}: run `python -m realsr_r1.download full` "
+                               f"or put {hub} there")
 
 
-def build_pipeline(cfg: dict, *, device: str = "auto", fp32: bool = False) -> RestorationPipeline:
-    policy = build_policy(cfg.get("policy") or {}, device=device, fp32=fp32)
-    restorer = build_restorer(cfg.get("restorer") or {}, device=device, fp32=fp32)
-    return RestorationPipeline(policy, restorer, profile=cfg.get("profile", "lite"), scale=float(cfg.get("scale", 4)))
+def _build(kind: str, section: dict, device: str, fp32: bool):
+    comp = check_section(kind, section)
+    kw = {comp.renames.get(k, k): v for k, v in section.items() if k != "type" and k not in comp.extra}
+    if fp32 and comp.precision:
+        kw[comp.precision] = "fp32"
+    return comp.build(section, kw, device)
 
 
 def build_policy(policy_cfg: dict, *, device: str = "auto", fp32: bool = False):
     """What writes the chain of thought: the classical analyser, or a VLM (with its adapter)."""
-    policy_type = policy_cfg.get("type", "analyser")
-    if policy_type == "analyser":
-        from .policy import AnalyserPolicy
-
-        return AnalyserPolicy()
-    if policy_type != "vlm":
-        raise ConfigError(f"unknown policy type {policy_type!r} (analyser, vlm)")
-    from .policy import VLMPolicy
-
-    return VLMPolicy.from_pretrained(
-        _model_path(policy_cfg, "policy"), device=device, dtype="fp32" if fp32 else policy_cfg.get("dtype", "auto"),
-        load_in_4bit=bool(policy_cfg.get("load_in_4bit")), load_in_8bit=bool(policy_cfg.get("load_in_8bit")),
-        adapter=policy_cfg.get("adapter"), max_pixels=policy_cfg.get("max_pixels"),
-        generation=policy_cfg.get("generation") or {})
+    return _build("policy", policy_cfg, device, fp32)
 
 
 def build_restorer(restorer_cfg: dict, *, device: str = "auto", fp32: bool = False):
     """What makes the stage images: Real-ESRGAN (lite) or the diffusion upscaler (full)."""
-    restorer_type = restorer_cfg.get("type", "realesrgan")
-    if restorer_type == "realesrgan":
-        from .restorers.esrgan import ESRGANRestorer
-        from .restorers.lite import LiteStages
+    return _build("restorer", restorer_cfg, device, fp32)
 
-        return LiteStages(ESRGANRestorer.from_pretrained(
-            restorer_cfg.get("path"), device=device,
-            precision="fp32" if fp32 else restorer_cfg.get("precision", "auto"),
-            tile=int(restorer_cfg.get("tile", 256)), tile_pad=int(restorer_cfg.get("tile_pad", 16))))
-    if restorer_type != "diffusion":
-        raise ConfigError(f"unknown restorer type {restorer_type!r} (realesrgan, diffusion)")
-    from .restorers.diffusion import DiffusionStages
 
-    extra = {"negative_prompt": restorer_cfg["negative_prompt"]} if restorer_cfg.get("negative_prompt") else {}
-    return DiffusionStages.from_pretrained(
-        _model_path(restorer_cfg, "restorer"), device=device,
-        dtype="fp32" if fp32 else restorer_cfg.get("dtype", "auto"),
-        rough=restorer_cfg.get("rough", "realesrgan"),
-        num_inference_steps=int(restorer_cfg.get("steps", 20)),
-        guidance_scale=float(restorer_cfg.get("guidance_scale", 7.5)), **extra,
-        color_fix=restorer_cfg.get("color_fix", "wavelet"),
-        cpu_offload=bool(restorer_cfg.get("cpu_offload")),
-        preview_every=int(restorer_cfg.get("preview_every", 5)),
-        strength=float(restorer_cfg.get("strength", 0.8)),
-        tile=int(restorer_cfg.get("tile", 128)), tile_overlap=int(restorer_cfg.get("tile_overlap", 32)),
-        vae_tile=int(restorer_cfg.get("vae_tile", 512) or 0))
+def build_pipeline(cfg: dict, *, device: str = "auto", fp32: bool = False) -> RestorationPipeline:
+    check_profile(cfg)  # all of it, before the first model loads
+    policy = build_policy(cfg.get("policy") or {}, device=device, fp32=fp32)
+    restorer = build_restorer(cfg.get("restorer") or {}, device=device, fp32=fp32)
+    scale = {"scale": float(cfg["scale"])} if "scale" in cfg else {}
+    return RestorationPipeline(policy, restorer, profile=cfg["profile"], **scale)

@@ -32,7 +32,7 @@ from ..device import PRECISIONS, check_precision, resolve_device
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TILE = {"cuda": 512}  # input pixels; everything else 256
+DEFAULT_TILE = {"cuda": 512, "cpu": 256}  # input pixels per tile side; other devices take the CPU's
 MIN_TILE = 32  # CUDA OOM halving stops here
 FINALIZE_ROWS = 256  # output rows converted to the output dtype at a time
 GRAY = (0.299, 0.587, 0.114)  # alpha comes back through the RGB net; Real-ESRGAN takes it as grey
@@ -214,7 +214,7 @@ class ESRGANRestorer:
                  tile: int | None = None, tile_pad: int = 16, name: str = "realesrgan-x4plus"):
         self.device = device = torch.device(device)
         self.precision = check_precision(device, precision)
-        self.tile = DEFAULT_TILE.get(device.type, 256) if tile is None else int(tile)
+        self.tile = DEFAULT_TILE.get(device.type, DEFAULT_TILE["cpu"]) if tile is None else int(tile)
         self.tile_pad = int(tile_pad)
         if self.tile < 0 or self.tile_pad < 0:
             raise ValueError(f"tile and tile_pad must be ≥ 0, got {self.tile} and {self.tile_pad}")

@@ -1,0 +1,313 @@
+"""Tiny random models, built offline in seconds: the tiny profile (configs/tiny.yaml), the smoke
+training config (configs/grpo-tiny.yaml), tests and benchmarks use them (as diffusers keeps its
+dummy components in `diffusers.utils.testing_utils`).
+
+- `build_tiny_vlm(path)`: a tiny random Qwen2.5-VL (model, tokenizer, image processor, chat
+  template) saved with `save_pretrained`, so it loads back through the code users run.
+- `build_tiny_upscaler(path)`: a random StableDiffusionUpscalePipeline with the x4 upscaler's
+  layout: tiny, or the real sizes (`real_size=True`, for benchmarks with random weights).
+- `ensure(name, weights_dir)`: the model folder, built there on first use when a profile names it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen2-VL's chat template, trimmed to what images + text need.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = [
+    "<degradation>blur: medium; noise: heavy; jpeg: light; downsample: x4</degradation>",
+    "<rough_understand>a dog lying on grass</rough_understand><rough_image></rough_image>",
+    "<middle_understand>a brown short-haired dog on a green lawn, a fence behind</middle_understand>",
+    "<middle_image></middle_image><final_understand>fur texture, grass blades</final_understand>",
+    "<final_image></final_image> none light medium heavy blur noise jpeg downsample x2 x4",
+    "You are an expert in image restoration. Perceive the degradation of this low-quality image.",
+    "system user assistant the a of and to in is it that with for on as",
+]
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE tokenizer with Qwen's special tokens, trained offline on a few lines."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=QWEN_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=QWEN_SPECIAL_TOKENS[1:],
+    )
+    fast.chat_template = QWEN_CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_vlm(path, text: dict | None = None, vision: dict | None = None, device: str = "cpu",
+                   dtype=None) -> Path:
+    """Write a tiny random Qwen2.5-VL checkpoint (model + processor) to `path`; return the path.
+
+    All Linear input sizes are multiples of 64 so bitsandbytes 4-bit also works on CPU. `text` and
+    `vision` override config entries (benchmarks build the real 3B architecture this way; token ids
+    the tiny tokenizer does not know decode to nothing), `device`/`dtype` where it is built.
+    """
+    import torch
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+    )
+
+    try:
+        from transformers import Qwen2VLImageProcessorPil as ImageProcessor
+    except ImportError:  # older transformers
+        from transformers import Qwen2VLImageProcessor as ImageProcessor
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    vocab = len(tokenizer)
+    text_config = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},  # sums to head_dim/2 = 8
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        tie_word_embeddings=False,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    vision_config = dict(
+        depth=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=4,
+        out_hidden_size=64,
+        fullatt_block_indexes=[1],
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=56,
+        in_channels=3,
+    )
+    text_config.update(text or {})
+    vision_config.update(vision or {})
+    config = Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    config.bos_token_id = ids["<|endoftext|>"]
+    config.eos_token_id = ids["<|im_end|>"]
+    config.pad_token_id = ids["<|endoftext|>"]
+    torch.manual_seed(0)
+    old_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or torch.float32)
+    try:
+        with torch.device(device):
+            model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(old_dtype)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(path)
+
+    # Saved part by part: without torchvision a full Qwen2_5_VLProcessor (with its video part)
+    # cannot be built, and this is how such a checkpoint looks to the loader anyway.
+    image_processor = ImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
+    image_processor.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# --- The upscaler --------------------------------------------------------------------------------
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _write_tokenizer_files(folder: Path) -> int:
+    """CLIP-style vocab (every byte char, alone and word-final) with no merges. Returns its size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    return len(tokens)
+
+
+# The stabilityai/stable-diffusion-x4-upscaler architecture (for benchmarks with random weights).
+REAL_UNET = dict(
+    sample_size=128, in_channels=7, out_channels=4, layers_per_block=2,
+    block_out_channels=(256, 512, 512, 1024), norm_num_groups=32,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    only_cross_attention=(True, True, True, False),  # no self-attention in the high-resolution levels
+    cross_attention_dim=1024, attention_head_dim=(4, 8, 8, 16), use_linear_projection=True,
+    num_class_embeds=1000,
+)
+REAL_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512),
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    sample_size=256, scaling_factor=0.08333,
+)
+REAL_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
+                 hidden_act="gelu", projection_dim=512)
+
+
+def build_tiny_upscaler(path: str | Path, seed: int = 0, real_size: bool = False, device: str = "cpu",
+                        dtype=None) -> Path:
+    """Write a random StableDiffusionUpscalePipeline to `path`: tiny, or the x4 upscaler's real sizes."""
+    import torch
+    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tok_dir:  # CLIPTokenizer reads files; the pipeline saves its own
+        vocab_size = _write_tokenizer_files(Path(tok_dir))
+        tokenizer = CLIPTokenizer(f"{tok_dir}/vocab.json", f"{tok_dir}/merges.txt", model_max_length=77)
+
+    unet_cfg = REAL_UNET if real_size else dict(
+        sample_size=8, in_channels=7, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, use_linear_projection=True,
+        num_class_embeds=351,  # noise levels 0..max_noise_level (350)
+    )
+    vae_cfg = REAL_VAE if real_size else dict(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        block_out_channels=(8, 8, 16), norm_num_groups=8,  # 3 blocks → VAE factor 4
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        scaling_factor=0.08333,
+    )
+    text_cfg = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
+                    projection_dim=16)
+    text_cfg.update(REAL_TEXT if real_size else {})
+    torch.manual_seed(seed)
+    old_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or torch.float32)
+    try:
+        with torch.device(device):
+            unet = UNet2DConditionModel(**unet_cfg)
+            vae = AutoencoderKL(**vae_cfg)
+            text_encoder = CLIPTextModel(CLIPTextConfig(
+                vocab_size=vocab_size, max_position_embeddings=77, **text_cfg,
+                bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+            ))
+    finally:
+        torch.set_default_dtype(old_dtype)
+    pipe = StableDiffusionUpscalePipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        low_res_scheduler=DDPMScheduler(num_train_timesteps=1000),
+        scheduler=DDIMScheduler(num_train_timesteps=1000, prediction_type="v_prediction"),
+        safety_checker=None, feature_extractor=None, watermarker=None, max_noise_level=350,
+    )
+    pipe.save_pretrained(str(path))
+    return Path(path)
+
+
+# The folder names profiles use (configs/tiny.yaml, configs/grpo-tiny.yaml) → their builders.
+BUILDERS = {"tiny-vlm": build_tiny_vlm, "tiny-upscaler": build_tiny_upscaler}
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """save_pretrained shows a bar per shard: noise for a model built in a second."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def ensure(name: str, weights_dir: str | Path) -> Path:
+    """`weights_dir/name`, building the tiny model `name` (a key of BUILDERS) there if it is missing.
+
+    The build goes into a temporary folder that is renamed into place: an interrupted build leaves
+    nothing half-written, and when two processes build at once the first rename wins and the other
+    copy is dropped."""
+    from .imageio import new_temp_dir
+
+    dest = Path(weights_dir) / name
+    if dest.is_dir():
+        return dest
+    tmp = new_temp_dir(dest)
+    try:
+        with _no_progress_bars():
+            BUILDERS[name](tmp)
+        try:
+            tmp.rename(dest)
+        except OSError:
+            if not dest.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.warning("built the tiny random model %s (first use)", dest)
+    return dest
