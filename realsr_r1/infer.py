@@ -145,8 +145,8 @@ def profile_config(args: argparse.Namespace) -> tuple[str, str, dict, list[str]]
             restorer[parts[1].flags[flag]] = getattr(args, flag)
     if args.adapter:
         if "adapter" not in valid_keys(parts[0]):
-            raise ConfigError(f"--adapter does not apply to the {profile} profile: its policy is the "
-                              f"{policy_type}, not a VLM")
+            raise ConfigError(f"--adapter does not apply to the {profile} profile: it needs a profile with a "
+                              f"VLM policy ({profile}'s is the {policy_type})")
         policy["adapter"] = str(Path(args.adapter))
     cfg["policy"], cfg["restorer"] = policy, restorer
     notes = []

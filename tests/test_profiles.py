@@ -149,3 +149,8 @@ def test_seed_on_a_deterministic_profile_says_so(one_image, tmp_path, capsys, we
     assert rc == 0 and "note: --seed has no effect on the lite profile" in err, err
     rc, err = run_cli(capsys, "-i", one_image, "-o", tmp_path / "o2", "--profile", "lite")
     assert rc == 0 and "note:" not in err, err
+
+
+def test_sidecar_names_the_real_esrgan_weights_in_use(weights_dir):
+    restorer = profiles.build_restorer({"type": "realesrgan", "path": "realesr-animevideov3"}, device="cpu")
+    assert restorer.describe()["restorer"] == "realesr-animevideov3"

@@ -40,10 +40,13 @@ def resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 class LiteStages:
     """StageRestorer over an ESRGANRestorer."""
 
-    name = "realesrgan-x4plus"
-
     def __init__(self, esrgan: ESRGANRestorer):
         self.esrgan = esrgan
+
+    @property
+    def name(self) -> str:
+        """The weights in use (`restorer.path`), as the sidecar records them."""
+        return self.esrgan.name
 
     def describe(self) -> dict:
         return {"restorer": self.name, "device": str(self.esrgan.device), "precision": self.esrgan.precision,
