@@ -201,7 +201,7 @@ def _keywords(fn, skip=()) -> dict[str, inspect.Parameter]:
 def component(kind: str, type_) -> Component:
     """The Component for `policy`/`restorer` type `type_`, or a one-line error."""
     known = COMPONENTS[kind]
-    if type_ not in known:
+    if not isinstance(type_, str) or type_ not in known:
         raise ConfigError(f"{kind}.type: unknown {kind} type {type_!r}{_hint(type_, known)}")
     return known[type_]
 
