@@ -154,3 +154,13 @@ def test_seed_on_a_deterministic_profile_says_so(one_image, tmp_path, capsys, we
 def test_sidecar_names_the_real_esrgan_weights_in_use(weights_dir):
     restorer = profiles.build_restorer({"type": "realesrgan", "path": "realesr-animevideov3"}, device="cpu")
     assert restorer.describe()["restorer"] == "realesr-animevideov3"
+
+
+def test_readme_documents_every_profile_key():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Profiles"):readme.index("### Many GPUs")]
+    for kind, type_ in (("policy", "vlm"), ("restorer", "diffusion"), ("restorer", "realesrgan")):
+        for key in profiles.valid_keys(profiles.component(kind, type_)):
+            if key not in ("type", "model", "hub"):
+                forms = (f"`{kind}.{key}`", f"`{key}`", f"`{kind}.{key}.*`")
+                assert any(f in section for f in forms), f"{kind}.{key} ({type_}) is not in README's Profiles"
