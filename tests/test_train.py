@@ -157,9 +157,11 @@ def _changed_fraction(before, after):
 
 def test_full_finetuning_learns_at_a_small_learning_rate(setup, capsys, tmp_path):
     """dtype bf16 (what auto gives on a GPU) with lora: null used to round 2e-6 AdamW steps away."""
+    import yaml
+
     out = setup / "full"
     rc = run(setup, out, "--set", "lora=null", "--set", "dtype=bf16", "--set", "trainer.learning_rate=2.0e-6",
-             "--set", "trainer.max_steps=1", "--set", "group_filter=null")
+             "--set", "trainer.max_steps=1", "--set", "group_filter=null", "--set", "generation.temperature=0.7")
     err = capsys.readouterr().err
     assert rc == 0, err
     assert f"model saved in {out}" in err and f"--set policy.model={out}" in err and "--adapter" not in err
@@ -170,16 +172,20 @@ def test_full_finetuning_learns_at_a_small_learning_rate(setup, capsys, tmp_path
     src = tmp_path / "in"
     src.mkdir()
     photo((16, 12)).save(src / "p.png")
-    with weights_env(setup / "weights"):  # the trained model loads as a policy, with its decoding
-        rc = infer.main(["-i", str(src), "-o", str(tmp_path / "o"), "--profile", str(REPO / "configs" / "tiny.yaml"),
+    # a profile that sets no decoding of its own: the model's recorded one applies
+    profile = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    del profile["policy"]["generation"]
+    (tmp_path / "trained.yaml").write_text(yaml.safe_dump(profile))
+    with weights_env(setup / "weights"):
+        rc = infer.main(["-i", str(src), "-o", str(tmp_path / "o"), "--profile", str(tmp_path / "trained.yaml"),
                          "--quiet", "--set", f"policy.model={out}", "--adapter", str(out)])
         assert rc == 2 and "holds a full model: use --set policy.model=" in capsys.readouterr().err
-        rc = infer.main(["-i", str(src), "-o", str(tmp_path / "o"), "--profile", str(REPO / "configs" / "tiny.yaml"),
+        rc = infer.main(["-i", str(src), "-o", str(tmp_path / "o"), "--profile", str(tmp_path / "trained.yaml"),
                          "--quiet", "--set", f"policy.model={out}"])
         assert rc == 0, capsys.readouterr().err
-    side = json.loads((tmp_path / "o" / "p.json").read_text())
-    used = side["policy_info"]["generation"]  # the sidecar records the decoding that ran
-    assert used["temperature"] == 1.0 and used["max_new_tokens"] == 16  # grpo-tiny's, recorded beside the model
+    used = json.loads((tmp_path / "o" / "p.json").read_text())["policy_info"]["generation"]
+    # the sidecar records the decoding that ran: the one the rollouts used, recorded beside the model
+    assert used["temperature"] == 0.7 and used["max_new_tokens"] == 16
     assert used["top_k"] == 0 and used["repetition_penalty"] == 1.0
 
 
