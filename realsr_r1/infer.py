@@ -220,7 +220,7 @@ class _Folder:
                 stage_files[stage] = f"{stem}_{stage}.{ext}"
                 write_image(self.out_dir / stage_files[stage], img.rgb, img.alpha, **write_kw)
         write_image(self.out_dir / f"{stem}.{ext}", result.rgb, result.alpha, **write_kw)
-        notes = [n for n in [*loaded.notes, getattr(self.pipeline.policy, "note", "")] if n]
+        notes = [n for n in [*loaded.notes, self.pipeline.policy.note] if n]
         sidecar = build_sidecar(path.name, f"{stem}.{ext}", result, self.reason, stage_files, notes, loaded)
         atomic_write_text(self.out_dir / f"{stem}.json", json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n")
 

@@ -43,19 +43,52 @@ def model_path(cfg: dict) -> Path:
     return _model_path(cfg, "policy")
 
 
+# The keys a training config may have (configs/grpo*.yaml); `trainer` is GRPOConfig's, checked by it.
+CONFIG_KEYS = ("model", "dtype", "load_in_4bit", "max_pixels", "data", "output_dir", "lora", "rewards", "restorer",
+               "group_filter", "generation", "trainer")
+LORA_KEYS = ("r", "alpha", "dropout", "targets", "train_vision")
+RENDER_KEYS = ("profile", "scale", "batch_size", "seed")  # `restorer:` keys about rendering, not the restorer
+
+
+def check_config(cfg: dict) -> None:
+    """Every key of a training config known, before anything loads: one line naming the first that is not."""
+    from .profiles import _hint
+
+    for key in cfg:
+        if key not in CONFIG_KEYS:
+            raise ConfigError(f"{key}: unknown training config key{_hint(key, CONFIG_KEYS)}")
+    for key in (cfg.get("lora") or {}):
+        if key not in LORA_KEYS:
+            raise ConfigError(f"lora.{key}: unknown key{_hint(key, LORA_KEYS)}")
+    if cfg.get("restorer"):
+        restorer_section(cfg)  # checks the merged section's keys and types
+    decoding(cfg)
+
+
+def restorer_section(cfg: dict) -> dict:
+    """The restorer that renders image rewards: `restorer.profile`'s section with this config's keys
+    over it, checked as a profile's is."""
+    from .profiles import check_section
+
+    section = dict(cfg.get("restorer") or {})
+    profile = section.pop("profile", None)
+    merged = dict(load_config(profile).get("restorer") or {}) if profile else {}
+    merged.update({k: v for k, v in section.items() if k not in RENDER_KEYS})
+    check_section("restorer", merged)
+    return merged
+
+
 def restorations_factory(cfg: dict, device: str):
     """A `Restorations` over the restorer the config names (`restorer.profile` + overrides)."""
+    section = dict(cfg.get("restorer") or {})
+    merged = restorer_section(cfg)
+
     def make():
         from .profiles import build_restorer
         from .rewards.visual import Restorations
 
-        section = dict(cfg.get("restorer") or {})
-        profile = section.pop("profile", None)
-        base = dict(load_config(profile).get("restorer") or {}) if profile else {}
-        base.update({k: v for k, v in section.items() if k not in ("scale", "batch_size", "seed")})
-        restorer = build_restorer(base, device=device)
-        return Restorations(restorer, scale=float(section.get("scale", 4)), seed=int(section.get("seed", 0)),
-                            batch_size=section.get("batch_size"))
+        return Restorations(build_restorer(merged, device=device), scale=float(section.get("scale", 4)),
+                            seed=int(section.get("seed", 0)), batch_size=section.get("batch_size"))
 
     return make
 
@@ -229,6 +262,7 @@ def last_checkpoint(output_dir: Path) -> Path | None:
 
 
 def train(cfg: dict, *, resume: bool = False) -> Path:
+    check_config(cfg)
     output_dir = Path(cfg.get("output_dir") or "runs/grpo")
     checkpoint = last_checkpoint(output_dir) if output_dir.is_dir() else None
     if resume and checkpoint is None:
@@ -267,6 +301,7 @@ def filter_dataset(cfg: dict, keep: float, out: Path | None = None, log=print) -
 
     if not 0 < keep <= 1:
         raise ConfigError(f"--keep must be in (0, 1], got {keep}")
+    check_config(cfg)
     data = _data_dir(cfg)
     dataset = load_dataset(data)
     out = Path(out or f"{data.as_posix().rstrip('/')}-hardest{round(100 * keep)}")

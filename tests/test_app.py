@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, photo
-from tiny_diffusion import build_tiny_upscaler
-from tiny_models import build_tiny_vlm
+from realsr_r1.tiny import build_tiny_upscaler
+from realsr_r1.tiny import build_tiny_vlm
 
 ARTIFACTS = Path(os.environ.get("REALSR_R1_ARTIFACTS", REPO / "tests" / "artifacts"))
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

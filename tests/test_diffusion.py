@@ -13,7 +13,7 @@ from realsr_r1.restorers.conditioning import Condition, noise_level_for, stage_p
 from realsr_r1.restorers.diffusion import DiffusionStages, drain  # noqa: E402
 from realsr_r1.restorers.lite import resize  # noqa: E402
 
-from tiny_diffusion import build_tiny_upscaler  # noqa: E402
+from realsr_r1.tiny import build_tiny_upscaler
 
 SIZES = {"rough": (16, 12), "middle": (32, 24), "final": (64, 48)}
 COT = ("<degradation>blur: light; noise: heavy; jpeg: medium; downsample: x4</degradation>"

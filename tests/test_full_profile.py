@@ -15,8 +15,8 @@ from realsr_r1.pipeline import AnalysisReady, Done, PlanReady, StageImage, Stage
 from realsr_r1.profiles import build_pipeline, load_config
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny_diffusion import build_tiny_upscaler  # noqa: E402
-from tiny_models import build_tiny_vlm  # noqa: E402
+from realsr_r1.tiny import build_tiny_upscaler
+from realsr_r1.tiny import build_tiny_vlm
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from realsr_r1.cot import Plan, parse_cot
 from realsr_r1.imageio import LoadedImage
 from realsr_r1.policy import PolicyLoadError, VLMPolicy
 
-from tiny_models import build_tiny_vlm  # tests/ is on sys.path (rootdir conftest)
+from realsr_r1.tiny import build_tiny_vlm
 
 GEN = {"max_new_tokens": 12, "do_sample": True, "temperature": 1.0, "top_p": 1.0}
 
@@ -144,7 +144,7 @@ def test_token_stream_decodes_incrementally_to_the_full_text():
     import torch
 
     from realsr_r1.vlm import TokenStream
-    from tiny_models import build_tiny_tokenizer
+    from realsr_r1.tiny import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     text = "<degradation>noise: heavy</degradation> café 🙂 naïve\nsecond line <|im_end|>"

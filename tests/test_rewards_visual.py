@@ -109,7 +109,7 @@ def test_generation_compass_and_irpo_rewards(lq_hr):
 
 
 def test_vlm_judge_runs_a_real_chat_vlm(tmp_path, lq_hr):
-    from tiny_models import build_tiny_vlm
+    from realsr_r1.tiny import build_tiny_vlm
 
     judge = visual.build_scorer("vlm-judge", model=str(build_tiny_vlm(tmp_path / "judge")), device="cpu")
     lq, hr_path = lq_hr
@@ -153,7 +153,7 @@ def test_custom_reward_by_import_path():
 
 def test_real_diffusion_restorer_renders_each_text(tmp_path, lq_hr):
     """The generation reward over the tiny diffusion upscaler: G texts for one image in one call."""
-    from tiny_diffusion import build_tiny_upscaler
+    from realsr_r1.tiny import build_tiny_upscaler
 
     from realsr_r1.restorers.diffusion import DiffusionStages
 

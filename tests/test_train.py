@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO, photo, weights_env
 from realsr_r1 import infer, train
-from tiny_diffusion import build_tiny_upscaler
-from tiny_models import build_tiny_vlm
+from realsr_r1.tiny import build_tiny_upscaler
+from realsr_r1.tiny import build_tiny_vlm
 
 CONFIG = str(REPO / "configs" / "grpo-tiny.yaml")
 REWARDS = ("format", "degradation", "understanding", "generation", "letter_fraction")
@@ -133,6 +133,11 @@ def test_qlora_trains_on_a_4bit_base(setup, capsys):
     (["--set", "lora=null", "--set", "dtype=fp8"], "dtype: unknown precision"),
     (["--set", "model=no-such-model"], "weights not found"),
     (["--set", "rewards.beauty=1"], "unknown reward"),
+    (["--set", "lr=0.1"], "lr: unknown training config key"),
+    (["--set", "generaton.temperature=0.5"], "generaton: unknown training config key (did you mean generation?)"),
+    (["--set", "lora.rank=8"], "lora.rank: unknown key (valid: r, alpha"),
+    (["--set", "restorer.tiel=8"], "restorer.tiel: unknown key for the diffusion restorer (did you mean tile?)"),
+    (["--set", "generation.temprature=0.5"], "generation.temprature: unknown decoding setting"),
 ])
 def test_config_mistakes_are_one_line_errors(setup, tmp_path, capsys, overrides, words):
     assert run(setup, tmp_path / "run", *overrides) == 2

@@ -29,6 +29,7 @@ from torch import nn
 
 from .. import weights
 from ..device import PRECISIONS, check_precision, resolve_device
+from .memory import OutOfMemoryError
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,7 @@ class ESRGANRestorer:
             try:
                 self._tiled(img, out, gray)
                 return out
-            except torch.OutOfMemoryError:
+            except OutOfMemoryError:  # portable: torch.OutOfMemoryError is torch ≥ 2.5
                 tile = self.tile or max(h, w)
                 if self.device.type != "cuda" or tile <= MIN_TILE:
                     raise
