@@ -26,6 +26,18 @@ GRPO_FIELDS = {"max_new_tokens": "max_completion_length", "temperature": "temper
                "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repetition_penalty"}
 
 
+# What each field accepts (ints pass where floats are asked for; bools are not ints here).
+_TYPES = {"max_new_tokens": (int,), "min_new_tokens": (int,), "do_sample": (bool,), "temperature": (int, float),
+          "top_p": (int, float), "top_k": (int,), "min_p": (int, float, type(None)), "repetition_penalty": (int, float)}
+
+
+def _check_type(key: str, value) -> None:
+    allowed = _TYPES[key]
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise ValueError(f"generation.{key}: expected {names}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Decoding:
     max_new_tokens: int = 384
@@ -47,17 +59,22 @@ class Decoding:
             raise ValueError(f"generation.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0 or self.repetition_penalty <= 0:
             raise ValueError("generation.top_k must be ≥ 0 and generation.repetition_penalty > 0")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"generation.min_p must be in [0, 1], got {self.min_p}")
 
     @classmethod
     def from_config(cls, section: dict | None, base: "Decoding | None" = None) -> "Decoding":
         """A `generation:` config section (any subset of the fields) over `base` (default: the defaults)."""
+        if section is not None and not isinstance(section, dict):
+            raise ValueError(f"generation: expected a section (key: value lines), got {section!r}")
         section = dict(section or {})
         names = [f.name for f in dataclasses.fields(cls)]
-        for key in section:
+        for key, value in section.items():
             if key not in names:
                 close = difflib.get_close_matches(key, names, n=2)
                 hint = f" (did you mean {' or '.join(close)}?)" if close else f" (valid: {', '.join(names)})"
                 raise ValueError(f"generation.{key}: unknown decoding setting{hint}")
+            _check_type(key, value)
         return dataclasses.replace(base or cls(), **section)
 
     def to_dict(self) -> dict:
@@ -77,11 +94,12 @@ class Decoding:
             kw["suppress_tokens"] = [int(image_token)]
         return kw
 
-    def grpo_fields(self) -> dict:
+    def grpo_fields(self, vllm: bool = False) -> dict:
         """The same settings as `GRPOConfig` fields (GRPO always samples)."""
         if not self.do_sample:
             raise ValueError("generation.do_sample: false cannot be used for GRPO, which samples its groups")
         fields = {GRPO_FIELDS[k]: v for k, v in self.to_dict().items() if k in GRPO_FIELDS}
-        if self.min_new_tokens:  # GRPOConfig has no field of its own for it
-            fields["generation_kwargs"] = {"min_new_tokens": self.min_new_tokens}
+        if self.min_new_tokens:  # GRPOConfig has no field of its own: through generation_kwargs, which
+            # TRL hands to transformers' generate or to vLLM's SamplingParams (there: min_tokens)
+            fields["generation_kwargs"] = {"min_tokens" if vllm else "min_new_tokens": self.min_new_tokens}
         return fields

@@ -4,9 +4,11 @@ left to teach, so its completions leave the loss.
 A group's score is the weighted mean of the rewards each row has: a reward that is None for a row
 (TRL stores NaN: `understanding` without tags, `fidelity` without an HR image) is left out and the
 other weights renormalised, so missing rewards neither count as 0 nor block the filter. Dropped
-rows get advantage 0 and an empty loss mask; the loss of the kept rows is then renormalised for
-every `loss_type`, so a partial drop leaves the kept groups' loss what it would be without the
-dropped ones.
+rows get advantage 0 and an empty loss mask; the loss of the kept rows is then renormalised, so a
+partial drop leaves the kept groups' loss what it would be without the dropped ones. The factor is
+global (all rows of the generation batch, on every process): TRL shuffles that batch and splits
+it into `steps_per_generation` micro-batches, so a per-micro-batch count would weigh kept rows
+by where the shuffle put them.
 
 The subclass overrides two private methods of TRL 1.16's GRPOTrainer (`_calculate_rewards`,
 `_generate_and_score_completions`) and wraps `_compute_loss`. Private methods change between
@@ -28,10 +30,11 @@ OVERRIDDEN = {
     "_compute_loss": ("self", "model", "inputs"),
 }
 # TRL loss types that average per row (sequence means, or a fixed per-row denominator): rows that
-# were dropped still count in it. "bnpo" divides by the mask's token count and "dapo", "cispo",
-# "vespo" by `num_items_in_batch` (recounted after masking): those renormalise by themselves.
+# were dropped still count in it. "dapo", "cispo", "vespo" divide by `num_items_in_batch` (recounted
+# after masking) and renormalise by themselves; "bnpo" divides each micro-batch by its own token
+# count, so only a micro-batch holding dropped rows alone still counts (as 0) in its average.
 PER_ROW_LOSSES = ("grpo", "sapo", "dr_grpo", "luspo")
-KEPT = "group_kept"  # per-row flag carried through TRL's batch splitting and shuffling
+SCALE = "group_filter_scale"  # a 0-dim tensor: TRL's split_tensor_dict/shuffle_sequence_dict pass it on as is
 
 
 def check_trl(version: str | None = None, cls=GRPOTrainer) -> None:
@@ -65,12 +68,10 @@ def group_drop(rewards: torch.Tensor, weights: torch.Tensor, group_size: int, me
     return (groups.mean(dim=1) > mean_above) & (groups.std(dim=1) < std_below)
 
 
-def kept_rows_scale(loss_type: str, kept: torch.Tensor) -> torch.Tensor:
-    """Factor for a micro-batch's loss so its kept rows average as if the dropped ones were absent."""
-    if loss_type not in PER_ROW_LOSSES or kept.numel() == 0:
-        return torch.ones((), device=kept.device)
-    n_kept = kept.sum()
-    return torch.where(n_kept > 0, kept.numel() / n_kept.clamp(min=1), torch.zeros((), device=kept.device))
+def kept_scale(drop_rows: torch.Tensor) -> torch.Tensor:
+    """rows / kept rows of the whole generation batch (0 when every row was dropped: nothing to learn)."""
+    kept = (~drop_rows).sum()
+    return torch.where(kept > 0, drop_rows.numel() / kept.clamp(min=1), torch.zeros(()))
 
 
 class GroupFilteredGRPOTrainer(GRPOTrainer):
@@ -97,7 +98,7 @@ class GroupFilteredGRPOTrainer(GRPOTrainer):
         local = rows[start:start + n_local].to(out["advantages"].device)
         out["advantages"] = torch.where(local, torch.zeros_like(out["advantages"]), out["advantages"])
         out["completion_mask"] = out["completion_mask"] * (~local).to(out["completion_mask"].dtype)[:, None]
-        out[KEPT] = ~local
+        out[SCALE] = kept_scale(rows.cpu()).to(out["advantages"].device)
         if "num_items_in_batch" in out:  # the token-normalised losses divide by the tokens still counted
             out["num_items_in_batch"] = self.accelerator.gather(out["completion_mask"].sum()).sum()
         self._metrics[mode]["group_filter/dropped"].append(float(drop.sum().item()))
@@ -106,7 +107,6 @@ class GroupFilteredGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         loss = super()._compute_loss(model, inputs)
-        kept = inputs.get(KEPT)
-        if kept is None:
+        if self.loss_type not in PER_ROW_LOSSES or SCALE not in inputs:
             return loss
-        return loss * kept_rows_scale(self.loss_type, kept).to(loss.dtype)
+        return loss * inputs[SCALE].to(loss.dtype)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +32,15 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PROFILES = ("lite", "full", "tiny")
 TOP_KEYS = ("profile", "scale", "policy", "restorer")
 DEFAULT_TYPE = {"policy": "analyser", "restorer": "realesrgan"}
+
+
+class YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, except that `2e-6` and `1e9` are numbers, as YAML 1.2 and every
+    user expect (1.1 wants `2.0e-6`, and a learning rate read as the string '2e-6' fails in the trainer)."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 class ConfigError(ValueError):
@@ -133,7 +143,7 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> dict:
     if not path.is_file():
         raise ConfigError(f"no profile config {path.name} (looked in {path.parent})")
     try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=YamlLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path.name}: invalid YAML ({' '.join(str(e).split())})") from None
     return apply_overrides(cfg, overrides or [])
@@ -152,7 +162,7 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        node[parts[-1]] = yaml.load(raw, Loader=YamlLoader) if raw.strip() else None
     return cfg
 
 

@@ -29,6 +29,8 @@ import os
 import sys
 from pathlib import Path
 
+from .decoding import TRAINED_DECODING_FILE
+from .imageio import atomic_write_text
 from .vlm import PolicyLoadError
 from .profiles import ConfigError, load_config
 
@@ -47,6 +49,7 @@ def model_path(cfg: dict) -> Path:
 CONFIG_KEYS = ("model", "dtype", "load_in_4bit", "max_pixels", "data", "output_dir", "lora", "rewards", "restorer",
                "group_filter", "generation", "trainer")
 LORA_KEYS = ("r", "alpha", "dropout", "targets", "train_vision")
+SECTIONS = ("lora", "rewards", "restorer", "group_filter", "generation", "trainer")
 RENDER_KEYS = ("profile", "scale", "batch_size", "seed")  # `restorer:` keys about rendering, not the restorer
 
 
@@ -57,6 +60,21 @@ def check_config(cfg: dict) -> None:
     for key in cfg:
         if key not in CONFIG_KEYS:
             raise ConfigError(f"{key}: unknown training config key{_hint(key, CONFIG_KEYS)}")
+    for key in SECTIONS:
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise ConfigError(f"{key}: expected a section (key: value lines), got {cfg[key]!r}")
+    pixels = cfg.get("max_pixels")
+    if pixels is not None and (not isinstance(pixels, int) or isinstance(pixels, bool) or pixels < 28 * 28):
+        raise ConfigError(f"max_pixels: expected a pixel count ≥ 784 (one 28×28 patch), got {pixels!r}")
+    for key, value in (cfg.get("group_filter") or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"group_filter.{key}: expected a number, got {value!r}")
+    try:
+        from .device import weight_dtype
+
+        weight_dtype(train_device(), cfg.get("dtype", "auto"))
+    except ValueError as e:
+        raise ConfigError(f"dtype: {e}") from None
     for key in (cfg.get("lora") or {}):
         if key not in LORA_KEYS:
             raise ConfigError(f"lora.{key}: unknown key{_hint(key, LORA_KEYS)}")
@@ -119,13 +137,8 @@ def load_policy_model(cfg: dict, device: str):
     ~lr (2e-6) are below bf16's resolution (8 bits of mantissa) and would round away; `dtype` then
     only sets the autocast precision (GRPOConfig bf16/fp16). LoRA trains fp32 adapters (PEFT's
     `get_peft_model(autocast_adapter_dtype=True)`) over a base in `dtype`."""
-    from .device import weight_dtype
     from .vlm import load_vlm
 
-    try:  # checked even where full fine-tuning overrides it: a typo must not pass silently
-        weight_dtype(device, cfg.get("dtype", "auto"))
-    except ValueError as e:
-        raise ConfigError(f"dtype: {e}") from None
     dtype = "fp32" if full_finetune(cfg) else cfg.get("dtype", "auto")
     model, processor, _, _ = load_vlm(model_path(cfg), device=device, dtype=dtype,
                                       load_in_4bit=bool(cfg.get("load_in_4bit")), max_pixels=cfg.get("max_pixels"))
@@ -136,19 +149,25 @@ def load_policy_model(cfg: dict, device: str):
     return model, processor
 
 
-def check_trainable_precision(trainer, cfg: dict) -> None:
-    """Refuse a run whose trainable weights would not take small updates (see load_policy_model).
+def keep_trainable_fp32(trainer, cfg: dict) -> None:
+    """Trainable weights that take small updates (see load_policy_model), before the optimizer exists.
 
-    DeepSpeed keeps fp32 master weights itself; TRL casts QLoRA adapters to bf16 on purpose (its
-    `GRPOTrainer.__init__`, after the QLoRA paper), so those two are left alone."""
+    TRL casts QLoRA adapters to bf16 (`GRPOTrainer.__init__`, after the QLoRA paper); at lr 1e-5
+    most LoRA-A steps then round away, so they go back to fp32 (PEFT's LoRA layers cast their input
+    to the adapter's dtype). Anything else that is not fp32 is refused. DeepSpeed keeps fp32 master
+    weights itself and is left alone."""
     import torch
 
-    if getattr(trainer, "is_deepspeed_enabled", False) or cfg.get("load_in_4bit"):
+    if getattr(trainer, "is_deepspeed_enabled", False):
         return
-    low = {str(p.dtype).replace("torch.", "") for p in trainer.model.parameters()
-           if p.requires_grad and p.dtype != torch.float32}
-    if low:
-        raise ConfigError(f"trainable weights are {', '.join(sorted(low))}: optimizer steps this small round away; "
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad and p.dtype != torch.float32]
+    if cfg.get("load_in_4bit"):
+        for p in trainable:
+            p.data = p.data.float()
+        return
+    if trainable:
+        low = sorted({str(p.dtype).replace("torch.", "") for p in trainable})
+        raise ConfigError(f"trainable weights are {', '.join(low)}: optimizer steps this small round away; "
                           "train fp32 weights (dtype: fp32) or under DeepSpeed")
 
 
@@ -182,11 +201,17 @@ def grpo_args(cfg: dict, output_dir: Path, weights: list[float]):
         setting = next(k for k, v in GRPO_FIELDS.items() if v == key)
         raise ConfigError(f"trainer.{key}: decoding is set in `generation:` ({setting}), shared by the rollouts, "
                           "the IRPO filter and inference")
+    extra = t.get("generation_kwargs") or {}
+    if not isinstance(extra, dict):
+        raise ConfigError(f"trainer.generation_kwargs: expected a section, got {extra!r}")
+    clash = sorted(set(extra) & (set(GRPO_FIELDS) | {"min_new_tokens", "min_tokens", "do_sample"}))
+    if clash:  # TRL lays generation_kwargs over its own fields: a second, silent decoding
+        raise ConfigError(f"trainer.generation_kwargs.{clash[0]}: decoding is set in `generation:`")
     try:
-        fields = decoding(cfg).grpo_fields()
+        fields = decoding(cfg).grpo_fields(vllm=bool(t.get("use_vllm")))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    fields["generation_kwargs"] = {**(t.get("generation_kwargs") or {}), **fields.get("generation_kwargs", {})} or None
+    fields["generation_kwargs"] = {**extra, **fields.get("generation_kwargs", {})} or None
     t.update(fields)
     if not torch.cuda.is_available():  # CPU runs (tests, laptops): no mixed precision
         t.update(use_cpu=True, bf16=False, fp16=False)
@@ -198,7 +223,9 @@ def grpo_args(cfg: dict, output_dir: Path, weights: list[float]):
 
 
 # --- Trainer parts --------------------------------------------------------------------------------
-def _callbacks(log_path: Path):
+def _callbacks(log_path: Path, decoding_path: Path):
+    import shutil
+
     from transformers import TrainerCallback
 
     class JsonlLog(TrainerCallback):
@@ -208,6 +235,12 @@ def _callbacks(log_path: Path):
             if state.is_world_process_zero and logs:
                 with open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+        def on_save(self, args, state, control, **kwargs):
+            """Each checkpoint samples as the rollouts did too (`infer --adapter DIR/checkpoint-N`)."""
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                shutil.copyfile(decoding_path, folder / decoding_path.name)
 
     return [JsonlLog()]
 
@@ -245,8 +278,8 @@ def build_trainer(cfg: dict, output_dir: Path):
     args = grpo_args(cfg, output_dir, weights)  # config mistakes show before minutes of model loading
     model, processor = load_policy_model(cfg, device)
     trainer = cls(model=model, reward_funcs=funcs, args=args, train_dataset=dataset, processing_class=processor,
-                  peft_config=lora_config(cfg), callbacks=_callbacks(output_dir / LOG_FILE), **options)
-    check_trainable_precision(trainer, cfg)
+                  peft_config=lora_config(cfg), callbacks=_callbacks(output_dir / LOG_FILE, output_dir / TRAINED_DECODING_FILE), **options)
+    keep_trainable_fp32(trainer, cfg)
     return trainer
 
 
@@ -272,13 +305,10 @@ def train(cfg: dict, *, resume: bool = False) -> Path:
                           "or choose another output_dir")
     output_dir.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(cfg, output_dir)
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    trainer.save_model(str(output_dir))  # the LoRA adapter (`infer --adapter`), or the whole model
-    from .decoding import TRAINED_DECODING_FILE
-    from .imageio import atomic_write_text
-
     if trainer.is_world_process_zero():  # inference samples as the rollouts did (policy.py reads it)
         atomic_write_text(output_dir / TRAINED_DECODING_FILE, json.dumps(decoding(cfg).to_dict(), indent=2) + "\n")
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    trainer.save_model(str(output_dir))  # the LoRA adapter (`infer --adapter`), or the whole model
     return output_dir
 
 

@@ -164,3 +164,12 @@ def test_readme_documents_every_profile_key():
             if key not in ("type", "model", "hub"):
                 forms = (f"`{kind}.{key}`", f"`{key}`", f"`{kind}.{key}.*`")
                 assert any(f in section for f in forms), f"{kind}.{key} ({type_}) is not in README's Profiles"
+
+
+def test_exponent_numbers_are_numbers():
+    """PyYAML reads `2e-6` as a string (YAML 1.1); a learning rate or threshold written so must be a number."""
+    from realsr_r1.profiles import apply_overrides
+
+    cfg = apply_overrides({}, ["trainer.learning_rate=2e-6", "g.mean_above=-1e9", "name=1e", "x=1.5e+3"])
+    assert cfg["trainer"]["learning_rate"] == 2e-6 and cfg["g"]["mean_above"] == -1e9
+    assert cfg["name"] == "1e" and cfg["x"] == 1500.0

@@ -124,6 +124,9 @@ def test_qlora_trains_on_a_4bit_base(setup, capsys):
     assert run(setup, out, "--set", "load_in_4bit=true", "--set", "trainer.max_steps=1") == 0, capsys.readouterr().err
     adapter = load_file(out / "adapter_model.safetensors")
     assert any("lora_A" in k for k in adapter) and [r["step"] for r in log_rows(out) if "reward" in r] == [1]
+    import torch  # TRL casts QLoRA adapters to bf16, where lr-sized steps round away: trained in fp32
+
+    assert {v.dtype for v in adapter.values()} == {torch.float32}
 
 
 @pytest.mark.parametrize("overrides,words", [
@@ -138,6 +141,13 @@ def test_qlora_trains_on_a_4bit_base(setup, capsys):
     (["--set", "lora.rank=8"], "lora.rank: unknown key (valid: r, alpha"),
     (["--set", "restorer.tiel=8"], "restorer.tiel: unknown key for the diffusion restorer (did you mean tile?)"),
     (["--set", "generation.temprature=0.5"], "generation.temprature: unknown decoding setting"),
+    (["--set", "generation.top_k=abc"], "generation.top_k: expected int, got 'abc'"),
+    (["--set", "generation=5"], "generation: expected a section"),
+    (["--set", "restorer=5"], "restorer: expected a section"),
+    (["--set", "rewards=5"], "rewards: expected a section"),
+    (["--set", "max_pixels=abc"], "max_pixels: expected a pixel count"),
+    (["--set", "group_filter.mean_above=abc"], "group_filter.mean_above: expected a number"),
+    (["--set", "trainer.generation_kwargs={top_k: 5}"], "trainer.generation_kwargs.top_k: decoding is set in"),
 ])
 def test_config_mistakes_are_one_line_errors(setup, tmp_path, capsys, overrides, words):
     assert run(setup, tmp_path / "run", *overrides) == 2
@@ -202,6 +212,8 @@ def test_lora_run_says_adapter_and_records_its_decoding(setup):
 
     recorded = json.loads((out / TRAINED_DECODING_FILE).read_text())
     assert recorded["max_new_tokens"] == 16 and recorded["top_k"] == 0 and recorded["repetition_penalty"] == 1.0
+    for checkpoint in ("checkpoint-1", "checkpoint-2"):  # `--adapter DIR/checkpoint-N` samples alike
+        assert json.loads((out / checkpoint / TRAINED_DECODING_FILE).read_text()) == recorded
     assert train.saved_message({"lora": {"r": 4}}, out).startswith(f"adapter saved in {out}")
 
 
@@ -216,6 +228,11 @@ def test_rollouts_sample_with_the_one_decoding(setup, tmp_path):
         train.grpo_args(load_config(CONFIG, ["trainer.temperature=0.5"]), tmp_path, [1.0])
     with pytest.raises(ConfigError, match="GRPO, which samples"):
         train.grpo_args(load_config(CONFIG, ["generation.do_sample=false"]), tmp_path, [1.0])
+    args = train.grpo_args(load_config(CONFIG, ["generation.min_new_tokens=4"]), tmp_path, [1.0])
+    assert args.generation_kwargs == {"min_new_tokens": 4}  # GRPOConfig has no field of its own
+    from realsr_r1.decoding import Decoding
+
+    assert Decoding(min_new_tokens=4).grpo_fields(vllm=True)["generation_kwargs"] == {"min_tokens": 4}
 
 
 def test_group_mean_uses_only_the_rewards_present():
@@ -259,70 +276,68 @@ def filtered_trainer(setup, tmp_path_factory):
     with weights_env(setup / "weights"):
         trainer = train.build_trainer(cfg, tmp_path_factory.mktemp("gf_out"))
     assert isinstance(trainer, GroupFilteredGRPOTrainer)
-    trainer.model.eval()  # no gradient accumulation in the normaliser
     return trainer
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "bnpo", "dapo", "luspo"])
-def test_partial_drop_leaves_the_kept_groups_loss_unchanged(filtered_trainer, loss_type, monkeypatch):
-    """Two groups of two; the second dropped. The loss equals that of the first group alone."""
+def _generation_batch(n_rows: int, dropped: slice):
+    """A hand-made generation batch as the filter leaves it: rows of `dropped` masked, advantage 0."""
     import torch
 
-    from realsr_r1.group_filter import KEPT
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(20, 300, (n_rows, 6), generator=g)
+    completion = torch.randint(20, 300, (n_rows, 5), generator=g)
+    lengths = torch.randint(1, 6, (n_rows,), generator=g)
+    mask = (torch.arange(5)[None] < lengths[:, None]).long()
+    advantages = torch.randn(n_rows, generator=g)
+    mask[dropped], advantages[dropped] = 0, 0.0
+    return {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "completion_ids": completion,
+            "completion_mask": mask, "advantages": advantages, "num_items_in_batch": mask.sum()}
+
+
+def _loss(trainer, batch, micro_batches: int, monkeypatch, seed: int = 0):
+    """The loss of one generation batch as TRL trains on it: shuffled, split into micro-batches,
+    each divided by the accumulation steps (`_prepare_inputs`, `_compute_loss`), summed."""
+    import torch
+    from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict
+
+    monkeypatch.setattr(trainer, "current_gradient_accumulation_steps", micro_batches, raising=False)
+    monkeypatch.setattr(trainer.args, "steps_per_generation", micro_batches)
+    torch.manual_seed(seed)
+    parts = split_tensor_dict(shuffle_sequence_dict(batch), micro_batches)
+    with torch.no_grad():
+        return sum(trainer._compute_loss(trainer.model, part) for part in parts)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "luspo"])
+def test_partial_drop_leaves_the_kept_groups_loss_unchanged(filtered_trainer, loss_type, monkeypatch):
+    """Two groups of four, the second dropped, split into four shuffled micro-batches: the loss is
+    that of the first group alone, wherever the shuffle puts the dropped rows."""
+    from realsr_r1.group_filter import SCALE, kept_scale
+
+    import torch
 
     trainer = filtered_trainer
+    trainer.model.train()
     monkeypatch.setattr(trainer, "loss_type", loss_type)
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(20, 300, (4, 6), generator=g)
-    completion = torch.randint(20, 300, (4, 5), generator=g)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
-    mask[2:] = 0  # what the filter leaves of a dropped group
-    everything = {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "completion_ids": completion,
-                  "completion_mask": mask, "advantages": torch.tensor([1.0, -0.5, 0.0, 0.0]),
-                  KEPT: torch.tensor([True, True, False, False]), "num_items_in_batch": mask.sum()}
-    kept = {k: (v[:2] if v.ndim else v) for k, v in everything.items() if k != KEPT}
-    with torch.no_grad():
-        assert torch.allclose(trainer._compute_loss(trainer.model, everything),
-                              trainer._compute_loss(trainer.model, kept), atol=1e-6)
+    batch = _generation_batch(8, slice(4, 8))
+    batch[SCALE] = kept_scale(torch.tensor([False] * 4 + [True] * 4))
+    kept = {k: v[:4] for k, v in batch.items() if k not in (SCALE, "num_items_in_batch")}
+    kept["num_items_in_batch"] = kept["completion_mask"].sum()
+    alone = _loss(trainer, kept, 1, monkeypatch)
+    for seed in range(4):
+        assert torch.allclose(_loss(trainer, batch, 4, monkeypatch, seed), alone, atol=1e-5), seed
+    trainer.model.eval()
 
 
-def test_reward_models_are_built_before_the_trainer_config(setup, tmp_path, monkeypatch):
-    """Under ZeRO-3 a model built after GRPOConfig is partitioned: every reward model comes first."""
-    import sys
-    import types
+def test_a_group_filter_batch_keeps_token_normalised_losses(filtered_trainer, monkeypatch):
+    """bnpo divides by the tokens still in the mask: without a scale its kept loss is unchanged."""
+    from realsr_r1.group_filter import SCALE, kept_scale
 
-    import trl
+    import torch
 
-    from realsr_r1.profiles import load_config
-    from realsr_r1.rewards import text, visual
-
-    events = []
-
-    class Encoder:
-        def __init__(self, path):
-            events.append("similarity encoder")
-
-        def encode(self, texts):
-            return [[1.0, 0.0]] * len(texts)
-
-    monkeypatch.setitem(sys.modules, "sentence_transformers", types.SimpleNamespace(SentenceTransformer=Encoder))
-    text._load_encoder.cache_clear()
-    real_restorations, real_config = visual.Restorations.__init__, trl.GRPOConfig.__init__
-
-    def restorations(self, *a, **k):
-        events.append("restorer")
-        real_restorations(self, *a, **k)
-
-    def config(self, *a, **k):
-        events.append("GRPOConfig")
-        real_config(self, *a, **k)
-
-    monkeypatch.setattr(visual.Restorations, "__init__", restorations)
-    monkeypatch.setattr(trl.GRPOConfig, "__init__", config)
-    cfg = load_config(CONFIG, [f"data={setup / 'data'}", "rewards.understanding={weight: 1.0, similarity_model: mini}"])
-    try:
-        with weights_env(setup / "weights"):
-            train.build_trainer(cfg, tmp_path)
-    finally:
-        text._load_encoder.cache_clear()
-    assert events.index("GRPOConfig") > max(events.index("similarity encoder"), events.index("restorer"))
+    trainer = filtered_trainer
+    monkeypatch.setattr(trainer, "loss_type", "bnpo")
+    batch = _generation_batch(4, slice(2, 4))
+    batch[SCALE] = kept_scale(torch.tensor([False, False, True, True]))
+    kept = {k: v[:2] for k, v in batch.items() if k not in (SCALE, "num_items_in_batch")}
+    assert torch.allclose(_loss(trainer, batch, 1, monkeypatch), _loss(trainer, kept, 1, monkeypatch), atol=1e-6)
