@@ -224,7 +224,7 @@ def test_degradations_go_to_the_negative_prompt():
 
     plan = parse_cot(COT)  # blur light, noise heavy, jpeg medium
     positive = stage_prompt(plan, "middle")
-    assert positive == "a red brick house, a tree; clean, sharp, high quality"
+    assert positive == "clean, sharp, high quality; a red brick house, a tree"
     assert not any(word in positive for word in ("noise", "blur", "jpeg", "artifacts", "remove"))
     negative = negative_prompt_for(plan, DEFAULT_NEGATIVE)
     assert negative == DEFAULT_NEGATIVE + ", light blur, heavy noise, medium jpeg artifacts"
@@ -232,6 +232,9 @@ def test_degradations_go_to_the_negative_prompt():
     assert negative_prompt_for(Plan(), DEFAULT_NEGATIVE) == DEFAULT_NEGATIVE
     assert negative_prompt_for(None, None) == ""
     assert stage_prompt(Plan(), "rough") == "clean, sharp, high quality"
+    # the pipeline truncates prompts to 77 CLIP tokens: a long understanding must not cut the quality words
+    long = parse_cot("<final_understand>" + "weathered planks, " * 60 + "</final_understand>")
+    assert stage_prompt(long, "final").startswith("clean, sharp, high quality; weathered planks")
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
@@ -246,7 +249,7 @@ def test_each_sample_gets_its_own_negative_prompt(tiny_path, image, monkeypatch,
                         seen.append((list(prompt), negative)) or real(prompt, device, n, cfg, negative, **k))
     plans = [parse_cot(COT), parse_cot("<degradation>noise: light</degradation>"), Plan()]
     r.restore_final_batch(image.rgb, plans, seed=0)
-    assert seen == [(["brick texture, leaves; clean, sharp, high quality"] + ["clean, sharp, high quality"] * 2,
+    assert seen == [(["clean, sharp, high quality; brick texture, leaves"] + ["clean, sharp, high quality"] * 2,
                      None if guidance <= 1 else
                      ["low quality, light blur, heavy noise, medium jpeg artifacts", "low quality, light noise",
                       "low quality"])]

@@ -62,7 +62,7 @@ def test_infer_with_the_full_code_path(tiny_weights, tmp_path, capsys):
     assert side["profile"] == "tiny" and side["restorer"] == "sd-x4-upscaler" and side["seed"] == 5
     assert side["stages"]["final"]["size"] == [48, 40]
     assert 1 <= side["reason_tokens"] <= 24  # tiny.yaml's max_new_tokens
-    assert side["rough"] == "realesrgan" and side["strength"] == 0.5 and side["tile"] == 32
+    assert side["rough"] == "diffusion" and side["strength"] == 0.5 and side["tile"] == 32
     assert side["policy_output"] and isinstance(side["plan"]["problems"], list)
     assert read_image(tmp_path / "o" / "a.png").size == (48, 40)
     assert read_image(tmp_path / "o" / "g.png").mode == "L"

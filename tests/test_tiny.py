@@ -22,8 +22,7 @@ def test_infer_tiny_profile_from_an_empty_weights_folder(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     assert (weights / "tiny-vlm" / "config.json").is_file()
     assert (weights / "tiny-upscaler" / "model_index.json").is_file()
-    assert sorted(p.name for p in weights.iterdir() if not p.name.startswith(".")) == [
-        "realesrgan-x4plus.safetensors", "tiny-upscaler", "tiny-vlm"]
+    assert sorted(p.name for p in weights.iterdir() if not p.name.startswith(".")) == ["tiny-upscaler", "tiny-vlm"]
     assert not _leftovers(weights)
     side = json.loads((tmp_path / "o" / "p.json").read_text())
     assert side["profile"] == "tiny" and side["stages"]["final"]["size"] == [48, 40]

@@ -1,7 +1,8 @@
 """Plan → what one diffusion sample is conditioned on: prompt, negative prompt, noise level.
 
-Positive prompt: the stage's understanding text, then quality words ("a dog on grass; clean, sharp,
-high quality"). The detected degradations go into the negative prompt, after the configured one
+Positive prompt: quality words, then the stage's understanding text ("clean, sharp, high quality; a
+dog on grass"). In that order because the pipeline's `encode_prompt` truncates prompts to CLIP's
+77 tokens: a long understanding from a real VLM would otherwise cut the quality words off. The detected degradations go into the negative prompt, after the configured one
 ("blurry, …, heavy noise, light blur"), as SUPIR and SeeSR do: CLIP text encoders largely ignore
 negation, so "remove heavy noise" in the positive prompt would pull towards noise under CFG (and in
 GRPO penalise completions that report degradations correctly). Without CFG there is no negative.
@@ -48,11 +49,11 @@ def degradation_words(plan: Plan | None) -> str:
 
 
 def stage_prompt(plan: Plan | None, stage: str) -> str:
-    """"<understanding>; clean, sharp, high quality" (no understanding: the quality words alone)."""
+    """"clean, sharp, high quality; <understanding>" (no understanding: the quality words alone)."""
     understanding = ""
     if plan is not None and isinstance(getattr(plan, "understanding", None), dict):
         understanding = str(plan.understanding.get(stage) or "").strip()
-    return "; ".join(p for p in (understanding, QUALITY_WORDS) if p)
+    return "; ".join(p for p in (QUALITY_WORDS, understanding) if p)
 
 
 def negative_prompt_for(plan: Plan | None, base: str | None = DEFAULT_NEGATIVE) -> str:
