@@ -128,7 +128,9 @@ def set_image_budget(image_processor, max_pixels: int) -> None:
     if size is None or "longest_edge" not in size or not hasattr(image_processor, "merge_size"):
         raise PolicyLoadError(f"max_pixels: {type(image_processor).__name__} has no pixel budget "
                               "(Qwen2-VL-style processors only); remove max_pixels")
-    budget = int(max_pixels)
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 28 * 28:
+        raise PolicyLoadError(f"max_pixels: expected a pixel count ≥ 784 (one 28×28 patch), got {max_pixels!r}")
+    budget = max_pixels
     values = dict(size)
     values.update(longest_edge=budget, shortest_edge=min(int(values.get("shortest_edge") or budget), budget))
     image_processor.size = type(size)(**values)  # SizeDict or dict, as the processor keeps it

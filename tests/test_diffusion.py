@@ -1,5 +1,7 @@
 """DiffusionStages over a tiny random StableDiffusionUpscalePipeline, offline on CPU."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -466,7 +468,7 @@ def test_decode_out_of_memory_halves_the_vae_tile_not_the_latent_tile(tiny_path,
     from realsr_r1.restorers import vae as vae_module
     from realsr_r1.restorers.memory import OutOfMemoryError
 
-    monkeypatch.setattr(vae_module, "MIN_TILE", 32)
+    monkeypatch.setattr(vae_module, "MIN_VAE_TILE", 32)
     r = DiffusionStages.from_pretrained(tiny_path, device="cpu", rough="diffusion", num_inference_steps=2,
                                         strength=1.0, preview_every=0, vae_tile=0)
     decoder = r.pipe.vae.decoder
@@ -509,3 +511,10 @@ def test_out_of_memory_alias_is_portable(monkeypatch):
     finally:
         monkeypatch.undo()
         importlib.reload(memory)
+
+
+@pytest.mark.parametrize("options,words", [({"num_inference_steps": 0}, "steps must be ≥ 1"),
+                                           ({"vae_tile": 3}, "vae_tile must be 0 (no tiling) or ≥ ")])
+def test_impossible_settings_are_refused_when_built(tiny_path, options, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        DiffusionStages.from_pretrained(tiny_path, device="cpu", rough="diffusion", **options)

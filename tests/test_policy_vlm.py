@@ -282,3 +282,9 @@ def test_adapter_brings_its_training_decoding(tiny_vlm, tmp_path):
     (tmp_path / "lora" / TRAINED_DECODING_FILE).write_text(json.dumps({"temperature": 0.6, "max_new_tokens": 20}))
     tuned = VLMPolicy.from_pretrained(tiny_vlm, adapter=tmp_path / "lora", generation={"max_new_tokens": 5})
     assert tuned.decoding.temperature == 0.6 and tuned.decoding.max_new_tokens == 5  # the profile's key wins
+
+
+@pytest.mark.parametrize("budget", [0, -5, 100, "abc"])
+def test_impossible_image_budget_is_one_line(qwen_like_vlm, budget):
+    with pytest.raises(PolicyLoadError, match=r"max_pixels: expected a pixel count ≥ 784"):
+        VLMPolicy.from_pretrained(qwen_like_vlm, max_pixels=budget)

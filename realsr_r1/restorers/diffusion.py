@@ -87,6 +87,8 @@ class DiffusionStages:
             raise ValueError(f"unknown color fix {color_fix!r} (use {', '.join(COLOR_FIXES)})")
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if int(num_inference_steps) < 1:
+            raise ValueError(f"steps must be ≥ 1, got {num_inference_steps}")
         rounded = int(tile) // PAD_MULTIPLE * PAD_MULTIPLE  # tiles must fit the UNet's downsampling
         if tile < 0 or (tile and not rounded) or tile_overlap < 0 or (rounded and tile_overlap >= rounded):
             raise ValueError(f"need tile 0 or ≥ {PAD_MULTIPLE} and 0 ≤ tile_overlap < tile, got {tile} and {tile_overlap}")

@@ -2,7 +2,7 @@
 
 After denoising, the decode is where memory peaks: GRPO decodes G samples of a large image at once.
 Out of memory, the decode first goes one sample at a time (slicing), then halves its tile (diffusers'
-tiled encode/decode, `tile` output pixels, `AutoencoderKL._decode`/`tiled_decode`) down to MIN_TILE,
+tiled encode/decode, `tile` output pixels, `AutoencoderKL._decode`/`tiled_decode`) down to MIN_VAE_TILE,
 and only then gives up. What it learns (slicing on, a smaller tile) is kept for later calls. Nothing
 here reruns denoising: the UNet's tile halves only when the UNet runs out of memory (diffusion.py).
 
@@ -28,7 +28,7 @@ from .memory import OutOfMemoryError, free_cached
 
 log = logging.getLogger(__name__)
 
-MIN_TILE = 64  # output pixels: below this, halving the VAE tile on out-of-memory stops
+MIN_VAE_TILE = 64  # output pixels: below this, halving the VAE tile on out-of-memory stops
 PREVIEW_SCALE = 0.5  # a preview decodes at most half the latent's side (module doc)
 
 
@@ -37,11 +37,13 @@ class LatentCodec:
 
     def __init__(self, vae, *, tile: int = 512, slicing: bool = False):
         self.vae = vae
+        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 4 for the x4 upscaler's VAE
+        if tile and int(tile) < 8 * self.factor:  # a tile of a few latent pixels breaks the VAE's GroupNorm
+            raise ValueError(f"vae_tile must be 0 (no tiling) or ≥ {8 * self.factor} pixels, got {tile}")
         self.tile = int(tile or 0)  # output pixels; 0: whole images
         # Decode one sample at a time: our own loop rather than diffusers' `use_slicing`, so each
         # decoded sample leaves the GPU before the next one is decoded.
         self.slicing = bool(slicing)
-        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 4 for the x4 upscaler's VAE
 
     def _configure(self) -> None:
         """Put our tiling on the VAE before each call: restorers that share a pipeline may differ."""
@@ -70,9 +72,9 @@ class LatentCodec:
                     log.warning("out of GPU memory in the VAE: decoding one sample at a time")
                     continue
                 current = self.tile or side
-                if current <= MIN_TILE:
+                if current <= MIN_VAE_TILE:
                     raise
-                self.tile = max(MIN_TILE, current // 2 // self.factor * self.factor)
+                self.tile = max(MIN_VAE_TILE, current // 2 // self.factor * self.factor)
                 log.warning("out of GPU memory in the VAE: retrying with VAE tile %d", self.tile)
 
     @torch.no_grad()
