@@ -262,7 +262,10 @@ def build_tiny_upscaler(path: str | Path, seed: int = 0, real_size: bool = False
     pipe = StableDiffusionUpscalePipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         low_res_scheduler=DDPMScheduler(num_train_timesteps=1000),
-        scheduler=DDIMScheduler(num_train_timesteps=1000, prediction_type="v_prediction"),
+        # the checkpoint's scheduler_config.json (the SD 2 family's DDIM): v-prediction, no clipping
+        scheduler=DDIMScheduler(num_train_timesteps=1000, prediction_type="v_prediction", beta_schedule="scaled_linear",
+                                beta_start=0.00085, beta_end=0.012, clip_sample=False, set_alpha_to_one=False,
+                                steps_offset=1),
         safety_checker=None, feature_extractor=None, watermarker=None, max_noise_level=350,
     )
     pipe.save_pretrained(str(path))
