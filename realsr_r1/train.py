@@ -105,8 +105,8 @@ def restorations_factory(cfg: dict, device: str):
         from .profiles import build_restorer
         from .rewards.visual import Restorations
 
-        return Restorations(build_restorer(merged, device=device), scale=float(section.get("scale", 4)),
-                            seed=int(section.get("seed", 0)), batch_size=section.get("batch_size"))
+        options = {k: section[k] for k in ("scale", "seed", "batch_size") if k in section}  # else Restorations'
+        return Restorations(build_restorer(merged, device=device), **options)
 
     return make
 
