@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 
 # Written beside a trained adapter/model: inference with `--adapter` samples as the rollouts did.
 TRAINED_DECODING_FILE = "realsr_decoding.json"
@@ -26,13 +27,11 @@ GRPO_FIELDS = {"max_new_tokens": "max_completion_length", "temperature": "temper
                "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repetition_penalty"}
 
 
-# What each field accepts (ints pass where floats are asked for; bools are not ints here).
-_TYPES = {"max_new_tokens": (int,), "min_new_tokens": (int,), "do_sample": (bool,), "temperature": (int, float),
-          "top_p": (int, float), "top_k": (int,), "min_p": (int, float, type(None)), "repetition_penalty": (int, float)}
-
-
 def _check_type(key: str, value) -> None:
-    allowed = _TYPES[key]
+    """The value of `key` has its field's annotated type (an int may stand for a float; a bool is no int)."""
+    hint = typing.get_type_hints(Decoding)[key]
+    allowed = typing.get_args(hint) or (hint,)
+    allowed += (int,) if float in allowed else ()
     if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
         names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
         raise ValueError(f"generation.{key}: expected {names}, got {value!r}")
