@@ -57,7 +57,7 @@ def full_profile_present(weights_dir: Path | None = None) -> bool:
 def manual_hint(models, weights_dir: Path | None = None) -> str:
     parts = [f"{m.repo_id} into {model_dir(m, weights_dir)}" for m in models]
     return ("fetch " + " and ".join(parts) +
-            " on a machine with network (e.g. `huggingface-cli download REPO --local-dir DIR`) and copy them here")
+            " on a machine with network (e.g. `hf download REPO --local-dir DIR`, the huggingface_hub CLI) and copy them here")
 
 
 def _preflight(model: HubModel) -> None:

@@ -41,3 +41,19 @@ def test_present_models_are_not_fetched_again(tmp_path, monkeypatch):
     monkeypatch.setattr(download, "fetch", lambda *a, **k: (_ for _ in ()).throw(AssertionError("fetched")))
     assert download.main(["full", "--weights-dir", str(tmp_path)]) == 0
     assert download.full_profile_present(tmp_path)
+
+
+def test_the_manual_command_in_the_hint_is_one_the_installed_hub_accepts(tmp_path):
+    """The hint's CLI must exist and parse `download REPO --local-dir DIR` (`huggingface-cli` now refuses to run)."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    hint = download.manual_hint(download.FULL_MODELS, tmp_path)
+    command = re.search(r"`([^`]+)`", hint).group(1).split()
+    exe = shutil.which(command[0], path=str(Path(sys.executable).parent)) or shutil.which(command[0])
+    assert exe, f"{command[0]} is not installed"
+    run = subprocess.run([exe, command[1], "--help"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "--local-dir" in run.stdout, run.stdout + run.stderr
