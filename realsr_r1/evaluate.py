@@ -1,12 +1,14 @@
 """`python -m realsr_r1.evaluate`: the metrics of published SR tables, over folders of results.
 
     python -m realsr_r1.evaluate --pred results/lite --pred results/bicubic --gt data/HR \
-        --metrics psnr,ssim,lpips --out results.json --csv per_image.csv --plot metrics.png
+        --metrics psnr,ssim,lpips --out results.json --csv per_image.csv --plot metrics.png --grid figures
 
 Files are paired by name (stem, case-insensitive; `--pred-suffix _out` strips a suffix). PSNR and
 SSIM are the project's own, to the protocol of pyiqa-computed tables (see metrics.py); learned
 metrics come from pyiqa when it and its weights are installed, otherwise they are skipped with one
 line saying what to install. `--infer LQ_DIR` restores the LQ folder first (resumable) with a profile.
+`--grid DIR` writes the comparison figure of each image (figures.py): the same crop of the bicubic-upscaled
+LQ (`--infer` or `--lq`), every method and the GT, labelled with that image's values.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import figures
 from . import metrics as M
 from .metrics import FULL_REFERENCE, PYIQA_NAMES, MetricUnavailable, PyiqaMetric
 from .imageio import (ImageReadError, atomic_write_bytes, atomic_write_text, list_images, read_image, to_pil,
@@ -168,9 +172,15 @@ def bicubic_baseline(lq_dir: Path, gt_dir: Path, out_dir: Path) -> Path:
         except (ImageReadError, OSError):
             continue  # reported when the restored folder is evaluated
 
-        up = to_pil(im.rgb).resize(size, Image.BICUBIC)
-        write_image(target, np.asarray(up, np.float32) / 255.0)
+        write_image(target, bicubic_up(im.rgb, size))
     return out_dir
+
+
+def bicubic_up(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bicubic resize to `size` (width, height) of the 8-bit image, as the baseline folder stores it."""
+    from PIL import Image
+
+    return np.asarray(to_pil(rgb).resize(size, Image.BICUBIC), np.float32) / 255.0
 
 
 # --- Reporting -------------------------------------------------------------------------------------
@@ -221,33 +231,91 @@ def to_json(results: list[FolderResult], metric_names: list[str], skipped: list[
 
 
 def plot(path: Path, results: list[FolderResult], metric_names: list[str]) -> None:
-    """Grouped bars: one panel per metric (scales differ), one bar per method, value on each bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """One panel per metric, one bar (from 0) or, where the means are close, one dot per method."""
     shown = [m for m in metric_names if any(r.mean(m) is not None and math.isfinite(r.mean(m)) for r in results)]
     if not shown:
         raise ValueError("nothing to plot: no finite metric values")
-    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown) + 0.8, 3.6), squeeze=False)
-    colors = plt.get_cmap("tab10").colors
-    for ax, m in zip(axes[0], shown):
-        vals = [r.mean(m) if r.mean(m) is not None and math.isfinite(r.mean(m)) else 0.0 for r in results]
-        bars = ax.bar(range(len(results)), vals, color=[colors[i % 10] for i in range(len(results))])
-        ax.set_title(f"{m.upper()} {'↓' if m in LOWER_IS_BETTER else '↑'}")
-        ax.set_xticks(range(len(results)), [r.name for r in results], rotation=20, ha="right")
-        for b, v in zip(bars, vals):
-            ax.annotate(_fmt(m, v), (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
-        lo = min(vals)
-        if m == "psnr" and lo > 0:
-            ax.set_ylim(lo * 0.9, max(vals) * 1.04)  # PSNR differences of 0.1 dB must be visible
-        ax.margins(y=0.15)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    means = {m: [r.mean(m) for r in results] for m in shown}
+    titles = {m: f"{m.upper()} {'↓' if m in LOWER_IS_BETTER else '↑'}" for m in shown}
+    atomic_write_bytes(path, figures.chart_png([r.name for r in results], means, titles, _fmt))
+
+
+# --- Comparison figures --------------------------------------------------------------------------------
+def grid_images(gt_dir: Path, patterns: list[str]) -> list[Path]:
+    """The GT images named by --grid-images (file names, stems or globs, any case); all without it."""
+    gts = list_images(gt_dir)
+    if not patterns:
+        return gts
+    chosen = set()
+    for pat in patterns:
+        hits = [g for g in gts if fnmatch(g.name.lower(), pat.lower()) or fnmatch(g.stem.lower(), pat.lower())]
+        if not hits:
+            raise ValueError(f"--grid-images {pat!r} matches no image in {gt_dir}")
+        chosen.update(hits)
+    return sorted(chosen)
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) as read_image will give it (EXIF rotation applied), without decoding."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            return (h, w) if im.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)
+    except Exception:  # unreadable: the evaluation reports it
+        return None
+
+
+def _score_one(metrics, pred: np.ndarray, gt: np.ndarray, device: torch.device) -> dict[str, float]:
+    p, g = (torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).unsqueeze(0).to(device) for a in (pred, gt))
+    values = {}
+    for metric in metrics:
+        try:
+            values[metric.name] = float(metric(p, g if metric.needs_gt else None)[0])
+        except (ValueError, RuntimeError):
+            continue  # a label without this value; the table is the record
+    return values
+
+
+def write_grids(out_dir: Path, gts: list[Path], pred_dirs: list[Path], results: list[FolderResult], metrics, *,
+                lq_dir: Path | None, suffix: str, crop: tuple[int, int, int, int] | None,
+                device: torch.device) -> int:
+    """One comparison figure per GT image, out_dir/NAME.png; returns how many were written."""
+    preds = [{_key(p, suffix): p for p in list_images(d)} for d in pred_dirs]
+    named_bicubic = any(r.name.lower() == "bicubic" for r in results)
+    lqs = {_key(p, ""): p for p in list_images(lq_dir)} if lq_dir and not named_bicubic else {}
+    if not named_bicubic and not lq_dir:
+        print("note: --grid: no bicubic panel (name the LQ folder with --lq or --infer)", file=sys.stderr)
+    written = 0
+    for g in gts:
+        key = _key(g, "")
+        try:
+            gt = read_image(g, max_pixels=None).rgb
+        except ImageReadError:
+            continue  # reported by the evaluation
+        panels = []
+        if key in lqs:
+            try:
+                up = bicubic_up(read_image(lqs[key], max_pixels=None).rgb, (gt.shape[1], gt.shape[0]))
+                panels.append(figures.Panel("bicubic", up, _score_one(metrics, up, gt, device)))
+            except ImageReadError as e:
+                print(f"warning: {lqs[key]}: {e}: no bicubic panel", file=sys.stderr)
+        for found, r in zip(preds, results):
+            p = found.get(key)
+            if p is None or p.name not in r.per_image:
+                continue  # missing or an error, both already reported
+            rgb = read_image(p, max_pixels=None).rgb
+            panels.append(figures.Panel(r.name, rgb, dict(r.per_image[p.name])))
+        panels.sort(key=lambda panel: panel.name.lower() != "bicubic")  # the baseline first, as papers do
+        if not panels:
+            print(f"warning: {g.name}: no method has this image, no figure", file=sys.stderr)
+            continue
+        box = crop or figures.auto_crop([panel.rgb for panel in panels], gt)
+        fig = figures.comparison(gt, panels, box, title=g.stem, fmt=_fmt, lower_is_better=LOWER_IS_BETTER)
+        atomic_write_bytes(out_dir / f"{g.stem}.png", figures.png_bytes(fig))
+        written += 1
+    return written
 
 
 # --- CLI --------------------------------------------------------------------------------------------------
@@ -262,16 +330,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-border", type=int, default=0, help="pixels cropped at each border (published: 0)")
     p.add_argument("--out", help="write results as JSON")
     p.add_argument("--csv", help="write per-image values as CSV")
-    p.add_argument("--plot", help="write a grouped bar chart (PNG)")
+    p.add_argument("--plot", help="write a chart of the means (PNG): bars from 0, dots where they differ by < 10%%")
+    p.add_argument("--grid", metavar="DIR",
+                   help="write DIR/NAME.png per image: the same crop of bicubic, each --pred and the GT, "
+                        "with that image's values (needs --gt)")
+    p.add_argument("--grid-images", metavar="NAMES",
+                   help="with --grid: only these images, comma list of names or globs, e.g. frog,'b*'")
+    p.add_argument("--crop", metavar="X,Y,W,H",
+                   help="with --grid: this crop in GT pixels (default: where the methods differ most)")
+    p.add_argument("--lq", metavar="LQ_DIR",
+                   help="the LQ inputs of the --pred results, for --bicubic and the grid's bicubic panel "
+                        "(--infer names them already)")
     p.add_argument("--infer", metavar="LQ_DIR",
                    help="first restore LQ_DIR into the first --pred folder (skips finished images)")
     p.add_argument("--profile", default="auto", help="profile for --infer")
     p.add_argument("--bicubic", action="store_true",
-                   help="with --infer and --gt: add a bicubic-upscaling row (LQ resized to each GT's size)")
+                   help="with --infer or --lq, and --gt: add a bicubic-upscaling row (LQ resized to each GT's size)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--quiet", "-q", action="store_true")
     return p
+
+
+def _lq_dir(args) -> Path | None:
+    if args.lq and args.infer and Path(args.lq).resolve() != Path(args.infer).resolve():
+        raise ValueError(f"--lq {args.lq} and --infer {args.infer} name two LQ folders: give one")
+    lq = args.infer or args.lq
+    if lq and not Path(lq).is_dir():
+        raise ValueError(f"{lq}: no such folder")
+    return Path(lq) if lq else None
+
+
+def _grid_plan(args, pred_dirs: list[Path], gt_dir: Path | None, lq_dir: Path | None):
+    """(DIR, GT images, crop or None) for --grid, or None; ValueError for every bad combination."""
+    if not args.grid:
+        for flag, val in (("--grid-images", args.grid_images), ("--crop", args.crop)):
+            if val:
+                raise ValueError(f"{flag} needs --grid DIR")
+        return None
+    if not gt_dir:
+        raise ValueError("--grid needs --gt (the figures compare with the ground truth)")
+    if not gt_dir.is_dir():
+        raise ValueError(f"{gt_dir}: no such folder")
+    out_dir = Path(args.grid)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--grid {out_dir}: exists and is not a folder")
+    bicubic = [("--bicubic", pred_dirs[0].parent / "bicubic")] if args.bicubic else []
+    for flag, d in [("--gt", gt_dir), ("--lq", lq_dir), *(("--pred", p) for p in pred_dirs), *bicubic]:
+        if d is not None and out_dir.resolve() == d.resolve():
+            raise ValueError(f"--grid {out_dir} is the {flag} folder: its figures would replace those images")
+    patterns = [p.strip() for p in (args.grid_images or "").split(",") if p.strip()]
+    gts = grid_images(gt_dir, patterns)
+    crop = figures.parse_crop(args.crop) if args.crop else None
+    if crop:
+        for g in gts:
+            size = _header_size(g)
+            if size:
+                try:
+                    figures.check_crop(crop, size)
+                except ValueError as e:
+                    raise ValueError(f"{g.name}: {e}") from None
+    try:  # an unwritable DIR is found now, not after the evaluation
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--grid {out_dir}: cannot create ({e.strerror or e})") from None
+    return out_dir, gts, crop
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,6 +402,13 @@ def main(argv: list[str] | None = None) -> int:
     from .device import resolve_device
 
     pred_dirs = [Path(p) for p in args.pred]
+    gt_dir = Path(args.gt) if args.gt else None
+    try:  # every usage error before --infer spends minutes restoring
+        lq_dir = _lq_dir(args)
+        grid = _grid_plan(args, pred_dirs, gt_dir, lq_dir)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.infer:
         from . import infer
 
@@ -286,12 +416,11 @@ def main(argv: list[str] | None = None) -> int:
                          "--device", args.device] + (["--quiet"] if args.quiet else []))
         if rc == 2:
             return 2
-    gt_dir = Path(args.gt) if args.gt else None
     if args.bicubic:
-        if not (args.infer and gt_dir):
-            print("error: --bicubic needs --infer LQ_DIR and --gt", file=sys.stderr)
+        if not (lq_dir and gt_dir):
+            print("error: --bicubic needs --infer LQ_DIR (or --lq LQ_DIR) and --gt", file=sys.stderr)
             return 2
-        pred_dirs.append(bicubic_baseline(Path(args.infer), gt_dir, pred_dirs[0].parent / "bicubic"))
+        pred_dirs.append(bicubic_baseline(lq_dir, gt_dir, pred_dirs[0].parent / "bicubic"))
     for d in pred_dirs + ([gt_dir] if gt_dir else []):
         if not d.is_dir():
             print(f"error: {d}: no such folder", file=sys.stderr)
@@ -328,6 +457,15 @@ def main(argv: list[str] | None = None) -> int:
         write_csv(Path(args.csv), results, ran)
     if args.plot:
         plot(Path(args.plot), results, ran)
+    if grid:
+        out_dir, gts, crop = grid
+        try:
+            n = write_grids(out_dir, gts, pred_dirs, results, metrics, lq_dir=lq_dir, suffix=args.pred_suffix,
+                            crop=crop, device=device)
+        except OSError as e:
+            print(f"error: --grid {out_dir}: cannot write ({e.strerror or e})", file=sys.stderr)
+            return 1
+        print(f"wrote {n} comparison figure(s) to {out_dir}", file=sys.stderr)
     failed = any(r.errors for r in results) or not any(r.per_image for r in results)
     return 1 if failed else 0
 

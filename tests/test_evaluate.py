@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import EXAMPLES
-from realsr_r1 import evaluate
+from realsr_r1 import evaluate, figures
 from realsr_r1.degrade import degrade
 from realsr_r1.imageio import read_image, write_image
 from realsr_r1.metrics import psnr, ssim
@@ -129,3 +129,116 @@ def test_no_gt_and_no_runnable_metric_is_a_usage_error(paired, capsys):
     rc = evaluate.main(["--pred", str(paired / "bicubic"), "--metrics", "psnr", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and "psnr: needs --gt" in err and "no metric can run" in err
+
+
+# --- Comparison figures (--grid) ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def near(paired):
+    """A second method: the HR itself with a little noise."""
+    d = paired / "near"
+    if not d.exists():
+        d.mkdir()
+        for name in NAMES:
+            hr = read_image(paired / "hr" / f"{name}.png").rgb
+            noisy = np.clip(hr + np.random.default_rng(1).normal(0, 0.02, hr.shape), 0, 1)
+            write_image(d / f"{name}.png", noisy.astype(np.float32))
+    return d
+
+
+def _panel(fig: np.ndarray, gt_size, i: int) -> np.ndarray:
+    """Panel i (0 = first after the thumbnail) of a grid figure with square crops."""
+    left = figures.MARGIN + figures._fit(gt_size)[0] + figures.GAP + i * (figures.GAP + figures.PANEL_H)
+    return fig[figures.MARGIN:figures.MARGIN + figures.PANEL_H, left:left + figures.PANEL_H]
+
+
+def test_grid_writes_a_figure_per_image_with_bicubic_from_the_lq(paired, near, tmp_path, capsys):
+    grid = tmp_path / "grid"
+    rc = evaluate.main(["--pred", str(near), "--gt", str(paired / "hr"), "--lq", str(paired / "lq"),
+                        "--grid", str(grid), "--quiet"])
+    assert rc == 0
+    assert "wrote 3 comparison figure(s)" in capsys.readouterr().err
+    assert sorted(p.name for p in grid.iterdir()) == sorted(f"{n}.png" for n in NAMES)
+    for name in NAMES:
+        size = Image.open(paired / "hr" / f"{name}.png").size
+        fig = Image.open(grid / f"{name}.png")
+        # thumbnail, then bicubic, near and GT: three crops of the same square
+        assert fig.size[0] == 2 * figures.MARGIN + figures._fit(size)[0] + 3 * (figures.GAP + figures.PANEL_H)
+        assert fig.size[1] > figures.PANEL_H + 2 * 17  # room for the name and the values
+
+
+def test_grid_crop_and_subset(paired, near, tmp_path, capsys):
+    grid = tmp_path / "grid"
+    rc = evaluate.main(["--pred", str(near), "--gt", str(paired / "hr"), "--lq", str(paired / "lq"),
+                        "--grid", str(grid), "--grid-images", "FROG,b*", "--crop", "4,8,24,24", "--quiet"])
+    assert rc == 0
+    assert sorted(p.name for p in grid.iterdir()) == ["building.png", "frog.png"]
+    fig = np.asarray(Image.open(grid / "frog.png"))
+    size = Image.open(paired / "hr" / "frog.png").size
+    for i, src in enumerate([paired / "bicubic", near, paired / "hr"]):  # bicubic first, GT last
+        want = Image.open(src / "frog.png").convert("RGB").crop((4, 8, 28, 32))
+        want = np.asarray(want.resize((figures.PANEL_H,) * 2, Image.NEAREST))
+        assert np.array_equal(_panel(fig, size, i), want), src.name
+
+
+def test_grid_labels_carry_the_evaluated_values(paired, near, tmp_path, monkeypatch):
+    seen = []
+    real = figures.comparison
+
+    def spy(gt, panels, crop, **kw):
+        seen.append({p.name: p.values for p in panels})
+        return real(gt, panels, crop, **kw)
+
+    monkeypatch.setattr(figures, "comparison", spy)
+    out = tmp_path / "r.json"
+    assert evaluate.main(["--pred", str(near), "--pred", str(paired / "bicubic"), "--gt", str(paired / "hr"),
+                          "--grid", str(tmp_path / "grid"), "--grid-images", "frog", "--out", str(out),
+                          "--quiet"]) == 0
+    res = {r["method"]: r["per_image"]["frog.png"] for r in json.loads(out.read_text())["results"]}
+    # a --pred folder named bicubic is the bicubic panel (no LQ needed), first; values as in the JSON
+    assert list(seen[0]) == ["bicubic", "near"] and seen[0] == res
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--crop", "0,0,1000,10"], "outside the"),
+    (["--crop", "0,0,10"], "expected x,y,w,h"),
+    (["--grid-images", "nosuch"], "'nosuch' matches no image"),
+    (["--grid", "PRED"], "is the --pred folder"),
+    (["--lq", "LQ", "--bicubic", "--grid", "BICUBIC"], "is the --bicubic folder"),  # paired/bicubic, beside near
+])
+def test_grid_usage_errors_are_one_line_before_any_work(paired, near, tmp_path, capsys, extra, message):
+    grid = tmp_path / "grid"
+    args = ["--pred", str(near), "--gt", str(paired / "hr"), "--grid", str(grid), "--quiet"]
+    subst = {"PRED": near, "LQ": paired / "lq", "BICUBIC": paired / "bicubic"}
+
+    def files():
+        return {p: p.read_bytes() for d in (near, paired / "bicubic") for p in d.iterdir()}
+
+    before = files()
+    rc = evaluate.main(args + [str(subst.get(a, a)) for a in extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not grid.exists() and files() == before
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--gt", "HR", "--crop", "0,0,8,8"], "--crop needs --grid"),
+    (["--gt", "HR", "--grid-images", "frog"], "--grid-images needs --grid"),
+    (["--grid", "GRID"], "--grid needs --gt"),
+])
+def test_grid_flags_need_grid_and_gt(paired, tmp_path, capsys, extra, message):
+    subst = {"HR": str(paired / "hr"), "GRID": str(tmp_path / "grid")}
+    rc = evaluate.main(["--pred", str(paired / "bicubic"), "--quiet"] + [subst.get(a, a) for a in extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0]
+
+
+def test_bicubic_row_from_lq_without_infer(paired, near, tmp_path, capsys):
+    pred = tmp_path / "runs" / "near"
+    pred.parent.mkdir()
+    pred.symlink_to(near, target_is_directory=True)
+    assert evaluate.main(["--pred", str(pred), "--lq", str(paired / "lq"), "--bicubic", "--gt", str(paired / "hr"),
+                          "--quiet"]) == 0
+    assert "| bicubic | 3 |" in capsys.readouterr().out
+    for name in NAMES:
+        assert np.array_equal(read_image(tmp_path / "runs" / "bicubic" / f"{name}.png").rgb,
+                              read_image(paired / "bicubic" / f"{name}.png").rgb)
