@@ -5,6 +5,7 @@ event stream; no restoration logic lives here.
 
 Fully offline: analytics off, system fonts only (no font or script from the network), temp files
 in a folder the app owns and deletes at exit, and only the app's results and examples are served.
+Ctrl-C and SIGTERM (kill, systemd, docker stop) both shut it down that way.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import atexit
 import logging
 import os
 import shutil
+import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -26,8 +29,9 @@ if "GRADIO_TEMP_DIR" not in os.environ:  # before gradio is imported: it reads t
 
 import gradio as gr  # noqa: E402
 
-from realsr_r1.demo import LEVEL_COLOURS, DemoSession  # noqa: E402
+from realsr_r1.demo import LEVEL_COLOURS, DemoSession, start_profiles  # noqa: E402
 from realsr_r1.imageio import DEFAULT_MAX_PIXELS  # noqa: E402
+from realsr_r1.profiles import PROFILES, ConfigError  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES = sorted((HERE / "examples").glob("*.png"))
@@ -39,11 +43,13 @@ def _same(a, b) -> bool:
     return a is b or (isinstance(a, (str, list)) and type(a) is type(b) and a == b)
 
 
-def build_app(session: DemoSession, default_profile: str = "auto") -> gr.Blocks:
+def build_app(session: DemoSession, default_profile: str = "auto", warning: str | None = None) -> gr.Blocks:
     profiles = list(session.profiles)
     with gr.Blocks(title="realsr-r1", analytics_enabled=False, delete_cache=(1800, 3600)) as demo:
         gr.Markdown("# realsr-r1 — reason, then restore\nUpload a low-quality photo: the model writes what "
                     "degrades it and what it shows, then restores it rough → middle → final.")
+        if warning:  # what the log says at start, for whoever only sees the page
+            gr.Markdown(f"**Warning:** {warning}", elem_id="warning")
         with gr.Row():
             with gr.Column(scale=1):
                 # A file, not gr.Image: our reader decodes it (16-bit, EXIF, CMYK…) and reports problems.
@@ -93,30 +99,63 @@ def build_app(session: DemoSession, default_profile: str = "auto") -> gr.Blocks:
     return demo
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python app.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve your network")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--profile", default="auto",
-                   help="the profile selected first: auto, lite, full, or a YAML config (added to the list)")
-    p.add_argument("--max-size", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger inputs (pixels)")
-    p.add_argument("--concurrency", type=int, default=1, help="restorations running at once (they share the models)")
-    p.add_argument("--queue-size", type=int, default=16, help="requests waiting beyond that are turned away")
-    p.add_argument("--device", default="auto")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+def _stop_on_sigterm() -> None:
+    """SIGTERM (kill, systemd, docker stop) stops the demo as Ctrl-C does: gradio's launch() closes
+    the server on KeyboardInterrupt and returns, then atexit deletes the temp folder. A second
+    SIGTERM during that shutdown kills at once."""
 
-    extra = [args.profile] if args.profile.endswith((".yaml", ".yml")) else []
-    profiles = DemoSession.available(extra)
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        logging.getLogger("app").info("SIGTERM: shutting down")
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python app.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="Exit status: 0 when stopped (Ctrl-C or SIGTERM), 2 for a usage error. "
+                                       "Either way the temp folder it made is deleted.")
+    p.add_argument("--host", default="127.0.0.1", metavar="ADDRESS",
+                   help="the address to serve on; 0.0.0.0 to serve your network")
+    p.add_argument("--port", type=int, default=7860, metavar="N", help="the port to serve on")
+    p.add_argument("--profile", default="auto", metavar="NAME|YAML",
+                   help=f"the profile selected first: {', '.join(('auto', *PROFILES))}, or a YAML config "
+                        "(added to the list); auto takes the best this machine runs")
+    p.add_argument("--max-size", type=int, default=DEFAULT_MAX_PIXELS, metavar="PIXELS",
+                   help="refuse larger inputs, in pixels")
+    p.add_argument("--concurrency", type=int, default=1, metavar="N",
+                   help="restorations running at once (they share the models)")
+    p.add_argument("--queue-size", type=int, default=16, metavar="N",
+                   help="requests waiting beyond that are turned away")
+    p.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda, cuda:1, …")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        profiles, default, warning = start_profiles(args.profile)
+    except (ConfigError, OSError) as e:  # before launching: the user sees it, not the first request
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    if warning:
+        logging.getLogger("app").warning("warning: %s", warning)
+    _stop_on_sigterm()
     session = DemoSession(profiles, Path(os.environ["GRADIO_TEMP_DIR"]) / "results", device=args.device,
                           max_pixels=args.max_size)
-    default = Path(args.profile).stem if extra else args.profile
-    demo = build_app(session, default)
+    demo = build_app(session, default, warning)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
     theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=SYSTEM_MONO)
-    demo.launch(server_name=args.host, server_port=args.port, theme=theme, footer_links=[],
-                allowed_paths=[str(session.out_root), str(HERE / "examples")], show_error=True)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, theme=theme, footer_links=[],
+                    allowed_paths=[str(session.out_root), str(HERE / "examples")], show_error=True)
+    except KeyboardInterrupt:  # stopped while starting: no traceback, and the temp folder still goes
+        pass
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

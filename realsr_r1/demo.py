@@ -28,7 +28,7 @@ from .cot import STAGES
 from .imageio import DEFAULT_MAX_PIXELS, ImageReadError, atomic_write_text, read_image, write_image
 from .pipeline import (AnalysisReady, Done, Failed, PlanReady, PlanUpdate, StageImage, StagePreview, StageStarted,
                        TextDelta)
-from .profiles import ConfigError, build_pipeline, choose_profile, load_config
+from .profiles import PROFILES, ConfigError, build_pipeline, check_profile, choose_profile, load_config
 from .restorers.lite import resize
 from .sidecar import build_sidecar
 
@@ -70,6 +70,39 @@ def degradation_labels(plan) -> list[tuple[str, str | None]]:
         else:
             out.append((f"{item.type}: {item.level}", item.level))
     return out
+
+
+def full_profile_problem() -> str | None:
+    """Why the full profile cannot run here (its weights are missing, no CUDA GPU), or None."""
+    from .download import full_profile_present
+    from .weights import default_dir
+
+    if not full_profile_present():
+        return f"its weights are not in {default_dir()} (python -m realsr_r1.download full)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "there is no CUDA GPU (on the CPU it takes minutes per image)"
+    return None
+
+
+def start_profiles(requested: str) -> tuple[dict[str, str], str, str | None]:
+    """(profiles offered, the one selected first, a warning for the log and the page) for `--profile`.
+
+    An unknown name or a YAML file that is missing or invalid is a ConfigError (one line), said
+    before the demo starts rather than in the first request. `full` where it cannot run starts with
+    lite instead, and says why."""
+    if requested.endswith((".yaml", ".yml")):
+        check_profile(load_config(requested))
+        return DemoSession.available([requested]), Path(requested).stem, None
+    choose_profile(requested)  # unknown names: the same one-line error as infer's
+    extra = [requested] if requested in PROFILES and requested not in ("lite", "full") else []  # tiny
+    profiles = DemoSession.available(extra)
+    problem = full_profile_problem() if requested == "full" else None
+    if problem is None:
+        return profiles, requested, None
+    kept = " (full stays in the list)" if "full" in profiles else ""
+    return profiles, "lite", f"--profile full cannot run here: {problem}; starting with lite instead{kept}"
 
 
 def understanding_text(plan) -> str:

@@ -3,7 +3,9 @@ in a real headless Chromium."""
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +31,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_served(proc, url, log: Path, tries: int = 240) -> None:
+    for _ in range(tries):
+        if proc.poll() is not None:
+            break
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"app did not start: {log.read_text()[-2000:]}")
+
+
+def app_command(*args: str) -> list[str]:
+    return [sys.executable, str(REPO / "app.py"), *args]
+
+
+def own_temp_env(tmp_path: Path) -> dict:
+    """The app makes (and must delete) its own temp folder, here under tmp_path."""
+    env = {k: v for k, v in os.environ.items() if k != "GRADIO_TEMP_DIR"}
+    return {**env, "TMPDIR": str(tmp_path), "REALSR_R1_WEIGHTS": str(tmp_path / "no-weights"), "HF_HUB_OFFLINE": "1",
+            "GRADIO_ANALYTICS_ENABLED": "False"}
+
+
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     """The demo on 127.0.0.1 with the lite profile and the tiny full profile (configs/tiny.yaml)."""
@@ -43,21 +69,95 @@ def app(tmp_path_factory):
                              str(REPO / "configs" / "tiny.yaml"), "--device", "cpu", "--concurrency", "2",
                              "--max-size", "200000"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
-    for _ in range(240):
-        if proc.poll() is not None:
-            break
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-    if proc.poll() is not None:
-        pytest.fail(f"app did not start: {(root / 'app.log').read_text()[-2000:]}")
+    wait_until_served(proc, url, root / "app.log")
     yield {"url": url, "root": root, "log": root / "app.log"}
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stopped_by_a_signal_it_deletes_its_temp_folder(tmp_path, stop):
+    """kill / systemd / docker stop send SIGTERM, a terminal Ctrl-C: both close the server and delete the folder."""
+    port = free_port()
+    log = tmp_path / "app.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(app_command("--port", str(port), "--profile", "lite"), cwd=REPO,
+                                env=own_temp_env(tmp_path), stdout=out, stderr=subprocess.STDOUT)
+    wait_until_served(proc, f"http://127.0.0.1:{port}/", log)
+    made = list(tmp_path.glob("realsr-r1-demo-*"))
+    assert len(made) == 1 and (made[0] / "results").is_dir()
+    proc.send_signal(stop)
+    try:
+        rc = proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"still running 30 s after {stop.name}")
+    assert rc == 0, log.read_text()[-2000:]
+    assert not made[0].exists()
+    assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.parametrize("profile, expected", [
+    ("nosuch", "error: unknown profile 'nosuch'"),
+    ("missing.yaml", "error: no profile config missing.yaml"),
+])
+def test_an_unknown_profile_is_an_error_before_launching(tmp_path, profile, expected):
+    done = subprocess.run(app_command("--profile", profile, "--port", str(free_port())), cwd=tmp_path,
+                          env=own_temp_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and done.stderr.startswith(expected), done.stderr
+    assert not list(tmp_path.glob("realsr-r1-demo-*"))  # its temp folder is gone too
+
+
+def test_profile_full_that_cannot_run_is_said_in_the_log_and_the_page(tmp_path):
+    port = free_port()
+    log = tmp_path / "app.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(app_command("--port", str(port), "--profile", "full"), cwd=REPO,
+                                env=own_temp_env(tmp_path), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until_served(proc, f"http://127.0.0.1:{port}/", log)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=10) as r:
+            config = json.load(r)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    reason = "its weights are not in"
+    logged = [line for line in log.read_text().splitlines() if reason in line]
+    assert len(logged) == 1 and "python -m realsr_r1.download full" in logged[0]
+    assert "starting with lite" in logged[0]
+    props = {c["props"].get("elem_id"): c["props"] for c in config["components"] if "props" in c}
+    assert reason in props["warning"]["value"] and "starting with lite" in props["warning"]["value"]
+    assert props["profile"]["value"] == "lite" and "full" not in [c[0] for c in props["profile"]["choices"]]
+
+
+def test_start_profiles_without_a_cuda_gpu(monkeypatch):
+    import torch
+
+    import realsr_r1.download
+    from realsr_r1.demo import start_profiles
+
+    monkeypatch.setattr(realsr_r1.download, "full_profile_present", lambda *a: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    profiles, selected, warning = start_profiles("full")
+    assert selected == "lite" and "full" in profiles  # still offered: it runs on the CPU, slowly
+    assert "no CUDA GPU" in warning and "starting with lite" in warning
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert start_profiles("full") == ({"auto": "auto", "lite": "lite", "full": "full"}, "full", None)
+    assert start_profiles("tiny")[:2] == ({"auto": "auto", "lite": "lite", "full": "full", "tiny": "tiny"}, "tiny")
+
+
+def test_help_shows_every_default():
+    from realsr_r1.imageio import DEFAULT_MAX_PIXELS
+
+    done = subprocess.run(app_command("--help"), cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0
+    options = re.split(r"\n  (?=-)", done.stdout.split("options:")[1].split("\n\n")[0])[1:]  # one per option
+    assert len(options) == 8 and all("(default: " in o for o in options if not o.startswith("-h")), done.stdout
+    for shown in ("(default: 7860)", "(default: 127.0.0.1)", "(default: auto)", "auto, lite, full, tiny",
+                  f"(default: {DEFAULT_MAX_PIXELS})", "SIGTERM"):
+        assert shown in done.stdout
 
 
 def submit(url, path, profile="tiny", scale=4, steps=4):
@@ -124,7 +224,6 @@ def test_bad_upload_gets_a_message_and_the_app_keeps_serving(app, tmp_path):
 
 def test_four_clients_at_once_within_the_concurrency_bound(app, tmp_path):
     """--concurrency 2: four requests at once all finish; the server never runs more than two."""
-    import re
 
     before = len(app["log"].read_text().splitlines())
     jobs = []
