@@ -11,56 +11,73 @@ import argparse
 import json
 import sys
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .imageio import (
-    DEFAULT_MAX_PIXELS,
-    IMAGE_EXTENSIONS,
-    ImageReadError,
-    atomic_write_text,
-    list_images,
-    read_image,
-    write_image,
-)
+from .cot import STAGES
+from .imageio import DEFAULT_MAX_PIXELS, ImageReadError, atomic_write_text, read_image, write_image
+from .outputs import (Layout, UsageError, check_no_collision, find_inputs, own_results, plan_layout, read_sidecar,
+                      recorded_files, remove_stale, settings_difference)
 from .pipeline import Done, Failed
 from .sidecar import build_sidecar
 
 
+EXIT_CODES = "exit status: 0 when every file succeeded, 1 when some failed (or were kept from other settings), " \
+    "2 for a usage error (nothing was done), 130 when interrupted"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .weights import SHORT_NAMES
+
     p = argparse.ArgumentParser(
         prog="python -m realsr_r1.infer",
         description="Restore low-quality images: reason about the degradation (VLCoT), then restore "
         "coarse to fine. Writes NAME.png and NAME.json (the chain of thought) per input.",
+        epilog=EXIT_CODES,
     )
     p.add_argument("--input", "-i", required=True, help="an image file or a folder of images")
-    p.add_argument("--output", "-o", required=True, help="output folder (created if missing)")
-    p.add_argument("--profile", default="auto", help="auto (default), lite, or a YAML config path")
+    p.add_argument("--output", "-o", required=True,
+                   help="output folder (created if missing); with a single --input file, also a file name "
+                   "such as out.png (out.json is written beside it)")
+    p.add_argument("--recursive", "-r", action="store_true",
+                   help="also restore the images in subfolders, mirroring the folder tree in the output")
+    p.add_argument("--profile", default="auto",
+                   help="auto, lite, full, tiny, or a YAML config path (default auto: full where its weights "
+                   "and a CUDA GPU are present, else lite)")
+    p.add_argument("--model", choices=sorted(SHORT_NAMES), default=None,
+                   help="the Real-ESRGAN weights of the lite profile: x4plus (photos) or animevideov3 (anime, "
+                   "fast); sets restorer.path (default: the profile's, x4plus)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set restorer.tile_pad=32 (repeatable)")
     p.add_argument("--adapter", default=None,
-                   help="a LoRA adapter folder from python -m realsr_r1.train (profiles with a VLM policy)")
+                   help="a LoRA adapter folder from python -m realsr_r1.train (profiles with a VLM policy; "
+                   "default none)")
     p.add_argument("--scale", type=float, default=None,
                    help="final stage scale (default: the profile's, 4)")
     p.add_argument("--outscale", type=float, default=None,
-                   help="final output scale, any float (alias of --scale, as in Real-ESRGAN)")
+                   help="final output scale, any float (alias of --scale, as in Real-ESRGAN; default 4)")
     p.add_argument("--tile", type=int, default=None,
-                   help="tile size, 0 = no tiling: input pixels for Real-ESRGAN (restorer.tile); latent pixels "
-                   "(= input pixels at the final x4 stage) for the diffusion restorer (restorer.tile)")
+                   help="tile size, 0 = no tiling: input pixels for Real-ESRGAN (restorer.tile; default 256 on "
+                   "CPU, 512 on CUDA); latent pixels (= input pixels at the final x4 stage) for the diffusion "
+                   "restorer (restorer.tile)")
     p.add_argument("--tile-pad", type=int, default=None,
-                   help="overlap between tiles, in the same unit: restorer.tile_pad for Real-ESRGAN, "
-                   "restorer.tile_overlap for the diffusion restorer")
+                   help="overlap between tiles, in the same unit: restorer.tile_pad for Real-ESRGAN (default "
+                   "16), restorer.tile_overlap for the diffusion restorer")
     p.add_argument("--ext", default="auto", choices=["auto", "png", "jpg", "webp"],
-                   help="output format; auto keeps png for alpha/16-bit, else the input's (png for others)")
-    p.add_argument("--suffix", default="", help="appended to output names: NAME_SUFFIX.png")
+                   help="output format (default auto: the input's, png for alpha/16-bit and other formats); "
+                   "jpg cannot hold alpha or 16 bits, so such inputs are written as png, and the run says so")
+    p.add_argument("--suffix", default="", help="appended to output names: NAME_SUFFIX.png (default none)")
     p.add_argument("--seed", type=int, default=None,
                    help="base seed (default 0); image i uses seed + i (profiles with a VLM or diffusion)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, … (default auto)")
     p.add_argument("--fp32", action="store_true", help="full precision (default: bf16/fp16 where fast)")
     p.add_argument("--save-stages", action="store_true",
                    help="also write NAME_rough.png, NAME_middle.png, NAME_final.png")
-    p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo outputs that exist (default: keep them; a result made with these settings "
+                   "counts as done, so an interrupted run resumes)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse inputs larger than this many pixels (default {DEFAULT_MAX_PIXELS:,})")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -68,28 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _output_ext(requested: str, src: Path, has_alpha: bool, bit_depth: int) -> str:
+def _output_ext(requested: str, src: Path, has_alpha: bool, bit_depth: int) -> tuple[str, str | None]:
+    """(the format written, why it differs from the one asked for, or None)."""
     if has_alpha or bit_depth == 16:
-        if requested == "jpg":
-            return "png"  # JPEG cannot hold alpha or 16 bits (Real-ESRGAN does the same)
+        if requested == "jpg":  # JPEG cannot hold alpha or 16 bits (Real-ESRGAN writes png too)
+            return "png", f"JPEG cannot hold {'alpha' if has_alpha else '16 bits'}: written as PNG"
         if requested == "auto":
-            return "png"
+            return "png", None
+    if requested == "webp" and bit_depth == 16:
+        return "webp", "WebP cannot hold 16 bits: written as 8-bit WebP"
     if requested != "auto":
-        return requested
+        return requested, None
     ext = src.suffix.lower().lstrip(".")
-    return {"jpeg": "jpg"}.get(ext, ext) if ext in ("png", "jpg", "jpeg", "webp") else "png"
-
-
-def _output_stems(files: list[Path], suffix: str) -> dict[Path, str]:
-    """NAME[_suffix]; inputs sharing a name (a.png, a.jpg) keep their extension to stay apart."""
-    stems: dict[Path, str] = {}
-    counts: dict[str, int] = {}
-    for f in files:
-        counts[f.stem.lower()] = counts.get(f.stem.lower(), 0) + 1
-    for f in files:
-        stem = f.stem if counts[f.stem.lower()] == 1 else f"{f.stem}_{f.suffix.lstrip('.').lower()}"
-        stems[f] = f"{stem}_{suffix}" if suffix else stem
-    return stems
+    return ({"jpeg": "jpg"}.get(ext, ext) if ext in ("png", "jpg", "jpeg", "webp") else "png"), None
 
 
 def _shard() -> tuple[int, int, int]:
@@ -100,19 +108,20 @@ def _shard() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), max(1, world), int(os.environ.get("LOCAL_RANK", "0"))
 
 
-class UsageError(Exception):
-    """A command line that cannot run; str() is one line."""
-
-
-def _input_files(src: Path) -> list[Path]:
-    if src.is_file():
-        return [src]
-    if not src.is_dir():
-        raise UsageError(f"{src}: no such file or folder")
-    files = list_images(src)
-    if not files:
-        raise UsageError(f"{src}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    return files
+def plan_outputs(args: argparse.Namespace) -> tuple[list[Path], Layout]:
+    """The inputs and where their results go, or a UsageError before any work (data safety first)."""
+    src, output = Path(args.input), Path(args.output)
+    nested = src.is_dir() and output.resolve() != src.resolve() and output.resolve().is_relative_to(src.resolve())
+    files = find_inputs(src, args.recursive, skip=output if nested else None)
+    if src.is_dir() and output.resolve() == src.resolve():
+        # In place with a suffix: results of earlier runs are not inputs.
+        own = own_results(output, args.recursive)
+        files = [f for f in files if f.resolve() not in own]
+        if not files:
+            raise UsageError(f"{src}: the only images are results of earlier runs")
+    layout = plan_layout(src, output, files, suffix=args.suffix, ext=args.ext)
+    check_no_collision(layout, files, args.save_stages)
+    return files, layout
 
 
 def profile_config(args: argparse.Namespace) -> tuple[str, str, dict, list[str]]:
@@ -143,6 +152,13 @@ def profile_config(args: argparse.Namespace) -> tuple[str, str, dict, list[str]]
             if flag not in parts[1].flags:
                 raise ConfigError(f"--{flag.replace('_', '-')} does not apply to the {restorer_type} restorer")
             restorer[parts[1].flags[flag]] = getattr(args, flag)
+    if args.model:
+        from .weights import SHORT_NAMES
+
+        if restorer_type != "realesrgan":
+            raise ConfigError(f"--model chooses Real-ESRGAN weights; the {profile} profile's restorer is the "
+                              f"{restorer_type} one (set its model with --set restorer.model=…)")
+        restorer["path"] = SHORT_NAMES[args.model]
     if args.adapter:
         if "adapter" not in valid_keys(parts[0]):
             raise ConfigError(f"--adapter does not apply to the {profile} profile: it needs a profile with a "
@@ -166,26 +182,57 @@ def _device(requested: str, world: int, local_rank: int) -> str:
     return requested
 
 
-class _Folder:
-    """Restores files into one output folder: skip what is done, one line per failure."""
+def _check_runnable(profile: str, device: str) -> None:
+    """The full profile on a machine without a CUDA GPU: say so, rather than load a 3B VLM on the CPU."""
+    if profile != "full" or device != "auto":
+        return
+    import torch
 
-    def __init__(self, pipeline, args: argparse.Namespace, files: list[Path], reason: str):
+    if torch.cuda.is_available():
+        return
+    from .download import full_profile_present
+    from .profiles import ConfigError
+
+    missing = "" if full_profile_present() else \
+        "; its weights are not here either (python -m realsr_r1.download full)"
+    raise ConfigError("the full profile needs a CUDA GPU and torch sees none (torch.cuda.is_available() is "
+                      f"False){missing}; use --profile lite, or --device cpu to run it on the CPU, very slowly")
+
+
+class _Folder:
+    """Restores files into one output layout: skip what is done, keep what other settings made,
+    one line per failure."""
+
+    def __init__(self, pipeline, args: argparse.Namespace, files: list[Path], layout: Layout, reason: str,
+                 settings: dict):
         self.pipeline = pipeline
         self.args = args
-        self.out_dir = Path(args.output)
-        self.stems = _output_stems(files, args.suffix)
+        self.layout = layout
         self.reason = reason
         self.seed = args.seed or 0
+        self.settings = settings
+        self.inputs = {f.resolve() for f in files}
+        self.format_notes: set[str] = set()  # each format change is said once per run
 
-    def finished(self, path: Path) -> bool:
-        """The sidecar is written last, so an existing one whose image exists marks a finished output."""
-        sidecar = self.out_dir / f"{self.stems[path]}.json"
+    def name(self, path: Path) -> str:
+        """The input as the sidecar and the summary name it: relative to the input folder."""
+        return Path(self.layout.names[path]).parent.joinpath(path.name).as_posix()
+
+    def status(self, path: Path) -> tuple[str, str | None]:
+        """("todo" | "done" | "other", how the settings differ). The sidecar is written last, so one
+        whose image exists (and stage images, with --save-stages) marks a finished result."""
+        sidecar = self.layout.sidecar(path)
         if self.args.overwrite or not sidecar.exists():
-            return False
-        try:
-            return (self.out_dir / json.loads(sidecar.read_text(encoding="utf-8"))["output"]).exists()
-        except (OSError, ValueError, KeyError, TypeError):
-            return False  # unreadable sidecar: redo this image
+            return "todo", None
+        record = read_sidecar(sidecar)
+        if record is None or not all(p.is_file() for p in recorded_files(sidecar, record)[:1]):
+            return "todo", None  # unreadable sidecar, or its image is gone: redo this image
+        difference = settings_difference(record.get("settings"), self.settings)
+        if difference is not None:
+            return "other", difference
+        if self.args.save_stages and not all((record.get("stages", {}).get(s) or {}).get("file") for s in STAGES):
+            return "todo", None  # done before without --save-stages: make the stage images now
+        return "done", None
 
     def restore(self, index: int, path: Path) -> str | None:
         """Restore one file: None when its outputs are written, else why not (one line)."""
@@ -210,50 +257,136 @@ class _Folder:
         return None
 
     def _write(self, path: Path, loaded, result) -> None:
-        stem = self.stems[path]
-        ext = _output_ext(self.args.ext, path, result.alpha is not None, loaded.bit_depth)
+        layout = self.layout
+        sidecar_path = layout.sidecar(path)
+        old = read_sidecar(sidecar_path) if sidecar_path.exists() else None
+        ext, change = _output_ext(layout.ext, path, result.alpha is not None, loaded.bit_depth)
+        notes = [n for n in [*loaded.notes, self.pipeline.policy.note] if n]
+        if change:
+            notes.append(change)
+            if change not in self.format_notes:
+                self.format_notes.add(change)
+                tqdm.write(f"note: {path.name}: {change} (the same for any other such input in this run)",
+                           file=sys.stderr)
         write_kw = {"mode": loaded.mode, "bit_depth": loaded.bit_depth if ext == "png" else 8,
                     "icc_profile": loaded.icc_profile}
+        sidecar_path.parent.mkdir(parents=True, exist_ok=True)
+        written = [layout.image(path, ext)]
         stage_files: dict[str, str] = {}
         if self.args.save_stages:
             for stage, img in result.stages.items():
-                stage_files[stage] = f"{stem}_{stage}.{ext}"
-                write_image(self.out_dir / stage_files[stage], img.rgb, img.alpha, **write_kw)
-        write_image(self.out_dir / f"{stem}.{ext}", result.rgb, result.alpha, **write_kw)
-        notes = [n for n in [*loaded.notes, self.pipeline.policy.note] if n]
-        sidecar = build_sidecar(path.name, f"{stem}.{ext}", result, self.reason, stage_files, notes, loaded)
-        atomic_write_text(self.out_dir / f"{stem}.json", json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n")
+                target = layout.stage(path, stage, ext)
+                write_image(target, img.rgb, img.alpha, **write_kw)
+                stage_files[stage] = target.name
+                written.append(target)
+        write_image(written[0], result.rgb, result.alpha, **write_kw)
+        record = build_sidecar(self.name(path), written[0].name,
+                               result, self.reason, stage_files, notes, loaded, settings=self.settings)
+        atomic_write_text(sidecar_path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        if old is not None:  # --overwrite: the old sidecar's files that this result does not replace
+            remove_stale(sidecar_path, old, {p.resolve() for p in written}, self.inputs)
 
 
-def _restore_all(folder: _Folder, indexed: list[tuple[int, Path]], quiet: bool) -> tuple[int, int, int]:
-    """(restored, skipped, failed) over this process's share of the files."""
-    done = skipped = failed = 0
+@dataclass
+class Counts:
+    """One process's tally; under `accelerate launch` the main process adds up every process's."""
+
+    restored: int = 0
+    skipped: int = 0
+    failed: int = 0
+    other: list[tuple[str, str]] = field(default_factory=list)  # (input, how its settings differ)
+
+    def add(self, more: "Counts") -> None:
+        self.restored += more.restored
+        self.skipped += more.skipped
+        self.failed += more.failed
+        self.other += more.other
+
+    def summary(self, out_dir: Path) -> str:
+        lines = [f"restored {self.restored}, skipped {self.skipped} (already done), failed {self.failed} → {out_dir}"]
+        if self.other:
+            reasons = sorted({why for _, why in self.other})
+            names = ", ".join(name for name, _ in self.other[:5]) + (", …" if len(self.other) > 5 else "")
+            lines.append(f"{len(self.other)} made with other settings ({'; '.join(reasons[:2])}"
+                         f"{'; …' if len(reasons) > 2 else ''}), kept: {names}; --overwrite to redo them")
+        return "\n".join(lines)
+
+
+def _restore_all(folder: _Folder, indexed: list[tuple[int, Path]], quiet: bool) -> Counts:
+    """The tally over this process's share of the files."""
+    counts = Counts()
     bar = tqdm(indexed, disable=quiet, unit="img", dynamic_ncols=True, file=sys.stderr)
     for index, path in bar:
         bar.set_postfix_str(path.name[:30])
-        if folder.finished(path):
-            skipped += 1
+        state, difference = folder.status(path)
+        if state == "done":
+            counts.skipped += 1
+            continue
+        if state == "other":
+            counts.other.append((folder.name(path), difference))
             continue
         error = folder.restore(index, path)
         if error is None:
-            done += 1
+            counts.restored += 1
         else:
-            failed += 1
+            counts.failed += 1
             tqdm.write(f"error: {path}: {error}", file=sys.stderr)
     bar.close()
-    return done, skipped, failed
+    return counts
+
+
+def _gather(counts: Counts, world: int) -> Counts | None:
+    """Every process's tally on the main process (None elsewhere), through torch.distributed as
+    `accelerate launch` / torchrun set it up (MASTER_ADDR/PORT). Without it each process reports its own."""
+    import os
+
+    if world == 1 or not os.environ.get("MASTER_ADDR"):
+        return counts
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        # gloo works on every machine and only carries a few numbers; a process that dies makes the
+        # launcher stop the others, so the long timeout only covers shards finishing at different times.
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
+    tallies: list = [None] * world
+    dist.all_gather_object(tallies, counts)
+    main_process = dist.get_rank() == 0
+    dist.destroy_process_group()
+    if not main_process:
+        return None
+    total = Counts()
+    for t in tallies:
+        total.add(t)
+    return total
+
+
+def _settings(profile: str, cfg: dict, layout: Layout, pipeline, args: argparse.Namespace, seeded: bool) -> dict:
+    """What makes a result what it is; a result counts as done only when its sidecar records these."""
+    from .profiles import without_defaults
+
+    config = without_defaults(cfg)
+    config.pop("scale", None)
+    ran = pipeline.restorer.describe().get("weights")  # the file that ran and its hash, as one value
+    settings = {"profile": profile, "scale": pipeline.scale, "ext": layout.ext,
+                "weights": f"{ran['file']} ({ran['sha256']})" if ran else None}
+    if seeded:
+        settings["seed"] = args.seed or 0
+    return {**settings, "config": config}
 
 
 def run(args: argparse.Namespace) -> int:
-    from .profiles import ConfigError, build_pipeline
+    from .profiles import ConfigError, build_pipeline, seeded
 
     try:
-        files = _input_files(Path(args.input))
+        files, layout = plan_outputs(args)
         # Under accelerate launch every process takes every world-th file: no file twice, none
         # missing. Seeds stay tied to the file's place in the whole list, so sharding changes nothing.
         rank, world, local_rank = _shard()
         device = _device(args.device, world, local_rank)
         profile, reason, cfg, notes = profile_config(args)
+        _check_runnable(profile, args.device)
         pipeline = build_pipeline(cfg, device=device, fp32=args.fp32)
     except (UsageError, ConfigError, OSError, ValueError, RuntimeError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
@@ -267,13 +400,16 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"profile: {profile} ({reason}); device {desc.get('device')}, precision {desc.get('precision')}"
                   + (f"; {world} processes" if world > 1 else ""), file=sys.stderr)
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    folder = _Folder(pipeline, args, files, reason)
-    done, skipped, failed = _restore_all(folder, list(enumerate(files))[rank::world], args.quiet or rank > 0)
-    summary = f"restored {done}, skipped {skipped} (already done), failed {failed} → {out_dir}"
-    print((f"[process {rank}/{world}] " if world > 1 else "") + summary, file=sys.stderr)
-    return 0 if not failed else 1
+    layout.out_dir.mkdir(parents=True, exist_ok=True)
+    settings = _settings(profile, cfg, layout, pipeline, args, seeded(cfg))
+    folder = _Folder(pipeline, args, files, layout, reason, settings)
+    counts = _restore_all(folder, list(enumerate(files))[rank::world], args.quiet or rank > 0)
+    total = _gather(counts, world)
+    if total is not None:
+        shard = f"[process {rank}/{world}] " if total is counts and world > 1 else ""
+        print("\n".join(shard + line for line in total.summary(layout.out_dir).splitlines()), file=sys.stderr)
+    incomplete = any(c is not None and (c.failed or c.other) for c in (counts, total))
+    return 1 if incomplete else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -290,6 +290,27 @@ def check_profile(cfg) -> None:
         check_section(kind, cfg[kind] if cfg.get(kind) is not None else {})
 
 
+def seeded(cfg: dict) -> bool:
+    """Whether the seed changes this profile's results (a VLM that samples, or diffusion)."""
+    return any(component(kind, (cfg.get(kind) or {}).get("type", DEFAULT_TYPE[kind])).seeded
+               for kind in ("policy", "restorer"))
+
+
+def without_defaults(cfg: dict) -> dict:
+    """The config minus keys that restate their default, so `--set restorer.tile_pad=16` and
+    leaving it out read as the same settings (what a resume compares)."""
+    out = copy.deepcopy(cfg)
+    for kind in ("policy", "restorer"):
+        section = out.get(kind) or {}
+        type_ = section.get("type", DEFAULT_TYPE[kind])
+        keys = valid_keys(component(kind, type_))
+        out[kind] = {k: v for k, v in section.items()
+                     if not (k == "type" and v == DEFAULT_TYPE[kind])
+                     and not (isinstance(keys.get(k), inspect.Parameter) and keys[k].default == v
+                              and type(keys[k].default) is type(v))}
+    return out
+
+
 # --- Building --------------------------------------------------------------------------------------
 def _model_path(section: dict, what: str) -> Path:
     """A model folder: a path as given, else a folder under the weights dir. The tiny random models

@@ -21,11 +21,15 @@ def versions() -> dict:
 
 
 def build_sidecar(input_name: str, out_name: str, result: RestorationResult, profile_reason: str,
-                  stage_files: dict[str, str], notes: list[str], loaded) -> dict:
-    """The JSON record written beside a restored image: chain of thought, plan, analysis, timings."""
+                  stage_files: dict[str, str], notes: list[str], loaded, settings: dict | None = None) -> dict:
+    """The JSON record written beside a restored image: chain of thought, plan, analysis, timings.
+
+    The `*_image` tags hold each stage's size whether or not stage images were saved (the chain of
+    thought does not depend on --save-stages); the files are under `stages`. `settings` are what a
+    resume compares (infer); the demo does not resume and leaves them out."""
     plan = result.plan
-    images = {s: stage_files.get(s, plan.images.get(s, "")) for s in plan.images}
-    return {
+    images = dict(plan.images)
+    record = {
         "input": input_name,
         "output": out_name,
         "profile": result.info.get("profile"),
@@ -46,3 +50,6 @@ def build_sidecar(input_name: str, out_name: str, result: RestorationResult, pro
         "versions": versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if settings is not None:
+        record["settings"] = settings
+    return record

@@ -29,6 +29,7 @@ MODELS = {
     "realesrgan-x4plus": ("REALESRGAN_X4PLUS_UP4X", "RRDBNet"),
     "realesr-animevideov3": ("REALESRGAN_ANIMAVIDEOV3_UP4X", "SRVGGNetCompact"),
 }
+SHORT_NAMES = {"x4plus": "realesrgan-x4plus", "animevideov3": "realesr-animevideov3"}  # infer --model
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -49,7 +50,8 @@ def default_dir() -> Path:
     return Path.home() / ".cache" / "realsr-r1"
 
 
-def _sha256(path: Path) -> str:
+def file_hash(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -71,7 +73,7 @@ def convert(param: str | Path, bin_: str | Path, dest: str | Path, arch: str = "
     param, bin_, dest = Path(param), Path(bin_), Path(dest)
     state = converters[arch](param, bin_)
     meta = {"arch": arch, "source_param": param.name, "source_bin": bin_.name,
-            "source_param_sha256": _sha256(param), "source_bin_sha256": _sha256(bin_), **(metadata or {})}
+            "source_param_sha256": file_hash(param), "source_bin_sha256": file_hash(bin_), **(metadata or {})}
     data = save({k: v.contiguous() for k, v in state.items()}, metadata=meta)
     try:
         atomic_write_bytes(dest, data)  # (safetensors' own save_file writes owner-only files)

@@ -106,7 +106,8 @@ def test_stage_files_outscale_suffix_ext(tmp_path, capsys, weights_dir):
     assert sizes == {"rough": (20, 14), "middle": (40, 28), "final": (50, 35)}
     assert Image.open(out / "x_sr.jpg").size == (50, 35)
     side = json.loads((out / "x_sr.json").read_text())
-    assert "<final_image>x_sr_final.jpg</final_image>" in side["chain_of_thought"]
+    assert "<final_image>50x35</final_image>" in side["chain_of_thought"]  # sizes; files under "stages"
+    assert side["stages"]["final"]["file"] == "x_sr_final.jpg"
     assert side["scale"] == 2.5
 
 
@@ -222,20 +223,27 @@ def test_full_profile_without_weights_says_what_to_fetch(tmp_path, capsys, weigh
 
 
 def test_sharded_processes_split_the_files(tmp_path, weights_dir):
-    """What `accelerate launch` / torchrun set (RANK, WORLD_SIZE): every file once, none missing."""
+    """What `accelerate launch` / torchrun set (RANK, WORLD_SIZE, MASTER_ADDR/PORT): every file once, none
+    missing, and one overall summary from the main process."""
+    import socket
+
     src = tmp_path / "in"
     src.mkdir()
     for i in range(5):
         photo((8 + i, 8)).save(src / f"im{i}.png")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     procs = []
     for rank in range(2):
         env = {**os.environ, "REALSR_R1_WEIGHTS": str(weights_dir), "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": "2"}
+               "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         procs.append(subprocess.Popen([sys.executable, "-m", "realsr_r1.infer", "-i", str(src), "-o",
                                        str(tmp_path / "o"), "--quiet"], env=env, stderr=subprocess.PIPE, text=True))
     errs = [p.communicate(timeout=300)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0]
-    assert "[process 0/2] restored 3" in errs[0] and "[process 1/2] restored 2" in errs[1]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert "restored 5, skipped 0 (already done), failed 0" in errs[0] and "[process" not in errs[0]
+    assert "restored" not in errs[1]  # one summary, from the main process
     assert sorted(p.name for p in (tmp_path / "o").glob("*.png")) == [f"im{i}.png" for i in range(5)]
     seeds = {json.loads(p.read_text())["input"]: json.loads(p.read_text())["seed"] for p in (tmp_path / "o").glob("*.json")}
     assert seeds == {f"im{i}.png": i for i in range(5)}  # seeds follow the global order, not the shard

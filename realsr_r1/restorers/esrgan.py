@@ -212,7 +212,8 @@ class ESRGANRestorer:
     """Real-ESRGAN ×4 on numpy images: `upscale` (×4) and `restore` (any outscale, alpha)."""
 
     def __init__(self, model: nn.Module, device: torch.device | str = "cpu", precision: str = "fp32",
-                 tile: int | None = None, tile_pad: int = 16, name: str = "realesrgan-x4plus"):
+                 tile: int | None = None, tile_pad: int = 16, name: str = "realesrgan-x4plus",
+                 weights_file: Path | None = None):
         self.device = device = torch.device(device)
         self.precision = check_precision(device, precision)
         self.tile = DEFAULT_TILE.get(device.type, DEFAULT_TILE["cpu"]) if tile is None else int(tile)
@@ -220,6 +221,8 @@ class ESRGANRestorer:
         if self.tile < 0 or self.tile_pad < 0:
             raise ValueError(f"tile and tile_pad must be ≥ 0, got {self.tile} and {self.tile_pad}")
         self.name = name
+        self.weights_file = weights_file
+        self._weights_hash: str | None = None
         # channels_last: oneDNN's and cuDNN's fast convolution layout (≈15-35% faster on CPU here).
         self.model = model.to(device, memory_format=torch.channels_last)
         self.scale = model.scale
@@ -231,7 +234,15 @@ class ESRGANRestorer:
         if path is None or str(path) in weights.MODELS:
             path = weights.pretrained(str(path or "realesrgan-x4plus"))
         dev = resolve_device(device)
-        return cls(load_model(path), dev, precision, tile, tile_pad, name=Path(path).stem)
+        return cls(load_model(path), dev, precision, tile, tile_pad, name=Path(path).stem, weights_file=Path(path))
+
+    def weights(self) -> dict | None:
+        """The weights that run: file name and a short content hash (computed once), for the sidecar."""
+        if self.weights_file is None:
+            return None
+        if self._weights_hash is None:
+            self._weights_hash = weights.file_hash(self.weights_file)[:12]
+        return {"file": self.weights_file.name, "sha256": self._weights_hash}
 
     def upscale(self, rgb: np.ndarray, out_dtype=np.float32) -> np.ndarray:
         """HxWx3 in [0, 1] (or uint8/uint16) → (4H)x(4W)x3 in `out_dtype`."""

@@ -49,8 +49,8 @@ class LiteStages:
         return self.esrgan.name
 
     def describe(self) -> dict:
-        return {"restorer": self.name, "device": str(self.esrgan.device), "precision": self.esrgan.precision,
-                "tile": self.esrgan.tile}
+        return {"restorer": self.name, "weights": self.esrgan.weights(), "device": str(self.esrgan.device),
+                "precision": self.esrgan.precision, "tile": self.esrgan.tile}
 
     def stages(self, image: LoadedImage, plan: Plan, *, sizes, seed: int = 0) -> Iterator:
         t = time.perf_counter()
