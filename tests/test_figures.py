@@ -87,3 +87,12 @@ def test_chart_axis_starts_at_zero_unless_the_means_are_close():
     bars, dots = fig.axes
     assert bars.get_ylim()[0] == 0 and len(bars.patches) == 2
     assert dots.get_ylim()[0] > 17 and not dots.patches and len(dots.collections[0].get_offsets()) == 2
+
+
+def test_more_metrics_wrap_to_more_label_lines_not_wider_panels():
+    gt = _photo((64, 64))
+    two = {"psnr": 20.0, "ssim": 0.5}
+    four = {**two, "lpips": 0.3, "niqe": 5.1}  # the slot NIQE and learned metrics fill
+    small = figures.comparison(gt, [Panel("a", gt, two)], (0, 0, 32, 32), title="x")
+    big = figures.comparison(gt, [Panel("a", gt, four)], (0, 0, 32, 32), title="x")
+    assert big.size[0] == small.size[0] and big.size[1] > small.size[1]
