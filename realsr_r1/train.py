@@ -26,7 +26,9 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
+import warnings
 from pathlib import Path
 
 from .decoding import TRAINED_DECODING_FILE
@@ -35,6 +37,75 @@ from .vlm import PolicyLoadError
 from .profiles import ConfigError, load_config
 
 LOG_FILE = "log.jsonl"
+# The libraries training runs on: their FutureWarnings are shown once per message (see below).
+TRAINING_LIBRARIES = ("transformers", "trl", "peft", "accelerate", "diffusers", "torch")
+_LIBRARY_FILE = re.compile(rf"[\\/]({'|'.join(TRAINING_LIBRARIES)})[\\/]")
+
+
+def show_library_warnings_once() -> None:
+    """The first of each FutureWarning the training libraries emit, not one per step.
+
+    transformers' Trainer enters warnings.catch_warnings() during each step, and that makes Python
+    forget which warnings it has shown (the "once" action too: its memory is the same registry), so
+    the deprecation notices of code run every step (TRL toggling gradient checkpointing around
+    generation) repeat each step. What is shown is remembered here instead, in warnings.showwarning,
+    which catch_warnings keeps. Warning options the user gave (-W, PYTHONWARNINGS) win."""
+    previous = warnings.showwarning
+    if sys.warnoptions or getattr(previous, "once_per_message", False):
+        return
+    shown: set[tuple[type, str]] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, FutureWarning) and _LIBRARY_FILE.search(str(filename)):
+            if (category, str(message)) in shown:
+                return
+            shown.add((category, str(message)))
+        previous(message, category, filename, lineno, file, line)
+
+    show.once_per_message = True
+    warnings.showwarning = show
+
+
+class ZeroLossNotes:
+    """One line, once, for a logged loss of 0.0, which looks like a broken run and usually is not.
+
+    With one optimisation pass per generation (num_iterations 1, steps_per_generation ≤
+    gradient_accumulation_steps), no KL term (beta 0) and no vLLM, TRL computes the importance
+    ratio against the same logits, detached: it is exactly 1, so the loss's value is minus the
+    (length-weighted) mean advantage, 0 when each group's advantages cancel; its gradient,
+    Σ A ∇log π, is not. A zero grad_norm too is another story: no completion had an advantage."""
+
+    def __init__(self):
+        self.said: set[str] = set()
+
+    @staticmethod
+    def on_policy(args) -> bool:
+        steps = getattr(args, "steps_per_generation", None) or args.gradient_accumulation_steps
+        return (args.num_iterations == 1 and args.beta == 0 and not getattr(args, "use_vllm", False)
+                and steps <= args.gradient_accumulation_steps)
+
+    def check(self, args, step: int, logs: dict) -> list[str]:
+        """The notes these logs call for that were not said before."""
+        if logs.get("loss") != 0:
+            return []
+        grad = logs.get("grad_norm")
+        if grad == 0:
+            same = " (each group's rewards were all equal)" if logs.get("frac_reward_zero_std") == 1 else ""
+            kind, note = "no-advantage", (
+                f"loss 0.0 and grad_norm 0.0 at step {step}: no completion in the loss had a non-zero "
+                f"advantage{same}, so the step learned nothing; expected of tiny random models, in a real "
+                "run it means the rewards do not tell the completions apart")
+        elif self.on_policy(args):
+            kind, note = "on-policy", (
+                "loss 0.0 is expected on purely on-policy steps (num_iterations 1, beta 0): the gradient is "
+                f"not zero{f' (grad_norm {grad:.3g})' if isinstance(grad, (int, float)) else ''}; the importance "
+                "ratio is exactly 1, so the loss's value is minus the mean advantage, which cancels within groups")
+        else:
+            return []
+        if kind in self.said:
+            return []
+        self.said.add(kind)
+        return [note]
 
 
 # --- Config → parts ----------------------------------------------------------------------------
@@ -223,10 +294,18 @@ def grpo_args(cfg: dict, output_dir: Path, weights: list[float]):
 
 
 # --- Trainer parts --------------------------------------------------------------------------------
-def _callbacks(log_path: Path, decoding_path: Path):
+def _say(note: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"note: {note}", file=sys.stderr)  # on a line of its own, not inside the progress bar
+
+
+def _callbacks(log_path: Path, decoding_path: Path, say=_say):
     import shutil
 
     from transformers import TrainerCallback
+
+    notes = ZeroLossNotes()
 
     class JsonlLog(TrainerCallback):
         """Every logged dict (per-reward mean/std, loss, KL, dropped groups) as one JSON line."""
@@ -235,6 +314,8 @@ def _callbacks(log_path: Path, decoding_path: Path):
             if state.is_world_process_zero and logs:
                 with open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+                for note in notes.check(args, state.global_step, logs):
+                    say(note)
 
         def on_save(self, args, state, control, **kwargs):
             """Each checkpoint samples as the rollouts did too (`infer --adapter DIR/checkpoint-N`)."""
@@ -389,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
     args = p.parse_args(argv)
+    show_library_warnings_once()
     try:
         cfg = load_config(args.config, args.overrides)
         if command == "filter":

@@ -3,7 +3,11 @@ TRL's GRPOTrainer through `python -m realsr_r1.train` as users run it."""
 
 import json
 import math
+import sys
 import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from safetensors.torch import load_file
@@ -235,6 +239,73 @@ def test_rollouts_sample_with_the_one_decoding(setup, tmp_path):
     assert Decoding(min_new_tokens=4).grpo_fields(vllm=True)["generation_kwargs"] == {"min_tokens": 4}
 
 
+def _emitter(filename: str):
+    """A function that warns as code in `filename` does."""
+    scope = {"warnings": warnings, "__name__": "emitter"}
+    exec(compile("def emit():\n    warnings.warn('`old` is deprecated; use `new`', FutureWarning)\n", filename, "exec"),
+         scope)
+    return scope["emit"]
+
+
+def _shown_over_steps(install: bool, steps: int = 5) -> list[str]:
+    """The files whose warnings are shown over `steps` training steps, each resetting the warnings
+    registry as transformers' Trainer does (catch_warnings), as Python shows them by default."""
+    library = _emitter("/venv/lib/python3.11/site-packages/transformers/modeling_utils.py")
+    ours = _emitter(str(REPO / "realsr_r1" / "somewhere.py"))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        if install:
+            train.show_library_warnings_once()
+        for _ in range(steps):
+            library()
+            ours()
+            with warnings.catch_warnings():
+                pass
+    return [w.filename for w in seen]
+
+
+def test_library_future_warnings_show_once_per_message(monkeypatch):
+    monkeypatch.setattr(sys, "warnoptions", [])
+    before = _shown_over_steps(install=False)
+    assert sum("transformers" in f for f in before) == 5  # what flooded the log: once per step
+    after = _shown_over_steps(install=True)
+    assert sum("transformers" in f for f in after) == 1  # the first occurrence is still shown
+    assert sum("realsr_r1" in f for f in after) == 5  # only the libraries' warnings are thinned
+    monkeypatch.setattr(sys, "warnoptions", ["default"])  # python -W / PYTHONWARNINGS: the user's choice wins
+    assert sum("transformers" in f for f in _shown_over_steps(install=True)) == 5
+
+
+ON_POLICY = SimpleNamespace(num_iterations=1, beta=0.0, use_vllm=False, steps_per_generation=2,
+                            gradient_accumulation_steps=2)
+
+
+def test_a_zero_loss_on_policy_is_explained_once():
+    lines = []
+    callback = train._callbacks(Path("/dev/null"), Path("/dev/null"), say=lines.append)[0]
+    for step, loss in enumerate([-0.07, 0.0, 0.0, -0.4, 0.0], start=1):
+        state = SimpleNamespace(is_world_process_zero=True, global_step=step)
+        callback.on_log(ON_POLICY, state, None, logs={"loss": loss, "grad_norm": 0.18})
+    assert lines == ["loss 0.0 is expected on purely on-policy steps (num_iterations 1, beta 0): the gradient is "
+                     "not zero (grad_norm 0.18); the importance ratio is exactly 1, so the loss's value is minus "
+                     "the mean advantage, which cancels within groups"]
+
+
+@pytest.mark.parametrize("change", [{"beta": 0.01}, {"num_iterations": 2}, {"steps_per_generation": 4},
+                                    {"use_vllm": True}])
+def test_a_zero_loss_off_policy_gets_no_note(change):
+    args = SimpleNamespace(**{**vars(ON_POLICY), **change})
+    assert train.ZeroLossNotes().check(args, 1, {"loss": 0.0, "grad_norm": 0.18}) == []
+
+
+def test_a_zero_gradient_is_not_called_expected_on_policy():
+    """Tiny random models often score every completion of a group alike: then the gradient is zero too."""
+    notes = train.ZeroLossNotes()
+    said = [n for step in (1, 2, 3) for n in notes.check(ON_POLICY, step, {"loss": 0.0, "grad_norm": 0.0,
+                                                                           "frac_reward_zero_std": 1.0})]
+    assert len(said) == 1 and said[0].startswith("loss 0.0 and grad_norm 0.0 at step 1: no completion")
+    assert "each group's rewards were all equal" in said[0] and "gradient is not zero" not in said[0]
+
+
 def test_group_mean_uses_only_the_rewards_present():
     import torch
 
@@ -306,6 +377,28 @@ def _loss(trainer, batch, micro_batches: int, monkeypatch, seed: int = 0):
     parts = split_tensor_dict(shuffle_sequence_dict(batch), micro_batches)
     with torch.no_grad():
         return sum(trainer._compute_loss(trainer.model, part) for part in parts)
+
+
+def test_on_policy_loss_is_zero_and_its_gradient_is_not(filtered_trainer, monkeypatch):
+    """What the zero-loss note says, checked on TRL's own loss: no old log-probs (on policy), beta 0,
+    advantages that cancel within each group."""
+    import torch
+
+    trainer = filtered_trainer
+    monkeypatch.setattr(trainer, "loss_type", "grpo")
+    monkeypatch.setattr(trainer, "current_gradient_accumulation_steps", 1, raising=False)
+    assert trainer.beta == 0 and trainer.num_iterations == 1
+    batch = _generation_batch(4, slice(0, 0))
+    batch["advantages"] = torch.tensor([1.0, -1.0, 0.5, -0.5])  # two groups of two
+    trainer.model.train()
+    try:
+        loss = trainer._compute_loss(trainer.model, batch)
+        loss.backward()
+        grads = [p.grad for p in trainer.model.parameters() if p.requires_grad and p.grad is not None]
+        assert loss.item() == 0.0 and sum(g.abs().sum().item() for g in grads) > 0
+    finally:
+        trainer.model.zero_grad(set_to_none=True)
+        trainer.model.eval()
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "luspo"])
