@@ -154,7 +154,24 @@ def main(argv: list[str] | None = None) -> int:
                     allowed_paths=[str(session.out_root), str(HERE / "examples")], show_error=True)
     except KeyboardInterrupt:  # stopped while starting: no traceback, and the temp folder still goes
         pass
+    if session.busy:
+        _leave_now(session)
     return 0
+
+
+def _leave_now(session: DemoSession) -> None:
+    """Stop with a restoration (or model build) still running in a worker thread: tearing the
+    interpreter down under torch there aborts the process ("terminate called without an active
+    exception", exit -6), so the temp folder is deleted here and the process ends without that."""
+    logging.getLogger("app").info("stopped with a restoration unfinished")
+    for _ in range(3):  # the worker may write its result while the folder goes
+        if _OWN_TEMP is None or not os.path.exists(_OWN_TEMP):
+            break
+        shutil.rmtree(_OWN_TEMP, ignore_errors=True)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

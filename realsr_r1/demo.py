@@ -125,6 +125,11 @@ class DemoSession:
         self._count_lock = threading.Lock()
         self.running = 0  # restorations in progress (the queue bounds this)
 
+    @property
+    def busy(self) -> bool:
+        """Whether a restoration or a model build is under way (in a worker thread)."""
+        return self.running > 0 or self._lock.locked()
+
     @staticmethod
     def available(extra: list[str] | None = None) -> dict[str, str]:
         """Profiles this machine can run: auto and lite always, full with its weights, plus `extra`."""

@@ -97,6 +97,36 @@ def test_stopped_by_a_signal_it_deletes_its_temp_folder(tmp_path, stop):
     assert "Traceback" not in log.read_text()
 
 
+def test_sigterm_during_a_restoration_exits_cleanly(tmp_path):
+    """docker stop while someone's image is being restored: exit 0 and no folder left, not an abort
+    from torch torn down mid-computation."""
+    build_tiny_vlm(tmp_path / "no-weights" / "tiny-vlm")
+    build_tiny_upscaler(tmp_path / "no-weights" / "tiny-upscaler")
+    port = free_port()
+    log = tmp_path / "app.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(app_command("--port", str(port), "--profile", str(REPO / "configs" / "tiny.yaml"),
+                                            "--device", "cpu"), cwd=REPO, env=own_temp_env(tmp_path), stdout=out,
+                                stderr=subprocess.STDOUT)
+    wait_until_served(proc, f"http://127.0.0.1:{port}/", log)
+    photo((240, 180)).save(tmp_path / "big.png")
+    job = submit(f"http://127.0.0.1:{port}/", tmp_path / "big.png", steps=50)
+    for _ in range(240):
+        if "start big.png" in log.read_text():
+            break
+        time.sleep(0.25)
+    time.sleep(1)
+    assert not job.done(), "the restoration ended before the signal: make it slower"
+    proc.send_signal(signal.SIGTERM)
+    try:
+        rc = proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("still running 30 s after SIGTERM")
+    assert rc == 0, log.read_text()[-2000:]
+    assert not list(tmp_path.glob("realsr-r1-demo-*"))
+
+
 @pytest.mark.parametrize("profile, expected", [
     ("nosuch", "error: unknown profile 'nosuch'"),
     ("missing.yaml", "error: no profile config missing.yaml"),
