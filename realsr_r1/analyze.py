@@ -49,9 +49,16 @@ from .imageio import ImageReadError, read_image
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # JFIF / BT.601 weights, as JPEG uses
 
 # --- Noise -------------------------------------------------------------------------------------------
-NOISE_PATCH = 7
+NOISE_PATCH = 7  # lag 1, as Liu et al.
+NOISE_PATCH_LAGGED = 5  # lags 2-4: spans 9-17 pixels
 NOISE_CONFIDENCE = 0.99
 NOISE_MAX_PATCHES = 30000  # enough for a stable 49x49 covariance; keeps 512x512 well under 0.1 s
+NOISE_MAX_PATCHES_LAGGED = 8000  # the same for the 25x25 covariance of the lagged readings
+NOISE_MAX_LAG = 4
+NOISE_LAG_MIN_SIDE = 32  # lag L is used when the image's shorter side is at least 32 L pixels
+NOISE_MIN_FIT = 0.5  # a lagged estimate counts when half its eigenvalues sit on the noise plateau
+NOISE_MIN_FLAT = 100  # fewer flat patches than this: low confidence
+NOISE_PIXEL_BUDGET = 256 * 256  # lagged readings of large images use only some of the L*L phases
 
 
 def _box_sum(a: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -61,14 +68,22 @@ def _box_sum(a: np.ndarray, h: int, w: int) -> np.ndarray:
     return c[h:, w:] - c[:-h, w:] - c[h:, :-w] + c[:-h, :-w]
 
 
-def _chen_sigma2(eigenvalues: np.ndarray) -> float:
-    """Chen et al.: the noise eigenvalues are the largest low set whose mean equals its median."""
+def _chen(eigenvalues: np.ndarray) -> tuple[float, int]:
+    """Chen et al.: the noise eigenvalues are the largest low set whose mean equals its median.
+    Returns their mean and how many there are."""
     ev = np.sort(eigenvalues)
     n = np.arange(len(ev), 0, -1)  # candidate set sizes, largest first, all at once
     tau = np.cumsum(ev)[n - 1] / n  # mean of the k smallest, for every k
     inside = np.arange(len(ev))[None, :] < n[:, None]
     balanced = ((ev[None, :] > tau[:, None]) & inside).sum(1) == ((ev[None, :] < tau[:, None]) & inside).sum(1)
-    return float(tau[np.argmax(balanced)]) if balanced.any() else float(ev[0])
+    if not balanced.any():
+        return float(ev[0]), 1
+    k = int(np.argmax(balanced))
+    return float(tau[k]), int(n[k])
+
+
+def _chen_sigma2(eigenvalues: np.ndarray) -> float:
+    return _chen(eigenvalues)[0]
 
 
 @lru_cache(maxsize=None)
@@ -78,43 +93,143 @@ def _texture_threshold(p: int) -> float:
     return float(stats.gamma.ppf(NOISE_CONFIDENCE, a=p * p / 2, scale=2 * trace / (p * p)))
 
 
-def estimate_noise(rgb: np.ndarray) -> float:
-    """Noise sigma (0-255 scale) of an HxWx3 float image in [0, 1]; 0.0 if too small to tell."""
-    p = NOISE_PATCH
-    img = np.asarray(rgb, dtype=np.float32) * 255.0
-    if img.shape[0] < 2 * p or img.shape[1] < 2 * p:
-        return 0.0
-    texture, usable = [], []
-    for c in range(3):
-        ch = img[..., c]
-        gh, gv = np.diff(ch, axis=1) ** 2, np.diff(ch, axis=0) ** 2
-        texture.append(_box_sum(gh, p, p - 1) + _box_sum(gv, p - 1, p))
-        clipped = ((ch <= 0.5) | (ch >= 254.5)).astype(np.float64)
-        usable.append(_box_sum(clipped, p, p) < 0.5)
-    texture, usable = np.stack(texture), np.stack(usable)
+@dataclass
+class NoiseReading:
+    """One lag's weak-texture PCA estimate."""
+
+    lag: int
+    sigma: float
+    flat_patches: int  # patches under the noise-only texture threshold at that sigma
+    patches: int  # patches looked at (all channels, all phases)
+    fit: float  # share of the eigenvalues on the noise plateau (Chen's set): ~1 for pure noise
+    settled: bool  # False: the flat set emptied before the estimate settled (too few flat patches)
+
+    @property
+    def usable(self) -> bool:
+        return self.settled and self.fit >= NOISE_MIN_FIT
+
+
+def _noise_reading(img: np.ndarray, lag: int, p: int) -> NoiseReading:
+    """Liu et al. + Chen et al. on the lag x lag phase images of `img` (0-255), pooled."""
+    texture, usable, windows = [], [], []
+    # Phases spread over the lattice: (0, 0), (1, 1), ...; as many as the pixel budget allows.
+    phases = sorted(((dy, dx) for dy in range(lag) for dx in range(lag)), key=lambda d: ((d[1] - d[0]) % lag, d))
+    n_phases = max(1, min(len(phases), math.ceil(NOISE_PIXEL_BUDGET * lag * lag / (img.shape[0] * img.shape[1]))))
+    for dy, dx in phases[:n_phases] if lag > 1 else [(0, 0)]:
+        if True:
+            sub = img[dy::lag, dx::lag]
+            if sub.shape[0] < p + 1 or sub.shape[1] < p + 1:
+                continue
+            for c in range(img.shape[2]):
+                ch = sub[..., c]
+                gh, gv = np.diff(ch, axis=1) ** 2, np.diff(ch, axis=0) ** 2
+                texture.append((_box_sum(gh, p, p - 1) + _box_sum(gv, p - 1, p)).ravel())
+                clipped = ((ch <= 0.5) | (ch >= 254.5)).astype(np.float64)
+                usable.append((_box_sum(clipped, p, p) < 0.5).ravel())
+                windows.append(sliding_window_view(ch, (p, p)))
+    if not texture:
+        return NoiseReading(lag, 0.0, 0, 0, 0.0, False)
+    sizes = np.cumsum([0] + [len(t) for t in texture])
+    texture, usable = np.concatenate(texture), np.concatenate(usable)
     if usable.sum() < 4 * p * p:  # nearly all clipped: use what there is
         usable[:] = True
-    windows = [sliding_window_view(img[..., c], (p, p)) for c in range(3)]
     # A noise-only patch's texture is gamma distributed with mean sigma^2 * tr(Dh'Dh + Dv'Dv).
     threshold = _texture_threshold(p)
-    selected, sigma2 = usable, None
+    max_patches = NOISE_MAX_PATCHES if lag == 1 else NOISE_MAX_PATCHES_LAGGED
+    selected, sigma2, flat, fit, settled = usable, None, 0, 0.0, False
     for _ in range(8):
         idx = np.flatnonzero(selected)
         if len(idx) < 2 * p * p:
+            settled = False
             break
-        idx = idx[:: len(idx) // NOISE_MAX_PATCHES + 1]  # even subsample, deterministic
-        c, i, j = np.unravel_index(idx, selected.shape)
-        patches = np.concatenate(
-            [windows[k][i[c == k], j[c == k]].reshape(-1, p * p) for k in range(3)]
-        ).astype(np.float64)
+        idx = idx[:: len(idx) // max_patches + 1]  # even subsample, deterministic
+        part = np.searchsorted(sizes, idx, side="right") - 1
+        rows = []
+        for k in np.unique(part):
+            w = windows[k]
+            i, j = np.unravel_index(idx[part == k] - sizes[k], w.shape[:2])
+            rows.append(w[i, j].reshape(-1, p * p))
+        patches = np.concatenate(rows).astype(np.float64)
         patches -= patches.mean(axis=0)
-        new = _chen_sigma2(np.linalg.eigvalsh(patches.T @ patches / len(patches)))
+        new, k_noise = _chen(np.linalg.eigvalsh(patches.T @ patches / len(patches)))
+        fit = k_noise / (p * p)
         converged = sigma2 is not None and abs(new - sigma2) <= 1e-3 * max(sigma2, 1.0)
         sigma2 = new
+        selected = usable & (texture < sigma2 * threshold)
+        flat, settled = int(selected.sum()), True
         if converged:
             break
-        selected = usable & (texture < sigma2 * threshold)
-    return math.sqrt(max(sigma2 or 0.0, 0.0))
+    if sigma2 is None:
+        return NoiseReading(lag, 0.0, 0, len(texture), 0.0, False)
+    return NoiseReading(lag, math.sqrt(max(sigma2, 0.0)), flat, len(texture), fit,
+                        settled and flat >= 2 * p * p)
+
+
+@dataclass
+class NoiseEstimate:
+    """The noise sigma and how far to trust it.
+
+    `confidence`: "high"; "low" (few flat patches, or the readings at larger lags point to another
+    level); "unknown" (no lag found enough flat patches to separate noise from texture: `sigma` is
+    then only the lowest reading, and `sigma_max` the highest)."""
+
+    sigma: float
+    confidence: str
+    lag: int  # the lag whose reading was taken (1: white noise; 2-4: spatially correlated noise)
+    flat_patches: int
+    patches: int
+    sigma_max: float  # highest reading over all lags (texture can inflate it)
+    reason: str = ""
+    readings: list[NoiseReading] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"lag": self.lag, "flat_patches": self.flat_patches, "patches": self.patches,
+                "sigma_max": round(self.sigma_max, 2), "reason": self.reason or None}
+
+
+def estimate_noise_detail(rgb: np.ndarray) -> NoiseEstimate:
+    """Noise sigma (0-255 scale) of an HxWx3 float image in [0, 1], with its confidence.
+
+    White noise is read at lag 1 (neighbouring pixels). Noise that later resizes, blur or JPEG made
+    spatially correlated hides there: its weakest direction is nearly noise-free. Every L-th pixel
+    (lag L, all L*L phases pooled) sees it nearly white again, at its full sigma, so lags 2..4 are
+    read too (where the image is large enough for each phase image to hold flat patches), and the
+    highest reading whose flat patches settled on a noise plateau wins."""
+    img = np.asarray(rgb, dtype=np.float32) * 255.0
+    p = NOISE_PATCH
+    if img.ndim != 3 or img.shape[0] < 2 * p or img.shape[1] < 2 * p:
+        return NoiseEstimate(0.0, "unknown", 1, 0, 0, 0.0, "image too small to measure noise")
+    first = _noise_reading(img, 1, p)
+    max_lag = max(1, min(NOISE_MAX_LAG, min(img.shape[:2]) // NOISE_LAG_MIN_SIDE))
+    lagged = [_noise_reading(img, lag, NOISE_PATCH_LAGGED) for lag in range(2, NOISE_MAX_LAG + 1)
+              if min(img.shape[:2]) // lag >= 2 * NOISE_PATCH_LAGGED]
+    allowed = [r for r in lagged if r.lag <= max_lag and r.usable]
+    best = max(allowed, key=lambda r: r.sigma, default=None)
+    chosen = best if best is not None and best.sigma > first.sigma else first
+    sigma_max = max([chosen.sigma] + [r.sigma for r in lagged])
+    other_level = level_for("noise", sigma_max) != level_for("noise", chosen.sigma)
+    noise_free = level_for("noise", sigma_max) == "none"  # every lag agrees: a settled "none"
+    readings = [first] + lagged
+    if chosen is first and not first.settled and other_level:
+        return NoiseEstimate(chosen.sigma, "unknown", 1, first.flat_patches, first.patches, sigma_max,
+                             f"too few flat patches ({first.flat_patches}) to tell noise from texture",
+                             readings)
+    confidence, reason = "high", ""
+    if other_level:
+        confidence, reason = "low", f"readings at larger lags reach sigma {sigma_max:.1f}"
+    elif chosen.flat_patches < NOISE_MIN_FLAT and not noise_free:
+        confidence, reason = "low", f"few flat patches ({chosen.flat_patches})"
+    elif chosen.lag > 1 and level_for("noise", chosen.sigma) != "none":
+        # Correlated noise and fine texture (aliased at lag L) look alike; two of three such
+        # readings get the level right on degrade.py's pipeline (benchmarks/analyzer_accuracy.py).
+        confidence, reason = "low", f"spatially correlated noise, read at lag {chosen.lag}"
+    return NoiseEstimate(chosen.sigma, confidence, chosen.lag, chosen.flat_patches, chosen.patches,
+                         sigma_max, reason, readings)
+
+
+def estimate_noise(rgb: np.ndarray) -> float:
+    """Noise sigma (0-255 scale) of an HxWx3 float image in [0, 1]; 0.0 if too small to tell."""
+    return estimate_noise_detail(rgb).sigma
 
 
 # --- Blur --------------------------------------------------------------------------------------------
@@ -138,13 +253,30 @@ def _edge_ridges(energy: np.ndarray, gx: np.ndarray, gy: np.ndarray) -> np.ndarr
     return ridges
 
 
+BLUR_MIN_EDGES = 8  # fewer edge points: blur unknown
+BLUR_FEW_EDGES = 30  # fewer strong edge points than this: low confidence
+
+
+@dataclass
+class BlurEstimate:
+    sigma: float
+    confidence: str  # high | low | unknown (too few edges to measure: sigma is then 0)
+    edge_points: int  # strong edge points the median is taken over
+    reason: str = ""
+
+
 def estimate_blur(rgb: np.ndarray, noise_sigma: float = 0.0) -> float:
     """Gaussian-equivalent blur sigma in pixels from the two-scale gradient ratio at strong edges."""
+    return estimate_blur_detail(rgb, noise_sigma).sigma
+
+
+def estimate_blur_detail(rgb: np.ndarray, noise_sigma: float = 0.0) -> BlurEstimate:
+    """`estimate_blur` with the number of edge points it rests on and a confidence."""
     gray = np.asarray(rgb, dtype=np.float32) @ LUMA
     s1, s2 = BLUR_SCALES
     border = int(2 * s2)
     if min(gray.shape) < 4 * border:
-        return 0.0
+        return BlurEstimate(0.0, "unknown", 0, "image too small to measure blur")
     # Noise energy in a Gaussian-derivative gradient: sigma^2 / (4 pi s^4). Luma noise lies between
     # 0.67 sigma (independent colour noise) and sigma (grey noise): take the mean of the squares.
     n2 = 0.72 * (noise_sigma / 255.0) ** 2
@@ -157,15 +289,18 @@ def estimate_blur(rgb: np.ndarray, noise_sigma: float = 0.0) -> float:
     peaks[:, :border] = peaks[:, -border:] = False
     peaks &= e2 > 9 * n2 / (4 * np.pi * s2**4)  # edges well above the noise
     values = e2[peaks]
-    if values.size < 8:
-        return 0.0
+    if values.size < BLUR_MIN_EDGES:
+        return BlurEstimate(0.0, "unknown", int(values.size), f"too few edges ({values.size}) to measure blur")
     strong = peaks & (e2 >= np.quantile(values, 1 - BLUR_EDGE_FRACTION))
+    n_strong = int(strong.sum())
+    confidence = "high" if n_strong >= BLUR_FEW_EDGES else "low"
+    reason = "" if confidence == "high" else f"few strong edge points ({n_strong})"
     r2 = np.maximum(e1[strong], 0) / e2[strong]
     r2 = r2[r2 > 1 + 1e-6]
     if r2.size == 0:  # ratios at the limit: wider than the scales can resolve
-        return float(2 * s2)
+        return BlurEstimate(float(2 * s2), confidence, n_strong, reason)
     sigma2 = np.median((s2**2 - r2 * s1**2) / (r2 - 1))
-    return float(math.sqrt(max(sigma2, 0.0)))
+    return BlurEstimate(float(math.sqrt(max(sigma2, 0.0))), confidence, n_strong, reason)
 
 
 # --- JPEG ----------------------------------------------------------------------------------------------
@@ -271,11 +406,21 @@ def _quality_scores(coef: np.ndarray) -> np.ndarray:
     return scores / total if total else scores
 
 
+JPEG_FEW_BLOCKS = 64  # fewer 8x8 blocks than this (an image under 64x64): low confidence
+
+
 def estimate_jpeg_quality(rgb: np.ndarray) -> int | None:
     """IJG quality of the last (unresampled) JPEG compression, or None when none is detected."""
+    return estimate_jpeg_detail(rgb)[0]
+
+
+def estimate_jpeg_detail(rgb: np.ndarray) -> tuple[int | None, str, str]:
+    """(quality or None, confidence high | low, reason) from the pixels."""
     y = (np.asarray(rgb, dtype=np.float64) @ LUMA.astype(np.float64)) * 255.0 - 128.0
     if min(y.shape) < 16:
-        return None
+        return None, "low", "image too small to see JPEG blocks"
+    blocks = (y.shape[0] // 8) * (y.shape[1] // 8)
+    confidence, reason = ("high", "") if blocks >= JPEG_FEW_BLOCKS else ("low", f"few 8x8 blocks ({blocks})")
     best_q, best_s, null_s = None, -np.inf, 0.0
     found = _grid_offset(y)
     for dy, dx in [(0, 0)] + ([found] if found != (0, 0) else []):
@@ -286,11 +431,36 @@ def estimate_jpeg_quality(rgb: np.ndarray) -> int | None:
             best_q, best_s = int(tied[len(tied) // 2]), top
             null_s = _quality_scores(_block_dct(y, (dy + 4) % 8, (dx + 4) % 8)).max()
     if best_s < JPEG_MIN_SCORE or best_s - null_s < JPEG_MIN_MARGIN:
-        return None
-    return best_q
+        return None, confidence, reason
+    if best_s - null_s < 2 * JPEG_MIN_MARGIN and confidence == "high":
+        confidence, reason = "low", "block lattice barely stands out"
+    return best_q, confidence, reason
 
 
 # --- The analysis ----------------------------------------------------------------------------------
+@dataclass
+class MeasuredItem(DegradationItem):
+    """A <degradation> item with a note after its numbers: `noise: none (sigma 0.3, uncertain: 12
+    flat patches)`. cot's parser reads the note's number as a parameter (`uncertain`: 12)."""
+
+    note: str = ""
+
+    def render(self) -> str:
+        text = super().render()
+        if not self.note:
+            return text
+        return text[:-1] + f", {self.note})" if self.params else f"{text} ({self.note})"
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        if self.note:
+            d["note"] = self.note
+        return d
+
+
+CONFIDENCES = ("high", "low", "unknown")
+
+
 @dataclass
 class Analysis:
     noise_sigma: float  # 0-255 scale
@@ -298,36 +468,54 @@ class Analysis:
     jpeg_quality: int | None  # None: no compression detected
     jpeg_source: str | None  # "file", "pixels", or None
     items: list[DegradationItem] = field(default_factory=list)
+    # Per type: "high", "low" or "unknown" (not measurable here: the value is a guess, the item says so).
+    confidence: dict[str, str] = field(default_factory=dict)
+    confidence_reasons: dict[str, str] = field(default_factory=dict)  # why, for types not "high"
+    noise: NoiseEstimate | None = None
+    blur: BlurEstimate | None = None
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "noise_sigma": round(self.noise_sigma, 2),
             "blur_sigma": round(self.blur_sigma, 2),
             "jpeg_quality": self.jpeg_quality,
             "jpeg_source": self.jpeg_source,
             "items": [i.to_dict() for i in self.items],
+            "confidence": dict(self.confidence),
+            "confidence_reasons": dict(self.confidence_reasons),
         }
+        if self.noise is not None:
+            d["noise_detail"] = self.noise.to_dict()
+        if self.blur is not None:
+            d["blur_edge_points"] = self.blur.edge_points
+        return d
 
 
 def analyze(rgb: np.ndarray, jpeg_quality_from_file: int | None = None) -> Analysis:
     """Measure blur, noise and JPEG quality of an HxWx3 float image in [0, 1].
 
     `jpeg_quality_from_file` (from the file's tables) wins over the pixel estimate when given.
+    An item whose confidence is "unknown" carries a note in its text (see `MeasuredItem`).
     """
     rgb = np.asarray(rgb, dtype=np.float32)
-    noise = estimate_noise(rgb)
-    blur = estimate_blur(rgb, noise)
+    noise = estimate_noise_detail(rgb)
+    blur = estimate_blur_detail(rgb, noise.sigma)
     if jpeg_quality_from_file is not None:
-        quality, source = int(jpeg_quality_from_file), "file"
+        quality, source, jpeg_conf, jpeg_reason = int(jpeg_quality_from_file), "file", "high", ""
     else:
-        quality = estimate_jpeg_quality(rgb)
+        quality, jpeg_conf, jpeg_reason = estimate_jpeg_detail(rgb)
         source = "pixels" if quality is not None else None
+    confidence = {"blur": blur.confidence, "noise": noise.confidence, "jpeg": jpeg_conf}
+    reasons = {k: r for k, r in (("blur", blur.reason), ("noise", noise.reason), ("jpeg", jpeg_reason))
+               if confidence[k] != "high" and r}
+    noise_note = f"uncertain: {noise.flat_patches} flat patches" if noise.confidence == "unknown" else ""
+    blur_note = f"uncertain: {blur.edge_points} edge points" if blur.confidence == "unknown" else ""
     items = [
-        DegradationItem("blur", level_for("blur", blur), {"sigma": blur}),
-        DegradationItem("noise", level_for("noise", noise), {"sigma": noise}),
-        DegradationItem("jpeg", level_for("jpeg", quality), {"quality": quality} if quality else {}),
+        MeasuredItem("blur", level_for("blur", blur.sigma), {"sigma": blur.sigma}, note=blur_note),
+        MeasuredItem("noise", level_for("noise", noise.sigma), {"sigma": noise.sigma}, note=noise_note),
+        MeasuredItem("jpeg", level_for("jpeg", quality), {"quality": quality} if quality else {}),
     ]
-    return Analysis(noise, blur, quality, source, items)
+    return Analysis(noise.sigma, blur.sigma, quality, source, items, confidence, reasons, noise, blur)
 
 
 # --- CLI ------------------------------------------------------------------------------------------
