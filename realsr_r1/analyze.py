@@ -57,6 +57,7 @@ NOISE_MAX_PATCHES_LAGGED = 8000  # the same for the 25x25 covariance of the lagg
 NOISE_MAX_LAG = 4
 NOISE_LAG_MIN_SIDE = 32  # lag L is used when the image's shorter side is at least 32 L pixels
 NOISE_MIN_FIT = 0.5  # a lagged estimate counts when half its eigenvalues sit on the noise plateau
+NOISE_LAG_GAIN = 1.25  # ... and when it reads this much more than lag 1
 NOISE_MIN_FLAT = 100  # fewer flat patches than this: low confidence
 NOISE_PIXEL_BUDGET = 256 * 256  # lagged readings of large images use only some of the L*L phases
 
@@ -205,13 +206,16 @@ def estimate_noise_detail(rgb: np.ndarray) -> NoiseEstimate:
               if min(img.shape[:2]) // lag >= 2 * NOISE_PATCH_LAGGED]
     allowed = [r for r in lagged if r.lag <= max_lag and r.usable]
     best = max(allowed, key=lambda r: r.sigma, default=None)
-    chosen = best if best is not None and best.sigma > first.sigma else first
-    sigma_max = max([chosen.sigma] + [r.sigma for r in lagged])
+    # White noise reads the same at every lag: lag 1 stays unless a lag reads clearly more.
+    chosen = best if best is not None and best.sigma > NOISE_LAG_GAIN * first.sigma else first
+    readings = [first] + lagged
+    # The highest reading: over the lags this image is large enough for, and over all of them.
+    sigma_max = max([chosen.sigma] + [r.sigma for r in lagged if r.lag <= max_lag])
+    sigma_any = max([sigma_max] + [r.sigma for r in lagged])
     other_level = level_for("noise", sigma_max) != level_for("noise", chosen.sigma)
     noise_free = level_for("noise", sigma_max) == "none"  # every lag agrees: a settled "none"
-    readings = [first] + lagged
-    if chosen is first and not first.settled and other_level:
-        return NoiseEstimate(chosen.sigma, "unknown", 1, first.flat_patches, first.patches, sigma_max,
+    if chosen is first and not first.settled and level_for("noise", sigma_any) != level_for("noise", chosen.sigma):
+        return NoiseEstimate(chosen.sigma, "unknown", 1, first.flat_patches, first.patches, sigma_any,
                              f"too few flat patches ({first.flat_patches}) to tell noise from texture",
                              readings)
     confidence, reason = "high", ""
