@@ -9,8 +9,18 @@ of `degrade.py` are checked against, so it measures the same quantities, in the 
   eigenvalues of those patches' covariance with Chen, Zhu & Heng's rule (ICCV 2015): the mean of
   the smallest eigenvalues, as many as keep mean = median. Iterate select → estimate until it
   settles. Patches touching clipped pixels (0 or 255) are skipped, since clipping hides noise.
-  It measures white noise; noise made spatially correlated (by resizing, or quantised by JPEG)
-  reads low.
+  That measures white noise. Noise that later resizes, blur or JPEG made spatially correlated
+  (as in every second-order degradation) reads near 0 there, so the same estimate also runs at
+  lags 2-4: on every L-th pixel (5x5 patches, the L*L phase images pooled) such noise is nearly
+  white again and reads at its full sigma. A lagged reading counts when its flat set settled, at
+  least half its eigenvalues sit on the noise plateau, each phase image is >= 32 px a side, and it
+  reads >= 1.25x lag 1; the highest such reading wins.
+  Confidence: "unknown" when lag 1 found too few flat patches to settle and no lag counts while
+  some lag reads another level (texture and noise cannot be told apart: typical of small, busy
+  images); "low" for a lagged reading (fine texture aliased at lag L looks like correlated noise),
+  few flat patches, or larger lags pointing to another level; else "high". An unknown noise
+  keeps the lowest reading's level and says so in its item: `noise: none (sigma 0.3, uncertain:
+  12 flat patches)`.
 * blur: Gaussian-equivalent sigma in pixels. At a step edge blurred by sigma, the gradient
   magnitude measured with Gaussian derivatives of scale s peaks at A / sqrt(2 pi (sigma^2 + s^2)).
   The ratio R of the peaks at s1 = 1 and s2 = 2 gives sigma^2 = (s2^2 - R^2 s1^2) / (R^2 - 1);
@@ -18,6 +28,7 @@ of `degrade.py` are checked against, so it measures the same quantities, in the 
   in Canny), after removing the expected noise energy from both gradients. A pixel-sampled ideal
   step reads 0.46 (the pixel itself); on photos that is offset by a slight downward bias from
   neighbouring texture, so no correction is made. Large blurs on small images read low (~10%).
+  Fewer than 8 edge points: blur unknown (`blur: none (sigma 0, uncertain: 3 edge points)`).
 * jpeg: from the file's quantisation tables when there are any (IJG's quality scaling inverted
   exactly), else from pixels: the 8x8 DCT coefficients of the luma of a decoded JPEG lie on
   multiples of the quantisation steps. For each IJG quality the score is the share of non-zero
@@ -551,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({
             "file": name, "noise_sigma": round(a.noise_sigma, 2), "blur_sigma": round(a.blur_sigma, 2),
             "jpeg_quality": a.jpeg_quality, "jpeg_source": a.jpeg_source,
-            "items": [i.render() for i in a.items],
+            "items": [i.render() for i in a.items], "confidence": a.confidence,
         }), flush=True)
     return 1 if failed else 0
 

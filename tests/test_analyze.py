@@ -150,6 +150,7 @@ def test_cli_prints_one_json_line_per_image(tmp_path, capsys, colour_photo):
         assert {"file", "noise_sigma", "blur_sigma", "jpeg_quality", "items"} <= r.keys()
         assert all(isinstance(i, str) for i in r["items"])
     assert rows[0]["jpeg_quality"] == 70 and rows[0]["items"][2] == "jpeg: medium (quality 70)"
+    assert all(set(r["confidence"]) == {"blur", "noise", "jpeg"} for r in rows)
     assert rows[1]["jpeg_quality"] is None
     assert err.count("bad.png") == 1 and len(err.strip().splitlines()) == 1
     assert main([files[2]]) == 0
