@@ -69,6 +69,12 @@ class StageImage:
 
 
 @dataclass
+class ImageInContext:
+    stage: str  # reflect mode: this stage's image is now in the VLM's context
+    size: tuple[int, int]  # (width, height) as the VLM sees it (its pixel budget)
+
+
+@dataclass
 class Done:
     result: "RestorationResult"
 
@@ -79,7 +85,8 @@ class Failed:
     error: BaseException | None = None  # for --debug
 
 
-Event = AnalysisReady | TextDelta | PlanUpdate | PlanReady | StageStarted | StagePreview | StageImage | Done | Failed
+Event = (AnalysisReady | TextDelta | PlanUpdate | PlanReady | StageStarted | StagePreview | StageImage | ImageInContext
+         | Done | Failed)
 
 
 @dataclass
@@ -111,6 +118,10 @@ class Policy(Protocol):
     def last_stats(self) -> dict:
         """{"new_tokens", "seconds"} of the last stream() in this thread; {} when nothing was generated."""
 
+    def reflect(self, image: LoadedImage, analysis: Analysis, *, seed: int, scale: float):
+        """A reflective chain (`realsr_r1/reflect.py`: until_image(), see(), opened, record), or None
+        for a policy that writes its chain in one pass."""
+
 
 class StageRestorer(Protocol):
     name: str
@@ -118,7 +129,10 @@ class StageRestorer(Protocol):
     def stages(
         self, image: LoadedImage, plan: Plan, *, sizes: dict[str, tuple[int, int]], seed: int
     ) -> Iterator[StageStarted | StagePreview | StageImage]:
-        """Yield, for rough, middle and final in order: StageStarted, any previews, StageImage."""
+        """Yield, for rough, middle and final in order: StageStarted, any previews, StageImage.
+
+        A stage reads `plan` when it starts (after its StageStarted is taken), so a reflective
+        pipeline can complete the plan between stages."""
 
     def describe(self) -> dict:
         """Device, precision and model facts for the sidecar."""
@@ -154,42 +168,104 @@ class RestorationPipeline:
             timings["analyse"] = time.perf_counter() - t
             yield AnalysisReady(analysis)
 
-            t = time.perf_counter()
-            cot = ""
-            waiting = [tag for tag in TAGS if not tag.endswith("_image")]
-            for delta in self.policy.stream(image, analysis, seed=seed, scale=scale):
-                cot += delta
-                yield TextDelta(delta)
-                # Parsed as it arrives: a section is usable (e.g. shown) as soon as its tag closes.
-                closed = [tag for tag in waiting if ">" in delta and f"</{tag}>" in cot]
-                for tag in closed:
-                    waiting.remove(tag)
-                    yield PlanUpdate(tag, parse_cot(cot))
-            timings["reason"] = time.perf_counter() - t
-            plan = parse_cot(cot)
-            yield PlanReady(plan, cot)
-
             sizes = stage_sizes(*image.size, scale)
             stages: dict[str, StageImage] = {}
-            for event in self.restorer.stages(image, plan, sizes=sizes, seed=seed):
-                if isinstance(event, StageImage):
-                    stages[event.stage] = event
-                    timings[event.stage] = event.seconds
-                    w, h = event.rgb.shape[1], event.rgb.shape[0]
-                    plan.images[event.stage] = f"{w}x{h}"
-                yield event
+            reflect = getattr(self.policy, "reflect", None)  # policies without it write in one pass
+            reflection = reflect(image, analysis, seed=seed, scale=scale) if reflect else None
+            if reflection is None:
+                t = time.perf_counter()
+                cot = yield from self._reason(self.policy.stream(image, analysis, seed=seed, scale=scale), "")
+                timings["reason"] = time.perf_counter() - t
+                plan = parse_cot(cot)
+                yield PlanReady(plan, cot)
+                yield from self._stages(self.restorer.stages(image, plan, sizes=sizes, seed=seed), plan, stages)
+            else:
+                cot, plan = yield from self._reflect(reflection, image, sizes, seed, stages, timings)
             missing = [s for s in STAGES if s not in stages]
             if missing:
                 raise RuntimeError(f"restorer produced no image for stage(s) {', '.join(missing)}")
             final = stages["final"]
             info = {"profile": self.profile, "policy": self.policy.name, **self.restorer.describe(),
                     "policy_info": self.policy.describe()}
+            if reflection is not None:
+                info["reflect"] = reflection.record
             if self.policy.last_stats:  # tokens generated, for tokens/s
                 info["reason_tokens"] = self.policy.last_stats["new_tokens"]
             yield Done(RestorationResult(final.rgb, final.alpha, plan, cot, analysis, stages,
                                          timings, seed, scale, info))
         except Exception as e:  # one image failing must not end the caller's batch
             yield Failed(_one_line(e), e)
+
+    def _reason(self, deltas: Iterator[str], cot: str):
+        """Generator: pass text deltas on, with a PlanUpdate for each tag that closes; returns the text."""
+        waiting = [tag for tag in TAGS if not tag.endswith("_image") and f"</{tag}>" not in cot]
+        for delta in deltas:
+            cot += delta
+            yield TextDelta(delta)
+            # Parsed as it arrives: a section is usable (e.g. shown) as soon as its tag closes.
+            closed = [tag for tag in waiting if ">" in delta and f"</{tag}>" in cot]
+            for tag in closed:
+                waiting.remove(tag)
+                yield PlanUpdate(tag, parse_cot(cot))
+        return cot
+
+    @staticmethod
+    def _stages(events: Iterator, plan: Plan, stages: dict, until: str | None = None):
+        """Generator: pass the restorer's events on up to StageImage(`until`) (or to its end)."""
+        for event in events:
+            if isinstance(event, StageImage):
+                stages[event.stage] = event
+                plan.images[event.stage] = f"{event.rgb.shape[1]}x{event.rgb.shape[0]}"
+            yield event
+            if isinstance(event, StageImage) and event.stage == until:
+                return
+
+    def _reflect(self, reflection, image: LoadedImage, sizes: dict, seed: int, stages: dict, timings: dict):
+        """Generator: text up to each stage's image tag, that stage, its image into the VLM's context.
+
+        Every chain ends with three stage images and the restorer's one pass over them: a chain that
+        never opens the expected tag (or opens another) is finished in one pass and the remaining
+        stages use that plan; the problem is recorded. The VLM runs at most four times."""
+        plan = Plan()
+        events = self.restorer.stages(image, plan, sizes=sizes, seed=seed)
+        cot, reflecting, t_reason = "", True, 0.0
+        for stage in STAGES:
+            if reflecting:
+                t = time.perf_counter()
+                cot = yield from self._reason(reflection.until_image(), cot)
+                if reflection.opened != stage:
+                    found = "the chain ended" if reflection.opened is None else f"it wrote <{reflection.opened}_image>"
+                    reflection.record["problems"].append(
+                        f"expected <{stage}_image> but {found}; the remaining stages use the one-pass plan")
+                    reflecting = False
+                    cot = yield from self._reason(reflection.until_image(stop_at_tags=False), cot)
+                t_reason += time.perf_counter() - t
+            _refresh(plan, parse_cot(cot))
+            if stage == "rough":
+                yield PlanReady(plan, cot)  # the plan so far: the later stages' text is still to come
+            yield from self._stages(events, plan, stages, until=stage)
+            if stage not in stages:
+                break
+            if reflecting:
+                size_text = plan.images[stage]
+                closing = f"{size_text}</{stage}_image>"
+                if stage != "final":
+                    seen = reflection.see(stage, stages[stage].rgb, size_text)
+                    yield ImageInContext(stage, tuple(seen))
+                cot += closing
+                yield TextDelta(closing)
+        yield from self._stages(events, plan, stages)  # a restorer that yields past the final stage
+        timings["reason"] = t_reason
+        reflection.record["policy_output_problems"] = parse_cot(cot).problems
+        _refresh(plan, parse_cot(cot))
+        return cot, plan
+
+
+def _refresh(plan: Plan, parsed: Plan) -> None:
+    """Update the plan the restorer holds in place (its stage images' sizes stay)."""
+    images = dict(plan.images)
+    plan.degradation, plan.understanding, plan.problems = parsed.degradation, parsed.understanding, parsed.problems
+    plan.images = {s: images.get(s) or parsed.images.get(s, "") for s in STAGES}
 
 
 def _one_line(e: BaseException) -> str:

@@ -55,8 +55,9 @@ class VLMPolicy:
     note = ""
 
     def __init__(self, model, processor, *, model_path: str, dtype, quantization: str | None = None,
-                 adapter: str | None = None, generation: Decoding | dict | None = None):
+                 adapter: str | None = None, generation: Decoding | dict | None = None, reflect: bool = False):
         self.model = model
+        self.reflect_mode = bool(reflect)
         self.processor = processor
         self._local = threading.local()
         self.model_path = str(model_path)
@@ -68,7 +69,7 @@ class VLMPolicy:
     @classmethod
     def from_pretrained(cls, model_path, *, device: str = "auto", dtype="auto", load_in_4bit: bool = False,
                         load_in_8bit: bool = False, adapter=None, max_pixels: int | None = None,
-                        generation: dict | None = None) -> "VLMPolicy":
+                        generation: dict | None = None, reflect: bool = False) -> "VLMPolicy":
         model, processor, dtype, quantization = load_vlm(model_path, device=device, dtype=dtype,
                                                          load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
                                                          max_pixels=max_pixels)
@@ -79,7 +80,7 @@ class VLMPolicy:
         decoding = Decoding.from_config(generation, _trained_decoding(str(adapter or model_path)))
         model.eval()
         return cls(model, processor, model_path=str(model_path), dtype=dtype, quantization=quantization,
-                   adapter=None if adapter is None else str(adapter), generation=decoding)
+                   adapter=None if adapter is None else str(adapter), generation=decoding, reflect=reflect)
 
     @property
     def last_stats(self) -> dict:
@@ -95,6 +96,7 @@ class VLMPolicy:
             "adapter": self.adapter,
             "processor": type(self.processor).__name__,
             "generation": self.decoding.to_dict(),
+            "mode": "reflect" if self.reflect_mode else "one-pass",
         }
 
     def _inputs(self, image: LoadedImage):
@@ -111,21 +113,38 @@ class VLMPolicy:
 
     def stream(self, image: LoadedImage, analysis: Analysis | None = None, *, seed: int = 0,
                scale: float = 4.0) -> Iterator[str]:
+        """The whole chain in one generation (one-pass mode)."""
+        inputs = self._inputs(image)
+        yield from self.generate_streamed(dict(inputs), self.decoding.generate_kwargs(self.model), seed=seed)
+
+    def reflect(self, image: LoadedImage, analysis: Analysis | None = None, *, seed: int = 0, scale: float = 4.0):
+        """A reflective chain: generation pauses at each stage's image tag and resumes with that
+        stage's image in context (`realsr_r1/reflect.py`); None when this policy runs one-pass."""
+        if not self.reflect_mode:
+            return None
+        from .reflect import VLMReflection
+
+        return VLMReflection(self, image, seed=seed)
+
+    def generate_streamed(self, inputs: dict, gen: dict, *, seed: int, stop=None, stats: dict | None = None):
+        """Generator: run `model.generate(**inputs, **gen)` in the generation thread and yield its text
+        as it arrives; returns generate's output. `stop(input_ids) -> bool` ends it early (batch 1)."""
         import torch
 
-        inputs = self._inputs(image)
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         streamer = TokenStream(tokenizer, timeout=600)
-        gen = self.decoding.generate_kwargs(self.model)
         errors: list[BaseException] = []
-        stop = threading.Event()  # set when the caller stops reading: generation ends early
+        output: list = []
+        halt = threading.Event()  # set when the caller stops reading: generation ends early
 
         prompt_len = inputs["input_ids"].shape[1]
-        stats = self._local.stats = {"new_tokens": 0, "seconds": 0.0}
+        if stats is None:
+            stats = self._local.stats = {"new_tokens": 0, "seconds": 0.0}
 
         def stopped(input_ids, scores, **kwargs):
             stats["new_tokens"] = int(input_ids.shape[1] - prompt_len)  # for tokens/s in sidecars and benchmarks
-            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+            end = halt.is_set() or (stop is not None and stop(input_ids))
+            return torch.full((input_ids.shape[0],), end, dtype=torch.bool, device=input_ids.device)
 
         def work() -> None:
             try:
@@ -133,9 +152,9 @@ class VLMPolicy:
 
                 torch.manual_seed(seed)
                 with torch.no_grad():
-                    self.model.generate(
+                    output.append(self.model.generate(
                         **inputs, **gen, streamer=streamer, stopping_criteria=StoppingCriteriaList([stopped])
-                    )
+                    ))
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
                 errors.append(e)
                 streamer.end()
@@ -150,11 +169,12 @@ class VLMPolicy:
                     if delta:
                         yield delta
             finally:
-                stop.set()
+                halt.set()
                 job.result()
-                stats["seconds"] = time.perf_counter() - t0
+                stats["seconds"] = stats.get("seconds", 0.0) + time.perf_counter() - t0
         if errors:
             raise errors[0]
+        return output[0] if output else None
 
 
 def _with_adapter(model, adapter: str):
