@@ -26,8 +26,8 @@ import numpy as np
 
 from .cot import STAGES
 from .imageio import DEFAULT_MAX_PIXELS, ImageReadError, atomic_write_text, read_image, write_image
-from .pipeline import (AnalysisReady, Done, Failed, PlanReady, PlanUpdate, StageImage, StagePreview, StageStarted,
-                       TextDelta)
+from .pipeline import (AnalysisReady, Done, Failed, ImageInContext, PlanReady, PlanUpdate, StageImage, StagePreview,
+                       StageStarted, TextDelta)
 from .profiles import PROFILES, ConfigError, build_pipeline, check_profile, choose_profile, load_config
 from .restorers.lite import resize
 from .sidecar import build_sidecar
@@ -228,6 +228,9 @@ class DemoSession:
                 view.status = f"Stage {STAGES.index(event.stage) + 1}/3: {event.stage}, step {event.step}/{event.total}"
             elif isinstance(event, StageImage):
                 view.stages = {**view.stages, event.stage: to_display(event.rgb, event.alpha)}
+            elif isinstance(event, ImageInContext):  # reflect mode: the text that follows is written seeing it
+                view.reasoning += f"\n[looking at the {event.stage} image, {event.size[0]}×{event.size[1]}]\n"
+                view.status = f"Reasoning with the {event.stage} image in view…"
             elif isinstance(event, Done):
                 view.files = self._save(name, event.result, reason, loaded)
                 final = to_display(event.result.rgb)

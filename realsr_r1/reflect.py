@@ -59,6 +59,8 @@ class VLMReflection:
     """One reflective chain of a VLMPolicy: `until_image()` streams the text up to the next image tag,
     `see(stage, rgb, size)` puts that stage's image (and `WxH</stage_image>`) into the context."""
 
+    reuse_cache = True  # False: every continuation re-encodes the whole sequence (benchmarks compare)
+
     def __init__(self, policy, image, *, seed: int):
         import torch
 
@@ -74,7 +76,6 @@ class VLMReflection:
         self.new_image: dict | None = None  # the image added since the last generation (not yet encoded)
         self.cache = None
         self.cached = 0  # tokens of self.ids the cache holds
-        self.reuse_cache = True
         self.budget = policy.decoding.max_new_tokens  # shared by every segment of the chain
         self.segment = 0
         self.opened: str | None = None  # the image tag the last segment stopped at (None: it never did)

@@ -158,18 +158,22 @@ def test_a_cached_continuation_sees_what_a_full_re_encode_sees(policy, monkeypat
     script = scripted(policy, monkeypatch, CHAIN)
     events, _ = run(policy)
     assert events[-1].result.info["reflect"]["cache"] == ["re-encode", "cache", "cache"]
+    cached_prefill = events[-1].result.info["reflect"]["prefill_tokens"]
     cached = script.first_logits
     script = scripted(policy, monkeypatch, CHAIN)
     from realsr_r1 import reflect
 
-    monkeypatch.setattr(reflect.VLMReflection, "_inputs",
-                        lambda self, attempt, plain=reflect.VLMReflection._inputs: plain(self, "re-encode"))
+    monkeypatch.setattr(reflect.VLMReflection, "reuse_cache", False)
     events, _ = run(policy)
+    assert events[-1].result.info["reflect"]["cache"] == ["re-encode"] * 3
     assert len(cached) == len(script.first_logits) == 3
     for a, b in zip(cached, script.first_logits):
         assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
-    prefill = events[-1].result.info["reflect"]["prefill_tokens"]
-    assert prefill["middle"] > 0  # recorded for the benchmark
+    full_prefill = events[-1].result.info["reflect"]["prefill_tokens"]
+    # The cache leaves only the new image's tokens and the text after it to prefill.
+    assert cached_prefill["rough"] == full_prefill["rough"]
+    for stage in ("middle", "final"):
+        assert 0 < cached_prefill[stage] < full_prefill[stage] / 4, (cached_prefill, full_prefill)
 
 
 @pytest.mark.parametrize("case,segments,problem", [
@@ -225,3 +229,23 @@ def test_sidecar_records_the_mode_and_what_the_vlm_saw(tmp_path, capsys, monkeyp
     assert all(len(v) == 2 and min(v) > 0 for v in side["reflect"]["seen"].values())
     assert side["plan"]["understanding"]["middle"] == "a metal chip"
     assert IMAGE_TAG.search(side["policy_output"])
+
+
+def test_the_demo_shows_the_rough_image_before_the_middle_text(policy, monkeypatch, tmp_path):
+    from realsr_r1.demo import DemoSession
+
+    scripted(policy, monkeypatch, CHAIN)
+    session = DemoSession({"tiny": "tiny"}, tmp_path / "out", device="cpu")
+    session._pipelines["tiny"] = (RestorationPipeline(policy, Stages(), profile="tiny"), "tiny: test")
+    photo((28, 28), name="chip.png").save(tmp_path / "chip.png")
+    views = [(v.reasoning, v.stages["rough"] is not None, v.stages["middle"] is not None, v.status)
+             for v in session.restore(str(tmp_path / "chip.png"), "tiny")]
+    first_rough = next(i for i, v in enumerate(views) if v[1])
+    assert "<middle_understand>" not in views[first_rough][0]
+    assert not views[first_rough][2]
+    final_text = views[-1][0]
+    assert final_text.index("<rough_image>") < final_text.index("[looking at the rough image") \
+        < final_text.index("<middle_understand>") < final_text.index("[looking at the middle image") \
+        < final_text.index("<final_understand>")
+    assert any("with the rough image in view" in v[3] for v in views)
+    assert views[-1][3].startswith("Done")
