@@ -64,7 +64,8 @@ def main() -> None:
         eos = eos[0] if isinstance(eos, list) else eos
         current: list = [None]
         plain = Decoding.generate_kwargs
-        Decoding.generate_kwargs = lambda self, model=None: {**plain(self, model), "logits_processor": [current[0]]}
+        Decoding.generate_kwargs = lambda self, model=None: {**plain(self, model),
+                                                                  "logits_processor": [current[0].begin()]}
         rgb = np.random.default_rng(0).random((args.size, args.size, 3), dtype=np.float32)
 
         def once(mode: str) -> tuple[float, dict, float]:

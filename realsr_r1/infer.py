@@ -218,7 +218,7 @@ class _Folder:
         """The input as the sidecar and the summary name it: relative to the input folder."""
         return Path(self.layout.names[path]).parent.joinpath(path.name).as_posix()
 
-    def status(self, path: Path) -> tuple[str, str | None]:
+    def status(self, index: int, path: Path) -> tuple[str, str | None]:
         """("todo" | "done" | "other", how the settings differ). The sidecar is written last, so one
         whose image exists (and stage images, with --save-stages) marks a finished result."""
         sidecar = self.layout.sidecar(path)
@@ -228,10 +228,13 @@ class _Folder:
         if record is None or not all(p.is_file() for p in recorded_files(sidecar, record)[:1]):
             return "todo", None  # unreadable sidecar, or its image is gone: redo this image
         difference = settings_difference(record.get("settings"), self.settings)
+        if difference is None and "seed" in self.settings and record.get("seed") != self.seed + index:
+            difference = f"seed {record.get('seed')} → {self.seed + index} (files were added or removed)"
         if difference is not None:
             return "other", difference
-        if self.args.save_stages and not all((record.get("stages", {}).get(s) or {}).get("file") for s in STAGES):
-            return "todo", None  # done before without --save-stages: make the stage images now
+        files = [(record.get("stages", {}).get(s) or {}).get("file") for s in STAGES]
+        if self.args.save_stages and not all(f and (sidecar.parent / f).is_file() for f in files):
+            return "todo", None  # done before without --save-stages (or they were deleted): make them now
         return "done", None
 
     def restore(self, index: int, path: Path) -> str | None:
@@ -318,7 +321,7 @@ def _restore_all(folder: _Folder, indexed: list[tuple[int, Path]], quiet: bool) 
     bar = tqdm(indexed, disable=quiet, unit="img", dynamic_ncols=True, file=sys.stderr)
     for index, path in bar:
         bar.set_postfix_str(path.name[:30])
-        state, difference = folder.status(path)
+        state, difference = folder.status(index, path)
         if state == "done":
             counts.skipped += 1
             continue
@@ -370,7 +373,8 @@ def _settings(profile: str, cfg: dict, layout: Layout, pipeline, args: argparse.
     config.pop("scale", None)
     ran = pipeline.restorer.describe().get("weights")  # the file that ran and its hash, as one value
     settings = {"profile": profile, "scale": pipeline.scale, "ext": layout.ext,
-                "weights": f"{ran['file']} ({ran['sha256']})" if ran else None}
+                "weights": f"{ran['file']} ({ran['sha256']})" if ran else None,
+                "precision": pipeline.restorer.describe().get("precision")}
     if seeded:
         settings["seed"] = args.seed or 0
     return {**settings, "config": config}
@@ -388,6 +392,7 @@ def run(args: argparse.Namespace) -> int:
         profile, reason, cfg, notes = profile_config(args)
         _check_runnable(profile, args.device)
         pipeline = build_pipeline(cfg, device=device, fp32=args.fp32)
+        layout.out_dir.mkdir(parents=True, exist_ok=True)
     except (UsageError, ConfigError, OSError, ValueError, RuntimeError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         if args.debug:
@@ -400,7 +405,6 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"profile: {profile} ({reason}); device {desc.get('device')}, precision {desc.get('precision')}"
                   + (f"; {world} processes" if world > 1 else ""), file=sys.stderr)
-    layout.out_dir.mkdir(parents=True, exist_ok=True)
     settings = _settings(profile, cfg, layout, pipeline, args, seeded(cfg))
     folder = _Folder(pipeline, args, files, layout, reason, settings)
     counts = _restore_all(folder, list(enumerate(files))[rank::world], args.quiet or rank > 0)

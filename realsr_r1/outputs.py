@@ -140,8 +140,13 @@ def check_no_collision(layout: Layout, files: list[Path], save_stages: bool) -> 
     """Refuse, before any work, any output path that is one of the inputs (same path or same file)."""
     by_path = {f.resolve(): f for f in files}
     by_identity = {_identity(f): f for f in files}
+    planned: dict[Path, Path] = {}
     for f in files:
         for target in layout.possible(f, save_stages):
+            other = planned.setdefault(target.resolve(), f)
+            if other != f:  # e.g. a.png's stage image a_rough.png and the result of input a_rough.png
+                raise UsageError(f"{target}: the results of {other.name} and {f.name} would both be written "
+                                 "here; rename one of them, or leave out --save-stages")
             hit = by_path.get(target.resolve())
             if hit is None and target.exists():
                 hit = by_identity.get(_identity(target))  # a hard link, or a case-insensitive file system

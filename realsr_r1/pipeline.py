@@ -178,7 +178,7 @@ class RestorationPipeline:
                 timings["reason"] = time.perf_counter() - t
                 plan = parse_cot(cot)
                 yield PlanReady(plan, cot)
-                yield from self._stages(self.restorer.stages(image, plan, sizes=sizes, seed=seed), plan, stages)
+                yield from self._stages(self.restorer.stages(image, plan, sizes=sizes, seed=seed), plan, stages, timings)
             else:
                 cot, plan = yield from self._reflect(reflection, image, sizes, seed, stages, timings)
             missing = [s for s in STAGES if s not in stages]
@@ -210,11 +210,12 @@ class RestorationPipeline:
         return cot
 
     @staticmethod
-    def _stages(events: Iterator, plan: Plan, stages: dict, until: str | None = None):
+    def _stages(events: Iterator, plan: Plan, stages: dict, timings: dict, until: str | None = None):
         """Generator: pass the restorer's events on up to StageImage(`until`) (or to its end)."""
         for event in events:
             if isinstance(event, StageImage):
                 stages[event.stage] = event
+                timings[event.stage] = event.seconds
                 plan.images[event.stage] = f"{event.rgb.shape[1]}x{event.rgb.shape[0]}"
             yield event
             if isinstance(event, StageImage) and event.stage == until:
@@ -243,7 +244,7 @@ class RestorationPipeline:
             _refresh(plan, parse_cot(cot))
             if stage == "rough":
                 yield PlanReady(plan, cot)  # the plan so far: the later stages' text is still to come
-            yield from self._stages(events, plan, stages, until=stage)
+            yield from self._stages(events, plan, stages, timings, until=stage)
             if stage not in stages:
                 break
             if reflecting:
@@ -254,7 +255,7 @@ class RestorationPipeline:
                     yield ImageInContext(stage, tuple(seen))
                 cot += closing
                 yield TextDelta(closing)
-        yield from self._stages(events, plan, stages)  # a restorer that yields past the final stage
+        yield from self._stages(events, plan, stages, timings)  # a restorer that yields past the final stage
         timings["reason"] = t_reason
         reflection.record["policy_output_problems"] = parse_cot(cot).problems
         _refresh(plan, parse_cot(cot))

@@ -140,9 +140,10 @@ class VLMPolicy:
         prompt_len = inputs["input_ids"].shape[1]
         if stats is None:
             stats = self._local.stats = {"new_tokens": 0, "seconds": 0.0}
+        before = stats["new_tokens"]  # a reflective chain adds up its segments
 
         def stopped(input_ids, scores, **kwargs):
-            stats["new_tokens"] = int(input_ids.shape[1] - prompt_len)  # for tokens/s in sidecars and benchmarks
+            stats["new_tokens"] = before + int(input_ids.shape[1] - prompt_len)  # tokens/s in sidecars, benchmarks
             end = halt.is_set() or (stop is not None and stop(input_ids))
             return torch.full((input_ids.shape[0],), end, dtype=torch.bool, device=input_ids.device)
 

@@ -101,14 +101,16 @@ class VLMReflection:
         label = STAGES[min(self.segment, len(STAGES) - 1)]
         shown = [""]  # the text passed on so far (a failed attempt must not have shown any)
         t0 = time.perf_counter()
-        attempts = ("cache", "re-encode") if self.cache is not None and self.reuse_cache else ("re-encode",)
-        for attempt in attempts:
-            inputs = self._inputs(attempt)
-            self.record["prefill_tokens"][label] = len(self.ids) - (self.cached if attempt == "cache" else 0)
-            steps = self.policy.generate_streamed(inputs, gen, seed=self.seed + 7919 * self.segment, stop=stop,
-                                                  stats=self.stats)
+        # A text-only continuation re-encodes: Qwen keeps its rotary offsets (rope_deltas) on the model,
+        # and another request may have run between two segments of this chain.
+        cached = self.cache is not None and self.reuse_cache and self.new_image is not None
+        for attempt in ("cache", "re-encode") if cached else ("re-encode",):
             try:
-                output = yield from self._cut_at_tag(steps, shown)
+                inputs = self._inputs(attempt)
+                self.record["prefill_tokens"][label] = len(self.ids) - (self.cached if attempt == "cache" else 0)
+                steps = self.policy.generate_streamed(inputs, gen, seed=self.seed + 7919 * self.segment,
+                                                      stop=stop, stats=self.stats)
+                output = yield from (self._cut_at_tag(steps, shown) if stop_at_tags else self._passed(steps, shown))
             except Exception as e:  # noqa: BLE001 - the cached path failed before any text: re-encode
                 if attempt != "cache" or shown[0]:
                     raise
@@ -120,7 +122,18 @@ class VLMReflection:
             break
         self.record.setdefault("seconds", {})[label] = round(time.perf_counter() - t0, 4)
         self.segment += 1
-        self._keep(output, start)
+        self._keep(output, start, trim=stop_at_tags)
+
+    @staticmethod
+    def _passed(steps, holder: list) -> Iterator[str]:
+        """Pass every delta through (the rest of a chain, written in one pass); returns generate's output."""
+        while True:
+            try:
+                delta = next(steps)
+            except StopIteration as done:
+                return done.value
+            holder[0] += delta
+            yield delta
 
     def _cut_at_tag(self, steps, holder: list) -> Iterator[str]:
         """Pass the text through, ending it right after the first image tag (the token that completes
@@ -176,13 +189,13 @@ class VLMReflection:
     def _vision_dtype(self):
         return next(self.model.parameters()).dtype if not self.policy.quantization else self.policy.dtype
 
-    def _keep(self, output, start: int) -> None:
+    def _keep(self, output, start: int, trim: bool = True) -> None:
         """Keep the generated ids up to the end of the tag (or all of them) and the cache that matches."""
         sequence = output.sequences[0].tolist()
         new = sequence[start:]
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         kept = new
-        match = IMAGE_TAG.search(decode(new))
+        match = IMAGE_TAG.search(decode(new)) if trim else None
         if match:
             self.opened = match.group(1)
             k = len(new)
@@ -222,9 +235,10 @@ class VLMReflection:
         placeholder = _image_placeholder(self.processor).replace(image_token, image_token * count)
         ids = self.tokenizer(placeholder + size_text + f"</{stage}_image>", add_special_tokens=False)["input_ids"]
         self.ids = self.ids + ids
+        image_inputs = {k: v.to(self._device) for k, v in image_inputs.items()}  # beside the LQ's (GPU)
         self.pixel_values.append(image_inputs["pixel_values"])
-        self.grids.append(grid)
-        self.new_image = dict(image_inputs)
+        self.grids.append(image_inputs["image_grid_thw"])
+        self.new_image = image_inputs
         seen = [int(grid[0, 2]) * patch, int(grid[0, 1]) * patch]  # (width, height) of the resized image
         self.record["seen"][stage] = seen
         return seen

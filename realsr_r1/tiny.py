@@ -276,27 +276,30 @@ def build_tiny_upscaler(path: str | Path, seed: int = 0, real_size: bool = False
 class ScriptedChain:
     """A logits processor that makes a (tiny random) VLM write given text: each generate() call
     writes the next script, then ends its turn. Every forward pass still runs on the real inputs,
-    images included, so tests and benchmarks see real prefill and decode costs and inputs. It
+    images included, so tests and benchmarks see real prefill and decode costs and inputs. Call
+    `begin()` before each generate() (a continuation can look like the same call going on). It
     records the logits the model gave at each call's first step."""
 
     def __init__(self, tokenizer, scripts: list[str], eos: int):
         self.scripts = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in scripts]
         self.eos = int(eos)
         self.call = -1  # index of the current generate() call
-        self._start = self._last = None
+        self._start = None
         self.first_logits: list = []
+
+    def begin(self) -> "ScriptedChain":
+        self.call += 1
+        self._start = None
+        return self
 
     def __call__(self, input_ids, scores):
         import torch
 
-        length = input_ids.shape[1]
-        if self._last is None or length != self._last + 1:  # a new generate() call
-            self.call += 1
-            self._start = length
+        if self._start is None:
+            self._start = input_ids.shape[1]
             self.first_logits.append(scores[0].detach().clone())
-        self._last = length
-        step = length - self._start
-        script = self.scripts[self.call] if self.call < len(self.scripts) else []
+        step = input_ids.shape[1] - self._start
+        script = self.scripts[self.call] if 0 <= self.call < len(self.scripts) else []
         forced = torch.full_like(scores, float("-inf"))
         forced[:, script[step] if step < len(script) else self.eos] = 0
         return forced

@@ -239,3 +239,25 @@ def test_every_usage_error_exits_2(photos, tmp_path, capsys):
         assert rc == 2, args
     capsys.readouterr()
     assert not (tmp_path / "o").exists()
+
+
+def test_two_inputs_whose_results_would_share_a_file_are_refused(photos, tmp_path, capsys, weights_dir):
+    photo((8, 8)).save(photos / "a_rough.png")  # a.png's stage image would be a_rough.png's result
+    rc, err = run_cli(capsys, "-i", photos, "-o", tmp_path / "out", "--save-stages")
+    assert rc == 2 and err.strip().count("\n") == 0 and "would both be written" in err, err
+    assert not (tmp_path / "out").exists()
+    assert run_cli(capsys, "-i", photos, "-o", tmp_path / "out")[0] == 0  # without stage images they do not
+
+
+def test_resume_redoes_deleted_stage_images_and_knows_fp32(photos, tmp_path, capsys, weights_dir):
+    out = tmp_path / "out"
+    assert run_cli(capsys, "-i", photos / "a.png", "-o", out, "--save-stages")[0] == 0
+    (out / "a_middle.png").unlink()
+    rc, err = run_cli(capsys, "-i", photos / "a.png", "-o", out, "--save-stages")
+    assert rc == 0 and "restored 1" in err and (out / "a_middle.png").is_file()
+    precision = json.loads((out / "a.json").read_text())["precision"]
+    rc, err = run_cli(capsys, "-i", photos / "a.png", "-o", out, "--save-stages", "--fp32")
+    if precision == "fp32":  # a CPU without bf16: auto is fp32 already
+        assert rc == 0 and "skipped 1" in err
+    else:
+        assert rc == 1 and f"precision {precision} → fp32" in err

@@ -65,7 +65,7 @@ def scripted(policy, monkeypatch, segments):
     plain = Decoding.generate_kwargs
 
     def with_script(self, model=None):
-        return {**plain(self, model), "logits_processor": [script]}
+        return {**plain(self, model), "logits_processor": [script.begin()]}  # once per generate() call
 
     monkeypatch.setattr(Decoding, "generate_kwargs", with_script)
     return script
@@ -107,7 +107,7 @@ def run(policy, restorer=None, seed=0):
 
 
 def test_the_vlm_sees_each_stage_image_before_it_writes_the_next_stage(policy, monkeypatch):
-    scripted(policy, monkeypatch, CHAIN)
+    script = scripted(policy, monkeypatch, CHAIN)
     seen, grids = spy_images(policy, monkeypatch)
     events, restorer = run(policy)
     done = events[-1]
@@ -130,6 +130,7 @@ def test_the_vlm_sees_each_stage_image_before_it_writes_the_next_stage(policy, m
     # Each stage was conditioned on its own text, written before that stage started.
     assert restorer.plans == {"rough": "a chip", "middle": "a metal chip", "final": "pins and dust"}
     assert done.result.plan.problems == [] and done.result.plan.images["final"] == "112x112"
+    assert done.result.info["reason_tokens"] == sum(len(ids) for ids in script.scripts)  # every segment counts
 
 
 def test_reflect_events_interleave_text_and_images(policy, monkeypatch):
@@ -181,7 +182,8 @@ def test_a_cached_continuation_sees_what_a_full_re_encode_sees(policy, monkeypat
      "expected <rough_image> but the chain ended"),
     ("opened twice", [CHAIN[0], "<middle_understand>x</middle_understand><rough_image>", "<final_understand>y"],
      "expected <middle_image> but it wrote <rough_image>"),
-    ("out of order", ["<degradation>noise: light</degradation><middle_image>", "<final_understand>z"],
+    ("out of order", ["<degradation>noise: light</degradation><middle_image>",
+                      "</middle_image><rough_image></rough_image><final_understand>keep me</final_understand>"],
      "expected <rough_image> but it wrote <middle_image>"),
     ("truncated", [CHAIN[0], "<middle_understand>" + "long " * 200], "expected <middle_image> but the chain ended"),
 ])
@@ -195,6 +197,8 @@ def test_bad_tag_sequences_still_make_every_stage_once(policy, monkeypatch, case
     record = done.result.info["reflect"]
     assert any(problem in p for p in record["problems"]), record["problems"]
     assert script.call + 1 <= 4  # at most three segments and one to finish the chain in one pass
+    if case == "out of order":  # the rest of the chain, written in one pass, is kept whole
+        assert done.result.plan.understanding["final"] == "keep me"
 
 
 def test_one_pass_policy_has_no_reflection(tiny_vlm, monkeypatch):
@@ -249,3 +253,11 @@ def test_the_demo_shows_the_rough_image_before_the_middle_text(policy, monkeypat
         < final_text.index("<final_understand>")
     assert any("with the rough image in view" in v[3] for v in views)
     assert views[-1][3].startswith("Done")
+
+
+def test_stage_timings_are_recorded_in_both_modes(policy, tiny_vlm, monkeypatch):
+    scripted(policy, monkeypatch, CHAIN)
+    events, _ = run(policy)
+    one_pass = VLMPolicy.from_pretrained(tiny_vlm, generation={"max_new_tokens": 8})
+    for result in (events[-1].result, run(one_pass)[0][-1].result):
+        assert set(STAGES) <= set(result.timings) and "reason" in result.timings
