@@ -55,6 +55,40 @@ def _image_placeholder(processor) -> str:
     return text[text.index("\x01") + 1:text.index("\x02")]
 
 
+def trim_at_tag(tokenizer, new: list[int]) -> tuple[list[int], str | None]:
+    """(the generated ids up to the end of the first image tag, that tag's stage), or (`new`, None).
+
+    The token that completes a tag may carry more characters (a BPE merge such as `></`): it is
+    dropped and the tag's missing characters are spelled with their own tokens."""
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    match = IMAGE_TAG.search(decode(new))
+    if not match:
+        return new, None
+    k = len(new)
+    while k > 1 and IMAGE_TAG.search(decode(new[:k - 1])):
+        k -= 1  # the shortest prefix that holds the tag
+    text = decode(new[:k])
+    tag_end = IMAGE_TAG.search(text).end()
+    if len(text) == tag_end:
+        return new[:k], match.group(1)
+    head = decode(new[:k - 1])
+    return new[:k - 1] + tokenizer(text[len(head):tag_end], add_special_tokens=False)["input_ids"], match.group(1)
+
+
+def stage_image_tokens(processor, rgb: np.ndarray, stage: str, size_text: str) -> tuple[list[int], dict, list[int]]:
+    """(ids of the image placeholder expanded to its token count + `WxH</stage_image>`, the image's
+    processor inputs, its size as the VLM sees it after the pixel budget)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    image_inputs = processor.image_processor(images=[to_pil(rgb)], return_tensors="pt")
+    grid = image_inputs["image_grid_thw"]
+    merge = int(getattr(processor.image_processor, "merge_size", 1))
+    patch = int(getattr(processor.image_processor, "patch_size", 14))
+    count = int(grid.prod()) // merge ** 2
+    placeholder = _image_placeholder(processor).replace(processor.image_token, processor.image_token * count)
+    ids = tokenizer(placeholder + size_text + f"</{stage}_image>", add_special_tokens=False)["input_ids"]
+    return ids, dict(image_inputs), [int(grid[0, 2]) * patch, int(grid[0, 1]) * patch]
+
+
 class VLMReflection:
     """One reflective chain of a VLMPolicy: `until_image()` streams the text up to the next image tag,
     `see(stage, rgb, size)` puts that stage's image (and `WxH</stage_image>`) into the context."""
@@ -193,20 +227,8 @@ class VLMReflection:
         """Keep the generated ids up to the end of the tag (or all of them) and the cache that matches."""
         sequence = output.sequences[0].tolist()
         new = sequence[start:]
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        kept = new
-        match = IMAGE_TAG.search(decode(new)) if trim else None
-        if match:
-            self.opened = match.group(1)
-            k = len(new)
-            while k > 1 and IMAGE_TAG.search(decode(new[:k - 1])):
-                k -= 1  # the shortest prefix that holds the tag
-            text = decode(new[:k])
-            tag_end = IMAGE_TAG.search(text).end()
-            kept = new[:k]
-            if len(text) > tag_end:  # the last token runs past the tag: drop it, spell the tag's rest
-                head = decode(new[:k - 1])
-                kept = new[:k - 1] + self.tokenizer(text[len(head):tag_end], add_special_tokens=False)["input_ids"]
+        kept, self.opened = trim_at_tag(self.tokenizer, new) if trim else (new, None)
+        match = self.opened is not None
         eos = set(np.atleast_1d(self.model.generation_config.eos_token_id or []).tolist())
         if not match and (not new or new[-1] in eos or len(new) >= self.budget):
             self.ended = True
@@ -226,19 +248,11 @@ class VLMReflection:
     def see(self, stage: str, rgb: np.ndarray, size_text: str) -> list[int]:
         """Put the stage image into the conversation after its opening tag, then `WxH</stage_image>`.
         Returns the image's size as the VLM sees it (after the processor's pixel budget)."""
-        image_inputs = self.processor.image_processor(images=[to_pil(rgb)], return_tensors="pt")
-        grid = image_inputs["image_grid_thw"]
-        merge = int(getattr(self.processor.image_processor, "merge_size", 1))
-        patch = int(getattr(self.processor.image_processor, "patch_size", 14))
-        count = int(grid.prod()) // merge ** 2
-        image_token = self.processor.image_token
-        placeholder = _image_placeholder(self.processor).replace(image_token, image_token * count)
-        ids = self.tokenizer(placeholder + size_text + f"</{stage}_image>", add_special_tokens=False)["input_ids"]
+        ids, image_inputs, seen = stage_image_tokens(self.processor, rgb, stage, size_text)
         self.ids = self.ids + ids
         image_inputs = {k: v.to(self._device) for k, v in image_inputs.items()}  # beside the LQ's (GPU)
         self.pixel_values.append(image_inputs["pixel_values"])
         self.grids.append(image_inputs["image_grid_thw"])
         self.new_image = image_inputs
-        seen = [int(grid[0, 2]) * patch, int(grid[0, 1]) * patch]  # (width, height) of the resized image
         self.record["seen"][stage] = seen
         return seen

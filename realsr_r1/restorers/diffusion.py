@@ -279,18 +279,26 @@ class DiffusionStages:
 
     def restore_final_batch(self, rgb: np.ndarray, plans: list[Plan], *, scale: float = 4.0, seed: int = 0,
                             batch_size: int | None = None) -> list[np.ndarray]:
-        """The final stage for many chains of thought about one image, in batched diffusion calls.
+        """The final stage for many chains of thought about one image (GRPO's generation reward)."""
+        return self.restore_stage_batch(rgb, plans, stage="final", scale=scale, seed=seed, batch_size=batch_size)
 
-        For GRPO's generation reward: each plan's final text, negative prompt and noise level
-        condition one sample; the reference (Real-ESRGAN rough, or the input) is computed once; no
-        init image and no previews. `batch_size` caps how many samples share one call (GPU memory).
+    def restore_stage_batch(self, rgb: np.ndarray, plans: list[Plan], *, stage: str = "final", scale: float = 4.0,
+                            seed: int = 0, batch_size: int | None = None) -> list[np.ndarray]:
+        """One stage for many chains of thought about one image, in batched diffusion calls.
+
+        For GRPO: each plan's text for `stage`, negative prompt and noise level condition one sample;
+        the reference (Real-ESRGAN rough, or the input) is computed once; no init image and no
+        previews. A Real-ESRGAN rough stage ignores the text: one pass serves every plan.
+        `batch_size` caps how many samples share one call (GPU memory).
         """
         inp = to_float(rgb)
         h, w = inp.shape[:2]
-        size = stage_sizes(w, h, scale)["final"]
+        size = stage_sizes(w, h, scale)[stage]
         reference = self._rough_reference(inp)
+        if stage == "rough" and reference is not None:
+            return [color_fix(resize(reference, size), inp, self.color_fix, device=self.device)] * len(plans)
         reference = inp if reference is None else reference
-        conditions = [self._condition(p, "final") for p in plans]
+        conditions = [self._condition(p, stage) for p in plans]
         step = batch_size or max(1, len(plans))
         out: list[np.ndarray] = []
         for i in range(0, len(plans), step):

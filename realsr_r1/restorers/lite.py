@@ -15,7 +15,7 @@ from PIL import Image
 
 from ..cot import Plan
 from ..imageio import LoadedImage, to_float
-from ..pipeline import StageImage, StageStarted
+from ..pipeline import StageImage, StageStarted, stage_sizes
 from .esrgan import ESRGANRestorer
 
 
@@ -79,7 +79,12 @@ class LiteStages:
                             batch_size: int | None = None) -> list[np.ndarray]:
         """The final image for each plan. Real-ESRGAN ignores the text, so one pass serves all plans
         (a generation reward over this restorer cannot tell the completions apart)."""
+        return self.restore_stage_batch(rgb, plans, stage="final", scale=scale)
+
+    def restore_stage_batch(self, rgb: np.ndarray, plans: list[Plan], *, stage: str = "final", scale: float = 4.0,
+                            seed: int = 0, batch_size: int | None = None) -> list[np.ndarray]:
+        """A stage's image for each plan: the one ×4 pass resampled to the stage's size, shared."""
         h, w = rgb.shape[:2]
         out, _ = self.esrgan.restore(to_float(rgb), None, outscale=scale)
-        out = resize(out, (max(1, round(w * scale)), max(1, round(h * scale))))
+        out = resize(out, stage_sizes(w, h, scale)[stage])
         return [out] * len(plans)
