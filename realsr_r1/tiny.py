@@ -280,8 +280,10 @@ class ScriptedChain:
     `begin()` before each generate() (a continuation can look like the same call going on). It
     records the logits the model gave at each call's first step."""
 
-    def __init__(self, tokenizer, scripts: list[str], eos: int):
-        self.scripts = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in scripts]
+    def __init__(self, tokenizer, scripts: list, eos: int):
+        # A script is one text for every row of the batch, or a list of texts (row r writes text r % n).
+        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        self.scripts = [[encode(t) for t in (s if isinstance(s, list) else [s])] for s in scripts]
         self.eos = int(eos)
         self.call = -1  # index of the current generate() call
         self._start = None
@@ -299,9 +301,11 @@ class ScriptedChain:
             self._start = input_ids.shape[1]
             self.first_logits.append(scores[0].detach().clone())
         step = input_ids.shape[1] - self._start
-        script = self.scripts[self.call] if 0 <= self.call < len(self.scripts) else []
+        texts = self.scripts[self.call] if 0 <= self.call < len(self.scripts) else [[]]
         forced = torch.full_like(scores, float("-inf"))
-        forced[:, script[step] if step < len(script) else self.eos] = 0
+        for row in range(scores.shape[0]):
+            script = texts[row % len(texts)]
+            forced[row, script[step] if step < len(script) else self.eos] = 0
         return forced
 
 

@@ -23,6 +23,7 @@ adapter is saved in `output_dir` and loads with `python -m realsr_r1.infer --ada
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -118,7 +119,7 @@ def model_path(cfg: dict) -> Path:
 
 # The keys a training config may have (configs/grpo*.yaml); `trainer` is GRPOConfig's, checked by it.
 CONFIG_KEYS = ("model", "dtype", "load_in_4bit", "max_pixels", "data", "output_dir", "lora", "rewards", "restorer",
-               "group_filter", "generation", "trainer")
+               "group_filter", "generation", "trainer", "reflect_stages")
 LORA_KEYS = ("r", "alpha", "dropout", "targets", "train_vision")
 SECTIONS = ("lora", "rewards", "restorer", "group_filter", "generation", "trainer")
 RENDER_KEYS = ("profile", "scale", "batch_size", "seed")  # `restorer:` keys about rendering, not the restorer
@@ -344,6 +345,30 @@ def trainer_and_options(group_filter: dict | None):
     return GroupFilteredGRPOTrainer, {k: float(v) for k, v in group_filter.items()}
 
 
+def reflective_trainer(cfg: dict, options: dict, restorations):
+    """The reflective-rollout trainer (`realsr_r1/reflective_grpo.py`) for `reflect_stages: [rough, …]`."""
+    from .group_filter import check_trl
+    from .reflective_grpo import ReflectiveGRPOTrainer
+
+    stages = cfg["reflect_stages"]
+    if not isinstance(stages, list) or not all(s in ("rough", "middle") for s in stages):
+        raise ConfigError(f"reflect_stages: expected a list of rough and/or middle, got {stages!r}")
+    try:
+        check_trl()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    def stage_images(rgb, stage, plans):
+        made = restorations()
+        made.calls += 1
+        return made.restorer.restore_stage_batch(rgb, plans, stage=stage, scale=made.scale, seed=made.seed,
+                                                 batch_size=made.batch_size)
+
+    # Without a group_filter section nothing is dropped: no group mean exceeds infinity.
+    return ReflectiveGRPOTrainer, {"mean_above": float("inf"), **options, "stage_images": stage_images,
+                                   "reflect_stages": tuple(stages)}
+
+
 def build_trainer(cfg: dict, output_dir: Path):
     from .data import load_dataset
     from .rewards.registry import build_rewards
@@ -351,11 +376,14 @@ def build_trainer(cfg: dict, output_dir: Path):
     device = train_device()
     dataset = load_dataset(_data_dir(cfg))
     cls, options = trainer_and_options(cfg.get("group_filter"))
+    # One restorer for the image rewards and the reflective rollouts' stage images, built on first use.
+    restorations = functools.cache(restorations_factory(cfg, device))
+    if cfg.get("reflect_stages"):
+        cls, options = reflective_trainer(cfg, options, restorations)
     # Every reward model (restorer, judge, similarity encoder) is built here, before GRPOConfig: under
     # DeepSpeed ZeRO-3 the config turns on partitioned loading (HfDeepSpeedConfig → zero.Init) for
     # every model built after it, and a reward model built that way fails ("'weight' must be 2-D").
-    funcs, weights = build_rewards(cfg.get("rewards") or {}, restorations=restorations_factory(cfg, device),
-                                   device=device)
+    funcs, weights = build_rewards(cfg.get("rewards") or {}, restorations=restorations, device=device)
     args = grpo_args(cfg, output_dir, weights)  # config mistakes show before minutes of model loading
     model, processor = load_policy_model(cfg, device)
     trainer = cls(model=model, reward_funcs=funcs, args=args, train_dataset=dataset, processing_class=processor,

@@ -130,7 +130,7 @@ def test_the_vlm_sees_each_stage_image_before_it_writes_the_next_stage(policy, m
     # Each stage was conditioned on its own text, written before that stage started.
     assert restorer.plans == {"rough": "a chip", "middle": "a metal chip", "final": "pins and dust"}
     assert done.result.plan.problems == [] and done.result.plan.images["final"] == "112x112"
-    assert done.result.info["reason_tokens"] == sum(len(ids) for ids in script.scripts)  # every segment counts
+    assert done.result.info["reason_tokens"] == sum(len(s[0]) for s in script.scripts)  # every segment
 
 
 def test_reflect_events_interleave_text_and_images(policy, monkeypatch):

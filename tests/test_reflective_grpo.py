@@ -1,0 +1,92 @@
+"""Reflective GRPO rollouts on CPU: the tiny random VLM is made to write the tags (tiny.ScriptedChain),
+the rough stage enters each rollout's context, and the loss covers only what the policy wrote."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, weights_env
+from realsr_r1 import train
+from realsr_r1.reflect import stage_image_tokens
+from realsr_r1.tiny import ScriptedChain
+from test_train import setup  # noqa: F401 - the module fixture: tiny models and a dataset
+
+CONFIG = str(REPO / "configs" / "grpo-tiny-reflect.yaml")
+SCRIPTS = [[f"<degradation>noise: {level}; blur: none; jpeg: none; downsample: x4</degradation>"  # rewards differ
+            "<rough_understand>a dog</rough_understand><rough_image>" for level in ("light", "heavy")],
+           "<middle_understand>a dog on grass</middle_understand><middle_image></middle_image>"
+           "<final_understand>fur</final_understand><final_image></final_image>"]
+
+
+@pytest.fixture
+def trainer(setup, tmp_path):  # noqa: F811
+    from realsr_r1.profiles import load_config
+
+    cfg = load_config(CONFIG, [f"data={setup / 'data'}", f"output_dir={tmp_path}", "generation.max_new_tokens=120",
+                               "trainer.max_steps=1"])
+    (tmp_path / "realsr_decoding.json").write_text(json.dumps(train.decoding(cfg).to_dict()))  # as train() does
+    with weights_env(setup / "weights"):
+        trainer = train.build_trainer(cfg, tmp_path)
+        eos = trainer.eos_token_ids[0]
+        trainer.logits_processors = [ScriptedChain(trainer._tokenizer, SCRIPTS, eos)]
+        yield trainer
+
+
+def test_reflective_rollouts_put_the_rough_image_in_the_forward_pass_and_out_of_the_loss(trainer, monkeypatch):
+    from realsr_r1.reflective_grpo import ReflectiveGRPOTrainer
+
+    assert isinstance(trainer, ReflectiveGRPOTrainer)
+    forwards, losses = [], []
+    plain_logps = trainer._get_per_token_logps_and_entropies
+
+    def logps(model, input_ids, *args, **kw):
+        forwards.append({"input_ids": input_ids.clone(), "num_images": kw.get("num_images"),
+                         "grids": None if kw.get("image_grid_thw") is None else kw["image_grid_thw"].clone()})
+        return plain_logps(model, input_ids, *args, **kw)
+
+    plain_loss = trainer._compute_loss
+
+    def loss(model, inputs):
+        losses.append({k: inputs[k].clone() for k in ("completion_ids", "completion_mask", "tool_mask")
+                       if inputs.get(k) is not None})
+        return plain_loss(model, inputs)
+
+    monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies", logps)
+    monkeypatch.setattr(trainer, "_compute_loss", loss)
+    lora_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+    trainer.train()
+
+    assert trainer.reflect_counts["opened"] == 2  # both rollouts of the group stopped at <rough_image>
+    # The forward pass holds two images per rollout (LQ, rough), each with its image tokens.
+    pad = trainer._image_pad_token_id
+    grids = [f for f in forwards if f["grids"] is not None]
+    assert grids and all(f["num_images"] == [2, 2] for f in grids)
+    merge = trainer.processing_class.image_processor.merge_size ** 2
+    for f in grids:
+        assert int((f["input_ids"] == pad).sum()) == int(f["grids"].prod(dim=1).sum()) // merge
+    # The loss mask leaves out exactly the tokens the restorer inserted: the rough image's placeholder
+    # and its size, and every image token of the completion.
+    batch = losses[0]
+    ids, completion_mask, tool_mask = batch["completion_ids"], batch["completion_mask"], batch["tool_mask"]
+    lq = trainer.train_dataset[0]["image"]
+    w, h = lq.size
+    inserted = len(stage_image_tokens(trainer.processing_class, np.zeros((h, w, 3), np.float32), "rough",
+                                      f"{w}x{h}")[0])
+    for row in range(ids.shape[0]):
+        live = completion_mask[row].bool()
+        assert int((~tool_mask[row].bool() & live).sum()) == inserted
+        assert not bool((tool_mask[row].bool() & live & (ids[row] == pad)).any())  # no image token in the loss
+        assert int((live & (ids[row] == pad)).sum()) > 0  # but the rough image is in the completion
+    lora_after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(lora_before[n], lora_after[n].detach()) for n in lora_before)
+
+
+def test_reflect_stages_are_checked(setup, tmp_path):  # noqa: F811
+    from realsr_r1.profiles import ConfigError, load_config
+
+    cfg = load_config(CONFIG, [f"data={setup / 'data'}", "reflect_stages=[final]"])
+    with pytest.raises(ConfigError, match="reflect_stages"):
+        with weights_env(setup / "weights"):
+            train.build_trainer(cfg, tmp_path)
