@@ -374,7 +374,8 @@ def _settings(profile: str, cfg: dict, layout: Layout, pipeline, args: argparse.
     ran = pipeline.restorer.describe().get("weights")  # the file that ran and its hash, as one value
     settings = {"profile": profile, "scale": pipeline.scale, "ext": layout.ext,
                 "weights": f"{ran['file']} ({ran['sha256']})" if ran else None,
-                "precision": pipeline.restorer.describe().get("precision")}
+                "precision": pipeline.restorer.describe().get("precision"),
+                "chain": pipeline.policy.describe().get("mode")}  # one-pass or reflect (VLM policies)
     if seeded:
         settings["seed"] = args.seed or 0
     return {**settings, "config": config}

@@ -69,7 +69,10 @@ class VLMPolicy:
     @classmethod
     def from_pretrained(cls, model_path, *, device: str = "auto", dtype="auto", load_in_4bit: bool = False,
                         load_in_8bit: bool = False, adapter=None, max_pixels: int | None = None,
-                        generation: dict | None = None, reflect: bool = False) -> "VLMPolicy":
+                        generation: dict | None = None, reflect: bool | None = None) -> "VLMPolicy":
+        """`reflect`: None runs the chain as the model was trained (`realsr_decoding.json`): one pass for
+        a policy GRPO trained one-pass, reflect for one trained with reflective rollouts and for a
+        model this project did not train; True/False force the mode."""
         model, processor, dtype, quantization = load_vlm(model_path, device=device, dtype=dtype,
                                                          load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
                                                          max_pixels=max_pixels)
@@ -77,7 +80,10 @@ class VLMPolicy:
             model = _with_adapter(model, str(adapter))
         # A model or adapter from `python -m realsr_r1.train` samples as its rollouts did, under the
         # profile's explicit `generation` settings.
-        decoding = Decoding.from_config(generation, _trained_decoding(str(adapter or model_path)))
+        trained, trained_reflect = _trained_decoding(str(adapter or model_path))
+        decoding = Decoding.from_config(generation, trained)
+        if reflect is None:
+            reflect = True if trained is None else trained_reflect
         model.eval()
         return cls(model, processor, model_path=str(model_path), dtype=dtype, quantization=quantization,
                    adapter=None if adapter is None else str(adapter), generation=decoding, reflect=reflect)
@@ -194,17 +200,20 @@ def _with_adapter(model, adapter: str):
         raise PolicyLoadError(f"--adapter {adapter}: cannot apply it to this model ({_line(e)})") from e
 
 
-def _trained_decoding(folder: str) -> Decoding | None:
-    """The decoding train.py recorded beside a trained model or adapter, if any."""
+def _trained_decoding(folder: str) -> tuple[Decoding | None, bool]:
+    """The decoding train.py recorded beside a trained model or adapter (None if there is none), and
+    whether its rollouts were reflective (files written before that was recorded: one pass)."""
     import json
 
     from .decoding import TRAINED_DECODING_FILE
 
     path = os.path.join(folder, TRAINED_DECODING_FILE)
     if not os.path.isfile(path):
-        return None
+        return None, False
     try:
         with open(path, encoding="utf-8") as f:
-            return Decoding.from_config(json.load(f))
-    except (OSError, ValueError, TypeError) as e:
+            recorded = json.load(f)
+        reflect = bool(recorded.pop("reflect", False))
+        return Decoding.from_config(recorded), reflect
+    except (OSError, ValueError, TypeError, AttributeError) as e:
         raise PolicyLoadError(f"{path}: unreadable decoding settings ({' '.join(str(e).split())})") from None

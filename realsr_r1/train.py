@@ -415,7 +415,8 @@ def train(cfg: dict, *, resume: bool = False) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(cfg, output_dir)
     if trainer.is_world_process_zero():  # inference samples as the rollouts did (policy.py reads it)
-        atomic_write_text(output_dir / TRAINED_DECODING_FILE, json.dumps(decoding(cfg).to_dict(), indent=2) + "\n")
+        record = {**decoding(cfg).to_dict(), "reflect": bool(cfg.get("reflect_stages"))}  # the rollouts' mode
+        atomic_write_text(output_dir / TRAINED_DECODING_FILE, json.dumps(record, indent=2) + "\n")
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     trainer.save_model(str(output_dir))  # the LoRA adapter (`infer --adapter`), or the whole model
     return output_dir

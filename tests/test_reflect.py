@@ -202,7 +202,7 @@ def test_bad_tag_sequences_still_make_every_stage_once(policy, monkeypatch, case
 
 
 def test_one_pass_policy_has_no_reflection(tiny_vlm, monkeypatch):
-    policy = VLMPolicy.from_pretrained(tiny_vlm, generation={"max_new_tokens": 160})
+    policy = VLMPolicy.from_pretrained(tiny_vlm, generation={"max_new_tokens": 160}, reflect=False)
     assert policy.reflect(lq()) is None and policy.describe()["mode"] == "one-pass"
     script = scripted(policy, monkeypatch, ["".join(CHAIN) + "</final_image>"])
     events, restorer = run(policy)
@@ -258,6 +258,26 @@ def test_the_demo_shows_the_rough_image_before_the_middle_text(policy, monkeypat
 def test_stage_timings_are_recorded_in_both_modes(policy, tiny_vlm, monkeypatch):
     scripted(policy, monkeypatch, CHAIN)
     events, _ = run(policy)
-    one_pass = VLMPolicy.from_pretrained(tiny_vlm, generation={"max_new_tokens": 8})
+    one_pass = VLMPolicy.from_pretrained(tiny_vlm, generation={"max_new_tokens": 8}, reflect=False)
     for result in (events[-1].result, run(one_pass)[0][-1].result):
         assert set(STAGES) <= set(result.timings) and "reason" in result.timings
+
+
+@pytest.mark.parametrize("recorded,set_in_profile,expected", [
+    (None, None, "reflect"),  # a model this project did not train: the full profile's default
+    ({"max_new_tokens": 8}, None, "one-pass"),  # trained before the mode was recorded: one pass
+    ({"max_new_tokens": 8, "reflect": False}, None, "one-pass"),  # GRPO trained it one-pass
+    ({"max_new_tokens": 8, "reflect": True}, None, "reflect"),  # trained with reflective rollouts
+    ({"max_new_tokens": 8, "reflect": False}, True, "reflect"),  # the profile's explicit key wins
+])
+def test_the_mode_follows_how_the_policy_was_trained(tiny_vlm, tmp_path, recorded, set_in_profile, expected):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_vlm, model)
+    if recorded is not None:
+        (model / "realsr_decoding.json").write_text(json.dumps(recorded))
+    policy = VLMPolicy.from_pretrained(model, reflect=set_in_profile)
+    assert policy.describe()["mode"] == expected
+    if recorded is not None:
+        assert policy.decoding.max_new_tokens == 8
