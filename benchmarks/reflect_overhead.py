@@ -9,6 +9,12 @@ the fallback. Models load once; the modes alternate --repeats times; the ratio i
 rounds of (mode / one-pass), as runs side by side share the machine's load.
 
     python benchmarks/reflect_overhead.py [--size 64] [--words 40] [--repeats 3] [--max-pixels 12544]
+    python benchmarks/reflect_overhead.py --grpo [--steps 3]
+
+--grpo times GRPO steps of configs/grpo-tiny-reflect.yaml (G 2, batch 2) with the rollouts made to
+write the same chain: once with the rough image tag (each rollout pauses, the rough stage is made
+for the group and enters the context and the forward pass) and once with the tag written empty
+misspelt (`<rough_imag>`: the same length, no pause, no stage image). Median seconds per step after a warm-up step.
 """
 
 from __future__ import annotations
@@ -34,13 +40,71 @@ def chain(words: int) -> list[str]:
             f"<final_understand>{text('f')}</final_understand><final_image>"]
 
 
+def grpo(args) -> None:
+    import json
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from PIL import Image
+
+    from realsr_r1 import train
+    from realsr_r1.data import build_dataset
+    from realsr_r1.profiles import load_config
+    from realsr_r1.tiny import ScriptedChain
+
+    scripts = chain(args.words)
+    with tempfile.TemporaryDirectory() as root:
+        root = Path(root)
+        os.environ["REALSR_R1_WEIGHTS"] = str(root / "weights")
+        (root / "hr").mkdir()
+        for i, name in enumerate(["dog.png", "chip.png"]):
+            Image.open(REPO / "examples" / name).convert("RGB").resize((4 * args.size, 4 * args.size)).save(
+                root / "hr" / f"{i}.png")
+        build_dataset(root / "hr", root / "data", log=lambda *a: None)
+        rows = {}
+        for mode, segments in [("reflect", [scripts[0], "".join(scripts[1:])]),
+                               ("one chain, no pause", [scripts[0].replace("<rough_image>", "<rough_imag>")
+                                                        + "".join(scripts[1:])])]:
+            out = root / mode.replace(" ", "_").replace(",", "")
+            cfg = load_config("grpo-tiny-reflect", [f"data={root / 'data'}", f"output_dir={out}",
+                                                    "generation.max_new_tokens=2000",
+                                                    f"trainer.max_steps={args.steps + 1}", "trainer.save_steps=1000"])
+            out.mkdir()
+            (out / "realsr_decoding.json").write_text(json.dumps(train.decoding(cfg).to_dict()))
+            trainer = train.build_trainer(cfg, out)
+            trainer.logits_processors = [ScriptedChain(trainer._tokenizer, segments, trainer.eos_token_ids[0])]
+            times = []
+            plain_step = trainer.training_step
+
+            def step(*a, **k):
+                t = time.perf_counter()
+                result = plain_step(*a, **k)
+                times.append(time.perf_counter() - t)
+                return result
+
+            trainer.training_step = step
+            trainer.train()
+            rows[mode] = (statistics.median(times[1:]), dict(trainer.reflect_counts))
+    base = rows["one chain, no pause"][0]
+    print(f"GRPO steps of grpo-tiny-reflect.yaml (G 2, batch 2), LQ {args.size}², {args.words} words per "
+          f"understanding, tiny models on CPU, median of {args.steps} steps after one warm-up\n")
+    print("| rollouts | s/step | ratio | rollouts that paused at <rough_image> |")
+    print("|---|---|---|---|")
+    for mode, (sec, counts) in rows.items():
+        print(f"| {mode} | {sec:.3f} | {sec / base:.2f} | {counts.get('opened', 0)} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--grpo", action="store_true", help="time GRPO steps instead of inference")
+    p.add_argument("--steps", type=int, default=3, help="--grpo: steps timed after a warm-up step")
     p.add_argument("--size", type=int, default=64, help="LQ side in pixels (final = ×4)")
     p.add_argument("--words", type=int, default=40, help="words per understanding section")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-pixels", type=int, default=12544, help="the VLM's image budget (policy.max_pixels)")
     args = p.parse_args()
+    if args.grpo:
+        return grpo(args)
 
     import os
 

@@ -81,12 +81,13 @@ class ReflectiveGRPOTrainer(GroupFilteredGRPOTrainer):
         stage_images: list[list] = [[] for _ in range(n)]
         open_rows, one_pass = list(range(n)), []  # rows still writing; rows that went astray
         counts = {"opened": 0, "astray": 0}
-        for stage in (*self.reflect_stages, None):
+        for segment, stage in enumerate((*self.reflect_stages, None)):
             rows = sorted(open_rows + one_pass) if stage is None else open_rows
             if not rows:
                 continue
             new = self._segment([list(prompt_ids[i]) + completion[i] for i in rows], [row_images[i] for i in rows],
-                                [self._budget(mask[i]) for i in rows], stop_at_tags=stage is not None)
+                                [self._budget(mask[i]) for i in rows], stop_at_tags=stage is not None,
+                                segment=segment)
             waiting = []
             for i, ids in zip(rows, new):
                 kept, opened = trim_at_tag(tokenizer, ids) if stage is not None else (ids, None)
@@ -137,7 +138,8 @@ class ReflectiveGRPOTrainer(GroupFilteredGRPOTrainer):
                 row_images[i].append(pil)
                 stage_images[i].append(pil)
 
-    def _segment(self, sequences: list[list[int]], images: list[list], budgets: list[int], *, stop_at_tags: bool):
+    def _segment(self, sequences: list[list[int]], images: list[list], budgets: list[int], *, stop_at_tags: bool,
+                 segment: int = 0):
         """One generation over rows of different lengths and images; returns each row's new ids
         (up to its EOS, or to the image tag that stopped it)."""
         from transformers import StoppingCriteria, StoppingCriteriaList
@@ -166,7 +168,7 @@ class ReflectiveGRPOTrainer(GroupFilteredGRPOTrainer):
         config.max_new_tokens = max(budgets)
         for p in self.logits_processors:
             if hasattr(p, "begin"):
-                p.begin()
+                p.begin(segment)
         with (unwrap_model_for_generation(self.model_wrapped, self.accelerator,
                                           gather_deepspeed3_params=self.args.ds3_gather_for_generation,
                                           generation_kwargs=self.generation_kwargs,

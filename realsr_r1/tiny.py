@@ -289,8 +289,9 @@ class ScriptedChain:
         self._start = None
         self.first_logits: list = []
 
-    def begin(self) -> "ScriptedChain":
-        self.call += 1
+    def begin(self, call: int | None = None) -> "ScriptedChain":
+        """A new generate() call: the next script, or script `call` (a rollout's segment index)."""
+        self.call = self.call + 1 if call is None else call
         self._start = None
         return self
 
