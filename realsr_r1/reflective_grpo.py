@@ -107,8 +107,9 @@ class ReflectiveGRPOTrainer(GroupFilteredGRPOTrainer):
         self.reflect_counts = counts
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["reflect/stage_images"].append(sum(len(s) for s in stage_images) / max(1, n))
-        texts = tokenizer.batch_decode([[t for t, m in zip(c, k) if m] for c, k in zip(completion, mask)],
-                                       skip_special_tokens=True)
+        # The text part of the chain, as the rewards read it: what the policy wrote and the inserted
+        # `WxH</stage_image>`; the image's own tokens are special tokens and drop out.
+        texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
         completions = [[{"role": "assistant", "content": t}] for t in texts]
         self._stage_images_in_batch = any(stage_images)
         all_images = [row_images[i] for i in range(n)]

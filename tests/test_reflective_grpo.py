@@ -9,6 +9,7 @@ import torch
 
 from conftest import REPO, weights_env
 from realsr_r1 import train
+from realsr_r1.cot import matches_format
 from realsr_r1.reflect import stage_image_tokens
 from realsr_r1.tiny import ScriptedChain
 from test_train import setup  # noqa: F401 - the module fixture: tiny models and a dataset
@@ -53,6 +54,14 @@ def test_reflective_rollouts_put_the_rough_image_in_the_forward_pass_and_out_of_
                        if inputs.get(k) is not None})
         return plain_loss(model, inputs)
 
+    rewarded = []
+    plain_rewards = trainer._calculate_rewards
+
+    def rewards(inputs, prompts, completions, completion_ids_list):
+        rewarded.extend(c[0]["content"] for c in completions)
+        return plain_rewards(inputs, prompts, completions, completion_ids_list)
+
+    monkeypatch.setattr(trainer, "_calculate_rewards", rewards)
     monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies", logps)
     monkeypatch.setattr(trainer, "_compute_loss", loss)
     lora_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
@@ -79,6 +88,8 @@ def test_reflective_rollouts_put_the_rough_image_in_the_forward_pass_and_out_of_
         assert int((~tool_mask[row].bool() & live).sum()) == inserted
         assert not bool((tool_mask[row].bool() & live & (ids[row] == pad)).any())  # no image token in the loss
         assert int((live & (ids[row] == pad)).sum()) > 0  # but the rough image is in the completion
+    # The rewards read the chain's text, the inserted size included, and the format reward applies to it.
+    assert len(rewarded) == 2 and all(matches_format(t) and f"<rough_image>{w}x{h}</rough_image>" in t for t in rewarded)
     lora_after = dict(trainer.model.named_parameters())
     assert any(not torch.equal(lora_before[n], lora_after[n].detach()) for n in lora_before)
 
