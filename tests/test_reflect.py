@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import photo
+from conftest import REPO, photo
 from realsr_r1 import infer
 from realsr_r1.cot import STAGES
 from realsr_r1.decoding import Decoding
@@ -281,3 +281,55 @@ def test_the_mode_follows_how_the_policy_was_trained(tiny_vlm, tmp_path, recorde
     assert policy.describe()["mode"] == expected
     if recorded is not None:
         assert policy.decoding.max_new_tokens == 8
+
+
+def test_in_a_real_browser_the_rough_image_shows_before_the_middle_text(policy, monkeypatch, tmp_path):
+    """The demo page in reflect mode: while the VLM looks at the rough image, the page already shows
+    it, and the middle text has not started."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    import importlib
+    import time
+
+    from test_app import CHROMIUM_FLAGS, chromium, free_port
+
+    from realsr_r1 import reflect
+    from realsr_r1.demo import DemoSession
+
+    exe = chromium()
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    monkeypatch.syspath_prepend(str(REPO))
+    app = importlib.import_module("app")
+    scripted(policy, monkeypatch, CHAIN)
+    plain_see = reflect.VLMReflection.see
+
+    def slow_see(self, *a, **k):  # the VLM takes its time over the rough image
+        time.sleep(3 if a[0] == "rough" else 0)
+        return plain_see(self, *a, **k)
+
+    monkeypatch.setattr(reflect.VLMReflection, "see", slow_see)
+    session = DemoSession({"tiny": "tiny"}, tmp_path / "out", device="cpu")
+    session._pipelines["tiny"] = (RestorationPipeline(policy, Stages(), profile="tiny"), "tiny: test")
+    demo = app.build_app(session, "tiny")
+    port = free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                        allowed_paths=[str(session.out_root)])
+    photo((28, 28), name="chip.png").save(tmp_path / "chip.png")
+    try:
+        with playwright.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=exe, args=CHROMIUM_FLAGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1300})
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.locator("#input-file input[type=file]").set_input_files(str(tmp_path / "chip.png"))
+            page.locator("#run").click()
+            rough = page.locator("#stage-rough img").first
+            rough.wait_for(state="visible", timeout=60_000)
+            assert rough.evaluate("i => i.complete || new Promise(r => i.onload = () => r(true))")
+            text_then = page.locator("#reasoning textarea").input_value()
+            assert "<rough_image>" in text_then and "<middle_understand>" not in text_then
+            assert not page.locator("#stage-middle img").first.is_visible()
+            page.wait_for_function("document.querySelector('#status').innerText.startsWith('Done')", timeout=60_000)
+            text = page.locator("#reasoning textarea").input_value()
+            assert text.index("[looking at the rough image") < text.index("<middle_understand>")
+            browser.close()
+    finally:
+        demo.close()
