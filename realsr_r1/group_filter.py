@@ -100,7 +100,8 @@ class GroupFilteredGRPOTrainer(GRPOTrainer):
         out["completion_mask"] = out["completion_mask"] * (~local).to(out["completion_mask"].dtype)[:, None]
         out[SCALE] = kept_scale(rows.cpu()).to(out["advantages"].device)
         if "num_items_in_batch" in out:  # the token-normalised losses divide by the tokens still counted
-            out["num_items_in_batch"] = self.accelerator.gather(out["completion_mask"].sum()).sum()
+            counted = out["completion_mask"] if out.get("tool_mask") is None else out["completion_mask"] * out["tool_mask"]
+            out["num_items_in_batch"] = self.accelerator.gather(counted.sum()).sum()
         self._metrics[mode]["group_filter/dropped"].append(float(drop.sum().item()))
         self._metrics[mode]["group_filter/frac_dropped"].append(float(drop.float().mean().item()))
         return out

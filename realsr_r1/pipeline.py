@@ -231,6 +231,11 @@ class RestorationPipeline:
         events = self.restorer.stages(image, plan, sizes=sizes, seed=seed)
         cot, reflecting, t_reason = "", True, 0.0
         for stage in STAGES:
+            if reflecting and stage != "final" and stage not in reflection.stages:
+                reflecting = False  # trained to see no more stage images: the rest in one pass
+                t = time.perf_counter()
+                cot = yield from self._reason(reflection.until_image(stop_at_tags=False), cot)
+                t_reason += time.perf_counter() - t
             if reflecting:
                 t = time.perf_counter()
                 cot = yield from self._reason(reflection.until_image(), cot)
@@ -255,6 +260,7 @@ class RestorationPipeline:
                     yield ImageInContext(stage, tuple(seen))
                 cot += closing
                 yield TextDelta(closing)
+
         yield from self._stages(events, plan, stages, timings)  # a restorer that yields past the final stage
         timings["reason"] = t_reason
         reflection.record["policy_output_problems"] = parse_cot(cot).problems

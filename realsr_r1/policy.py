@@ -24,6 +24,7 @@ _GENERATE_LOCK = threading.Lock()
 # generate() runs in one long-lived thread: a new thread per call pays for a new OpenMP team in torch.
 _GENERATE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="realsr-generate")
 
+REFLECT_STAGES = ("rough", "middle")  # the stage images a reflective chain can see (the final one ends it)
 NO_VLM_NOTE = "no VLM ran (lite profile): understanding tags are empty; <degradation> is the classical analyser's"
 
 
@@ -55,9 +56,11 @@ class VLMPolicy:
     note = ""
 
     def __init__(self, model, processor, *, model_path: str, dtype, quantization: str | None = None,
-                 adapter: str | None = None, generation: Decoding | dict | None = None, reflect: bool = False):
+                 adapter: str | None = None, generation: Decoding | dict | None = None, reflect: bool = False,
+                 reflect_stages: tuple[str, ...] = REFLECT_STAGES):
         self.model = model
         self.reflect_mode = bool(reflect)
+        self.reflect_stages = tuple(reflect_stages) if reflect else ()  # the stage images fed back
         self.processor = processor
         self._local = threading.local()
         self.model_path = str(model_path)
@@ -80,13 +83,15 @@ class VLMPolicy:
             model = _with_adapter(model, str(adapter))
         # A model or adapter from `python -m realsr_r1.train` samples as its rollouts did, under the
         # profile's explicit `generation` settings.
-        trained, trained_reflect = _trained_decoding(str(adapter or model_path))
+        trained, trained_stages = _trained_decoding(str(adapter or model_path))
         decoding = Decoding.from_config(generation, trained)
+        stages = REFLECT_STAGES if trained is None or reflect else trained_stages
         if reflect is None:
-            reflect = True if trained is None else trained_reflect
+            reflect = bool(stages)
         model.eval()
         return cls(model, processor, model_path=str(model_path), dtype=dtype, quantization=quantization,
-                   adapter=None if adapter is None else str(adapter), generation=decoding, reflect=reflect)
+                   adapter=None if adapter is None else str(adapter), generation=decoding, reflect=reflect,
+                   reflect_stages=stages)
 
     @property
     def last_stats(self) -> dict:
@@ -103,6 +108,7 @@ class VLMPolicy:
             "processor": type(self.processor).__name__,
             "generation": self.decoding.to_dict(),
             "mode": "reflect" if self.reflect_mode else "one-pass",
+            "reflect_stages": list(self.reflect_stages),
         }
 
     def _inputs(self, image: LoadedImage):
@@ -200,20 +206,22 @@ def _with_adapter(model, adapter: str):
         raise PolicyLoadError(f"--adapter {adapter}: cannot apply it to this model ({_line(e)})") from e
 
 
-def _trained_decoding(folder: str) -> tuple[Decoding | None, bool]:
+def _trained_decoding(folder: str) -> tuple[Decoding | None, tuple[str, ...]]:
     """The decoding train.py recorded beside a trained model or adapter (None if there is none), and
-    whether its rollouts were reflective (files written before that was recorded: one pass)."""
+    the stage images its rollouts were shown (none: trained one-pass, or recorded before that was)."""
     import json
 
     from .decoding import TRAINED_DECODING_FILE
 
     path = os.path.join(folder, TRAINED_DECODING_FILE)
     if not os.path.isfile(path):
-        return None, False
+        return None, ()
     try:
         with open(path, encoding="utf-8") as f:
             recorded = json.load(f)
-        reflect = bool(recorded.pop("reflect", False))
-        return Decoding.from_config(recorded), reflect
+        stages = recorded.pop("reflect_stages", None) or []
+        if not isinstance(stages, list) or any(s not in REFLECT_STAGES for s in stages):
+            raise ValueError(f"reflect_stages: {stages!r}")
+        return Decoding.from_config(recorded), tuple(stages)
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise PolicyLoadError(f"{path}: unreadable decoding settings ({' '.join(str(e).split())})") from None

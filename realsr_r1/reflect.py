@@ -114,7 +114,9 @@ class VLMReflection:
         self.segment = 0
         self.opened: str | None = None  # the image tag the last segment stopped at (None: it never did)
         self.ended = False  # the model closed its turn, or the budget ran out
-        self.record: dict = {"mode": "reflect", "seen": {}, "prefill_tokens": {}, "cache": [], "problems": []}
+        self.stages = policy.reflect_stages  # the stage images it sees; after the last, the chain runs in one pass
+        self.record: dict = {"mode": "reflect", "stages": list(self.stages), "seen": {}, "prefill_tokens": {},
+                             "cache": [], "problems": []}
         self.stats = policy._local.stats = {"new_tokens": 0, "seconds": 0.0}
         self._device = torch.device(getattr(self.model, "device", "cpu"))
 

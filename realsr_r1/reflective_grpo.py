@@ -40,15 +40,18 @@ class ReflectiveGRPOTrainer(GroupFilteredGRPOTrainer):
     def __init__(self, *args, stage_images=None, reflect_stages=("rough",), logits_processors=None, **kwargs):
         self._plain_tools: list = []
         self._stage_images_in_batch = False
-        unknown = [s for s in reflect_stages if s not in STAGES[:-1]]
-        if unknown:
-            raise ValueError(f"reflect_stages: {unknown} (stages that can be fed back: rough, middle)")
+        if tuple(reflect_stages) not in (("rough",), ("rough", "middle")):  # inference feeds them in order
+            raise ValueError(f"reflect_stages: {list(reflect_stages)} (use [rough] or [rough, middle])")
         self.reflect_stages = tuple(s for s in STAGES if s in reflect_stages)
         self.stage_images = stage_images  # (lq rgb, stage, plans) -> one image per plan
         self.logits_processors = list(logits_processors or [])  # tests make a tiny random model write tags
         super().__init__(*args, **kwargs)
         if self.use_vllm:
             raise ValueError("reflective rollouts run on transformers' generate, not vLLM (use_vllm: false)")
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if self.is_fsdp_enabled or (plugin is not None and getattr(plugin, "zero_stage", 0) == 3):
+            # Ranks pause a different number of times; sharded generation is collective and would hang.
+            raise ValueError("reflective rollouts run under DDP or ZeRO-1/2, not FSDP or ZeRO-3")
         self.reflect_counts: dict[str, int] = {}
 
     @property
@@ -97,7 +100,7 @@ class ReflectiveGRPOTrainer(GroupFilteredGRPOTrainer):
                     continue  # its chain ended (end of turn, or the token budget)
                 if opened == stage:
                     waiting.append(i)
-                elif opened is not None:  # a tag out of turn: the rest of its chain in one pass
+                else:  # a tag out of turn (or none): the rest of its chain in one pass
                     counts["astray"] += 1
                     one_pass.append(i)
             counts["opened"] += len(waiting)
@@ -131,7 +134,7 @@ class ReflectiveGRPOTrainer(GroupFilteredGRPOTrainer):
             rgb = as_rgb(row_images[members[0]][0])
             plans = [parse_cot(self._tokenizer.decode(completion[i], skip_special_tokens=True)) for i in members]
             outs = self.stage_images(rgb, stage, plans)
-            for i, out in zip(members, outs):
+            for i, out in zip(members, outs, strict=True):
                 ids, _, _ = stage_image_tokens(self.processing_class, out, stage, f"{out.shape[1]}x{out.shape[0]}")
                 completion[i] += ids
                 mask[i] += [0] * len(ids)  # the restorer's tokens: in the forward pass, not in the loss

@@ -351,8 +351,9 @@ def reflective_trainer(cfg: dict, options: dict, restorations):
     from .reflective_grpo import ReflectiveGRPOTrainer
 
     stages = cfg["reflect_stages"]
-    if not isinstance(stages, list) or not all(s in ("rough", "middle") for s in stages):
-        raise ConfigError(f"reflect_stages: expected a list of rough and/or middle, got {stages!r}")
+    if stages not in (["rough"], ["rough", "middle"]):
+        raise ConfigError(f"reflect_stages: expected [rough] or [rough, middle] (the stages fed back, in order), "
+                          f"got {stages!r}")
     try:
         check_trl()
     except ValueError as e:
@@ -415,7 +416,7 @@ def train(cfg: dict, *, resume: bool = False) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(cfg, output_dir)
     if trainer.is_world_process_zero():  # inference samples as the rollouts did (policy.py reads it)
-        record = {**decoding(cfg).to_dict(), "reflect": bool(cfg.get("reflect_stages"))}  # the rollouts' mode
+        record = {**decoding(cfg).to_dict(), "reflect_stages": list(cfg.get("reflect_stages") or [])}  # their mode
         atomic_write_text(output_dir / TRAINED_DECODING_FILE, json.dumps(record, indent=2) + "\n")
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     trainer.save_model(str(output_dir))  # the LoRA adapter (`infer --adapter`), or the whole model

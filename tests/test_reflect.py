@@ -255,6 +255,18 @@ def test_the_demo_shows_the_rough_image_before_the_middle_text(policy, monkeypat
     assert views[-1][3].startswith("Done")
 
 
+def test_a_policy_trained_on_the_rough_image_sees_only_that(policy, monkeypatch):
+    scripted(policy, monkeypatch, [CHAIN[0], CHAIN[1] + "</middle_image>" + CHAIN[2] + "</final_image>"])
+    monkeypatch.setattr(policy, "reflect_stages", ("rough",))
+    seen, grids = spy_images(policy, monkeypatch)
+    events, restorer = run(policy)
+    done = events[-1]
+    assert [e.stage for e in events if isinstance(e, ImageInContext)] == ["rough"]
+    assert [len(g) for g, _ in grids] == [1, 2]  # the rest of the chain with the LQ and rough images only
+    assert done.result.info["reflect"]["problems"] == [] and restorer.started == list(STAGES)
+    assert restorer.plans == {"rough": "a chip", "middle": "a metal chip", "final": "pins and dust"}
+
+
 def test_stage_timings_are_recorded_in_both_modes(policy, tiny_vlm, monkeypatch):
     scripted(policy, monkeypatch, CHAIN)
     events, _ = run(policy)
@@ -264,11 +276,11 @@ def test_stage_timings_are_recorded_in_both_modes(policy, tiny_vlm, monkeypatch)
 
 
 @pytest.mark.parametrize("recorded,set_in_profile,expected", [
-    (None, None, "reflect"),  # a model this project did not train: the full profile's default
-    ({"max_new_tokens": 8}, None, "one-pass"),  # trained before the mode was recorded: one pass
-    ({"max_new_tokens": 8, "reflect": False}, None, "one-pass"),  # GRPO trained it one-pass
-    ({"max_new_tokens": 8, "reflect": True}, None, "reflect"),  # trained with reflective rollouts
-    ({"max_new_tokens": 8, "reflect": False}, True, "reflect"),  # the profile's explicit key wins
+    (None, None, ("reflect", ["rough", "middle"])),  # a model this project did not train: the default
+    ({"max_new_tokens": 8}, None, ("one-pass", [])),  # trained before the mode was recorded: one pass
+    ({"max_new_tokens": 8, "reflect_stages": []}, None, ("one-pass", [])),  # GRPO trained it one-pass
+    ({"max_new_tokens": 8, "reflect_stages": ["rough"]}, None, ("reflect", ["rough"])),  # reflective rollouts
+    ({"max_new_tokens": 8, "reflect_stages": []}, True, ("reflect", ["rough", "middle"])),  # the profile wins
 ])
 def test_the_mode_follows_how_the_policy_was_trained(tiny_vlm, tmp_path, recorded, set_in_profile, expected):
     import shutil
@@ -278,7 +290,7 @@ def test_the_mode_follows_how_the_policy_was_trained(tiny_vlm, tmp_path, recorde
     if recorded is not None:
         (model / "realsr_decoding.json").write_text(json.dumps(recorded))
     policy = VLMPolicy.from_pretrained(model, reflect=set_in_profile)
-    assert policy.describe()["mode"] == expected
+    assert (policy.describe()["mode"], policy.describe()["reflect_stages"]) == expected
     if recorded is not None:
         assert policy.decoding.max_new_tokens == 8
 

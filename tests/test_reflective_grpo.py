@@ -50,8 +50,8 @@ def test_reflective_rollouts_put_the_rough_image_in_the_forward_pass_and_out_of_
     plain_loss = trainer._compute_loss
 
     def loss(model, inputs):
-        losses.append({k: inputs[k].clone() for k in ("completion_ids", "completion_mask", "tool_mask")
-                       if inputs.get(k) is not None})
+        losses.append({k: inputs[k].clone() for k in ("completion_ids", "completion_mask", "tool_mask",
+                                                      "num_items_in_batch") if inputs.get(k) is not None})
         return plain_loss(model, inputs)
 
     rewarded = []
@@ -90,6 +90,8 @@ def test_reflective_rollouts_put_the_rough_image_in_the_forward_pass_and_out_of_
         assert int((live & (ids[row] == pad)).sum()) > 0  # but the rough image is in the completion
     # The rewards read the chain's text, the inserted size included, and the format reward applies to it.
     assert len(rewarded) == 2 and all(matches_format(t) and f"<rough_image>{w}x{h}</rough_image>" in t for t in rewarded)
+    # Token-normalised losses divide by the tokens the policy wrote, not the inserted ones.
+    assert int(batch["num_items_in_batch"]) == int((completion_mask * tool_mask).sum())
     lora_after = dict(trainer.model.named_parameters())
     assert any(not torch.equal(lora_before[n], lora_after[n].detach()) for n in lora_before)
 
@@ -97,7 +99,8 @@ def test_reflective_rollouts_put_the_rough_image_in_the_forward_pass_and_out_of_
 def test_reflect_stages_are_checked(setup, tmp_path):  # noqa: F811
     from realsr_r1.profiles import ConfigError, load_config
 
-    cfg = load_config(CONFIG, [f"data={setup / 'data'}", "reflect_stages=[final]"])
-    with pytest.raises(ConfigError, match="reflect_stages"):
-        with weights_env(setup / "weights"):
-            train.build_trainer(cfg, tmp_path)
+    for stages in ("[final]", "[middle]"):  # middle alone: the policy writes <rough_image> first
+        cfg = load_config(CONFIG, [f"data={setup / 'data'}", f"reflect_stages={stages}"])
+        with pytest.raises(ConfigError, match="reflect_stages"):
+            with weights_env(setup / "weights"):
+                train.build_trainer(cfg, tmp_path)
