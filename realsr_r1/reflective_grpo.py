@@ -127,7 +127,7 @@ class ReflectiveGRPOTrainer(GroupFilteredGRPOTrainer):
 
     def _add_stage_images(self, stage, rows, completion, mask, row_images, stage_images):
         """Make `stage` for the rows that opened its tag, batched over the rows that share an LQ image."""
-        groups: dict[int, list[int]] = {}
+        groups: dict[str, list[int]] = {}
         for i in rows:
             groups.setdefault(image_key(as_rgb(row_images[i][0])), []).append(i)
         for members in groups.values():
