@@ -109,7 +109,10 @@ class ReflectiveGRPOTrainer(GroupFilteredGRPOTrainer):
             open_rows = waiting
         self.reflect_counts = counts
         mode = "train" if self.model.training else "eval"
+        # Per rollout, this process's share: stage images seen, and how often a rollout paused or went astray.
         self._metrics[mode]["reflect/stage_images"].append(sum(len(s) for s in stage_images) / max(1, n))
+        self._metrics[mode]["reflect/paused"].append(counts["opened"] / max(1, n))
+        self._metrics[mode]["reflect/astray"].append(counts["astray"] / max(1, n))
         # The text part of the chain, as the rewards read it: what the policy wrote and the inserted
         # `WxH</stage_image>`; the image's own tokens are special tokens and drop out.
         texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
