@@ -83,11 +83,10 @@ def build_app(session: DemoSession, default_profile: str = "auto", warning: str 
         outputs = [status, reasoning, degradation, understanding, rough, middle, final, compare, files]
 
         def restore(path, profile_label, scale_value, steps_value, seed_value, color):
-            use_diffusion_options = profile_label != "lite"
             sent: list = [object()] * len(outputs)
+            # The restorer takes the options it declares (demo.with_options): none for Real-ESRGAN.
             for view in session.restore(path, profile_label, scale=scale_value, seed=int(seed_value or 0),
-                                        steps=int(steps_value) if use_diffusion_options else None,
-                                        color_fix=color if use_diffusion_options else None):
+                                        steps=int(steps_value), color_fix=color):
                 values = [view.status, view.reasoning, view.degradation, view.understanding, view.stages["rough"],
                           view.stages["middle"], view.stages["final"], view.compare, view.files or None]
                 # Only what changed goes to the browser: images are not re-encoded for every token.

@@ -253,8 +253,10 @@ class DemoSession:
 
 
 def with_options(restorer, *, steps: int | None = None, color_fix: str | None = None):
-    """A per-request view of a shared restorer (same models) with its own steps / colour fix."""
-    changes = {k: v for k, v in (("steps", steps), ("color_fix", color_fix)) if v is not None and hasattr(restorer, k)}
+    """A per-request view of a shared restorer (same models) with its own steps / colour fix, for
+    the options the restorer declares (`request_options`); others are left alone."""
+    allowed = getattr(restorer, "request_options", ())
+    changes = {k: v for k, v in (("steps", steps), ("color_fix", color_fix)) if v is not None and k in allowed}
     if not changes:
         return restorer
     own = copy.copy(restorer)

@@ -320,11 +320,18 @@ def test_request_options_do_not_touch_the_shared_restorer():
 
     class Restorer:
         steps, color_fix = 20, "wavelet"
+        request_options = ("steps", "color_fix")
 
     shared = Restorer()
     own = with_options(shared, steps=5, color_fix="none")
     assert (own.steps, own.color_fix) == (5, "none") and (shared.steps, shared.color_fix) == (20, "wavelet")
     assert with_options(shared) is shared and not hasattr(with_options(object(), steps=3), "steps")
+
+    class Declares:  # an attribute of that name is not an option unless the restorer declares it
+        steps = 20
+        request_options = ()
+
+    assert with_options(Declares(), steps=3).steps == 20
 
     rgb16 = np.full((2, 3, 3), 65535, np.uint16)
     alpha = np.array([[0.0, 0.5, 1.0]] * 2, np.float32)

@@ -76,6 +76,8 @@ def _fit_within(size: tuple[int, int], max_side: int) -> tuple[int, int]:
 class DiffusionStages:
     """StageRestorer over a diffusers StableDiffusionUpscalePipeline (and optionally Real-ESRGAN)."""
 
+    request_options = ("steps", "color_fix")  # what the demo may change per request (demo.with_options)
+
     name = "sd-x4-upscaler"
 
     def __init__(self, pipe, *, device: torch.device, dtype: torch.dtype, num_inference_steps: int = 20,

@@ -40,6 +40,8 @@ def resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 class LiteStages:
     """StageRestorer over an ESRGANRestorer."""
 
+    request_options = ()  # Real-ESRGAN has no steps or colour fix to change per request
+
     def __init__(self, esrgan: ESRGANRestorer):
         self.esrgan = esrgan
 
