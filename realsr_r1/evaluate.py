@@ -78,6 +78,8 @@ def build_metrics(names: list[str], device: torch.device, *, has_gt: bool, crop_
             continue
         if name in ("psnr", "ssim"):
             built.append(OwnMetric(name, crop_border))
+        elif name == "niqe":  # the project's own (niqe.py): no pyiqa, no weights
+            built.append(M.NiqeMetric())
         elif name in PYIQA_NAMES:
             try:
                 built.append(PyiqaMetric(name, device))

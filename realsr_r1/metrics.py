@@ -98,9 +98,23 @@ def ssim(pred, gt, *, y_channel: bool = True, crop_border: int = 0) -> torch.Ten
     return (luminance * cs).mean(dim=(1, 2, 3))
 
 
+# --- NIQE: the project's own (niqe.py), no weights ----------------------------------------------
+class NiqeMetric:
+    """NIQE per image (no reference, lower is better), to pyiqa's protocol; numpy, no pyiqa needed."""
+
+    name = "niqe"
+    needs_gt = False
+
+    def __call__(self, pred: torch.Tensor, gt: torch.Tensor | None = None) -> torch.Tensor:
+        from .niqe import niqe_batch
+
+        return torch.from_numpy(niqe_batch(pred))
+
+
 # --- Learned metrics through pyiqa (optional extra) ----------------------------------------------
 FULL_REFERENCE = ("psnr", "ssim", "lpips", "dists")
 # Learned metrics by the names pyiqa registers them under (MANIQA and TOPIQ as in the published tables).
+# NIQE has a pyiqa name too, but evaluate uses NiqeMetric above (and the rewards niqe.py).
 PYIQA_NAMES = {"lpips": "lpips", "dists": "dists", "niqe": "niqe", "musiq": "musiq",
                "maniqa": "maniqa-pipal", "clipiqa": "clipiqa", "topiq_nr": "topiq_nr"}
 PYIQA_CACHE_HINT = "~/.cache/torch/hub/pyiqa (pyiqa's DEFAULT_CACHE_DIR)"

@@ -17,6 +17,8 @@ Scorers (the "visual experts"), each returning per image a number or None where 
   (and the reference when there is one) and answers with a 1–5 restoration score.
 - `analyser` ([1, 5]): an offline no-reference proxy: 5 − 4 · (mean level of blur, noise and JPEG
   that the classical analyser measures in the image, none = 0 … heavy = 1).
+- `niqe` ([1, 5]): offline no-reference NIQE (niqe.py, pyiqa's protocol, no weights), lower is
+  better, mapped linearly NIQE 3 → 5 … 11 → 1 (clipped); None for images under 96×96 pixels.
 
 Rewards: `generation` ∈ [0, 1] (the expert's score, [1, 5] mapped to [0, 1]); `compass` ≈ [−0.45, 5]
 (R = F·Q_LR + F^(Q_LR/γ)·(Q_SR − Q_LR), F from `fidelity`, Q from a [1, 5] scorer, others mapped);
@@ -178,6 +180,29 @@ class AnalyserQuality:
         return out
 
 
+NIQE_RANGE = (3.0, 11.0)  # NIQE mapped to 5 … 1: clean photos read about 3-5, degraded LQ 7-11 and up
+
+
+class NiqeQuality:
+    """Offline no-reference expert in [1, 5] from NIQE (lower is better): NIQE_RANGE → 5 … 1."""
+
+    scale = "mos"
+
+    def __call__(self, sr: list, lq: list, hr: list) -> list[float | None]:
+        from ..niqe import niqe
+
+        lo, hi = NIQE_RANGE
+        out = []
+        for s in sr:
+            try:
+                v = niqe(s)
+            except ValueError:  # under 96x96 pixels, or all flat: NIQE cannot judge it
+                out.append(None)
+                continue
+            out.append(float(5.0 - 4.0 * np.clip((v - lo) / (hi - lo), 0.0, 1.0)))
+        return out
+
+
 JUDGE_PROMPT = ("You are an expert in image restoration. The first image is a degraded photo, the second is "
                 "its restoration{ref}. Rate the restoration from 1 (worse or unusable) to 5 (clean, sharp, "
                 "faithful). Answer with one digit.")
@@ -231,7 +256,7 @@ def _optional_pyiqa(name: str, device: str):
 
 
 def build_scorer(name: str, **options):
-    """A scorer by its config name: fidelity, nr-iqa, vlm-judge (needs `model`), analyser."""
+    """A scorer by its config name: fidelity, nr-iqa, vlm-judge (needs `model`), analyser, niqe."""
     if name == "fidelity":
         return FidelityScorer(**options)
     if name == "nr-iqa":
@@ -242,7 +267,9 @@ def build_scorer(name: str, **options):
         return VLMJudge(options.pop("model"), **options)
     if name == "analyser":
         return AnalyserQuality()
-    raise ValueError(f"unknown visual expert {name!r} (fidelity, nr-iqa, vlm-judge, analyser)")
+    if name == "niqe":
+        return NiqeQuality()
+    raise ValueError(f"unknown visual expert {name!r} (fidelity, nr-iqa, vlm-judge, analyser, niqe)")
 
 
 def _unit(scorer, values: list) -> list[float | None]:
