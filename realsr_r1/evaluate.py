@@ -4,9 +4,9 @@
         --metrics psnr,ssim,lpips --out results.json --csv per_image.csv --plot metrics.png --grid figures
 
 Files are paired by name (stem, case-insensitive; `--pred-suffix _out` strips a suffix). PSNR and
-SSIM are the project's own, to the protocol of pyiqa-computed tables (see metrics.py); learned
-metrics come from pyiqa when it and its weights are installed, otherwise they are skipped with one
-line saying what to install. `--infer LQ_DIR` restores the LQ folder first (resumable) with a profile.
+SSIM and NIQE are the project's own, to the protocol of pyiqa-computed tables (metrics.py, niqe.py);
+learned metrics come from pyiqa when it and its weights are installed, otherwise they are skipped with
+one line saying what to install. `--infer LQ_DIR` restores the LQ folder first (resumable) with a profile.
 `--grid DIR` writes the comparison figure of each image (figures.py): the same crop of the bicubic-upscaled
 LQ (`--infer` or `--lq`), every method and the GT, labelled with that image's values.
 """

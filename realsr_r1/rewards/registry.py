@@ -4,7 +4,7 @@
       format: 1.0                                   # name: weight; {mode: released} for the released regex
       degradation: {weight: 1.0, partial_credit: 0.5}
       understanding: {weight: 1.0, similarity_model: null}
-      generation: {weight: 1.0, expert: fidelity}   # fidelity | nr-iqa | vlm-judge (+ model) | analyser
+      generation: {weight: 1.0, expert: fidelity}   # fidelity | nr-iqa | niqe | vlm-judge (+ model) | analyser
       compass: {weight: 1.0, quality: analyser, gamma: 7}
       irpo_general: 1.0
       my_package.my_module:my_reward: 0.5          # any TRL-style reward function (options → its factory)
