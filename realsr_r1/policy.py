@@ -112,12 +112,10 @@ class VLMPolicy:
         }
 
     def _inputs(self, image: LoadedImage):
-        import numpy as np
-        from PIL import Image
-
         from .cot import build_messages
+        from .imageio import to_pil
 
-        pil = Image.fromarray((np.clip(image.rgb, 0, 1) * 255 + 0.5).astype("uint8"), "RGB")
+        pil = to_pil(image.rgb)
         messages = build_messages(pil)
         prompt = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         inputs = self.processor(text=[prompt], images=[pil], return_tensors="pt")

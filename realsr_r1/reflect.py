@@ -31,20 +31,16 @@ from typing import Iterator
 import numpy as np
 
 from .cot import STAGES
+from .imageio import to_pil
 
 IMAGE_TAG = re.compile(r"<(rough|middle|final)_image>")
 TAIL_TOKENS = 24  # decoded at each step to spot an image tag (a tag is < 16 characters)
 
 
-def to_pil(rgb: np.ndarray):
-    from PIL import Image
-
-    arr = np.asarray(rgb)
-    if arr.dtype == np.uint16:
-        arr = (arr >> 8).astype(np.uint8)
-    elif arr.dtype != np.uint8:
-        arr = (np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8)
-    return Image.fromarray(arr, "RGB")
+def opens_image_tag(tokenizer, ids, start: int) -> bool:
+    """Whether the ids generated since `start` (a row of a generate() batch) have opened an image tag."""
+    tail = ids[max(start, len(ids) - TAIL_TOKENS):]
+    return bool(IMAGE_TAG.search(tokenizer.decode(list(map(int, tail)), skip_special_tokens=True)))
 
 
 def _image_placeholder(processor) -> str:
@@ -192,8 +188,7 @@ class VLMReflection:
         tokenizer = self.tokenizer
 
         def stop(input_ids) -> bool:
-            tail = input_ids[0, max(start, input_ids.shape[1] - TAIL_TOKENS):].tolist()
-            return bool(IMAGE_TAG.search(tokenizer.decode(tail, skip_special_tokens=True)))
+            return opens_image_tag(tokenizer, input_ids[0].tolist(), start)
 
         return stop
 

@@ -26,7 +26,8 @@ import torch
 
 from .cot import STAGES, parse_cot
 from .group_filter import GroupFilteredGRPOTrainer
-from .reflect import IMAGE_TAG, TAIL_TOKENS, stage_image_tokens, to_pil, trim_at_tag
+from .imageio import to_pil
+from .reflect import opens_image_tag, stage_image_tokens, trim_at_tag
 from .rewards.visual import as_rgb, image_key
 
 
@@ -167,9 +168,8 @@ class ReflectiveGRPOTrainer(GroupFilteredGRPOTrainer):
 
         class TagStop(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
-                tails = [tokenizer.decode(row[max(start, input_ids.shape[1] - TAIL_TOKENS):].tolist(),
-                                          skip_special_tokens=True) for row in input_ids]
-                return torch.tensor([bool(IMAGE_TAG.search(t)) for t in tails], device=input_ids.device)
+                return torch.tensor([opens_image_tag(tokenizer, row.tolist(), start) for row in input_ids],
+                                    device=input_ids.device)
 
         config = copy.deepcopy(self.generation_config)
         config.max_new_tokens = max(budgets)
