@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None,
                    help="a LoRA adapter folder from python -m realsr_r1.train (profiles with a VLM policy; "
                    "default none)")
+    p.add_argument("--restorer-adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter folder of the diffusion upscaler's UNet from training, fused into it "
+                   "(profiles with the diffusion restorer; sets restorer.adapter; default none)")
     p.add_argument("--scale", type=float, default=None,
                    help="final stage scale (default: the profile's, 4)")
     p.add_argument("--outscale", type=float, default=None,
@@ -164,6 +167,15 @@ def profile_config(args: argparse.Namespace) -> tuple[str, str, dict, list[str]]
             raise ConfigError(f"--adapter does not apply to the {profile} profile: it needs a profile with a "
                               f"VLM policy ({profile}'s is the {policy_type})")
         policy["adapter"] = str(Path(args.adapter))
+    if args.restorer_adapter:
+        if "adapter" not in valid_keys(parts[1]):
+            raise ConfigError(f"--restorer-adapter does not apply to the {profile} profile: it needs a profile "
+                              f"with the diffusion restorer ({profile}'s is the {restorer_type} one)")
+        restorer["adapter"] = str(Path(args.restorer_adapter))
+    if restorer.get("adapter") and "adapter" in valid_keys(parts[1]):
+        from .restorers.adapter import check_adapter_folder
+
+        check_adapter_folder(restorer["adapter"])  # a wrong folder is said before any model loads
     cfg["policy"], cfg["restorer"] = policy, restorer
     notes = []
     if args.seed is not None and not any(p.seeded for p in parts):
@@ -371,10 +383,13 @@ def _settings(profile: str, cfg: dict, layout: Layout, pipeline, args: argparse.
 
     config = without_defaults(cfg)
     config.pop("scale", None)
-    ran = pipeline.restorer.describe().get("weights")  # the file that ran and its hash, as one value
+    described = pipeline.restorer.describe()
+    ran = described.get("weights")  # the file that ran and its hash, as one value
+    lora = described.get("adapter")  # a fused UNet LoRA: retrained in the same folder is other settings
     settings = {"profile": profile, "scale": pipeline.scale, "ext": layout.ext,
                 "weights": f"{ran['file']} ({ran['sha256']})" if ran else None,
-                "precision": pipeline.restorer.describe().get("precision"),
+                "restorer_adapter": f"{lora['path']} ({lora['sha256']})" if lora else None,
+                "precision": described.get("precision"),
                 "chain": pipeline.policy.describe().get("mode")}  # one-pass or reflect (VLM policies)
     if seeded:
         settings["seed"] = args.seed or 0

@@ -118,8 +118,10 @@ class DiffusionStages:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str = "auto", dtype: str = "auto",
-                        rough: str = "realesrgan", **options) -> "DiffusionStages":
-        """Load the upscaler folder (and Real-ESRGAN for `rough="realesrgan"`); options as __init__."""
+                        rough: str = "realesrgan", adapter: str | None = None, **options) -> "DiffusionStages":
+        """Load the upscaler folder (and Real-ESRGAN for `rough="realesrgan"`); options as __init__.
+
+        `adapter`: a UNet LoRA folder from training (adapter.py), fused into the UNet."""
         from diffusers import StableDiffusionUpscalePipeline
 
         if rough not in ROUGH_METHODS:
@@ -133,7 +135,14 @@ class DiffusionStages:
             regression = ESRGANRestorer.from_pretrained(None, device=str(dev),
                                                         precision="fp32" if dtype == "fp32" else "auto")
         pipe = StableDiffusionUpscalePipeline.from_pretrained(str(path), dtype=torch_dtype)
-        return cls(pipe, device=dev, dtype=torch_dtype, regression=regression, **options)
+        loaded = None
+        if adapter is not None:  # before __init__ places the pipeline: fused where and as it was loaded
+            from .adapter import load_restorer_adapter
+
+            loaded = load_restorer_adapter(pipe, adapter)
+        stages = cls(pipe, device=dev, dtype=torch_dtype, regression=regression, **options)
+        stages.adapter = loaded
+        return stages
 
     def _place(self, dtype: torch.dtype) -> None:
         if self.cpu_offload and self.device.type == "cuda":
@@ -156,7 +165,8 @@ class DiffusionStages:
         return {"restorer": self.name, "device": str(self.device), "precision": self.precision,
                 "steps": self.steps, "strength": self.strength, "tile": self.tile, "vae_tile": self.codec.tile,
                 "vae_slicing": self.codec.slicing,
-                "rough": "realesrgan" if self.regression is not None else "diffusion"}
+                "rough": "realesrgan" if self.regression is not None else "diffusion",
+                "adapter": getattr(self, "adapter", None)}  # {path, sha256} of a fused UNet LoRA, or None
 
     # one batch, text to images -----------------------------------------------------------------
     def _decode(self, latents: torch.Tensor) -> np.ndarray:
