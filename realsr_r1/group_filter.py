@@ -55,15 +55,20 @@ def check_trl(version: str | None = None, cls=GRPOTrainer) -> None:
                              "set group_filter: null")
 
 
-def group_drop(rewards: torch.Tensor, weights: torch.Tensor, group_size: int, mean_above: float,
-               std_below: float) -> torch.Tensor:
-    """Which groups to drop: rewards (rows × funcs, NaN = missing) → one bool per group."""
+def weighted_total(rewards: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each row's weight-normalised reward: rewards (rows × funcs, NaN = missing) → one value per
+    row, the missing rewards left out and the weights renormalised; NaN for a row with none."""
     present = ~torch.isnan(rewards)
     w = weights.to(rewards.device, rewards.dtype).expand_as(rewards)
     weight_sum = (w.abs() * present).sum(dim=1)
     total = (torch.nan_to_num(rewards) * w).sum(dim=1) / weight_sum.clamp(min=1e-8)
-    total = torch.where(weight_sum > 0, total, torch.nan)  # a row with no reward at all: no verdict
-    groups = total.view(-1, group_size)
+    return torch.where(weight_sum > 0, total, torch.nan)  # a row with no reward at all: no verdict
+
+
+def group_drop(rewards: torch.Tensor, weights: torch.Tensor, group_size: int, mean_above: float,
+               std_below: float) -> torch.Tensor:
+    """Which groups to drop: rewards (rows × funcs, NaN = missing) → one bool per group."""
+    groups = weighted_total(rewards, weights).view(-1, group_size)
     # std of a group of one is NaN, and a group with a row of no rewards is never judged flat
     return (groups.mean(dim=1) > mean_above) & (groups.std(dim=1) < std_below)
 

@@ -2,6 +2,7 @@
 
     python -m realsr_r1.train --config configs/grpo.yaml [--resume] [--set key=value ...]
     python -m realsr_r1.train filter --config configs/grpo.yaml --keep 0.3 [--out DIR]
+    python -m realsr_r1.train restorer --config configs/restorer-fr.yaml [--resume]   (train_restorer.py)
 
 The trainer is TRL's; this module is the glue (design.md §4): the dataset from `realsr_r1.data`,
 the VLM and processor through the same loader inference uses, LoRA (QLoRA with a 4-bit base) with
@@ -488,10 +489,17 @@ def filter_dataset(cfg: dict, keep: float, out: Path | None = None, log=print) -
 # --- CLI -------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] == "filter" else "train"
-    p = argparse.ArgumentParser(prog=f"python -m realsr_r1.train{' filter' if command == 'filter' else ''}",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="a YAML file (configs/grpo.yaml, configs/grpo-realsr-r1.yaml…)")
+    command = argv.pop(0) if argv and argv[0] in ("filter", "restorer") else "train"
+    description = __doc__.split("\n\n")[0]
+    if command == "restorer":
+        from . import train_restorer
+
+        description = train_restorer.__doc__.split("\n\n")[0]
+    p = argparse.ArgumentParser(prog=f"python -m realsr_r1.train{'' if command == 'train' else ' ' + command}",
+                                description=description)
+    p.add_argument("--config", required=True,
+                   help="a YAML file (configs/restorer-fr.yaml, restorer-nr.yaml, restorer-tiny.yaml)" if command == "restorer"
+                   else "a YAML file (configs/grpo.yaml, configs/grpo-realsr-r1.yaml…)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set trainer.learning_rate=1e-5 (repeatable)")
     if command == "filter":
@@ -506,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
         if command == "filter":
             filter_dataset(cfg, args.keep, Path(args.out) if args.out else None,
                            log=lambda m: print(m, file=sys.stderr))
+        elif command == "restorer":
+            out = train_restorer.train(cfg, resume=args.resume)
+            print(train_restorer.saved_message(cfg, out), file=sys.stderr)
         else:
             out = train(cfg, resume=args.resume)
             print(saved_message(cfg, out), file=sys.stderr)

@@ -55,7 +55,7 @@ def finals(events):
 def test_describe(restorer):
     assert restorer.describe() == {"restorer": "sd-x4-upscaler", "device": "cpu", "precision": "fp32", "steps": 4,
                                    "strength": 0.5, "tile": 128, "vae_tile": 512, "vae_slicing": False,
-                                   "rough": "diffusion"}
+                                   "rough": "diffusion", "adapter": None}
 
 
 def test_events_sizes_previews_and_range(restorer, image):

@@ -171,7 +171,7 @@ def _wrong_shapes(src, dest):
     dest.mkdir()
     with safe_open(str(src / WEIGHTS_NAME), "pt") as f:
         meta = f.metadata()
-    tensors = {k: torch.zeros(v.shape[0], v.shape[1] + 3) if "lora.down" in k else v
+    tensors = {k: torch.zeros(v.shape[0], v.shape[1] + 3) if "lora_A" in k else v
                for k, v in load_file(src / WEIGHTS_NAME).items()}
     save_file(tensors, dest / WEIGHTS_NAME, metadata=meta)
     return dest

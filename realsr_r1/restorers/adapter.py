@@ -63,7 +63,6 @@ def save_restorer_adapter(unet, folder: str | Path, *, adapter_name: str = "defa
     The files are written in a temp folder beside it first: a new folder appears complete or not
     at all; an existing one has each file replaced atomically, the weights before the info."""
     from diffusers import StableDiffusionUpscalePipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     folder = Path(folder)
@@ -71,8 +70,11 @@ def save_restorer_adapter(unet, folder: str | Path, *, adapter_name: str = "defa
     if config is None:
         raise ValueError(f"the UNet has no LoRA adapter named {adapter_name!r} "
                          f"(it has: {', '.join(getattr(unet, 'peft_config', {})) or 'none'})")
-    # As diffusers' examples/text_to_image/train_text_to_image_lora.py saves it.
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    # PEFT's own key names (`…to_q.lora_A.weight`), which `load_lora_weights` reads as they are. Not
+    # `convert_state_dict_to_diffusers` (as diffusers' train_text_to_image_lora.py does): it renames
+    # only the attention projections (to_q/k/v/out → lora.down/up) and leaves proj_in/proj_out in
+    # PEFT names, and diffusers' loader then takes the file for the old format and drops the rest.
+    layers = get_peft_model_state_dict(unet, adapter_name=adapter_name)
     metadata = json.loads(json.dumps(config.to_dict(), default=_jsonable))  # sets → lists, enums → str
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = new_temp_dir(folder)

@@ -5,12 +5,16 @@
       degradation: {weight: 1.0, partial_credit: 0.5}
       understanding: {weight: 1.0, similarity_model: null}
       generation: {weight: 1.0, expert: fidelity}   # fidelity | nr-iqa | niqe | vlm-judge (+ model) | analyser
-      compass: {weight: 1.0, quality: analyser, gamma: 7}
+      compass: {weight: 1.0, quality: analyser, gamma: 7}   # fidelity: hr (default) | input (no HR needed)
       irpo_general: 1.0
+      niqe: 1.0                                     # offline no-reference NIQE, mapped to [0, 1]
       my_package.my_module:my_reward: 0.5          # any TRL-style reward function (options → its factory)
 
 `build_rewards` returns TRL's `reward_funcs` and `reward_weights`, in the config's order. Image
 rewards share one `Restorations` (made on first need by `restorations`), so they render once.
+`build_image_rewards` returns the image rewards alone as functions of images, `(sr, lq, hr) →
+values`, for the restorer's RL (train_restorer.py), where there is no text to score; a custom
+`module:function` there is called as `function(images=sr, lq=lq, hr=hr)`.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from typing import Callable
 
 from . import text, visual
 
-REWARD_NAMES = ("format", "degradation", "understanding", "generation", "compass", "irpo_general")
-IMAGE_REWARDS = {"generation", "compass", "irpo_general"}
+REWARD_NAMES = ("format", "degradation", "understanding", "generation", "compass", "irpo_general", "niqe")
+IMAGE_REWARDS = ("generation", "compass", "irpo_general", "niqe")
 
 
 def _spec(value) -> tuple[float, dict]:
@@ -60,15 +64,63 @@ def build_rewards(spec: dict, *, restorations: Callable[[], visual.Restorations]
             fn = text.make_degradation_reward(float(o.get("partial_credit", 0.0)))
         elif name == "understanding":
             fn = text.make_understanding_reward(o.get("similarity_model"), float(o.get("similarity_weight", 0.5)))
-        elif name == "generation":
-            expert = visual.build_scorer(o.get("expert", "fidelity"), **_scorer_options(o, "expert", device))
-            fn = visual.make_generation_reward(rendered(), expert)
-        elif name == "compass":
-            quality = visual.build_scorer(o.get("quality", "analyser"), **_scorer_options(o, "quality", device))
-            fn = visual.make_compass_reward(rendered(), quality, gamma=float(o.get("gamma", 7.0)), device=device)
         else:
-            fn = visual.make_irpo_general_reward(rendered(), device=device)
+            fn = visual.over_restorations(rendered(), image_score(name, o, device))
         funcs.append(_named(fn, name.rpartition(":")[2]))
+        weights.append(weight)
+    if not funcs:
+        raise ValueError("no reward with a non-zero weight in the config")
+    return funcs, weights
+
+
+def image_score(name: str, o: dict, device: str = "cpu") -> Callable:
+    """One image reward by name, as a function `(sr, lq, hr) → values` (options as in the doc)."""
+    if name == "generation":
+        expert = visual.build_scorer(o.get("expert", "fidelity"), **_scorer_options(o, "expert", device))
+        return visual.generation_score(expert)
+    if name == "compass":
+        quality = visual.build_scorer(o.get("quality", "analyser"), **_scorer_options(o, "quality", device))
+        source = o.get("fidelity", "hr")
+        if source not in visual.FIDELITY_SOURCES:
+            raise ValueError(f"compass.fidelity: {source!r} is not one of {', '.join(visual.FIDELITY_SOURCES)}")
+        fidelity = visual.InputConsistency() if source == "input" else None
+        return visual.compass_score(quality, fidelity, gamma=float(o.get("gamma", 7.0)), device=device)
+    if name == "niqe":
+        niqe = visual.generation_score(visual.NiqeQuality())
+        niqe.__name__ = "niqe"
+        return niqe
+    return visual.irpo_general_score(device=device)
+
+
+def check_image_rewards(spec: dict) -> None:
+    """The names of a restorer RL config's rewards, checked before any model loads (one line)."""
+    if not isinstance(spec, dict) or not spec:
+        raise ValueError(f"rewards: expected `name: weight` lines (image rewards: {', '.join(IMAGE_REWARDS)})")
+    text_only = [n for n in spec if n in REWARD_NAMES and n not in IMAGE_REWARDS]
+    if text_only:
+        raise ValueError(f"rewards.{text_only[0]}: scores the chain of thought, which restorer training does not "
+                         f"write (image rewards: {', '.join(IMAGE_REWARDS)})")
+    unknown = [n for n in spec if n not in REWARD_NAMES and ":" not in n]
+    if unknown:
+        raise ValueError(f"unknown reward(s) {', '.join(unknown)} (image rewards: {', '.join(IMAGE_REWARDS)})")
+    for value in spec.values():
+        _spec(value)
+
+
+def build_image_rewards(spec: dict, *, device: str = "cpu") -> tuple[list[Callable], list[float]]:
+    """The config's rewards as functions of images, for RL of the restorer (no text rewards there)."""
+    check_image_rewards(spec)
+    funcs, weights = [], []
+    for name, value in spec.items():
+        weight, o = _spec(value)
+        if weight == 0:
+            continue
+        if ":" in name:
+            custom = _import(name, o)
+            fn = _named(lambda sr, lq, hr, custom=custom: custom(images=sr, lq=lq, hr=hr), name.rpartition(":")[2])
+        else:
+            fn = _named(image_score(name, o, device), name)
+        funcs.append(fn)
         weights.append(weight)
     if not funcs:
         raise ValueError("no reward with a non-zero weight in the config")

@@ -145,6 +145,28 @@ class FidelityScorer:
         return [None if h is None else float(np.mean(list(self.parts(s, h).values()))) for s, h in zip(sr, hr)]
 
 
+class InputConsistency:
+    """Fidelity without an HR, [0, 1]: the SR image resized down to the LQ input's size, scored
+    against the input as `fidelity` scores against an HR (PSNR mapped, SSIM). What COMPASS's F can
+    be when training needs no HR (`compass: {fidelity: input}`): it pays for keeping the input's
+    content and cannot see detail finer than the input's pixels, so the quality term decides there."""
+
+    scale = "unit"
+
+    def __init__(self):
+        self.full = FidelityScorer(use_pyiqa=False)
+
+    def __call__(self, sr: list, lq: list, hr: list) -> list[float | None]:
+        out = []
+        for s, q in zip(sr, lq):
+            down = resize(s, (q.shape[1], q.shape[0]))
+            out.append(float(np.mean(list(self.full.parts(down, q).values()))))
+        return out
+
+
+FIDELITY_SOURCES = ("hr", "input")
+
+
 class NRIQAScorer:
     """RealSR-R1's visual expert: mean of TOPIQ-NR, MUSIQ/100, MANIQA, CLIPIQA (pyiqa), [0, 1]."""
 
@@ -281,35 +303,27 @@ def _mos(scorer, values: list) -> list[float | None]:
 
 
 # --- Rewards -------------------------------------------------------------------------------------
-def _inputs(restorations: Restorations, completions, image, hr_path):
-    texts = [completion_text(c) for c in completions]
-    sr = restorations.final(image, texts)
-    lq = [as_rgb(i) for i in image]
-    hr = [reference_for(p, s) for p, s in zip(hr_path or [None] * len(sr), sr)]
-    return sr, lq, hr
-
-
-def make_generation_reward(restorations: Restorations, expert):
+# Each reward is first a function of images, `score(sr, lq, hr) -> list[float | None]` (what the
+# restorer's RL scores its samples with, train_restorer.py), then wrapped for TRL (`over_restorations`):
+# GRPO's completions are rendered to their final images first.
+def generation_score(expert):
     """RealSR-R1's generation reward: the expert's score of the final image, in [0, 1]."""
-    def generation(prompts, completions, image, hr_path=None, **kwargs):
-        sr, lq, hr = _inputs(restorations, completions, image, hr_path)
+    def generation(sr, lq, hr):
         return _unit(expert, expert(sr, lq, hr))
 
     return generation
 
 
-def make_compass_reward(restorations: Restorations, quality, fidelity=None, gamma: float = 7.0,
-                        device: str = "cpu"):
-    """OARS COMPASS: F from full-reference fidelity, Q_LR/Q_SR from `quality` on [1, 5]."""
+def compass_score(quality, fidelity=None, gamma: float = 7.0, device: str = "cpu"):
+    """OARS COMPASS: F from a fidelity scorer (against the HR by default), Q_LR/Q_SR from `quality` on [1, 5]."""
     fidelity = fidelity or FidelityScorer(use_pyiqa=True, device=device)
     if gamma <= 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
 
-    def compass(prompts, completions, image, hr_path=None, **kwargs):
-        sr, lq, hr = _inputs(restorations, completions, image, hr_path)
+    def compass(sr, lq, hr):
         f = _unit(fidelity, fidelity(sr, lq, hr))
         q_sr = _mos(quality, quality(sr, lq, hr))
-        # Q_LR once per distinct input: the G completions of a group share it
+        # Q_LR once per distinct input: the G samples of a group share it
         first = {image_key(x): x for x in lq}
         scored = dict(zip(first, _mos(quality, quality(list(first.values()), list(first.values()),
                                                        [None] * len(first)))))
@@ -319,13 +333,12 @@ def make_compass_reward(restorations: Restorations, quality, fidelity=None, gamm
     return compass
 
 
-def make_irpo_general_reward(restorations: Restorations, device: str = "cpu"):
+def irpo_general_score(device: str = "cpu"):
     """IRPO's general reward from the fidelity metrics available here, in [0, 1]."""
     scorer = FidelityScorer(use_pyiqa=True, device=device)
     lpips = _optional_pyiqa("lpips", device)
 
-    def irpo_general(prompts, completions, image, hr_path=None, **kwargs):
-        sr, lq, hr = _inputs(restorations, completions, image, hr_path)
+    def irpo_general(sr, lq, hr):
         out = []
         for s, h in zip(sr, hr):
             if h is None:
@@ -338,3 +351,34 @@ def make_irpo_general_reward(restorations: Restorations, device: str = "cpu"):
         return out
 
     return irpo_general
+
+
+def over_restorations(restorations: Restorations, score):
+    """`score` as a TRL reward: each completion's final image (rendered once, shared) is scored."""
+    def reward(prompts, completions, image, hr_path=None, **kwargs):
+        sr, lq, hr = _inputs(restorations, completions, image, hr_path)
+        return score(sr, lq, hr)
+
+    reward.__name__ = reward.__qualname__ = score.__name__
+    return reward
+
+
+def _inputs(restorations: Restorations, completions, image, hr_path):
+    texts = [completion_text(c) for c in completions]
+    sr = restorations.final(image, texts)
+    lq = [as_rgb(i) for i in image]
+    hr = [reference_for(p, s) for p, s in zip(hr_path or [None] * len(sr), sr)]
+    return sr, lq, hr
+
+
+def make_generation_reward(restorations: Restorations, expert):
+    return over_restorations(restorations, generation_score(expert))
+
+
+def make_compass_reward(restorations: Restorations, quality, fidelity=None, gamma: float = 7.0,
+                        device: str = "cpu"):
+    return over_restorations(restorations, compass_score(quality, fidelity, gamma, device))
+
+
+def make_irpo_general_reward(restorations: Restorations, device: str = "cpu"):
+    return over_restorations(restorations, irpo_general_score(device))

@@ -1,0 +1,126 @@
+"""Speed and memory of RL of the restorer (train_restorer.py): seconds per NFT step, samples per
+second of the rollouts batched against one by one, peak memory. Random weights, real code paths.
+
+    python benchmarks/restorer_rl_speed.py                        # tiny upscaler, CPU
+    python benchmarks/restorer_rl_speed.py --real-size --samples 8 --sampling-steps 6 --hr 512   # GPU
+
+`--real-size` builds the x4 upscaler's architecture (UNet, VAE, text encoder at their real sizes)
+with random weights: the speed and memory of the real model, not its outputs. Prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def peak_memory_gb(device: str) -> tuple[str, float]:
+    import torch
+
+    if device.startswith("cuda"):
+        return "GPU peak allocated", torch.cuda.max_memory_allocated() / 2**30
+    return "process peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def cpu_name() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "CPU")
+    flags = sorted({f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f" {f}" in text})
+    return f"{model} ({os.cpu_count()} cores; {' '.join(flags)})"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--real-size", action="store_true", help="the x4 upscaler's real architecture (random weights)")
+    p.add_argument("--samples", type=int, default=6, help="K per input")
+    p.add_argument("--sampling-steps", type=int, default=3)
+    p.add_argument("--hr", type=int, default=64, help="HR crop side (the final stage's size); LQ is a quarter")
+    p.add_argument("--steps", type=int, default=4, help="training steps timed (after one warm-up step)")
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--lora-rank", type=int, default=32)
+    args = p.parse_args()
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from realsr_r1.data import build_dataset
+    from realsr_r1.restorer_rollouts import sample_stage
+    from realsr_r1.tiny import build_tiny_upscaler
+    from realsr_r1.train_restorer import RestorerRL
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = build_tiny_upscaler(tmp / "upscaler", real_size=args.real_size)
+        hr = tmp / "hr"
+        hr.mkdir()
+        for i, name in enumerate(["dog.png", "chip.png", "butterfly2.png"]):
+            Image.open(REPO / "examples" / name).convert("RGB").resize((args.hr, args.hr), Image.LANCZOS).save(hr / f"{i}.png")
+        build_dataset(hr, tmp / "data", log=lambda *a: None)
+        cfg = {
+            "data": str(tmp / "data"), "output_dir": str(tmp / "run"),
+            "restorer": {"profile": "tiny", "model": str(model), "steps": args.sampling_steps, "strength": 1.0,
+                         "color_fix": "none", "tile": 0, "dtype": "auto", "scale": 4},
+            "samples": args.samples, "inputs_per_step": 1, "sampling_steps": args.sampling_steps,
+            "rewards": {"generation": {"weight": 1.0, "expert": "fidelity"}}, "group_filter": None,
+            "lora": {"r": args.lora_rank, "alpha": 2 * args.lora_rank}, "max_steps": args.steps + 1,
+            "micro_batch": args.micro_batch, "save_steps": 10_000, "eval": {"steps": 0, "count": 1},
+            "mixed_precision": "bf16" if device == "cuda" else "no",
+            "gradient_checkpointing": args.real_size,
+        }
+        run = RestorerRL(cfg)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        rows = [run.train_step() for _ in range(args.steps + 1)][1:]  # the first step warms up
+        step_s = float(np.median([r["s_step"] for r in rows]))
+        roll_s = float(np.median([r["s_rollout"] for r in rows]))
+        mem_label, mem = peak_memory_gb(device)
+
+        row = run.train_rows[0]
+        rgb = np.asarray(row["image"].convert("RGB"))
+        plan = run._plan(row, rgb)
+
+        def sample(seeds):
+            with run.model.use("old"):
+                return sample_stage(run.stages, rgb, plan, stage="final", scale=4.0, seeds=seeds,
+                                    steps=args.sampling_steps, previous_seed=0)
+
+        sample([0])  # warm-up
+        t = time.perf_counter()
+        sample(list(range(args.samples)))
+        batched = args.samples / (time.perf_counter() - t)
+        t = time.perf_counter()
+        for s in range(args.samples):
+            sample([s])
+        single = args.samples / (time.perf_counter() - t)
+
+    where = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
+    size = "x4 upscaler architecture (random weights)" if args.real_size else "tiny random upscaler"
+    print(f"\n{size}, {where}; K {args.samples}, {args.sampling_steps} sampler steps, "
+          f"final {args.hr}², LoRA r {args.lora_rank}, micro-batch {args.micro_batch}\n")
+    print("| measure | value |")
+    print("|---|---|")
+    print(f"| s per NFT step (rollouts + rewards + update) | {step_s:.2f} |")
+    print(f"| of which rollouts + rewards | {roll_s:.2f} |")
+    print(f"| rollout samples/s, K batched | {batched:.2f} |")
+    print(f"| rollout samples/s, one by one | {single:.2f} |")
+    print(f"| batched / one by one | {batched / single:.2f}× |")
+    print(f"| {mem_label} | {mem:.2f} GB |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,558 @@
+"""`python -m realsr_r1.train restorer`: online RL of the diffusion restorer (OARS), DiffusionNFT, LoRA.
+
+    python -m realsr_r1.train restorer --config configs/restorer-fr.yaml [--resume] [--set key=value ...]
+
+Each step, for each of `inputs_per_step` training inputs (per process):
+1. its conditioning text (`conditioning`: policy | caption | analyser; restorer_rollouts.py);
+2. K = `samples` samples of the trained `stage` with the old model, each from its own noise, in
+   `sampling_steps` sampler steps (OARS: 24 samples, 6 steps), the stages before it as inference
+   makes them;
+3. rewards from the registry (image rewards only: generation, compass, irpo_general, niqe, or a
+   `module:function`), their weighted total group-normalised into advantages; OARS groups whose
+   mean is above `group_filter.mean_above` and std below `std_below` are dropped (group_filter.py,
+   shared with GRPO);
+4. the DiffusionNFT loss (nft.py) on each kept sample's clean latent, noised to a random timestep
+   the sampler visits, then one optimizer step and the old model's EMA step.
+
+The engine is `accelerate` (DDP across GPUs under `accelerate launch`, `mixed_precision`), in the
+manner of diffusers' training examples. Every `save_steps` a checkpoint-N folder holds the trained
+and old weights, the optimizer, the RNG states and the guard; `--resume` continues from the last
+one at the same step. Rollout noise and training noise come from generators seeded by (seed, step,
+input, sample), so a resumed run makes the same samples as an uninterrupted one. Each step appends
+one row to `output_dir/log.jsonl`: per reward its mean and std, the loss terms, groups dropped.
+Every `eval.steps` the held-out inputs are scored (reward_guard.py: eval.jsonl, eval.md, eval.png)
+and the optional `guard` may stop the run. The result goes to `output_dir/adapter` (the best model
+when the guard stopped the run): `python -m realsr_r1.infer --profile full --restorer-adapter DIR`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .imageio import atomic_write_text, new_temp_dir
+from .profiles import ConfigError
+
+log = logging.getLogger(__name__)
+
+LOG_FILE = "log.jsonl"
+EVAL_FILE = "eval.jsonl"
+# Every key of a restorer RL config and its default (configs/restorer-*.yaml set what they choose).
+DEFAULTS = {
+    "data": None,                # a folder from `python -m realsr_r1.data build`
+    "output_dir": "runs/restorer",
+    "restorer": {"profile": "full"},  # a profile's restorer section + overrides (scale, seed: rendering)
+    "conditioning": "analyser",  # policy | caption | analyser
+    "policy": None,              # the frozen policy for `conditioning: policy` (a profile's policy section)
+    "stage": "final",            # the stage trained: rough | middle | final
+    "samples": 24,               # K per input (OARS)
+    "inputs_per_step": 1,        # per process
+    "sampling_steps": 6,         # sampler steps of a rollout (OARS)
+    "rewards": None,
+    "group_filter": {"mean_above": 0.9, "std_below": 0.05},
+    "nft": {"beta": 1.0, "adv_clip": 5.0, "kl_beta": 0.0, "timesteps_per_sample": 1,
+            "ema": {"flat": 0, "rate": 0.001, "max_decay": 0.5}},
+    "lora": {"r": 32, "alpha": 64},  # null: full fine-tuning
+    "init_adapter": None,        # start from a trained adapter (restorer-nr continues restorer-fr)
+    "optimizer": {"learning_rate": 3.0e-4, "weight_decay": 0.0, "max_grad_norm": 1.0},
+    "max_steps": 100,
+    "micro_batch": 8,            # samples per UNet forward in the loss
+    "save_steps": 50,
+    "save_total_limit": 2,
+    "eval": {"steps": 25, "count": 4, "data": None, "seed": 1234, "samples": 1, "metrics": None},
+    "guard": None,               # {metric: psnr | ssim | niqe, max_drop: …}
+    "mixed_precision": "no",     # no | fp16 | bf16 (accelerate)
+    "gradient_checkpointing": False,
+    "seed": 0,
+}
+SECTIONS = ("nft", "optimizer", "eval", "group_filter")
+
+
+# --- Config --------------------------------------------------------------------------------------
+def resolve_config(cfg: dict) -> dict:
+    """The config over DEFAULTS (sections merged key by key), every key checked: one-line errors."""
+    from .profiles import _hint
+
+    for key in cfg:
+        if key not in DEFAULTS:
+            raise ConfigError(f"{key}: unknown restorer training key{_hint(key, list(DEFAULTS))}")
+    out = copy.deepcopy(DEFAULTS)
+    for key, value in cfg.items():
+        if key in SECTIONS and value is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a section (key: value lines), got {value!r}")
+            for sub in value:
+                if sub not in DEFAULTS[key] and not (key == "nft" and sub == "ema"):
+                    raise ConfigError(f"{key}.{sub}: unknown key{_hint(sub, list(DEFAULTS[key]))}")
+            merged = {**DEFAULTS[key], **value}
+            if key == "nft":
+                merged["ema"] = {**DEFAULTS["nft"]["ema"], **(value.get("ema") or {})}
+            out[key] = merged
+        else:
+            out[key] = value
+    if out["group_filter"] is None and "group_filter" in cfg:
+        out["group_filter"] = None
+    if not out.get("data"):
+        raise ConfigError("data: not set (a folder from `python -m realsr_r1.data build`; --set data=DIR)")
+    if not out.get("rewards"):
+        raise ConfigError("rewards: not set (image rewards: generation, compass, irpo_general, niqe)")
+    from .cot import STAGES
+    from .restorer_rollouts import CONDITIONING
+    from .rewards.registry import check_image_rewards
+
+    try:
+        check_image_rewards(out["rewards"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    if out["stage"] not in STAGES:
+        raise ConfigError(f"stage: {out['stage']!r} is not one of {', '.join(STAGES)}")
+    if out["conditioning"] not in CONDITIONING:
+        raise ConfigError(f"conditioning: {out['conditioning']!r} is not one of {', '.join(CONDITIONING)}")
+    if out["conditioning"] == "policy" and not out.get("policy"):
+        raise ConfigError("policy: `conditioning: policy` needs a policy section (e.g. {profile: full})")
+    for key in ("samples", "inputs_per_step", "sampling_steps", "max_steps", "micro_batch", "save_steps"):
+        if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1:
+            raise ConfigError(f"{key}: expected a whole number ≥ 1, got {out[key]!r}")
+    if out["samples"] < 2:
+        raise ConfigError("samples: need ≥ 2 per input (advantages are relative to the group)")
+    if out["mixed_precision"] not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"mixed_precision: {out['mixed_precision']!r} is not one of no, fp16, bf16")
+    if out["guard"] is not None:
+        from .reward_guard import Guard
+
+        g = out["guard"]
+        if not isinstance(g, dict) or set(g) - {"metric", "max_drop"}:
+            raise ConfigError(f"guard: expected {{metric: psnr | ssim | niqe, max_drop: …}}, got {g!r}")
+        try:
+            Guard(str(g.get("metric", "psnr")), float(g.get("max_drop", 0.5)))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return out
+
+
+def _section(cfg: dict, key: str) -> dict:
+    """A `profile:`-based section (restorer, policy): the profile's section with these keys over it."""
+    from .profiles import check_section, load_config
+
+    section = dict(cfg.get(key) or {})
+    profile = section.pop("profile", None)
+    base = dict(load_config(profile).get(key) or {}) if profile else {}
+    render = {k: section.pop(k) for k in ("scale", "seed") if k in section}
+    base.update(section)
+    check_section(key, base)
+    return base, render
+
+
+def _policy_section(cfg: dict) -> dict:
+    return _section(cfg, "policy")[0]
+
+
+# --- Data ----------------------------------------------------------------------------------------
+def _rows(data_dir) -> list[dict]:
+    from .data import load_dataset
+
+    ds = load_dataset(Path(data_dir))
+    columns = [c for c in ds.column_names if c in ("image", "caption", "hr_path", "lq_path", "seed")]
+    return [{c: ds[i][c] for c in columns} for i in range(len(ds))]
+
+
+def split_rows(cfg: dict) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out rows): `eval.data` when set, else the last `eval.count` rows."""
+    rows = _rows(cfg["data"])
+    ev = cfg["eval"]
+    if ev.get("data"):
+        return rows, _rows(ev["data"])[: int(ev["count"])]
+    count = int(ev["count"])
+    if count >= len(rows):
+        raise ConfigError(f"eval.count: {count} held-out inputs leave none of the {len(rows)} to train on; "
+                          "lower it or set eval.data")
+    return rows[: len(rows) - count], rows[len(rows) - count:]
+
+
+def _seed(*parts: int) -> int:
+    """A generator seed from (seed, step, input, sample): the same draw wherever a run resumes."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+class RestorerRL:
+    """One training run (module doc)."""
+
+    def __init__(self, cfg: dict, *, resume: bool = False):
+        from accelerate import Accelerator
+
+        from .nft import PREDICTION_TYPES
+        from .profiles import build_restorer
+        from .restorer_rollouts import PolicyTexts
+        from .restorers.trainable import TrainableUpscaler
+        from .rewards.registry import build_image_rewards
+
+        from accelerate.utils import set_seed
+
+        self.cfg = cfg = resolve_config(cfg)
+        self.out = Path(cfg["output_dir"])
+        self.accelerator = Accelerator(mixed_precision=cfg["mixed_precision"])
+        set_seed(int(cfg["seed"]))  # the LoRA's random init: the same run from the same seed
+        self.device = str(self.accelerator.device)
+        restorer_cfg, render = _section(cfg, "restorer")
+        if restorer_cfg.get("type") != "diffusion":
+            raise ConfigError("restorer: RL trains the diffusion restorer (`type: diffusion`, e.g. profile: full)")
+        self.scale = float(render.get("scale", 4.0))
+        self.stages = build_restorer(restorer_cfg, device=self.device)
+        self.prediction_type = self.stages.pipe.scheduler.config.get("prediction_type", "epsilon")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ConfigError(f"restorer: the scheduler predicts {self.prediction_type!r}; DiffusionNFT here "
+                              f"supports {', '.join(PREDICTION_TYPES)}")
+        nft = cfg["nft"]
+        self.model = TrainableUpscaler(self.stages.pipe, lora=None if cfg["lora"] is None else dict(cfg["lora"]),
+                                       kl=float(nft["kl_beta"]) > 0, init_adapter=cfg.get("init_adapter"),
+                                       gradient_checkpointing=bool(cfg["gradient_checkpointing"]))
+        self.funcs, weights = build_image_rewards(cfg["rewards"], device=self.device)
+        self.weights = torch.tensor(weights, dtype=torch.float32)
+        self.names = [f.__name__ for f in self.funcs]
+        opt = cfg["optimizer"]
+        self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=float(opt["learning_rate"]),
+                                           weight_decay=float(opt["weight_decay"]))
+        self.unet, self.optimizer = self.accelerator.prepare(self.model.unet, self.optimizer)
+        self.train_rows, self.eval_rows = split_rows(cfg)
+        self.policy_texts = None
+        if cfg["conditioning"] == "policy":
+            self.policy_texts = PolicyTexts(_policy_section(cfg), self.out / "conditioning.jsonl", self.device)
+        self.step = 0
+        self.guard = None
+        if cfg["guard"] is not None:
+            from .reward_guard import Guard
+
+            self.guard = Guard(str(cfg["guard"].get("metric", "psnr")), float(cfg["guard"].get("max_drop", 0.5)))
+        self.metric_names = list(cfg["eval"].get("metrics") or [])
+        if not self.metric_names:
+            from .reward_guard import default_metrics
+
+            self.metric_names = default_metrics(cfg["rewards"])
+        if self.guard is not None and self.guard.metric not in self.metric_names:
+            self.metric_names.append(self.guard.metric)
+        self._checkpoint_start(resume)
+
+    # checkpoints --------------------------------------------------------------------------------
+    def _checkpoints(self) -> list[Path]:
+        found = [p for p in self.out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()
+                 and (p / "state.pt").is_file()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+    def _checkpoint_start(self, resume: bool) -> None:
+        found = self._checkpoints() if self.out.is_dir() else []
+        if resume and not found:
+            raise ConfigError(f"--resume: no checkpoint-N folder in {self.out}")
+        if found and not resume:
+            raise ConfigError(f"{self.out} already has {found[-1].name}: pass --resume to continue it, "
+                              "or choose another output_dir")
+        if found:
+            self.load_checkpoint(found[-1])
+
+    def save_checkpoint(self) -> Path:
+        dest = self.out / f"checkpoint-{self.step}"
+        if self.accelerator.is_main_process:
+            tmp = new_temp_dir(dest)
+            state = {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "guard": None if self.guard is None else self.guard.state(),
+                     "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                             "torch": torch.get_rng_state(),
+                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+            torch.save(state, tmp / "state.pt")
+            if dest.exists():
+                shutil.rmtree(dest)
+            tmp.rename(dest)
+            for old in self._checkpoints()[:-int(self.cfg["save_total_limit"])]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return dest
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        if self.guard is not None and state.get("guard"):
+            self.guard.load(state["guard"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        for name in (LOG_FILE, EVAL_FILE):  # what came after the checkpoint is made again
+            if self.accelerator.is_main_process and (self.out / name).is_file():
+                from .reward_guard import read_rows
+
+                kept = read_rows(self.out / name, up_to=self.step)
+                atomic_write_text(self.out / name, "".join(json.dumps(r) + "\n" for r in kept))
+        log.warning("resumed from %s (step %d)", path, self.step)
+
+    # one step -------------------------------------------------------------------------------------
+    def _plan(self, row: dict, rgb: np.ndarray):
+        from .restorer_rollouts import plan_for
+
+        return plan_for(self.cfg["conditioning"], row, rgb, self.policy_texts)
+
+    def _rollout(self, row: dict, seeds: list[int], index: int, which: str = "old"):
+        from .restorer_rollouts import sample_stage
+        from .rewards.visual import as_rgb
+
+        rgb = np.asarray(row["image"].convert("RGB")) if hasattr(row["image"], "convert") else as_rgb(row["image"])
+        plan = self._plan(row, rgb)
+        with self.model.use(which):
+            return rgb, sample_stage(self.stages, rgb, plan, stage=self.cfg["stage"], scale=self.scale, seeds=seeds,
+                                     steps=int(self.cfg["sampling_steps"]), previous_seed=_seed(self.cfg["seed"], index))
+
+    def _score(self, images: list[np.ndarray], rgb: np.ndarray, hr_path) -> torch.Tensor:
+        """Rewards (samples × funcs, NaN where a reward cannot judge)."""
+        from .rewards.visual import reference_for, to_float
+
+        lq = [to_float(rgb)] * len(images)
+        hr = [reference_for(hr_path, s) for s in images]
+        cols = []
+        for fn in self.funcs:
+            values = fn(images, lq, hr)
+            cols.append([math.nan if v is None else float(v) for v in values])
+        return torch.tensor(cols, dtype=torch.float32).T
+
+    def _inputs_for_step(self) -> list[tuple[int, dict]]:
+        """This process's inputs for the current step: a fresh permutation per epoch (seeded)."""
+        n = len(self.train_rows)
+        per = int(self.cfg["inputs_per_step"]) * self.accelerator.num_processes
+        out = []
+        for j in range(int(self.cfg["inputs_per_step"])):
+            k = self.step * per + self.accelerator.process_index * int(self.cfg["inputs_per_step"]) + j
+            epoch, pos = divmod(k, n)
+            order = np.random.default_rng(_seed(self.cfg["seed"], 7, epoch)).permutation(n)
+            out.append((int(order[pos]), self.train_rows[int(order[pos])]))
+        return out
+
+    def train_step(self) -> dict:
+        from .group_filter import group_drop, weighted_total
+        from .nft import group_advantages, optimality
+
+        cfg, k = self.cfg, int(self.cfg["samples"])
+        t0 = time.perf_counter()
+        rollouts, rewards = [], []
+        for index, row in self._inputs_for_step():
+            seeds = [_seed(cfg["seed"], self.step, index, s) for s in range(k)]
+            rgb, ro = self._rollout(row, seeds, index)
+            rollouts.append(ro)
+            rewards.append(self._score(ro.images, rgb, row.get("hr_path")))
+        t_rollout = time.perf_counter() - t0
+        rewards = torch.cat(rewards)  # (inputs·K) × funcs
+        total = weighted_total(rewards, self.weights)
+        gf = cfg["group_filter"]
+        drop = (group_drop(rewards, self.weights, k, float(gf["mean_above"]), float(gf["std_below"]))
+                if gf is not None else torch.zeros(len(rollouts), dtype=torch.bool))
+        adv = group_advantages(torch.nan_to_num(total, nan=0.0), k)
+        r = optimality(adv, float(cfg["nft"]["adv_clip"]))
+        keep = (~drop).repeat_interleave(k) & ~torch.isnan(total)
+        terms = self._update(rollouts, r, keep) if bool(self.accelerator.gather(keep.any()[None]).any()) else {}
+        stats = self._stats(rewards, drop, terms, t_rollout, time.perf_counter() - t0)
+        self.step += 1
+        return stats
+
+    def _update(self, rollouts, r: torch.Tensor, keep: torch.Tensor) -> dict:
+        """One optimizer step of the NFT loss over the kept samples, then the old model's EMA step."""
+        from .nft import alpha_bar, ema_decay, nft_loss
+
+        cfg, nft, acc = self.cfg, self.cfg["nft"], self.accelerator
+        sched = self.stages.pipe.scheduler
+        x0 = torch.cat([ro.latents for ro in rollouts])
+        image = torch.cat([ro.image for ro in rollouts])
+        embeds = torch.cat([ro.embeds for ro in rollouts])
+        level = torch.cat([ro.level for ro in rollouts])
+        t_max = torch.tensor([ro.t_max for ro in rollouts for _ in range(len(ro))])
+        # Under DDP every process runs the same number of forwards (a process with nothing kept
+        # weighs its samples 0); alone, dropped samples are skipped.
+        rows = torch.arange(len(x0)) if acc.num_processes > 1 else torch.nonzero(keep).view(-1)
+        weight = keep.float()[rows]
+        reps = int(nft["timesteps_per_sample"])
+        denom = max(float(acc.gather(weight.sum()[None]).sum()) / acc.num_processes, 1.0) * reps
+        gen = torch.Generator().manual_seed(_seed(cfg["seed"], self.step, 10_000 + acc.process_index))
+        mb = int(cfg["micro_batch"])
+        batches = [slice(i, i + mb) for i in range(0, len(rows), mb)] * reps  # positions in `rows`
+        dev = self.stages.pipe._execution_device
+        dtype = self.stages.dtype
+        sums = {"loss": 0.0, "loss_positive": 0.0, "loss_negative": 0.0, "kl": 0.0}
+        for n, part in enumerate(batches):
+            idx, w = rows[part], weight[part] / denom
+            x0_b = x0[idx].to(dev)
+            t = (torch.rand(len(idx), generator=gen) * (t_max[idx] + 1).float()).long().clamp(max=sched.config.num_train_timesteps - 1)
+            noise = torch.randn(x0_b.shape, generator=gen).to(dev)
+            x_t = sched.add_noise(x0_b, noise, t.to(dev))
+            a = alpha_bar(sched.alphas_cumprod, t, x0_b)
+            cond = dict(encoder_hidden_states=embeds[idx].to(dev, dtype), class_labels=level[idx].to(dev))
+            inp = torch.cat([x_t, image[idx].to(dev, x_t.dtype)], dim=1).to(dtype)
+            with torch.no_grad(), acc.autocast():
+                with self.model.use("old") as old_unet:
+                    p_old = old_unet(inp, t.to(dev), **cond, return_dict=False)[0]
+                p_ref = None
+                if float(nft["kl_beta"]) > 0:
+                    with self.model.use("reference") as ref_unet:
+                        p_ref = ref_unet(inp, t.to(dev), **cond, return_dict=False)[0]
+            last = n == len(batches) - 1
+            sync = acc.no_sync(self.unet) if (acc.num_processes > 1 and not last) else _nullcontext()
+            with sync, acc.autocast():
+                p_cur = self.unet(inp, t.to(dev), **cond, return_dict=False)[0]
+                out = nft_loss(p_cur, p_old, x_t, x0_b, a, r[idx], prediction_type=self.prediction_type,
+                               beta=float(nft["beta"]), adv_clip=float(nft["adv_clip"]), reference=p_ref,
+                               kl_beta=float(nft["kl_beta"]), weights=w)
+                acc.backward(out.total)
+            share = float(w.sum())
+            for key, value in out.terms().items():
+                sums[key] += value if key == "loss" else value * share
+        grad_norm = acc.clip_grad_norm_(self.model.trainable_parameters(), float(cfg["optimizer"]["max_grad_norm"]))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        decay = ema_decay(self.step, flat=int(nft["ema"]["flat"]), rate=float(nft["ema"]["rate"]),
+                          max_decay=float(nft["ema"]["max_decay"]))
+        self.model.ema_step(decay)
+        return {**sums, "grad_norm": float(grad_norm), "ema_decay": decay}
+
+    def _stats(self, rewards: torch.Tensor, drop: torch.Tensor, terms: dict, t_rollout: float, t_step: float) -> dict:
+        acc = self.accelerator
+        all_rewards = acc.gather(rewards.to(acc.device)).cpu()
+        row = {"step": self.step + 1}
+        for i, name in enumerate(self.names):
+            col = all_rewards[:, i]
+            col = col[~torch.isnan(col)]
+            row[f"rewards/{name}/mean"] = float(col.mean()) if len(col) else None
+            row[f"rewards/{name}/std"] = float(col.std()) if len(col) > 1 else None
+        from .group_filter import weighted_total
+
+        total = weighted_total(all_rewards, self.weights)
+        total = total[~torch.isnan(total)]
+        row["reward"] = float(total.mean()) if len(total) else None
+        row["group_filter/dropped"] = int(acc.gather(drop.to(acc.device).sum()[None]).sum())
+        row["groups"] = int(acc.gather(torch.tensor([len(drop)], device=acc.device)).sum())
+        row.update(terms or {"loss": None, "skipped": True})
+        row["s_rollout"] = round(t_rollout, 3)
+        row["s_step"] = round(t_step, 3)
+        return row
+
+    # evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """The held-out inputs with fixed seeds, the current model: mean reward and guard metrics."""
+        from .group_filter import weighted_total
+        from .reward_guard import mean_of, score_image
+        from .rewards.visual import reference_for
+
+        ev = self.cfg["eval"]
+        totals, metrics = [], {m: [] for m in self.metric_names}
+        for j, row in enumerate(self.eval_rows):
+            seeds = [_seed(ev["seed"], j, s) for s in range(int(ev["samples"]))]
+            rgb, ro = self._rollout(row, seeds, 1_000_000 + j, which="current")
+            totals += weighted_total(self._score(ro.images, rgb, row.get("hr_path")), self.weights).tolist()
+            for img in ro.images:
+                for name, value in score_image(img, reference_for(row.get("hr_path"), img), self.metric_names).items():
+                    metrics[name].append(value)
+        return {"step": self.step, "reward": mean_of(totals), **{m: mean_of(v) for m, v in metrics.items()}}
+
+    def _evaluate_and_guard(self) -> bool:
+        """Evaluate, log, keep the best model; True when the guard stops the run."""
+        from .reward_guard import read_rows, write_report
+
+        row = self.evaluate()
+        verdict = None
+        if self.guard is not None:
+            verdict = self.guard.check(self.step, row.get(self.guard.metric))
+            row["guard"] = verdict
+        if self.accelerator.is_main_process:
+            with open(self.out / EVAL_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            rows = [{k: v for k, v in r.items() if k != "guard"} for r in read_rows(self.out / EVAL_FILE)]
+            write_report(rows, self.out)
+            if verdict == "best":
+                self.model.save(self.out / "best", self._info(best=True))
+        self.accelerator.wait_for_everyone()
+        _say(f"eval step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                                     if isinstance(v, float)) + (f" ({verdict})" if verdict else ""))
+        return verdict == "tripped"
+
+    def _info(self, best: bool = False) -> dict:
+        info = {"step": self.step, "base": str(self.cfg["restorer"]), "config": self.cfg, "prediction_type": self.prediction_type}
+        if self.guard is not None:
+            info["guard"] = self.guard.state()
+            if best:
+                info["best"] = True
+        return info
+
+    # the run -----------------------------------------------------------------------------------
+    def train(self) -> Path:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.accelerator.is_main_process:
+            atomic_write_text(self.out / "config.json", json.dumps(cfg, indent=2, default=str) + "\n")
+        every = int(cfg["eval"]["steps"] or 0)
+        tripped = False
+        if every and self.eval_rows and self.step == 0:
+            tripped = self._evaluate_and_guard()  # step 0: the baseline every later evaluation compares with
+        while not tripped and self.step < int(cfg["max_steps"]):
+            row = self.train_step()
+            if self.accelerator.is_main_process:
+                with open(self.out / LOG_FILE, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+                _say(f"step {row['step']}: reward {_fmt(row['reward'])}, loss {_fmt(row.get('loss'))}, "
+                     f"dropped {row['group_filter/dropped']}/{row['groups']} groups, {row['s_step']:.1f} s")
+            if every and self.eval_rows and self.step % every == 0:
+                tripped = self._evaluate_and_guard()
+            if self.step % int(cfg["save_steps"]) == 0 or tripped or self.step == int(cfg["max_steps"]):
+                self.save_checkpoint()
+        result = self.out / "adapter" if cfg["lora"] is not None else self.out / "model"
+        if self.accelerator.is_main_process:
+            if tripped and (self.out / "best").is_dir():
+                if result.exists():
+                    shutil.rmtree(result)
+                shutil.copytree(self.out / "best", result)
+                _say(f"guard: held-out {self.guard.metric} fell more than {self.guard.max_drop} below its best "
+                     f"(step {self.guard.best_step}); stopped at step {self.step}, the best model is the result")
+            else:
+                self.model.save(result, self._info())
+            atomic_write_text(self.out / "result.json", json.dumps(
+                {"result": result.name, "step": self.step, "guard": None if self.guard is None else self.guard.state()},
+                indent=2) + "\n")
+        self.accelerator.wait_for_everyone()
+        return result
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.4f}"
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def train(cfg: dict, *, resume: bool = False) -> Path:
+    return RestorerRL(cfg, resume=resume).train()
+
+
+def saved_message(cfg: dict, out: Path) -> str:
+    if out.name == "model":
+        return f"model saved in {out} (use: python -m realsr_r1.infer --profile full --set restorer.model={out} …)"
+    return f"adapter saved in {out} (use: python -m realsr_r1.infer --profile full --restorer-adapter {out} …)"

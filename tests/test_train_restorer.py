@@ -1,0 +1,269 @@
+"""RL of the diffusion restorer (train_restorer.py) on the tiny random upscaler, offline on CPU.
+
+Rewards that the tiny random model can move come from tests/tiny_rewards.py (`module:function`
+rewards of images): brightness (learnable), perfect (flat groups), noise_paying (anti-correlated
+with fidelity: what the guard is for)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, photo, weights_env
+from realsr_r1 import train
+from realsr_r1.tiny import build_tiny_upscaler
+
+CONFIG = str(REPO / "configs" / "restorer-tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from realsr_r1.data import build_dataset
+
+    root = tmp_path_factory.mktemp("restorer-rl")
+    weights = root / "weights"
+    build_tiny_upscaler(weights / "tiny-upscaler")
+    hr = root / "hr"
+    hr.mkdir()
+    for i, name in enumerate(["dog.png", "chip.png", "dog.png", "chip.png", "dog.png"]):
+        photo((64, 48), name).rotate(90 * i).save(hr / f"{i}.png")
+    with weights_env(weights):
+        build_dataset(hr, root / "data", log=lambda *a: None)
+        yield root
+
+
+def run(root, out, *sets, resume=False):
+    args = ["restorer", "--config", CONFIG, "--set", f"data={root / 'data'}", "--set", f"output_dir={out}"]
+    for s in sets:
+        args += ["--set", s]
+    return train.main(args + (["--resume"] if resume else []))
+
+
+def rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_tiny_run_learns_a_reward_it_can_move(setup, tmp_path):
+    """Brightness on the training inputs, fixed seeds: the evaluated mean reward after 10 steps is
+    above step 0's by more than the spread (std) of the rewards of the samples drawn in one step, so
+    the model moved its output distribution, not one lucky sample. (Full fine-tuning: the tiny
+    UNet's LoRA on attention alone moves it too, but needs ~3x the steps.)"""
+    out = tmp_path / "learn"
+    assert run(setup, out, "rewards={tiny_rewards:brightness: 1.0}", "lora=null", "optimizer.learning_rate=1e-3",
+               "max_steps=10", "eval.steps=10", f"eval.data={setup / 'data'}", "eval.count=5", "eval.metrics=[psnr]") == 0
+    ev = rows(out / "eval.jsonl")
+    assert [r["step"] for r in ev] == [0, 10]
+    spread = rows(out / "log.jsonl")[0]["rewards/brightness/std"]
+    assert ev[1]["reward"] - ev[0]["reward"] > spread > 0
+    assert (out / "model" / "unet").is_dir()  # full fine-tuning saves a pipeline folder
+    assert (out / "eval.md").read_text().count("\n") == 4 and (out / "eval.png").stat().st_size > 1000
+
+
+def test_lora_changes_the_old_model_follows_by_ema_and_resume_continues(setup, tmp_path):
+    sets = ["rewards={tiny_rewards:brightness: 1.0}", "nft.ema={rate: 0.2, max_decay: 0.5}", "save_steps=2",
+            "eval.steps=0"]
+    straight = tmp_path / "straight"
+    assert run(setup, straight, *sets, "max_steps=4") == 0
+    split = tmp_path / "split"
+    assert run(setup, split, *sets, "max_steps=2") == 0
+    assert run(setup, split, *sets, "max_steps=4") == 2  # an existing run is not overwritten
+    assert run(setup, split, *sets, "max_steps=4", resume=True) == 0
+    assert [r["step"] for r in rows(split / "log.jsonl")] == [1, 2, 3, 4]
+    a = load_file(str(straight / "adapter" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(split / "adapter" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    ups = [v for k, v in a.items() if "lora.up" in k or "lora_B" in k]
+    assert ups and all(float(v.abs().max()) > 0 for v in ups)  # B starts at 0: every adapter layer trained
+
+    state = torch.load(straight / "checkpoint-4" / "state.pt", weights_only=False)["model"]
+    current = {k[len("current."):]: v for k, v in state.items() if k.startswith("current.")}
+    old = {k[len("old."):]: v for k, v in state.items() if k.startswith("old.")}
+    assert current.keys() == old.keys()
+    b_keys = [k for k in current if "lora_B" in k]
+    # the old model moved (it started at B = 0) but lags the current one (EMA decay 0.2 … 0.6 → 0.5)
+    assert all(float(old[k].abs().max()) > 0 for k in b_keys)
+    assert any(not torch.allclose(old[k], current[k]) for k in b_keys)
+
+
+def test_the_ema_step_mixes_old_and_current_by_the_decay(setup):
+    from diffusers import StableDiffusionUpscalePipeline
+
+    from realsr_r1.restorers.trainable import TrainableUpscaler
+
+    pipe = StableDiffusionUpscalePipeline.from_pretrained(str(setup / "weights" / "tiny-upscaler"))
+    model = TrainableUpscaler(pipe, lora={"r": 4, "alpha": 8})
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(torch.randn_like(p))
+    pairs = model._pairs()
+    before = [(o.clone(), c.clone()) for o, c in pairs]
+    model.ema_step(0.25)
+    for (o, c), (o0, c0) in zip(pairs, before):
+        assert torch.allclose(o, 0.25 * o0 + 0.75 * c0) and torch.equal(c, c0)
+    # the old adapter's prediction differs from the current one's, the reference's from both
+    x = torch.randn(1, 7, 8, 8)
+    kw = dict(encoder_hidden_states=torch.randn(1, 77, 16), class_labels=torch.tensor([20]), return_dict=False)
+    with torch.no_grad():
+        preds = {}
+        for which in ("current", "old", "reference"):
+            with model.use(which) as unet:
+                preds[which] = unet(x, torch.tensor([500]), **kw)[0]
+    assert not torch.allclose(preds["current"], preds["old"])
+    assert not torch.allclose(preds["old"], preds["reference"])
+    assert all(p.requires_grad for p in model.trainable_parameters())  # back on the trained adapter
+
+
+def test_flat_groups_are_dropped_and_nothing_is_learned_from_them(setup, tmp_path):
+    out = tmp_path / "flat"
+    assert run(setup, out, "rewards={tiny_rewards:perfect: 1.0}", "max_steps=2", "eval.steps=0") == 0
+    log = rows(out / "log.jsonl")
+    assert [(r["group_filter/dropped"], r["groups"], r["loss"]) for r in log] == [(2, 2, None)] * 2
+    weights = load_file(str(out / "adapter" / "pytorch_lora_weights.safetensors"))
+    assert all(float(v.abs().max()) == 0 for k, v in weights.items() if "lora.up" in k or "lora_B" in k)
+
+
+GUARDED = ["lora=null", "optimizer.learning_rate=1e-3", "max_steps=12", "eval.steps=2", "eval.metrics=[psnr]",
+           "guard={metric: psnr, max_drop: 0.1}"]
+
+
+def test_the_guard_stops_a_run_that_pays_for_noise_and_keeps_the_best_model(setup, tmp_path):
+    """Held-out PSNR with fixed seeds: paying for high-frequency energy lowers it by > 0.1 dB within a
+    few steps and the guard stops the run; the same run rewarded for closeness to the HR (the control)
+    raises it and runs to the end."""
+    control = tmp_path / "control"
+    assert run(setup, control, "rewards={tiny_rewards:closeness: 1.0}", *GUARDED[:2], "max_steps=4", *GUARDED[3:]) == 0
+    ev = rows(control / "eval.jsonl")
+    assert json.loads((control / "result.json").read_text())["guard"]["tripped_at"] is None
+    assert [r["step"] for r in ev] == [0, 2, 4] and ev[-1]["psnr"] > ev[0]["psnr"]
+
+    out = tmp_path / "hacked"
+    assert run(setup, out, "rewards={tiny_rewards:noise_paying: 1.0}", *GUARDED) == 0
+    result = json.loads((out / "result.json").read_text())
+    guard = result["guard"]
+    assert guard["tripped_at"] is not None and result["step"] == guard["tripped_at"] < 12
+    ev = rows(out / "eval.jsonl")
+    assert ev[-1]["guard"] == "tripped" and ev[-1]["psnr"] < guard["best"] - 0.1
+    assert guard["best"] == max(r["psnr"] for r in ev)
+    kept = load_file(str(out / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+    best = load_file(str(out / "best" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(kept[k], best[k]) for k in best)
+    trained = torch.load(out / f"checkpoint-{result['step']}" / "state.pt", weights_only=False)["model"]
+    name = next(k for k in best if k.endswith("conv_in.weight"))
+    assert not torch.equal(trained[f"current.{name}"], best[name])  # the kept model is not the last one
+
+
+def test_the_trained_adapter_changes_inference(setup, tmp_path):
+    from realsr_r1 import infer
+
+    out = tmp_path / "use"
+    assert run(setup, out, "rewards={tiny_rewards:brightness: 1.0}", "max_steps=2", "eval.steps=0",
+               "optimizer.learning_rate=3e-2") == 0
+    src = tmp_path / "in"
+    src.mkdir()
+    photo((16, 12), "dog.png").save(src / "a.png")
+    with weights_env(setup / "weights"):
+        results = {}
+        for name, extra in (("base", []), ("tuned", ["--restorer-adapter", str(out / "adapter")])):
+            assert infer.main(["--profile", "tiny", "--input", str(src), "--output", str(tmp_path / name),
+                               "--quiet", *extra]) == 0
+            from PIL import Image
+
+            results[name] = np.asarray(Image.open(tmp_path / name / "a.png"), dtype=np.float32)
+    assert np.abs(results["base"] - results["tuned"]).mean() > 0.1
+    sidecar = json.loads((tmp_path / "tuned" / "a.json").read_text())
+    assert str(out / "adapter") in json.dumps(sidecar)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["nosuch=1"], "nosuch: unknown restorer training key"),
+    (["rewards={format: 1.0}"], "rewards.format: scores the chain of thought"),
+    (["samples=1"], "samples: need ≥ 2"),
+    (["guard={metric: lpips, max_drop: 1}"], "guard.metric"),
+    (["nft.betta=1"], "nft.betta: unknown key"),
+    (["conditioning=vlm"], "conditioning: 'vlm' is not one of"),
+])
+def test_config_errors_are_one_line(setup, tmp_path, capsys, sets, message):
+    assert run(setup, tmp_path / "bad", *sets) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_init_adapter_starts_both_adapters_from_a_trained_one(setup, tmp_path):
+    """restorer-nr continues restorer-fr: the current and the old adapter start as the saved one."""
+    from diffusers import StableDiffusionUpscalePipeline
+
+    from realsr_r1.restorers.trainable import TrainableUpscaler, read_lora_state
+
+    out = tmp_path / "fr"
+    assert run(setup, out, "rewards={tiny_rewards:brightness: 1.0}", "max_steps=1", "eval.steps=0",
+               "optimizer.learning_rate=3e-2") == 0
+    saved = read_lora_state(str(out / "adapter"))
+    pipe = StableDiffusionUpscalePipeline.from_pretrained(str(setup / "weights" / "tiny-upscaler"))
+    model = TrainableUpscaler(pipe, lora={"r": 8, "alpha": 16}, init_adapter=str(out / "adapter"))
+    state = model.state_dict()
+    for name, value in saved.items():
+        key = name.replace(".weight", "").replace("lora_A", "lora_A.ADAPTER").replace("lora_B", "lora_B.ADAPTER") + ".weight"
+        assert torch.equal(state[f"current.{key}"], value) and torch.equal(state[f"old.{key}"], value)
+    assert any(float(v.abs().max()) > 0 for k, v in saved.items() if "lora_B" in k)
+    with pytest.raises(ValueError, match="do not match"):
+        TrainableUpscaler(StableDiffusionUpscalePipeline.from_pretrained(str(setup / "weights" / "tiny-upscaler")),
+                          lora={"r": 8, "alpha": 16, "targets": ["to_q"]}, init_adapter=str(out / "adapter"))
+
+
+def test_conditioning_by_caption_and_by_a_cached_policy(setup, tmp_path, monkeypatch):
+    from realsr_r1 import restorer_rollouts as R
+    from realsr_r1.data import load_dataset
+    from realsr_r1.tiny import build_tiny_vlm
+
+    row = load_dataset(setup / "data")[0]
+    rgb = np.asarray(row["image"].convert("RGB"))
+    plan = R.plan_for("caption", {"caption": "a dog on grass"}, rgb)
+    assert plan.understanding == {"rough": "a dog on grass", "middle": "a dog on grass", "final": "a dog on grass"}
+    assert not plan.degradation
+    analysed = R.plan_for("analyser", row, rgb)
+    assert all(v == "" for v in analysed.understanding.values()) and analysed.degradation
+
+    build_tiny_vlm(setup / "weights" / "tiny-vlm")
+    policy = {"type": "vlm", "model": "tiny-vlm", "dtype": "fp32", "max_pixels": 12544, "generation": {"max_new_tokens": 8}}
+    cache = tmp_path / "conditioning.jsonl"
+    with weights_env(setup / "weights"):
+        first = R.PolicyTexts(policy, cache, "cpu").text("a.png", rgb, 0)
+        assert first and json.loads(cache.read_text())["text"] == first
+        built = []
+        monkeypatch.setattr("realsr_r1.profiles.build_policy", lambda *a, **k: built.append(1))
+        assert R.PolicyTexts(policy, cache, "cpu").text("a.png", rgb, 0) == first and not built  # from the cache
+        other = R.PolicyTexts({**policy, "generation": {"max_new_tokens": 9}}, cache, "cpu")
+        assert "a.png" not in other.texts  # another policy's texts are not reused
+
+
+def test_the_shipped_configs_are_valid():
+    from realsr_r1.profiles import load_config
+    from realsr_r1.rewards.registry import build_image_rewards
+    from realsr_r1.train_restorer import _section, resolve_config
+
+    for name in ("restorer-fr", "restorer-nr", "restorer-tiny"):
+        cfg = resolve_config({**load_config(name), "data": "somewhere"})
+        section, render = _section(cfg, "restorer")
+        assert section["type"] == "diffusion" and render["scale"] == 4
+        funcs, weights = build_image_rewards(cfg["rewards"])
+        assert funcs and weights == [1.0]
+    nr = load_config("restorer-nr")
+    assert nr["init_adapter"].endswith("restorer-fr/adapter") and nr["guard"]["metric"] == "psnr"
+    assert load_config("restorer-fr")["guard"]["metric"] == "niqe"
+
+
+def test_compass_without_hr_scores_fidelity_against_the_input():
+    from realsr_r1.restorers.lite import resize
+    from realsr_r1.rewards.registry import image_score
+
+    rng = np.random.default_rng(0)
+    lq = rng.random((32, 32, 3)).astype(np.float32)
+    faithful = resize(lq, (128, 128))
+    unfaithful = rng.random((128, 128, 3)).astype(np.float32)
+    score = image_score("compass", {"quality": "analyser", "fidelity": "input"})
+    good, bad = score([faithful, unfaithful], [lq, lq], [None, None])
+    assert good is not None and bad is not None and good > bad
+    with pytest.raises(ValueError, match="compass.fidelity"):
+        image_score("compass", {"fidelity": "gt"})
