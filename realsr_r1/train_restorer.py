@@ -373,32 +373,31 @@ class RestorerRL:
 
         cfg, nft, acc = self.cfg, self.cfg["nft"], self.accelerator
         sched = self.stages.pipe.scheduler
-        x0 = torch.cat([ro.latents for ro in rollouts])
-        image = torch.cat([ro.image for ro in rollouts])
-        embeds = torch.cat([ro.embeds for ro in rollouts])
-        level = torch.cat([ro.level for ro in rollouts])
-        t_max = torch.tensor([ro.t_max for ro in rollouts for _ in range(len(ro))])
-        # Under DDP every process runs the same number of forwards (a process with nothing kept
-        # weighs its samples 0); alone, dropped samples are skipped.
-        rows = torch.arange(len(x0)) if acc.num_processes > 1 else torch.nonzero(keep).view(-1)
-        weight = keep.float()[rows]
+        k = int(cfg["samples"])
+        # Micro-batches never mix inputs (their latents may differ in size). Under DDP every process
+        # runs the same number of forwards (a dropped sample weighs 0); alone, dropped ones are skipped.
+        weight = keep.float()
         reps = int(nft["timesteps_per_sample"])
         denom = max(float(acc.gather(weight.sum()[None]).sum()) / acc.num_processes, 1.0) * reps
         gen = torch.Generator().manual_seed(_seed(cfg["seed"], self.step, 10_000 + acc.process_index))
         mb = int(cfg["micro_batch"])
-        batches = [slice(i, i + mb) for i in range(0, len(rows), mb)] * reps  # positions in `rows`
+        batches = []
+        for j, ro in enumerate(rollouts):
+            rows = torch.arange(len(ro)) if acc.num_processes > 1 else torch.nonzero(keep[j * k:(j + 1) * k]).view(-1)
+            batches += [(ro, rows[i:i + mb], j * k) for i in range(0, len(rows), mb)]
+        batches *= reps
         dev = self.stages.pipe._execution_device
         dtype = self.stages.dtype
         sums = {"loss": 0.0, "loss_positive": 0.0, "loss_negative": 0.0, "kl": 0.0}
-        for n, part in enumerate(batches):
-            idx, w = rows[part], weight[part] / denom
-            x0_b = x0[idx].to(dev)
-            t = (torch.rand(len(idx), generator=gen) * (t_max[idx] + 1).float()).long().clamp(max=sched.config.num_train_timesteps - 1)
+        for n, (ro, idx, offset) in enumerate(batches):
+            w = weight[offset + idx] / denom
+            x0_b = ro.latents[idx].to(dev)
+            t = (torch.rand(len(idx), generator=gen) * (ro.t_max + 1)).long().clamp(max=sched.config.num_train_timesteps - 1)
             noise = torch.randn(x0_b.shape, generator=gen).to(dev)
             x_t = sched.add_noise(x0_b, noise, t.to(dev))
             a = alpha_bar(sched.alphas_cumprod, t, x0_b)
-            cond = dict(encoder_hidden_states=embeds[idx].to(dev, dtype), class_labels=level[idx].to(dev))
-            inp = torch.cat([x_t, image[idx].to(dev, x_t.dtype)], dim=1).to(dtype)
+            cond = dict(encoder_hidden_states=ro.embeds[idx].to(dev, dtype), class_labels=ro.level[idx].to(dev))
+            inp = torch.cat([x_t, ro.image[idx].to(dev, x_t.dtype)], dim=1).to(dtype)
             with torch.no_grad(), acc.autocast():
                 with self.model.use("old") as old_unet:
                     p_old = old_unet(inp, t.to(dev), **cond, return_dict=False)[0]
@@ -410,7 +409,7 @@ class RestorerRL:
             sync = acc.no_sync(self.unet) if (acc.num_processes > 1 and not last) else _nullcontext()
             with sync, acc.autocast():
                 p_cur = self.unet(inp, t.to(dev), **cond, return_dict=False)[0]
-                out = nft_loss(p_cur, p_old, x_t, x0_b, a, r[idx], prediction_type=self.prediction_type,
+                out = nft_loss(p_cur, p_old, x_t, x0_b, a, r[offset + idx], prediction_type=self.prediction_type,
                                beta=float(nft["beta"]), adv_clip=float(nft["adv_clip"]), reference=p_ref,
                                kl_beta=float(nft["kl_beta"]), weights=w)
                 acc.backward(out.total)
@@ -553,6 +552,7 @@ def train(cfg: dict, *, resume: bool = False) -> Path:
 
 
 def saved_message(cfg: dict, out: Path) -> str:
+    profile = (cfg.get("restorer") or {}).get("profile") or "full"
     if out.name == "model":
-        return f"model saved in {out} (use: python -m realsr_r1.infer --profile full --set restorer.model={out} …)"
-    return f"adapter saved in {out} (use: python -m realsr_r1.infer --profile full --restorer-adapter {out} …)"
+        return f"model saved in {out} (use: python -m realsr_r1.infer --profile {profile} --set restorer.model={out} …)"
+    return f"adapter saved in {out} (use: python -m realsr_r1.infer --profile {profile} --restorer-adapter {out} …)"

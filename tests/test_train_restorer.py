@@ -267,3 +267,22 @@ def test_compass_without_hr_scores_fidelity_against_the_input():
     assert good is not None and bad is not None and good > bad
     with pytest.raises(ValueError, match="compass.fidelity"):
         image_score("compass", {"fidelity": "gt"})
+
+
+def test_inputs_of_different_sizes_share_a_step(setup, tmp_path):
+    """Each input's samples are trained in their own micro-batches: latents of two sizes in one step."""
+    from realsr_r1.data import build_dataset
+
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    photo((64, 48), "dog.png").save(hr / "a.png")
+    photo((48, 64), "chip.png").save(hr / "b.png")
+    photo((64, 64), "dog.png").save(hr / "c.png")
+    with weights_env(setup / "weights"):
+        build_dataset(hr, tmp_path / "data", log=lambda *a: None)
+    out = tmp_path / "run"
+    assert train.main(["restorer", "--config", CONFIG, "--set", f"data={tmp_path / 'data'}", "--set", f"output_dir={out}",
+                       "--set", "max_steps=1", "--set", "eval.steps=0", "--set", "inputs_per_step=2",
+                       "--set", "rewards={tiny_rewards:brightness: 1.0}"]) == 0
+    (row,) = rows(out / "log.jsonl")
+    assert row["groups"] == 2 and row["loss"] is not None and row["grad_norm"] > 0
