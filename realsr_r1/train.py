@@ -3,6 +3,7 @@
     python -m realsr_r1.train --config configs/grpo.yaml [--resume] [--set key=value ...]
     python -m realsr_r1.train filter --config configs/grpo.yaml --keep 0.3 [--out DIR]
     python -m realsr_r1.train restorer --config configs/restorer-fr.yaml [--resume]   (train_restorer.py)
+    python -m realsr_r1.train joint --config configs/joint-tiny.yaml [--resume]       (train_joint.py)
 
 The trainer is TRL's; this module is the glue (design.md §4): the dataset from `realsr_r1.data`,
 the VLM and processor through the same loader inference uses, LoRA (QLoRA with a 4-bit base) with
@@ -169,17 +170,18 @@ def restorer_section(cfg: dict) -> dict:
     return merged
 
 
-def restorations_factory(cfg: dict, device: str):
-    """A `Restorations` over the restorer the config names (`restorer.profile` + overrides)."""
+def restorations_factory(cfg: dict, device: str, restorer=None):
+    """A `Restorations` over the restorer the config names (`restorer.profile` + overrides), or over
+    `restorer` itself (joint training: the restorer being trained renders the policy's rewards)."""
     section = dict(cfg.get("restorer") or {})
-    merged = restorer_section(cfg)
+    merged = restorer_section(cfg) if restorer is None else None
 
     def make():
         from .profiles import build_restorer
         from .rewards.visual import Restorations
 
         options = {k: section[k] for k in ("scale", "seed", "batch_size") if k in section}  # else Restorations'
-        return Restorations(build_restorer(merged, device=device), **options)
+        return Restorations(restorer if restorer is not None else build_restorer(merged, device=device), **options)
 
     return make
 
@@ -371,7 +373,9 @@ def reflective_trainer(cfg: dict, options: dict, restorations):
                                    "reflect_stages": tuple(stages)}
 
 
-def build_trainer(cfg: dict, output_dir: Path):
+def build_trainer(cfg: dict, output_dir: Path, *, restorer=None, callbacks=()):
+    """The GRPO trainer; `restorer` (joint training) renders the image rewards instead of the
+    config's, and `callbacks` are added to the trainer's."""
     from .data import load_dataset
     from .rewards.registry import build_rewards
 
@@ -379,7 +383,7 @@ def build_trainer(cfg: dict, output_dir: Path):
     dataset = load_dataset(_data_dir(cfg))
     cls, options = trainer_and_options(cfg.get("group_filter"))
     # One restorer for the image rewards and the reflective rollouts' stage images, built on first use.
-    restorations = functools.cache(restorations_factory(cfg, device))
+    restorations = functools.cache(restorations_factory(cfg, device, restorer))
     if cfg.get("reflect_stages"):
         cls, options = reflective_trainer(cfg, options, restorations)
     # Every reward model (restorer, judge, similarity encoder) is built here, before GRPOConfig: under
@@ -389,7 +393,8 @@ def build_trainer(cfg: dict, output_dir: Path):
     args = grpo_args(cfg, output_dir, weights)  # config mistakes show before minutes of model loading
     model, processor = load_policy_model(cfg, device)
     trainer = cls(model=model, reward_funcs=funcs, args=args, train_dataset=dataset, processing_class=processor,
-                  peft_config=lora_config(cfg), callbacks=_callbacks(output_dir / LOG_FILE, output_dir / TRAINED_DECODING_FILE), **options)
+                  peft_config=lora_config(cfg),
+                  callbacks=_callbacks(output_dir / LOG_FILE, output_dir / TRAINED_DECODING_FILE) + list(callbacks), **options)
     keep_trainable_fp32(trainer, cfg)
     return trainer
 
@@ -405,7 +410,8 @@ def last_checkpoint(output_dir: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
 
 
-def train(cfg: dict, *, resume: bool = False) -> Path:
+def train(cfg: dict, *, resume: bool = False, restorer=None, callbacks=()) -> Path:
+    """GRPO of the policy; `restorer` and `callbacks` as build_trainer's (joint training)."""
     check_config(cfg)
     output_dir = Path(cfg.get("output_dir") or "runs/grpo")
     checkpoint = last_checkpoint(output_dir) if output_dir.is_dir() else None
@@ -415,7 +421,10 @@ def train(cfg: dict, *, resume: bool = False) -> Path:
         raise ConfigError(f"{output_dir} already has {checkpoint.name}: pass --resume to continue it, "
                           "or choose another output_dir")
     output_dir.mkdir(parents=True, exist_ok=True)
-    trainer = build_trainer(cfg, output_dir)
+    trainer = build_trainer(cfg, output_dir, restorer=restorer, callbacks=callbacks)
+    for cb in callbacks:  # a callback that needs the trainer (joint training: the live policy)
+        if hasattr(cb, "attach"):
+            cb.attach(trainer)
     if trainer.is_world_process_zero():  # inference samples as the rollouts did (policy.py reads it)
         record = {**decoding(cfg).to_dict(), "reflect_stages": list(cfg.get("reflect_stages") or [])}  # their mode
         atomic_write_text(output_dir / TRAINED_DECODING_FILE, json.dumps(record, indent=2) + "\n")
@@ -489,17 +498,22 @@ def filter_dataset(cfg: dict, keep: float, out: Path | None = None, log=print) -
 # --- CLI -------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("filter", "restorer") else "train"
+    command = argv.pop(0) if argv and argv[0] in ("filter", "restorer", "joint") else "train"
     description = __doc__.split("\n\n")[0]
     if command == "restorer":
         from . import train_restorer
 
         description = train_restorer.__doc__.split("\n\n")[0]
+    elif command == "joint":
+        from . import train_joint
+
+        description = train_joint.__doc__.split("\n\n")[0]
     p = argparse.ArgumentParser(prog=f"python -m realsr_r1.train{'' if command == 'train' else ' ' + command}",
                                 description=description)
     p.add_argument("--config", required=True,
-                   help="a YAML file (configs/restorer-fr.yaml, restorer-nr.yaml, restorer-tiny.yaml)" if command == "restorer"
-                   else "a YAML file (configs/grpo.yaml, configs/grpo-realsr-r1.yaml…)")
+                   help={"restorer": "a YAML file (configs/restorer-fr.yaml, restorer-nr.yaml, restorer-tiny.yaml)",
+                         "joint": "a YAML file (configs/joint-tiny.yaml)"}.get(
+                       command, "a YAML file (configs/grpo.yaml, configs/grpo-realsr-r1.yaml…)"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set trainer.learning_rate=1e-5 (repeatable)")
     if command == "filter":
@@ -510,13 +524,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     show_library_warnings_once()
     try:
-        cfg = load_config(args.config, args.overrides)
+        if command == "joint":  # its sides are configs by name: expanded first, so --set policy.x=… reaches them
+            from .profiles import apply_overrides
+
+            cfg = apply_overrides(train_joint.expand(load_config(args.config)), args.overrides)
+        else:
+            cfg = load_config(args.config, args.overrides)
         if command == "filter":
             filter_dataset(cfg, args.keep, Path(args.out) if args.out else None,
                            log=lambda m: print(m, file=sys.stderr))
         elif command == "restorer":
             out = train_restorer.train(cfg, resume=args.resume)
             print(train_restorer.saved_message(cfg, out), file=sys.stderr)
+        elif command == "joint":
+            print(train_joint.main_message(*train_joint.train(cfg, resume=args.resume)), file=sys.stderr)
         else:
             out = train(cfg, resume=args.resume)
             print(saved_message(cfg, out), file=sys.stderr)

@@ -119,8 +119,6 @@ def resolve_config(cfg: dict) -> dict:
         raise ConfigError(f"stage: {out['stage']!r} is not one of {', '.join(STAGES)}")
     if out["conditioning"] not in CONDITIONING:
         raise ConfigError(f"conditioning: {out['conditioning']!r} is not one of {', '.join(CONDITIONING)}")
-    if out["conditioning"] == "policy" and not out.get("policy"):
-        raise ConfigError("policy: `conditioning: policy` needs a policy section (e.g. {profile: full})")
     for key in ("samples", "inputs_per_step", "sampling_steps", "max_steps", "micro_batch", "save_steps"):
         if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1:
             raise ConfigError(f"{key}: expected a whole number ≥ 1, got {out[key]!r}")
@@ -191,7 +189,8 @@ def _seed(*parts: int) -> int:
 class RestorerRL:
     """One training run (module doc)."""
 
-    def __init__(self, cfg: dict, *, resume: bool = False):
+    def __init__(self, cfg: dict, *, resume: bool = False, policy_texts=None):
+        """`policy_texts` (joint training) writes each input's conditioning with the live policy."""
         from accelerate import Accelerator
 
         from .nft import PREDICTION_TYPES
@@ -203,6 +202,8 @@ class RestorerRL:
         from accelerate.utils import set_seed
 
         self.cfg = cfg = resolve_config(cfg)
+        if cfg["conditioning"] == "policy" and policy_texts is None and not cfg.get("policy"):
+            raise ConfigError("policy: `conditioning: policy` needs a policy section (e.g. {profile: full})")
         self.out = Path(cfg["output_dir"])
         self.accelerator = Accelerator(mixed_precision=cfg["mixed_precision"])
         set_seed(int(cfg["seed"]))  # the LoRA's random init: the same run from the same seed
@@ -228,8 +229,8 @@ class RestorerRL:
                                            weight_decay=float(opt["weight_decay"]))
         self.unet, self.optimizer = self.accelerator.prepare(self.model.unet, self.optimizer)
         self.train_rows, self.eval_rows = split_rows(cfg)
-        self.policy_texts = None
-        if cfg["conditioning"] == "policy":
+        self.policy_texts = policy_texts
+        if cfg["conditioning"] == "policy" and policy_texts is None:
             self.policy_texts = PolicyTexts(_policy_section(cfg), self.out / "conditioning.jsonl", self.device)
         self.step = 0
         self.guard = None
@@ -514,7 +515,15 @@ class RestorerRL:
                 tripped = self._evaluate_and_guard()
             if self.step % int(cfg["save_steps"]) == 0 or tripped or self.step == int(cfg["max_steps"]):
                 self.save_checkpoint()
-        result = self.out / "adapter" if cfg["lora"] is not None else self.out / "model"
+        return self.finish(tripped)
+
+    @property
+    def result(self) -> Path:
+        return self.out / "adapter" if self.cfg["lora"] is not None else self.out / "model"
+
+    def finish(self, tripped: bool) -> Path:
+        """Save the result: the best model when the guard stopped the run, else the last one."""
+        result = self.result
         if self.accelerator.is_main_process:
             if tripped and (self.out / "best").is_dir():
                 if result.exists():

@@ -286,3 +286,54 @@ def test_inputs_of_different_sizes_share_a_step(setup, tmp_path):
                        "--set", "rewards={tiny_rewards:brightness: 1.0}"]) == 0
     (row,) = rows(out / "log.jsonl")
     assert row["groups"] == 2 and row["loss"] is not None and row["grad_norm"] > 0
+
+
+def test_joint_training_alternates_and_each_side_uses_the_others_current_weights(setup, tmp_path, monkeypatch):
+    from realsr_r1 import train_joint, train_restorer
+    from realsr_r1.rewards.visual import Restorations
+    from realsr_r1.tiny import build_tiny_vlm
+
+    build_tiny_vlm(setup / "weights" / "tiny-vlm")
+    seen = {"rl": [], "rendered_by": [], "written_by": []}
+    init = train_restorer.RestorerRL.__init__
+
+    def spy_init(self, *a, **k):
+        init(self, *a, **k)
+        seen["rl"].append(self)
+
+    final, text = Restorations.final, train_joint.LivePolicyTexts.text
+
+    def spy_final(self, images, texts):
+        seen["rendered_by"].append(self.restorer)
+        return final(self, images, texts)
+
+    def spy_text(self, name, rgb, seed):
+        seen["written_by"].append(self.trainer.model)
+        return text(self, name, rgb, seed)
+
+    monkeypatch.setattr(train_restorer.RestorerRL, "__init__", spy_init)
+    monkeypatch.setattr(Restorations, "final", spy_final)
+    monkeypatch.setattr(train_joint.LivePolicyTexts, "text", spy_text)
+    out = tmp_path / "joint"
+    args = ["joint", "--config", str(REPO / "configs" / "joint-tiny.yaml"), "--set", f"data={setup / 'data'}",
+            "--set", f"output_dir={out}", "--set", "restorer.eval.steps=0"]
+    with weights_env(setup / "weights"):
+        assert train.main(args + ["--set", "policy.trainer.max_steps=2"]) == 0
+        (rl,) = seen["rl"]
+        # the policy's image rewards were rendered by the restorer being trained, and the restorer's
+        # inputs conditioned by the policy being trained
+        assert seen["rendered_by"] and all(r is rl.stages for r in seen["rendered_by"])
+        assert len(seen["written_by"]) == 2 * 2 and all(m is seen["written_by"][0] for m in seen["written_by"])
+        assert seen["written_by"][0].__class__.__name__.startswith("Peft")
+        table = rows(out / "joint.jsonl")
+        assert [r["step"] for r in table] == [1, 2]
+        assert all(r["policy/reward"] is not None and r["restorer/reward"] is not None for r in table)
+        assert "restorer/rewards/generation/mean" in (out / "joint.md").read_text()
+        assert [r["step"] for r in rows(out / "restorer" / "log.jsonl")] == [1, 2]
+        assert (out / "policy" / "adapter_config.json").is_file()
+        assert (out / "restorer" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+        # --resume continues both sides from the policy's last checkpoint
+        assert train.main(args + ["--set", "policy.trainer.max_steps=3"]) == 2
+        assert train.main(args + ["--set", "policy.trainer.max_steps=3", "--resume"]) == 0
+    assert [r["step"] for r in rows(out / "joint.jsonl")] == [1, 2, 3]
+    assert [r["step"] for r in rows(out / "restorer" / "log.jsonl")] == [1, 2, 3]
