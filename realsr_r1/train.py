@@ -496,6 +496,11 @@ def filter_dataset(cfg: dict, keep: float, out: Path | None = None, log=print) -
 
 
 # --- CLI -------------------------------------------------------------------------------------------
+def _main_process() -> bool:
+    """Whether this is the process that speaks for a multi-process (torchrun / accelerate launch) run."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in ("filter", "restorer", "joint") else "train"
@@ -535,9 +540,12 @@ def main(argv: list[str] | None = None) -> int:
                            log=lambda m: print(m, file=sys.stderr))
         elif command == "restorer":
             out = train_restorer.train(cfg, resume=args.resume)
-            print(train_restorer.saved_message(cfg, out), file=sys.stderr)
+            if _main_process():
+                print(train_restorer.saved_message(cfg, out), file=sys.stderr)
         elif command == "joint":
-            print(train_joint.main_message(*train_joint.train(cfg, resume=args.resume)), file=sys.stderr)
+            message = train_joint.main_message(*train_joint.train(cfg, resume=args.resume))
+            if _main_process():
+                print(message, file=sys.stderr)
         else:
             out = train(cfg, resume=args.resume)
             print(saved_message(cfg, out), file=sys.stderr)

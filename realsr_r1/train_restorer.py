@@ -205,7 +205,9 @@ class RestorerRL:
         if cfg["conditioning"] == "policy" and policy_texts is None and not cfg.get("policy"):
             raise ConfigError("policy: `conditioning: policy` needs a policy section (e.g. {profile: full})")
         self.out = Path(cfg["output_dir"])
-        self.accelerator = Accelerator(mixed_precision=cfg["mixed_precision"])
+        # cpu=True without CUDA: accelerate then runs a torchrun/accelerate-launch job as MULTI_CPU
+        # over gloo (state.py `_prepare_backend`); without it each CPU process would train alone.
+        self.accelerator = Accelerator(mixed_precision=cfg["mixed_precision"], cpu=not torch.cuda.is_available())
         set_seed(int(cfg["seed"]))  # the LoRA's random init: the same run from the same seed
         self.device = str(self.accelerator.device)
         restorer_cfg, render = _section(cfg, "restorer")
@@ -348,11 +350,12 @@ class RestorerRL:
 
         cfg, k = self.cfg, int(self.cfg["samples"])
         t0 = time.perf_counter()
-        rollouts, rewards = [], []
+        rollouts, rewards, indices = [], [], []
         for index, row in self._inputs_for_step():
             seeds = [_seed(cfg["seed"], self.step, index, s) for s in range(k)]
             rgb, ro = self._rollout(row, seeds, index)
             rollouts.append(ro)
+            indices.append(index)
             rewards.append(self._score(ro.images, rgb, row.get("hr_path")))
         t_rollout = time.perf_counter() - t0
         rewards = torch.cat(rewards)  # (inputs·K) × funcs
@@ -363,12 +366,12 @@ class RestorerRL:
         adv = group_advantages(torch.nan_to_num(total, nan=0.0), k)
         r = optimality(adv, float(cfg["nft"]["adv_clip"]))
         keep = (~drop).repeat_interleave(k) & ~torch.isnan(total)
-        terms = self._update(rollouts, r, keep) if bool(self.accelerator.gather(keep.any()[None]).any()) else {}
+        terms = self._update(rollouts, indices, r, keep) if bool(self.accelerator.gather(keep.any()[None]).any()) else {}
         stats = self._stats(rewards, drop, terms, t_rollout, time.perf_counter() - t0)
         self.step += 1
         return stats
 
-    def _update(self, rollouts, r: torch.Tensor, keep: torch.Tensor) -> dict:
+    def _update(self, rollouts, indices: list[int], r: torch.Tensor, keep: torch.Tensor) -> dict:
         """One optimizer step of the NFT loss over the kept samples, then the old model's EMA step."""
         from .nft import alpha_bar, ema_decay, nft_loss
 
@@ -380,17 +383,19 @@ class RestorerRL:
         weight = keep.float()
         reps = int(nft["timesteps_per_sample"])
         denom = max(float(acc.gather(weight.sum()[None]).sum()) / acc.num_processes, 1.0) * reps
-        gen = torch.Generator().manual_seed(_seed(cfg["seed"], self.step, 10_000 + acc.process_index))
+        # the training noise of an input's samples from a generator of its own: the same draws
+        # whichever process trains it (one process with 2 inputs per step = 2 processes with 1 each)
+        gens = [torch.Generator().manual_seed(_seed(cfg["seed"], self.step, 10_000, i)) for i in indices]
         mb = int(cfg["micro_batch"])
         batches = []
         for j, ro in enumerate(rollouts):
             rows = torch.arange(len(ro)) if acc.num_processes > 1 else torch.nonzero(keep[j * k:(j + 1) * k]).view(-1)
-            batches += [(ro, rows[i:i + mb], j * k) for i in range(0, len(rows), mb)]
+            batches += [(ro, rows[i:i + mb], j * k, gens[j]) for i in range(0, len(rows), mb)]
         batches *= reps
         dev = self.stages.pipe._execution_device
         dtype = self.stages.dtype
         sums = {"loss": 0.0, "loss_positive": 0.0, "loss_negative": 0.0, "kl": 0.0}
-        for n, (ro, idx, offset) in enumerate(batches):
+        for n, (ro, idx, offset, gen) in enumerate(batches):
             w = weight[offset + idx] / denom
             x0_b = ro.latents[idx].to(dev)
             t = (torch.rand(len(idx), generator=gen) * (ro.t_max + 1)).long().clamp(max=sched.config.num_train_timesteps - 1)
@@ -423,6 +428,9 @@ class RestorerRL:
         decay = ema_decay(self.step, flat=int(nft["ema"]["flat"]), rate=float(nft["ema"]["rate"]),
                           max_decay=float(nft["ema"]["max_decay"]))
         self.model.ema_step(decay)
+        if acc.num_processes > 1:  # each process holds its share of the step's mean: the run's is their mean
+            local = torch.tensor([sums[k] for k in sums], device=acc.device)
+            sums = dict(zip(sums, acc.reduce(local, reduction="mean").tolist()))
         return {**sums, "grad_norm": float(grad_norm), "ema_decay": decay}
 
     def _stats(self, rewards: torch.Tensor, drop: torch.Tensor, terms: dict, t_rollout: float, t_step: float) -> dict:
@@ -482,9 +490,13 @@ class RestorerRL:
             if verdict == "best":
                 self.model.save(self.out / "best", self._info(best=True))
         self.accelerator.wait_for_everyone()
-        _say(f"eval step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
+        self._say(f"eval step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
                                                      if isinstance(v, float)) + (f" ({verdict})" if verdict else ""))
         return verdict == "tripped"
+
+    def _say(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            _say(message)
 
     def _info(self, best: bool = False) -> dict:
         info = {"step": self.step, "base": str(self.cfg["restorer"]), "config": self.cfg, "prediction_type": self.prediction_type}
@@ -509,7 +521,7 @@ class RestorerRL:
             if self.accelerator.is_main_process:
                 with open(self.out / LOG_FILE, "a", encoding="utf-8") as f:
                     f.write(json.dumps(row) + "\n")
-                _say(f"step {row['step']}: reward {_fmt(row['reward'])}, loss {_fmt(row.get('loss'))}, "
+                self._say(f"step {row['step']}: reward {_fmt(row['reward'])}, loss {_fmt(row.get('loss'))}, "
                      f"dropped {row['group_filter/dropped']}/{row['groups']} groups, {row['s_step']:.1f} s")
             if every and self.eval_rows and self.step % every == 0:
                 tripped = self._evaluate_and_guard()
@@ -529,7 +541,7 @@ class RestorerRL:
                 if result.exists():
                     shutil.rmtree(result)
                 shutil.copytree(self.out / "best", result)
-                _say(f"guard: held-out {self.guard.metric} fell more than {self.guard.max_drop} below its best "
+                self._say(f"guard: held-out {self.guard.metric} fell more than {self.guard.max_drop} below its best "
                      f"(step {self.guard.best_step}); stopped at step {self.step}, the best model is the result")
             else:
                 self.model.save(result, self._info())

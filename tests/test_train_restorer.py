@@ -337,3 +337,37 @@ def test_joint_training_alternates_and_each_side_uses_the_others_current_weights
         assert train.main(args + ["--set", "policy.trainer.max_steps=3", "--resume"]) == 0
     assert [r["step"] for r in rows(out / "joint.jsonl")] == [1, 2, 3]
     assert [r["step"] for r in rows(out / "restorer" / "log.jsonl")] == [1, 2, 3]
+
+
+def test_two_processes_train_as_one_with_their_inputs_together(setup, tmp_path):
+    """DDP over gloo (torchrun, CPU): 2 processes with 1 input each per step end with the weights of
+    1 process with 2 inputs per step: the same samples, the loss normalised over both, gradients averaged."""
+    import os
+    import subprocess
+    import sys
+
+    sets = ["rewards={tiny_rewards:brightness: 1.0}", "max_steps=2", "eval.steps=0", "save_steps=2",
+            "optimizer.learning_rate=3e-2"]
+    one = tmp_path / "one"
+    assert run(setup, one, *sets, "inputs_per_step=2") == 0
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "realsr_r1.train", "restorer",
+           "--config", CONFIG, "--set", f"data={setup / 'data'}", "--set", f"output_dir={two}", "--set", "inputs_per_step=1"]
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "REALSR_R1_WEIGHTS": str(setup / "weights"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("adapter saved in") == 1  # one process speaks for the run
+    log_one, log_two = rows(one / "log.jsonl"), rows(two / "log.jsonl")
+    assert [r["groups"] for r in log_two] == [2, 2]
+    for key in ("reward", "loss", "grad_norm"):  # step 2's rewards come from the weights after step 1
+        assert [r[key] for r in log_one] == pytest.approx([r[key] for r in log_two], rel=1e-5), key
+    # Adam's first steps are ±lr wherever a gradient is non-zero, so float noise in a near-zero
+    # gradient can move a weight by up to 2·lr: the weights agree to that, the gradients above to 1e-5
+    a = load_file(str(one / "adapter" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(two / "adapter" / "pytorch_lora_weights.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 2 * 3e-2
+    assert np.mean([float((a[k] - b[k]).abs().mean()) for k in a]) < 1e-4
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)
