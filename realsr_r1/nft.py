@@ -49,10 +49,16 @@ def clean_estimate(prediction: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor,
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(R − group mean) / (group std + 1e-4) for rewards laid out group after group."""
-    g = rewards.view(-1, group_size)
-    std = g.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(g[:, :1])
-    return ((g - g.mean(dim=1, keepdim=True)) / (std + ADVANTAGE_EPS)).view(-1)
+    """(R − group mean) / (group std + 1e-4) for rewards laid out group after group. The std is the
+    population one (np.std, as the released DiffusionNFT and flow-GRPO code compute it). A NaN
+    reward (one the reward could not give) is left out of its group's mean and std, and gets 0."""
+    g = rewards.view(-1, group_size).double()
+    present = ~torch.isnan(g)
+    n = present.sum(dim=1, keepdim=True).clamp(min=1)
+    mean = torch.where(present, g, 0).sum(dim=1, keepdim=True) / n
+    var = torch.where(present, (g - mean) ** 2, 0).sum(dim=1, keepdim=True) / n
+    adv = (g - mean) / (var.sqrt() + ADVANTAGE_EPS)
+    return torch.where(present, adv, 0).view(-1).to(rewards.dtype)
 
 
 def optimality(advantages: torch.Tensor, clip: float) -> torch.Tensor:
@@ -87,7 +93,8 @@ def nft_loss(current: torch.Tensor, old: torch.Tensor, x_t: torch.Tensor, x0: to
     if beta <= 0:
         raise ValueError(f"DiffusionNFT: beta must be > 0, got {beta}")
     dims = tuple(range(1, x0.ndim))
-    old = old.detach()
+    # fp32 before mixing: in bf16, (1+β)·p_old − β·p_θ would lose the small difference that is the signal
+    current, old = current.float(), old.detach().float()
     x0 = x0.detach().float()
     positive_pred = beta * current + (1 - beta) * old
     negative_pred = (1 + beta) * old - beta * current
@@ -102,7 +109,7 @@ def nft_loss(current: torch.Tensor, old: torch.Tensor, x_t: torch.Tensor, x0: to
     per_sample = adv_clip * (r * positive + (1 - r) * negative) / beta
     kl = torch.zeros_like(per_sample)
     if reference is not None and kl_beta > 0:
-        kl = ((current.float() - reference.detach().float()) ** 2).mean(dim=dims)
+        kl = ((current - reference.detach().float()) ** 2).mean(dim=dims)
     total = per_sample + kl_beta * kl
     if weights is None:
         weights = torch.full_like(per_sample, 1.0 / per_sample.numel())

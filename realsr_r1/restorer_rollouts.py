@@ -37,6 +37,7 @@ from .restorers.lite import resize
 log = logging.getLogger(__name__)
 
 CONDITIONING = ("policy", "caption", "analyser")
+START_TOLERANCE = 5  # timesteps: how far a rollout may start from inference's start (ᾱ moves < 1 %)
 
 
 @dataclass
@@ -69,11 +70,36 @@ def _previous(stages, lq: np.ndarray, plan: Plan, stage: str, sizes: dict, seed:
     raise RuntimeError(f"the restorer made no {wanted} stage")  # pragma: no cover - stages() always does
 
 
+def rollout_schedule(sched, inference_steps: int, strength: float, sampling_steps: int) -> tuple[int, int]:
+    """(steps, skip) for an img2img rollout of at least `sampling_steps` sampler steps that starts at
+    (or next to) the timestep inference starts at with `inference_steps` at `strength`, so training
+    sees the noise levels inference visits. The same number of steps at the same strength would start
+    lower (DDIM's 6-step grid at 0.8 starts at 665, its 20-step grid at 751), so among the
+    scheduler's own grids of `sampling_steps` to 4× as many steps, the one with a timestep nearest
+    that start (and enough steps below it) is used, the fewest steps within START_TOLERANCE: 751
+    itself with 8 steps; 778 with 9 for 40-step inference's 776."""
+    from .restorers.denoise import img2img_skip
+
+    sched.set_timesteps(int(inference_steps))
+    t_start = int(sched.timesteps[img2img_skip(int(inference_steps), strength, sched.order)])
+    best = None  # (distance, steps, skip)
+    for steps in range(int(sampling_steps), 4 * int(sampling_steps) + 1):
+        sched.set_timesteps(steps)
+        grid = [int(t) for t in sched.timesteps]
+        for skip, t in enumerate(grid):
+            if len(grid) - skip >= sampling_steps * sched.order and (best is None or abs(t - t_start) < best[0]):
+                best = (abs(t - t_start), steps, skip)
+        if best is not None and best[0] <= START_TOLERANCE:  # the fewest steps that start close enough
+            break
+    return best[1], best[2]
+
+
 @torch.no_grad()
 def sample_stage(stages, lq: np.ndarray, plan: Plan, *, stage: str, scale: float, seeds: list[int],
-                 steps: int, previous_seed: int) -> Rollout:
+                 steps: int, previous_seed: int, batch: int | None = None) -> Rollout:
     """len(seeds) samples of `stage` for one LQ image (HxWx3 uint8 or float) and its plan, with the
-    pipeline's current UNet (the caller selects the old model)."""
+    pipeline's current UNet (the caller selects the old model), `batch` samples per denoising call
+    (all at once by default; fewer for GPU memory: K = 24 under CFG is a UNet batch of 48)."""
     pipe = stages.pipe
     device = pipe._execution_device
     inp = to_float(lq)
@@ -87,22 +113,30 @@ def sample_stage(stages, lq: np.ndarray, plan: Plan, *, stage: str, scale: float
     start = None
     if previous is not None and stages.strength < 1:
         start = stages._encode(_pad(resize(previous, (4 * lw, 4 * lh)), 4 * ph, 4 * pw), device)
-    conditions = [stages._condition(plan, stage)] * len(seeds)
-    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]  # a different noise per sample
-    inputs = model_inputs(pipe, cond, conditions, gens, stages.guidance_scale, device)
-    shape = (len(seeds), pipe.vae.config.latent_channels, ph, pw)
-    latents, timesteps = initial_latents(pipe.scheduler, shape, gens, int(steps), stages.strength, start, device,
-                                         inputs.embeds.dtype)
+    skip = None
+    if start is not None:
+        steps, skip = rollout_schedule(pipe.scheduler, stages.steps, stages.strength, int(steps))
+    condition = stages._condition(plan, stage)
     loop = SimpleNamespace(unet=pipe.unet, scheduler=pipe.scheduler)  # denoise reads only these two
-    final = drain(denoise(loop, inputs, latents, timesteps, tile=stages.tile,
-                          overlap=min(stages.tile_overlap, stages.tile // 2),
-                          extra=pipe.prepare_extra_step_kwargs(gens[0], 0.0)))
-    decoded = stages._decode(final)
-    images = [color_fix(resize(np.clip(o[: 4 * lh, : 4 * lw], 0, 1), (tw, th)), inp, stages.color_fix,
-                        device=stages.device) for o in np.nan_to_num(decoded, nan=0.5)]
-    k = len(seeds)
-    return Rollout(latents=final.float().cpu(), image=inputs.image[-k:].cpu(), embeds=inputs.embeds[-k:].cpu(),
-                   level=inputs.level[-k:].cpu(), images=images, t_max=int(timesteps[0]))
+    parts = []
+    for i in range(0, len(seeds), batch or len(seeds)):
+        chunk = seeds[i:i + (batch or len(seeds))]
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in chunk]  # a different noise per sample
+        inputs = model_inputs(pipe, cond, [condition] * len(chunk), gens, stages.guidance_scale, device)
+        shape = (len(chunk), pipe.vae.config.latent_channels, ph, pw)
+        latents, timesteps = initial_latents(pipe.scheduler, shape, gens, int(steps), stages.strength, start,
+                                             device, inputs.embeds.dtype, skip=skip)
+        final = drain(denoise(loop, inputs, latents, timesteps, tile=stages.tile,
+                              overlap=min(stages.tile_overlap, stages.tile // 2),
+                              extra=pipe.prepare_extra_step_kwargs(gens[0], 0.0)))
+        decoded = stages._decode(final)
+        k = len(chunk)  # under CFG the conditional branch is the second half (model_inputs: negative first)
+        parts.append((final.float().cpu(), inputs.image[-k:].cpu(), inputs.embeds[-k:].cpu(), inputs.level[-k:].cpu(),
+                      [color_fix(resize(np.clip(o[: 4 * lh, : 4 * lw], 0, 1), (tw, th)), inp, stages.color_fix,
+                                 device=stages.device) for o in np.nan_to_num(decoded, nan=0.5)]))
+    return Rollout(latents=torch.cat([q[0] for q in parts]), image=torch.cat([q[1] for q in parts]),
+                   embeds=torch.cat([q[2] for q in parts]), level=torch.cat([q[3] for q in parts]),
+                   images=[img for q in parts for img in q[4]], t_max=int(timesteps[0]))
 
 
 # --- Conditioning texts ---------------------------------------------------------------------------

@@ -6,7 +6,7 @@ with fixed seeds (the same noise each time, so a change is the model's) and scor
 reward and with metrics that are not in it: PSNR/SSIM against the HR when the reward is
 no-reference, NIQE when it is full-reference. `guard: {metric: psnr, max_drop: 0.5}` stops the run
 when that metric falls `max_drop` below its best (above, for NIQE, where lower is better); the
-best model is kept (`best/`) and becomes the result.
+best model is kept (`best-N/`, N its step) and becomes the result.
 """
 
 from __future__ import annotations

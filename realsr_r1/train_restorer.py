@@ -56,6 +56,7 @@ DEFAULTS = {
     "policy": None,              # the frozen policy for `conditioning: policy` (a profile's policy section)
     "stage": "final",            # the stage trained: rough | middle | final
     "samples": 24,               # K per input (OARS)
+    "rollout_batch": None,       # samples per denoising call (GPU memory; default: all K at once)
     "inputs_per_step": 1,        # per process
     "sampling_steps": 6,         # sampler steps of a rollout (OARS)
     "rewards": None,
@@ -213,12 +214,18 @@ class RestorerRL:
         restorer_cfg, render = _section(cfg, "restorer")
         if restorer_cfg.get("type") != "diffusion":
             raise ConfigError("restorer: RL trains the diffusion restorer (`type: diffusion`, e.g. profile: full)")
+        if cfg["stage"] == "rough" and restorer_cfg.get("rough", "realesrgan") == "realesrgan":
+            raise ConfigError("stage: rough is made by Real-ESRGAN in this restorer (rough: realesrgan), not by "
+                              "diffusion; train middle or final, or set restorer.rough: diffusion")
         self.scale = float(render.get("scale", 4.0))
         self.stages = build_restorer(restorer_cfg, device=self.device)
         self.prediction_type = self.stages.pipe.scheduler.config.get("prediction_type", "epsilon")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ConfigError(f"restorer: the scheduler predicts {self.prediction_type!r}; DiffusionNFT here "
                               f"supports {', '.join(PREDICTION_TYPES)}")
+        if cfg["lora"] is None and self.stages.dtype != torch.float32 and cfg["mixed_precision"] == "no":
+            raise ConfigError(f"lora: null trains the UNet in fp32 over a {self.stages.precision} pipeline: set "
+                              "mixed_precision: bf16 (or fp16), or restorer.dtype: fp32")
         nft = cfg["nft"]
         self.model = TrainableUpscaler(self.stages.pipe, lora=None if cfg["lora"] is None else dict(cfg["lora"]),
                                        kl=float(nft["kl_beta"]) > 0, init_adapter=cfg.get("init_adapter"),
@@ -271,6 +278,7 @@ class RestorerRL:
             tmp = new_temp_dir(dest)
             state = {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "guard": None if self.guard is None else self.guard.state(),
+                     "scaler": None if self.accelerator.scaler is None else self.accelerator.scaler.state_dict(),
                      "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
                              "torch": torch.get_rng_state(),
                              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
@@ -280,6 +288,7 @@ class RestorerRL:
             tmp.rename(dest)
             for old in self._checkpoints()[:-int(self.cfg["save_total_limit"])]:
                 shutil.rmtree(old, ignore_errors=True)
+            self._prune_best()
         self.accelerator.wait_for_everyone()
         return dest
 
@@ -290,6 +299,10 @@ class RestorerRL:
         self.step = int(state["step"])
         if self.guard is not None and state.get("guard"):
             self.guard.load(state["guard"])
+        if state.get("scaler") is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        if self.accelerator.is_main_process:
+            self._prune_best(newer_than=self.step)
         rng = state["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
@@ -316,9 +329,16 @@ class RestorerRL:
 
         rgb = np.asarray(row["image"].convert("RGB")) if hasattr(row["image"], "convert") else as_rgb(row["image"])
         plan = self._plan(row, rgb)
+        retries = self.stages.fp32_retries
         with self.model.use(which):
-            return rgb, sample_stage(self.stages, rgb, plan, stage=self.cfg["stage"], scale=self.scale, seeds=seeds,
-                                     steps=int(self.cfg["sampling_steps"]), previous_seed=_seed(self.cfg["seed"], index))
+            out = sample_stage(self.stages, rgb, plan, stage=self.cfg["stage"], scale=self.scale, seeds=seeds,
+                               steps=int(self.cfg["sampling_steps"]), previous_seed=_seed(self.cfg["seed"], index),
+                               batch=self.cfg["rollout_batch"])
+        if self.stages.fp32_retries != retries:  # inference's NaN retry recast the pipeline, trained weights too
+            self.model.keep_fp32()
+            log.warning("a stage before the trained one made NaNs in %s and was redone in fp32; the trained "
+                        "weights are fp32 again (rounded once to %s)", self.stages.precision, self.stages.precision)
+        return rgb, out
 
     def _score(self, images: list[np.ndarray], rgb: np.ndarray, hr_path) -> torch.Tensor:
         """Rewards (samples × funcs, NaN where a reward cannot judge)."""
@@ -363,10 +383,14 @@ class RestorerRL:
         gf = cfg["group_filter"]
         drop = (group_drop(rewards, self.weights, k, float(gf["mean_above"]), float(gf["std_below"]))
                 if gf is not None else torch.zeros(len(rollouts), dtype=torch.bool))
-        adv = group_advantages(torch.nan_to_num(total, nan=0.0), k)
+        finite = torch.cat([torch.isfinite(ro.latents).flatten(1).all(dim=1) for ro in rollouts])
+        total = torch.where(finite, total, torch.nan)  # a sample that diverged is no evidence either way
+        adv = group_advantages(total, k)  # NaN rewards are left out of their group's statistics
         r = optimality(adv, float(cfg["nft"]["adv_clip"]))
         keep = (~drop).repeat_interleave(k) & ~torch.isnan(total)
-        terms = self._update(rollouts, indices, r, keep) if bool(self.accelerator.gather(keep.any()[None]).any()) else {}
+        acc = self.accelerator
+        anything = bool(acc.gather(keep.any()[None].to(acc.device)).any())
+        terms = self._update(rollouts, indices, r, keep) if anything else {}
         stats = self._stats(rewards, drop, terms, t_rollout, time.perf_counter() - t0)
         self.step += 1
         return stats
@@ -382,7 +406,7 @@ class RestorerRL:
         # runs the same number of forwards (a dropped sample weighs 0); alone, dropped ones are skipped.
         weight = keep.float()
         reps = int(nft["timesteps_per_sample"])
-        denom = max(float(acc.gather(weight.sum()[None]).sum()) / acc.num_processes, 1.0) * reps
+        denom = max(float(acc.gather(weight.sum()[None].to(acc.device)).sum()) / acc.num_processes, 1.0) * reps
         # the training noise of an input's samples from a generator of its own: the same draws
         # whichever process trains it (one process with 2 inputs per step = 2 processes with 1 each)
         gens = [torch.Generator().manual_seed(_seed(cfg["seed"], self.step, 10_000, i)) for i in indices]
@@ -397,7 +421,7 @@ class RestorerRL:
         sums = {"loss": 0.0, "loss_positive": 0.0, "loss_negative": 0.0, "kl": 0.0}
         for n, (ro, idx, offset, gen) in enumerate(batches):
             w = weight[offset + idx] / denom
-            x0_b = ro.latents[idx].to(dev)
+            x0_b = torch.nan_to_num(ro.latents[idx]).to(dev)  # a dropped NaN sample weighs 0; 0·NaN would not
             t = (torch.rand(len(idx), generator=gen) * (ro.t_max + 1)).long().clamp(max=sched.config.num_train_timesteps - 1)
             noise = torch.randn(x0_b.shape, generator=gen).to(dev)
             x_t = sched.add_noise(x0_b, noise, t.to(dev))
@@ -414,7 +438,11 @@ class RestorerRL:
             last = n == len(batches) - 1
             sync = acc.no_sync(self.unet) if (acc.num_processes > 1 and not last) else _nullcontext()
             with sync, acc.autocast():
-                p_cur = self.unet(inp, t.to(dev), **cond, return_dict=False)[0]
+                self.unet.train()  # LoRA dropout, if any, acts in the trained forward only
+                try:
+                    p_cur = self.unet(inp, t.to(dev), **cond, return_dict=False)[0]
+                finally:
+                    self.unet.eval()
                 out = nft_loss(p_cur, p_old, x_t, x0_b, a, r[offset + idx], prediction_type=self.prediction_type,
                                beta=float(nft["beta"]), adv_clip=float(nft["adv_clip"]), reference=p_ref,
                                kl_beta=float(nft["kl_beta"]), weights=w)
@@ -423,6 +451,10 @@ class RestorerRL:
             for key, value in out.terms().items():
                 sums[key] += value if key == "loss" else value * share
         grad_norm = acc.clip_grad_norm_(self.model.trainable_parameters(), float(cfg["optimizer"]["max_grad_norm"]))
+        if not torch.isfinite(torch.as_tensor(grad_norm)):  # one bad batch must not poison the weights
+            self.optimizer.zero_grad(set_to_none=True)
+            log.warning("step %d: the gradient is not finite; the step is skipped", self.step + 1)
+            return {**sums, "grad_norm": float(grad_norm), "skipped": True}
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         decay = ema_decay(self.step, flat=int(nft["ema"]["flat"]), rate=float(nft["ema"]["rate"]),
@@ -477,7 +509,11 @@ class RestorerRL:
         """Evaluate, log, keep the best model; True when the guard stops the run."""
         from .reward_guard import read_rows, write_report
 
-        row = self.evaluate()
+        from accelerate.utils import broadcast_object_list
+
+        # The main process evaluates and every process takes its numbers, so all reach the same
+        # verdict (processes that each judged their own floats could disagree and part ways).
+        (row,) = broadcast_object_list([self.evaluate() if self.accelerator.is_main_process else None])
         verdict = None
         if self.guard is not None:
             verdict = self.guard.check(self.step, row.get(self.guard.metric))
@@ -488,11 +524,25 @@ class RestorerRL:
             rows = [{k: v for k, v in r.items() if k != "guard"} for r in read_rows(self.out / EVAL_FILE)]
             write_report(rows, self.out)
             if verdict == "best":
-                self.model.save(self.out / "best", self._info(best=True))
+                self.model.save(self._best_dir(self.step), self._info(best=True))
         self.accelerator.wait_for_everyone()
         self._say(f"eval step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
                                                      if isinstance(v, float)) + (f" ({verdict})" if verdict else ""))
         return verdict == "tripped"
+
+    def _best_dir(self, step: int) -> Path:
+        return self.out / f"best-{step}"
+
+    def _prune_best(self, newer_than: int | None = None) -> None:
+        """Keep the best model the guard refers to; drop the others (at a checkpoint), or those of
+        steps after `newer_than` (a resumed run abandons what came after its checkpoint)."""
+        keep = None if self.guard is None else self.guard.best_step
+        for folder in self.out.glob("best-*"):
+            step = folder.name.rpartition("-")[2]
+            if not step.isdigit() or int(step) == keep:
+                continue
+            if newer_than is None or int(step) > newer_than:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _say(self, message: str) -> None:
         if self.accelerator.is_main_process:
@@ -537,16 +587,18 @@ class RestorerRL:
         """Save the result: the best model when the guard stopped the run, else the last one."""
         result = self.result
         if self.accelerator.is_main_process:
-            if tripped and (self.out / "best").is_dir():
+            best = None if self.guard is None or self.guard.best_step is None else self._best_dir(self.guard.best_step)
+            if tripped and best is not None and best.is_dir():
                 if result.exists():
                     shutil.rmtree(result)
-                shutil.copytree(self.out / "best", result)
+                shutil.copytree(best, result)
                 self._say(f"guard: held-out {self.guard.metric} fell more than {self.guard.max_drop} below its best "
                      f"(step {self.guard.best_step}); stopped at step {self.step}, the best model is the result")
             else:
                 self.model.save(result, self._info())
             atomic_write_text(self.out / "result.json", json.dumps(
-                {"result": result.name, "step": self.step, "guard": None if self.guard is None else self.guard.state()},
+                {"result": result.name, "step": self.step, "best": None if best is None else best.name,
+                 "guard": None if self.guard is None else self.guard.state()},
                 indent=2) + "\n")
         self.accelerator.wait_for_everyone()
         return result

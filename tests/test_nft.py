@@ -85,6 +85,25 @@ def test_clean_estimate_matches_the_ddim_scheduler():
         nft.clean_estimate(pred, x_t, a, "sample")
 
 
+def test_weights_turn_the_mean_into_a_weighted_sum_and_bf16_predictions_mix_in_fp32():
+    current, old, x_t, x0, a = tensors()
+    two = lambda t: torch.cat([t, t])  # noqa: E731
+    r = torch.tensor([1.0, 0.0])
+    full = nft.nft_loss(two(current), two(old), two(x_t), two(x0), two(a), r, prediction_type="epsilon",
+                        beta=BETA, adv_clip=CLIP)
+    masked = nft.nft_loss(two(current), two(old), two(x_t), two(x0), two(a), r, prediction_type="epsilon",
+                          beta=BETA, adv_clip=CLIP, weights=torch.tensor([1.0, 0.0]))
+    first = nft.nft_loss(current, old, x_t, x0, a, r[:1], prediction_type="epsilon", beta=BETA, adv_clip=CLIP)
+    assert float(masked.total.detach()) == pytest.approx(float(first.total.detach()), rel=1e-6)
+    assert float(full.total.detach()) != pytest.approx(float(first.total.detach()), rel=1e-3)
+    # old and current differ by less than bf16 resolves around 1: mixed in fp32 the negative term sees it
+    base = torch.full((1, 1, 1, 2), 1.0)
+    cur, prev = (base + 1e-3).to(torch.bfloat16), base.to(torch.bfloat16)
+    out = nft.nft_loss(cur, prev, x_t, x0, a, torch.tensor([0.0]), prediction_type="epsilon", beta=0.1, adv_clip=CLIP)
+    by_hand = by_hand_term([1.1 * 1.0 - 0.1 * float(cur.flatten()[0])] * 2, "epsilon")
+    assert float(out.negative) == pytest.approx(by_hand, rel=1e-5)
+
+
 def test_kl_term_is_the_mean_squared_distance_to_the_reference():
     current, old, x_t, x0, a = tensors()
     ref = torch.tensor([0.0, 0.0]).view(1, 1, 1, 2)
@@ -99,8 +118,13 @@ def test_kl_term_is_the_mean_squared_distance_to_the_reference():
 def test_advantages_and_r():
     rewards = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
     adv = nft.group_advantages(rewards, 3)
-    assert adv[:3].tolist() == pytest.approx([-1 / (1 + 1e-4), 0.0, 1 / (1 + 1e-4)], rel=1e-6)
+    std = (2 / 3) ** 0.5  # the population std of 1, 2, 3 (np.std, as the released code)
+    assert adv[:3].tolist() == pytest.approx([-1 / (std + 1e-4), 0.0, 1 / (std + 1e-4)], rel=1e-6)
     assert adv[3:].tolist() == [0.0, 0.0, 0.0]  # a flat group teaches nothing: r = 0.5 for each
+    # a reward that could not be given is left out of its group: the others are ranked among themselves
+    gapped = nft.group_advantages(torch.tensor([0.80, 0.81, 0.82, float("nan")]), 4)
+    s = 0.01 * (2 / 3) ** 0.5
+    assert gapped.tolist() == pytest.approx([-0.01 / (s + 1e-4), 0.0, 0.01 / (s + 1e-4), 0.0], rel=1e-4)
     r = nft.optimality(torch.tensor([-10.0, -5.0, 0.0, 2.5, 10.0]), clip=5.0)
     assert r.tolist() == [0.0, 0.0, 0.5, 0.75, 1.0]
     with pytest.raises(ValueError, match="adv_clip"):

@@ -18,16 +18,18 @@ def closeness(images, lq, hr, **kwargs):
 
 
 def noise_paying(images, lq, hr, **kwargs):
-    """Pays for high-frequency energy (the mean absolute Laplacian): anti-correlated with fidelity,
-    the reward hacking the guard is for."""
+    """Pays for pixel variance (the std of the grey image): noise raises it, so it is anti-correlated
+    with fidelity, the reward hacking the guard is for. A global statistic, so the tiny random
+    model can move it in a few steps (a local one, such as Laplacian energy, it barely moves)."""
     import numpy as np
 
-    out = []
-    for s in images:
-        g = np.asarray(s, np.float32).mean(axis=2)
-        lap = 4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]
-        out.append(float(np.abs(lap).mean()))
-    return out
+    return [float(np.asarray(s, np.float32).mean(axis=2).std()) for s in images]
+
+
+def smoothness(images, lq, hr, **kwargs):
+    """The opposite: pays for low pixel variance, which brings a random model's output towards the
+    HR's mean and raises its PSNR (the guard's control)."""
+    return [-v for v in noise_paying(images, lq, hr)]
 
 
 def brightness(images, lq, hr, **kwargs):

@@ -51,17 +51,22 @@ def model_inputs(pipe, cond: np.ndarray, conditions: list[Condition], gens: list
     return ModelInputs(embeds, torch.cat([image] * batch), level.repeat(batch), guidance_scale)
 
 
+def img2img_skip(steps: int, strength: float, order: int = 1) -> int:
+    """How many of `steps` timesteps img2img at `strength` skips: round(steps × (1 − strength))."""
+    return min(steps - 1, round(steps * (1 - strength))) * order
+
+
 def initial_latents(sched, shape: tuple, gens: list[torch.Generator], steps: int, strength: float,
-                    start: torch.Tensor | None, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                    start: torch.Tensor | None, device, dtype, skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents, timesteps): pure noise, or `start` (1x4xhxw) noised to `strength` with the first
-    round(steps × (1 − strength)) steps skipped."""
+    round(steps × (1 − strength)) steps skipped (or `skip` of them, when given)."""
     from diffusers.utils.torch_utils import randn_tensor
 
     sched.set_timesteps(steps, device=device)
     noise = randn_tensor(shape, generator=gens, device=device, dtype=dtype)
     if start is None or strength >= 1:
         return noise * sched.init_noise_sigma, sched.timesteps
-    skip = min(steps - 1, round(steps * (1 - strength))) * sched.order
+    skip = img2img_skip(steps, strength, sched.order) if skip is None else int(skip)
     timesteps = sched.timesteps[skip:]
     if hasattr(sched, "set_begin_index"):
         sched.set_begin_index(skip)

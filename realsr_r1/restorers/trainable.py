@@ -75,17 +75,29 @@ class TrainableUpscaler:
             if init_adapter:
                 self._load_lora(init_adapter)
             self.unet.set_adapter("default")
-            self._copy_current_into_old()
             self.old_unet = self.ref_unet = None
+            cast_training_params(self.unet, dtype=torch.float32)
+            self.keep_fp32()  # PEFT made "old" in the base's dtype and the cast above skips frozen weights
+            self._copy_current_into_old()
         else:
-            self.unet.requires_grad_(True)
-            self.old_unet = copy.deepcopy(self.unet).requires_grad_(False)
+            # the reference stays in the base dtype (it is only read); the old model is an EMA, whose
+            # small steps vanish in bf16, so it is copied after the cast to fp32
             self.ref_unet = copy.deepcopy(self.unet).requires_grad_(False) if kl else None
-        cast_training_params(self.unet, dtype=torch.float32)
+            self.unet.requires_grad_(True)
+            cast_training_params(self.unet, dtype=torch.float32)
+            self.old_unet = copy.deepcopy(self.unet).requires_grad_(False)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
 
     # parameters ------------------------------------------------------------------------------
+    def keep_fp32(self) -> None:
+        """The trained and old weights in fp32 (again: inference's NaN retry, `_place`, casts the
+        whole pipeline back to its dtype, and would round them)."""
+        params = self.trainable_parameters() + [o for o, _ in self._pairs()]
+        for p in params:
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+
     def _named(self, adapter: str) -> dict[str, torch.nn.Parameter]:
         tag = f".{adapter}."
         return {n.replace(tag, ".ADAPTER."): p for n, p in self.unet.named_parameters() if "lora_" in n and tag in n}
