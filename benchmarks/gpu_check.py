@@ -18,6 +18,9 @@ needs CUDA and say so; they check the script itself end to end.
 - vae-slicing: GRPO's batched final stage (G = 8) with and without VAE slicing: the same images,
   less decode memory.
 - full-profile: benchmarks/gpu_full_profile.py's end-to-end timings (VLM + three stages).
+- restorer-rl: RL of the upscaler (train_restorer.py) at real size: K = 8 samples, 6 sampler steps,
+  final 512² from the middle stage, LoRA r 32, bf16 autocast, gradient checkpointing: seconds per
+  NFT step, rollout samples/s batched against one by one, peak memory (benchmarks/restorer_rl_speed.py).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CHECKS = ("bf16", "fp16-nan-fallback", "vlm-4bit", "oom-tile-halving", "cpu-offload", "vae-slicing",
-          "full-profile")
+          "full-profile", "restorer-rl")
 
 
 class Skip(Exception):
@@ -222,6 +225,21 @@ def check_full_profile(ctx) -> str:
                      f"{info.get('reason_tokens', 0) / tm['reason']:.0f} tok/s; stages "
                      f"{tm['rough']:.2f}/{tm['middle']:.2f}/{tm['final']:.2f} s)")
     return "; ".join(parts)
+
+
+def check_restorer_rl(ctx) -> str:
+    import tempfile
+
+    from restorer_rl_speed import measure
+
+    with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp:
+        m = measure(Path(ctx.upscaler), samples=2 if ctx.tiny else 8, sampling_steps=2 if ctx.tiny else 6,
+                    hr=64 if ctx.tiny else 512, steps=1 if ctx.tiny else 2, micro_batch=4, lora_rank=32,
+                    real_size=not ctx.tiny, workdir=Path(tmp))
+    assert m["step_s"] > 0 and m["batched"] > 0
+    return (f"{m['step_s']:.2f} s per NFT step ({m['rollout_s']:.2f} s rollouts + rewards); samples/s batched "
+            f"{m['batched']:.2f} vs one by one {m['single']:.2f} ({m['batched'] / m['single']:.1f}×); "
+            f"peak {m['mem_gb']:.1f} GB")
 
 
 def main() -> int:
