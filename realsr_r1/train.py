@@ -157,17 +157,23 @@ def check_config(cfg: dict) -> None:
     decoding(cfg)
 
 
-def restorer_section(cfg: dict) -> dict:
-    """The restorer that renders image rewards: `restorer.profile`'s section with this config's keys
-    over it, checked as a profile's is."""
+def profile_section(cfg: dict, key: str = "restorer") -> tuple[dict, dict]:
+    """(section, rendering keys): the `key` section (restorer or policy) of the profile
+    `cfg[key].profile` with this config's keys over it, checked as a profile's is; the keys about
+    rendering (RENDER_KEYS: scale, seed, batch_size) apart."""
     from .profiles import check_section
 
-    section = dict(cfg.get("restorer") or {})
+    section = dict(cfg.get(key) or {})
     profile = section.pop("profile", None)
-    merged = dict(load_config(profile).get("restorer") or {}) if profile else {}
+    merged = dict(load_config(profile).get(key) or {}) if profile else {}
     merged.update({k: v for k, v in section.items() if k not in RENDER_KEYS})
-    check_section("restorer", merged)
-    return merged
+    check_section(key, merged)
+    return merged, {k: v for k, v in section.items() if k in RENDER_KEYS}
+
+
+def restorer_section(cfg: dict) -> dict:
+    """The restorer that renders image rewards (profile_section)."""
+    return profile_section(cfg, "restorer")[0]
 
 
 def restorations_factory(cfg: dict, device: str, restorer=None):

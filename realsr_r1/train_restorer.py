@@ -140,17 +140,11 @@ def resolve_config(cfg: dict) -> dict:
     return out
 
 
-def _section(cfg: dict, key: str) -> dict:
-    """A `profile:`-based section (restorer, policy): the profile's section with these keys over it."""
-    from .profiles import check_section, load_config
+def _section(cfg: dict, key: str) -> tuple[dict, dict]:
+    """A `profile:`-based section (restorer, policy) and its rendering keys (train.profile_section)."""
+    from .train import profile_section
 
-    section = dict(cfg.get(key) or {})
-    profile = section.pop("profile", None)
-    base = dict(load_config(profile).get(key) or {}) if profile else {}
-    render = {k: section.pop(k) for k in ("scale", "seed") if k in section}
-    base.update(section)
-    check_section(key, base)
-    return base, render
+    return profile_section(cfg, key)
 
 
 def _policy_section(cfg: dict) -> dict:

@@ -51,22 +51,29 @@ def build_rewards(spec: dict, *, restorations: Callable[[], visual.Restorations]
             shared.append(restorations())
         return shared[0]
 
+    def make(name: str, o: dict) -> Callable:
+        if ":" in name:
+            return _import(name, o)
+        if name == "format":
+            return text.make_format_reward(o.get("mode", "strict"))
+        if name == "degradation":
+            return text.make_degradation_reward(float(o.get("partial_credit", 0.0)))
+        if name == "understanding":
+            return text.make_understanding_reward(o.get("similarity_model"), float(o.get("similarity_weight", 0.5)))
+        return visual.over_restorations(rendered(), image_score(name, o, device))
+
+    return _weighted(spec, make)
+
+
+def _weighted(spec: dict, make: Callable[[str, dict], Callable]) -> tuple[list[Callable], list[float]]:
+    """(functions, weights) in the config's order, each made by `make(name, options)` and named by
+    the config (the last part of a `module:function`); zero weights are left out."""
     funcs, weights = [], []
     for name, value in spec.items():
         weight, o = _spec(value)
         if weight == 0:
             continue
-        if ":" in name:
-            fn = _import(name, o)
-        elif name == "format":
-            fn = text.make_format_reward(o.get("mode", "strict"))
-        elif name == "degradation":
-            fn = text.make_degradation_reward(float(o.get("partial_credit", 0.0)))
-        elif name == "understanding":
-            fn = text.make_understanding_reward(o.get("similarity_model"), float(o.get("similarity_weight", 0.5)))
-        else:
-            fn = visual.over_restorations(rendered(), image_score(name, o, device))
-        funcs.append(_named(fn, name.rpartition(":")[2]))
+        funcs.append(_named(make(name, o), name.rpartition(":")[2]))
         weights.append(weight)
     if not funcs:
         raise ValueError("no reward with a non-zero weight in the config")
@@ -86,9 +93,7 @@ def image_score(name: str, o: dict, device: str = "cpu") -> Callable:
         fidelity = visual.InputConsistency() if source == "input" else None
         return visual.compass_score(quality, fidelity, gamma=float(o.get("gamma", 7.0)), device=device)
     if name == "niqe":
-        niqe = visual.generation_score(visual.NiqeQuality())
-        niqe.__name__ = "niqe"
-        return niqe
+        return visual.generation_score(visual.NiqeQuality())
     return visual.irpo_general_score(device=device)
 
 
@@ -110,21 +115,14 @@ def check_image_rewards(spec: dict) -> None:
 def build_image_rewards(spec: dict, *, device: str = "cpu") -> tuple[list[Callable], list[float]]:
     """The config's rewards as functions of images, for RL of the restorer (no text rewards there)."""
     check_image_rewards(spec)
-    funcs, weights = [], []
-    for name, value in spec.items():
-        weight, o = _spec(value)
-        if weight == 0:
-            continue
+
+    def make(name: str, o: dict) -> Callable:
         if ":" in name:
             custom = _import(name, o)
-            fn = _named(lambda sr, lq, hr, custom=custom: custom(images=sr, lq=lq, hr=hr), name.rpartition(":")[2])
-        else:
-            fn = _named(image_score(name, o, device), name)
-        funcs.append(fn)
-        weights.append(weight)
-    if not funcs:
-        raise ValueError("no reward with a non-zero weight in the config")
-    return funcs, weights
+            return lambda sr, lq, hr: custom(images=sr, lq=lq, hr=hr)
+        return image_score(name, o, device)
+
+    return _weighted(spec, make)
 
 
 def _import(path: str, options: dict) -> Callable:
