@@ -45,20 +45,25 @@ def rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_a_tiny_run_learns_a_reward_it_can_move(setup, tmp_path):
+@pytest.mark.parametrize("how, sets, margin", [
+    ("full fine-tuning", ["lora=null", "optimizer.learning_rate=3e-3"], 2.0),
+    ("LoRA", ["optimizer.learning_rate=3e-2", "lora.targets=[to_q,to_k,to_v,to_out.0,proj_in,proj_out,conv_in,conv_out]"], 1.0),
+])
+def test_a_tiny_run_learns_a_reward_it_can_move(setup, tmp_path, how, sets, margin):
     """Brightness on the training inputs, fixed seeds: after 20 steps the evaluated mean reward is
-    above step 0's by more than twice the spread (std) of the rewards of the samples one step draws,
-    so the model moved its output distribution, not one lucky sample (seeds 0 and 2 rise by 3.0 and
-    2.6 spreads). Full fine-tuning: the tiny UNet's attention LoRA moves it too, but needs several
-    times the steps."""
+    above step 0's by more than `margin` times the spread (std) of the rewards of the samples one
+    step draws, so the model moved its output distribution, not one lucky sample. Measured: full
+    fine-tuning +3.0 spreads (seed 0; +2.6 with seed 2), LoRA +2.2. The LoRA includes the UNet's
+    first and last convolutions here: the tiny UNet's attention alone barely moves brightness
+    (0.5204 → 0.5198 in 20 steps), the real one's attention carries far more of the model."""
     out = tmp_path / "learn"
-    assert run(setup, out, "rewards={tiny_rewards:brightness: 1.0}", "lora=null", "optimizer.learning_rate=3e-3",
-               "max_steps=20", "eval.steps=20", f"eval.data={setup / 'data'}", "eval.count=5", "eval.metrics=[psnr]") == 0
+    assert run(setup, out, "rewards={tiny_rewards:brightness: 1.0}", *sets, "max_steps=20", "eval.steps=20",
+               f"eval.data={setup / 'data'}", "eval.count=5", "eval.metrics=[psnr]") == 0
     ev = rows(out / "eval.jsonl")
     assert [r["step"] for r in ev] == [0, 20]
     spread = rows(out / "log.jsonl")[0]["rewards/brightness/std"]
-    assert ev[1]["reward"] - ev[0]["reward"] > 2 * spread > 0
-    assert (out / "model" / "unet").is_dir()  # full fine-tuning saves a pipeline folder
+    assert ev[1]["reward"] - ev[0]["reward"] > margin * spread > 0
+    assert (out / ("model" if how.startswith("full") else "adapter")).is_dir()
     assert (out / "eval.md").read_text().count("\n") == 4 and (out / "eval.png").stat().st_size > 1000
 
 
