@@ -244,3 +244,21 @@ def test_64px_pipeline_lq_no_confident_none():
             right += level_for("noise", label) == a.items[1].level
             confident_none += a.items[1].level == "none" and a.confidence["noise"] == "high"
     assert n >= 6 and confident_none == 0 and right >= n / 3
+
+
+def test_the_noise_threshold_is_the_gamma_quantile_without_importing_scipy_stats():
+    """A lite run imports the analyser; scipy.stats alone cost ~0.4 s of start-up for one quantile."""
+    import subprocess
+    import sys
+
+    from scipy import stats
+
+    from realsr_r1 import analyze as A
+
+    for p in (5, 6, 7, 8):
+        trace = 4 * p * (p - 1)
+        expected = stats.gamma.ppf(A.NOISE_CONFIDENCE, a=p * p / 2, scale=2 * trace / (p * p))
+        assert A._texture_threshold(p) == pytest.approx(expected, rel=1e-12)
+    probe = "import sys, realsr_r1.analyze, realsr_r1.infer; print('scipy.stats' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
