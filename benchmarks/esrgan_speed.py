@@ -1,5 +1,6 @@
-"""Real-ESRGAN x4plus on CPU: our PyTorch restorer (fp32 and automatic precision) against the pip
-`ncnn` runtime running the very same .param/.bin, in one run.
+"""Real-ESRGAN x4plus on CPU: every backend and precision of our restorer (`auto` as this machine
+resolves it, PyTorch fp32, our ncnn backend) against the plain pip `ncnn` runtime running the very
+same .param/.bin, in one run, with PSNR against the HR and against PyTorch fp32.
 
 Inputs: for size s, an HR mosaic of g×g real photos (g = s // 256, at least 1; RealSRSet from
 ../shared, else the repo's examples/), each centre-cropped square and Lanczos-resized to 4s/g
@@ -36,7 +37,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 PHOTO_DIRS = [REPO.parent / "shared" / "realworld" / "RealSRSet", REPO / "examples"]
-RUNTIMES = ("auto", "fp32", "ncnn")  # most wanted first: partial logs of long runs still help
+RUNTIMES = ("auto", "torch-fp32", "ours-ncnn", "ncnn")  # most wanted first: partial logs of long runs still help
+OURS = {"auto": ("auto", "auto"), "torch-fp32": ("torch", "fp32"), "ours-ncnn": ("ncnn", "fp32")}  # backend, precision
 RSS_LIMIT_MB = 1536
 
 
@@ -111,9 +113,10 @@ def child(spec: dict) -> None:
     else:
         from realsr_r1.restorers.esrgan import ESRGANRestorer
 
-        r = ESRGANRestorer.from_pretrained(None, device="cpu", precision=spec["runtime"],
+        backend, precision = OURS[spec["runtime"]]
+        r = ESRGANRestorer.from_pretrained(None, device="cpu", precision=precision, backend=backend,
                                            tile=spec["tile"], tile_pad=spec["tile_pad"])
-        run, precision = (lambda: r.upscale(lr, np.uint8)), r.precision
+        run, precision = (lambda: r.upscale(lr, np.uint8)), f"{r.backend} {r.precision}"
     times = []
     for _ in range(spec["repeats"]):
         load = os.getloadavg()[0]
@@ -165,7 +168,6 @@ def main(argv=None) -> int:
     weights.realesrgan_x4plus()  # convert once, outside the timed children
     bf16_cpu = cpu_has_bf16()
     auto = choose_precision("cpu")
-    target = 0.3 if bf16_cpu else 0.7
     print(f"CPU: {os.cpu_count()} cores, bf16 units: {bf16_cpu}; auto precision = {auto}; "
           f"tile {args.tile}, pad {args.tile_pad}; best of {args.repeats}", file=sys.stderr, flush=True)
     rows = []
@@ -179,30 +181,45 @@ def main(argv=None) -> int:
             del lr
             res = {rt: measure(rt, size, lr_path, work, args) for rt in RUNTIMES}
             out = {rt: np.load(work / f"{rt}_{size}.npy", mmap_mode="r") for rt in RUNTIMES}
-            rows.append((size, res, psnr(out["fp32"], hr), psnr(out["auto"], hr), psnr(out["auto"], out["fp32"])))
+            quality = {rt: (psnr(out[rt], hr), psnr(out[rt], out["torch-fp32"]) if rt != "torch-fp32" else None)
+                       for rt in RUNTIMES}
+            rows.append((size, res, quality))
             del hr, out
 
-    print(f"\nReal-ESRGAN x4plus, CPU ({os.cpu_count()} cores), auto = {auto}; time = best of "
-          f"{args.repeats}, RSS = peak per process\n")
-    print("| input | ours fp32 s | ours auto s | ncnn s | fp32/ncnn | auto/ncnn | RSS fp32 MB | RSS auto MB "
-          "| RSS ncnn MB | PSNR fp32 dB | PSNR auto dB | Δ dB | PSNR auto vs fp32 dB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for size, r, p32, pauto, pcross in rows:
-        f, a, n = r["fp32"]["seconds"], r["auto"]["seconds"], r["ncnn"]["seconds"]
-        print(f"| {size}² | {f:.2f} | {a:.2f} | {n:.2f} | {f / n:.2f} | {a / n:.2f} | {r['fp32']['rss_mb']:.0f} "
-              f"| {r['auto']['rss_mb']:.0f} | {r['ncnn']['rss_mb']:.0f} | {p32:.3f} | {pauto:.3f} "
-              f"| {pauto - p32:+.3f} | {pcross:.1f} |")
-    print("\nTargets:")
-    for size, r, p32, pauto, _ in rows:
+    print(f"\nReal-ESRGAN x4plus, CPU ({cpu_label()}), time = best of {args.repeats}, RSS = peak per process; "
+          f"auto resolves to {rows[0][1]['auto']['precision'] if rows else '?'}\n")
+    print("| input | runtime | backend, precision | s | vs ncnn | RSS MB | PSNR vs HR dB | PSNR vs torch fp32 dB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for size, r, q in rows:
+        n = r["ncnn"]["seconds"]
+        for rt in RUNTIMES:
+            cross = "–" if q[rt][1] is None else ("∞" if q[rt][1] == float("inf") else f"{q[rt][1]:.1f}")
+            print(f"| {size}² | {rt} | {r[rt]['precision']} | {r[rt]['seconds']:.2f} | {r[rt]['seconds'] / n:.2f} "
+                  f"| {r[rt]['rss_mb']:.0f} | {q[rt][0]:.3f} | {cross} |")
+    print("\nTargets (issue 13):")
+    for size, r, q in rows:
         ratio = r["auto"]["seconds"] / r["ncnn"]["seconds"]
-        print(f"- {size}²: auto/ncnn time {ratio:.2f} ≤ {target} "
-              f"({'bf16 units' if bf16_cpu else 'no bf16 units'}): {'PASS' if ratio <= target else 'FAIL'}; "
-              f"|ΔPSNR| {abs(pauto - p32):.3f} ≤ 0.02 dB: {'PASS' if abs(pauto - p32) <= 0.02 else 'FAIL'}")
+        drop = q["torch-fp32"][0] - q["auto"][0]
+        if bf16_cpu:  # the bf16 target is for the whole process (benchmarks/lite_stages.py), not the model call
+            verdict = f"model call auto/ncnn {ratio:.2f} (bf16 units; the ≤ 0.45× target is for the whole process)"
+        else:
+            verdict = f"model call auto/ncnn {ratio:.2f} ≤ 0.6 (AVX2 only): {'PASS' if ratio <= 0.6 else 'FAIL'}"
+        print(f"- {size}²: {verdict}; PSNR drop vs fp32 {drop:+.3f} ≤ 0.05 dB: {'PASS' if drop <= 0.05 else 'FAIL'}")
         if size >= 2048:
-            peak = max(r["fp32"]["rss_mb"], r["auto"]["rss_mb"])
+            peak = max(r[rt]["rss_mb"] for rt in OURS)
             print(f"- {size}²: our peak RSS {peak:.0f} MB ≤ {RSS_LIMIT_MB} MB: "
                   f"{'PASS' if peak <= RSS_LIMIT_MB else 'FAIL'}")
     return 0
+
+
+def cpu_label() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"{os.cpu_count()} cores"
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "CPU")
+    flags = sorted({f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f" {f}" in text})
+    return f"{model}, {os.cpu_count()} cores, {' '.join(flags)}"
 
 
 if __name__ == "__main__":

@@ -13,6 +13,12 @@ later band touches go to the output dtype straight away. Peak memory is one tile
 (the 4x tail runs in strips), one band, and the output in its final dtype: ask for uint8/uint16
 (`out_dtype`) for large images, as the pipeline does — a 2048² input gives an 8192² output, 201 MB
 in uint8 against 805 MB in float32.
+
+Backends (`backend`): the network of each tile runs on PyTorch (`torch`) or on the ncnn runtime
+(`ncnn`, ncnn_backend.py, the shipped .param/.bin in fp32); everything else above is shared, so
+every backend treats tiling, alpha, grey, 16-bit and outscale alike. `auto` (choose_backend): PyTorch
+on CUDA and on CPUs with bf16 units (bf16 autocast is fastest there), ncnn on other CPUs when it is
+installed and the model is a shipped one (faster than PyTorch fp32 at the same output), else PyTorch.
 """
 
 from __future__ import annotations
@@ -37,6 +43,19 @@ DEFAULT_TILE = {"cuda": 512, "cpu": 256}  # input pixels per tile side; other de
 MIN_TILE = 32  # CUDA OOM halving stops here
 FINALIZE_ROWS = 256  # output rows converted to the output dtype at a time
 GRAY = (0.299, 0.587, 0.114)  # alpha comes back through the RGB net; Real-ESRGAN takes it as grey
+BACKENDS = ("auto", "torch", "ncnn")
+
+
+def choose_backend(device: torch.device, precision: str, shipped: bool) -> str:
+    """`backend: auto` → "torch" or "ncnn" for this machine (module doc)."""
+    from ..device import cpu_has_bf16
+    from .ncnn_backend import available
+
+    if device.type != "cpu" or precision not in ("auto", "fp32") or not shipped:
+        return "torch"
+    if precision == "auto" and cpu_has_bf16():
+        return "torch"
+    return "ncnn" if available() else "torch"
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -211,11 +230,13 @@ def _resize(arr: np.ndarray, size: tuple[int, int], dtype) -> np.ndarray:
 class ESRGANRestorer:
     """Real-ESRGAN ×4 on numpy images: `upscale` (×4) and `restore` (any outscale, alpha)."""
 
-    def __init__(self, model: nn.Module, device: torch.device | str = "cpu", precision: str = "fp32",
+    def __init__(self, model: nn.Module | None, device: torch.device | str = "cpu", precision: str = "fp32",
                  tile: int | None = None, tile_pad: int = 16, name: str = "realesrgan-x4plus",
-                 weights_file: Path | None = None):
+                 weights_file: Path | None = None, ncnn_net=None):
         self.device = device = torch.device(device)
-        self.precision = check_precision(device, precision)
+        self.backend = "torch" if ncnn_net is None else "ncnn"
+        self.ncnn = ncnn_net
+        self.precision = check_precision(device, precision) if ncnn_net is None else "fp32"
         self.tile = DEFAULT_TILE.get(device.type, DEFAULT_TILE["cpu"]) if tile is None else int(tile)
         self.tile_pad = int(tile_pad)
         if self.tile < 0 or self.tile_pad < 0:
@@ -224,16 +245,32 @@ class ESRGANRestorer:
         self.weights_file = weights_file
         self._weights_hash: str | None = None
         # channels_last: oneDNN's and cuDNN's fast convolution layout (≈15-35% faster on CPU here).
-        self.model = model.to(device, memory_format=torch.channels_last)
-        self.scale = model.scale
+        self.model = None if model is None else model.to(device, memory_format=torch.channels_last)
+        self.scale = (ncnn_net or model).scale
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str = "auto", precision: str = "auto",
-                        tile: int | None = None, tile_pad: int = 16) -> "ESRGANRestorer":
-        """Load converted weights: a file, a model name from weights.MODELS, or None for x4plus."""
-        if path is None or str(path) in weights.MODELS:
-            path = weights.pretrained(str(path or "realesrgan-x4plus"))
+                        tile: int | None = None, tile_pad: int = 16, backend: str = "auto") -> "ESRGANRestorer":
+        """Load converted weights: a file, a model name from weights.MODELS, or None for x4plus;
+        `backend` auto | torch | ncnn (module doc; ncnn runs only the shipped models)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r} (use {', '.join(BACKENDS)})")
+        shipped = path is None or str(path) in weights.MODELS
+        name = str(path or "realesrgan-x4plus")
         dev = resolve_device(device)
+        if backend == "auto":
+            backend = choose_backend(dev, precision, shipped)
+        if backend == "ncnn":
+            if not shipped:
+                raise ValueError(f"backend ncnn runs the shipped models ({', '.join(weights.MODELS)}), not {path}")
+            if dev.type != "cpu" or precision not in ("auto", "fp32"):
+                raise ValueError(f"backend ncnn runs on CPU in fp32, not on {dev} in {precision}")
+            from .ncnn_backend import NcnnNet
+
+            net = NcnnNet(name)
+            return cls(None, dev, "fp32", tile, tile_pad, name=name, weights_file=net.files[1], ncnn_net=net)
+        if shipped:
+            path = weights.pretrained(name)
         return cls(load_model(path), dev, precision, tile, tile_pad, name=Path(path).stem, weights_file=Path(path))
 
     def weights(self) -> dict | None:
@@ -309,6 +346,9 @@ class ESRGANRestorer:
 
     @torch.inference_mode()
     def _forward(self, tile: np.ndarray, gray: bool) -> np.ndarray:
+        if self.ncnn is not None:
+            y = self.ncnn(tile)
+            return (y @ np.asarray(GRAY, np.float32))[..., None] if gray else y
         # HWC numpy permuted to NCHW is already channels_last in memory: no copy on CPU.
         x = torch.from_numpy(np.ascontiguousarray(tile)).permute(2, 0, 1)[None].to(self.device)
         with torch.autocast(self.device.type, dtype=PRECISIONS[self.precision], enabled=self.precision != "fp32"):

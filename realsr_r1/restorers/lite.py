@@ -52,7 +52,7 @@ class LiteStages:
 
     def describe(self) -> dict:
         return {"restorer": self.name, "weights": self.esrgan.weights(), "device": str(self.esrgan.device),
-                "precision": self.esrgan.precision, "tile": self.esrgan.tile}
+                "backend": self.esrgan.backend, "precision": self.esrgan.precision, "tile": self.esrgan.tile}
 
     def stages(self, image: LoadedImage, plan: Plan, *, sizes, seed: int = 0) -> Iterator:
         t = time.perf_counter()

@@ -1,0 +1,88 @@
+"""The lite profile's backends (restorer.backend: torch | ncnn | auto): the same images from each,
+through the same tiling, alpha, 16-bit and outscale code; auto's choice per machine; the sidecar."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import photo
+from realsr_r1 import device as devmod
+from realsr_r1.restorers import esrgan, ncnn_backend
+from realsr_r1.restorers.esrgan import ESRGANRestorer
+
+pytest.importorskip("ncnn")
+
+
+@pytest.fixture(scope="module")
+def pair(weights_dir):
+    torch_fp32 = ESRGANRestorer.from_pretrained(None, device="cpu", precision="fp32", tile=16, tile_pad=4, backend="torch")
+    ncnn = ESRGANRestorer.from_pretrained(None, device="cpu", tile=16, tile_pad=4, backend="ncnn")
+    assert (torch_fp32.backend, ncnn.backend, ncnn.precision) == ("torch", "ncnn", "fp32")
+    return torch_fp32, ncnn
+
+
+def rgb(h=28, w=40):
+    return np.asarray(photo((w, h), "dog.png"), np.float32) / 255
+
+
+@pytest.mark.parametrize("outscale", [4.0, 3.5])
+def test_backends_give_the_same_image_through_tiles_alpha_and_outscale(pair, outscale):
+    image = rgb()
+    alpha = np.linspace(0, 1, image.shape[0] * image.shape[1], dtype=np.float32).reshape(image.shape[:2])
+    (a, a_alpha), (b, b_alpha) = (r.restore(image, alpha, outscale=outscale) for r in pair)
+    assert a.shape == b.shape == (round(28 * outscale), round(40 * outscale), 3)
+    assert np.abs(a - b).max() < 1e-4 and np.abs(a_alpha - b_alpha).max() < 1e-4
+    assert np.abs(a - np.clip(a, 0, 1)).max() == 0  # in range on both
+
+
+def test_backends_agree_in_8_and_16_bit(pair):
+    image = rgb()
+    for dtype, levels in ((np.uint8, 1), (np.uint16, 16)):  # rounding may flip by one 8-bit level
+        a, b = (r.restore(image, None, outscale=4.0, out_dtype=dtype)[0] for r in pair)
+        assert a.dtype == b.dtype == dtype
+        assert np.abs(a.astype(np.int64) - b.astype(np.int64)).max() <= levels
+
+
+@pytest.mark.parametrize("bf16, ncnn, device, precision, shipped, want", [
+    (True, True, "cpu", "auto", True, "torch"),   # bf16 units: PyTorch's bf16 autocast is fastest
+    (False, True, "cpu", "auto", True, "ncnn"),   # AVX2 only: ncnn beats PyTorch fp32
+    (False, True, "cpu", "fp32", True, "ncnn"),
+    (True, True, "cpu", "fp32", True, "ncnn"),    # fp32 asked for: ncnn's fp32 is the faster fp32
+    (False, False, "cpu", "auto", True, "torch"), # ncnn not installed
+    (False, True, "cpu", "bf16", True, "torch"),
+    (False, True, "cpu", "auto", False, "torch"), # a converted file of the user's: PyTorch only
+    (False, True, "cuda", "auto", True, "torch"),
+])
+def test_auto_picks_the_backend_for_the_machine(monkeypatch, bf16, ncnn, device, precision, shipped, want):
+    import torch
+
+    monkeypatch.setattr(devmod, "cpu_has_bf16", lambda cpuinfo=None: bf16)
+    monkeypatch.setattr(ncnn_backend, "available", lambda: ncnn)
+    assert esrgan.choose_backend(torch.device(device), precision, shipped) == want
+
+
+def test_ncnn_backend_errors_are_one_line(weights_dir, tmp_path):
+    for kwargs, message in (({"backend": "ncnn", "path": str(tmp_path / "mine.safetensors")}, "runs the shipped models"),
+                            ({"backend": "ncnn", "precision": "bf16"}, "runs on CPU in fp32"),
+                            ({"backend": "vulkan"}, "unknown backend 'vulkan'")):
+        with pytest.raises(ValueError) as e:
+            ESRGANRestorer.from_pretrained(device="cpu", **kwargs)
+        assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_sidecar_records_the_backend_and_the_cli_images_agree(weights_dir, tmp_path):
+    from PIL import Image
+
+    from realsr_r1 import infer
+
+    src = tmp_path / "in"
+    src.mkdir()
+    photo((40, 28), "dog.png").save(src / "a.png")
+    out = {}
+    for name, sets in (("ncnn", ["--set", "restorer.backend=ncnn"]), ("torch", ["--set", "restorer.backend=torch", "--fp32"])):
+        assert infer.main(["--input", str(src), "--output", str(tmp_path / name), "--quiet", *sets]) == 0
+        sidecar = json.loads((tmp_path / name / "a.json").read_text())
+        assert f'"backend": "{name}"' in json.dumps(sidecar)
+        out[name] = np.asarray(Image.open(tmp_path / name / "a.png"), np.int64)
+    assert out["ncnn"].shape == out["torch"].shape and np.abs(out["ncnn"] - out["torch"]).max() <= 1
