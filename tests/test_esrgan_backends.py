@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import photo
-from realsr_r1 import device as devmod
-from realsr_r1.restorers import esrgan, ncnn_backend
+from realsr_r1.restorers import esrgan
 from realsr_r1.restorers.esrgan import ESRGANRestorer
 
 pytest.importorskip("ncnn")
@@ -44,22 +43,13 @@ def test_backends_agree_in_8_and_16_bit(pair):
         assert np.abs(a.astype(np.int64) - b.astype(np.int64)).max() <= levels
 
 
-@pytest.mark.parametrize("bf16, ncnn, device, precision, shipped, want", [
-    (True, True, "cpu", "auto", True, "torch"),   # bf16 units: PyTorch's bf16 autocast is fastest
-    (False, True, "cpu", "auto", True, "ncnn"),   # AVX2 only: ncnn beats PyTorch fp32
-    (False, True, "cpu", "fp32", True, "ncnn"),
-    (True, True, "cpu", "fp32", True, "ncnn"),    # fp32 asked for: ncnn's fp32 is the faster fp32
-    (False, False, "cpu", "auto", True, "torch"), # ncnn not installed
-    (False, True, "cpu", "bf16", True, "torch"),
-    (False, True, "cpu", "auto", False, "torch"), # a converted file of the user's: PyTorch only
-    (False, True, "cuda", "auto", True, "torch"),
-])
-def test_auto_picks_the_backend_for_the_machine(monkeypatch, bf16, ncnn, device, precision, shipped, want):
-    import torch
-
-    monkeypatch.setattr(devmod, "cpu_has_bf16", lambda cpuinfo=None: bf16)
-    monkeypatch.setattr(ncnn_backend, "available", lambda: ncnn)
-    assert esrgan.choose_backend(torch.device(device), precision, shipped) == want
+def test_auto_is_torch_and_ncnn_tiles_smaller(weights_dir):
+    """ncnn's workspaces grow with the tile (1.1 GB at 128², 4.5 GB at 256²): opt-in, smaller tiles."""
+    auto = ESRGANRestorer.from_pretrained(None, device="cpu", precision="fp32")
+    ncnn = ESRGANRestorer.from_pretrained(None, device="cpu", backend="ncnn")
+    assert auto.backend == "torch" and auto.tile == esrgan.DEFAULT_TILE["cpu"]
+    assert ncnn.backend == "ncnn" and ncnn.tile == esrgan.NCNN_TILE < auto.tile
+    assert ncnn.weights()["file"].endswith(".bin")  # the file that runs, hashed for the sidecar
 
 
 def test_ncnn_backend_errors_are_one_line(weights_dir, tmp_path):

@@ -16,9 +16,11 @@ in uint8 against 805 MB in float32.
 
 Backends (`backend`): the network of each tile runs on PyTorch (`torch`) or on the ncnn runtime
 (`ncnn`, ncnn_backend.py, the shipped .param/.bin in fp32); everything else above is shared, so
-every backend treats tiling, alpha, grey, 16-bit and outscale alike. `auto` (choose_backend): PyTorch
-on CUDA and on CPUs with bf16 units (bf16 autocast is fastest there), ncnn on other CPUs when it is
-installed and the model is a shipped one (faster than PyTorch fp32 at the same output), else PyTorch.
+every backend treats tiling, alpha, grey, 16-bit and outscale alike. `auto` is PyTorch for now:
+ncnn's fp32 is 0.75-0.8× PyTorch fp32's time here, but its convolutions (winograd and sgemm
+workspaces) take about 1.1 GB for a 128² tile and 4.5 GB for a 256² one, against PyTorch's flat
+0.4-0.6 GB, which breaks the lite profile's memory bound; ncnn stays opt-in (`backend: ncnn`, tiles
+of NCNN_TILE) until that is solved (benchmarks/esrgan_speed.py measures both).
 """
 
 from __future__ import annotations
@@ -44,18 +46,7 @@ MIN_TILE = 32  # CUDA OOM halving stops here
 FINALIZE_ROWS = 256  # output rows converted to the output dtype at a time
 GRAY = (0.299, 0.587, 0.114)  # alpha comes back through the RGB net; Real-ESRGAN takes it as grey
 BACKENDS = ("auto", "torch", "ncnn")
-
-
-def choose_backend(device: torch.device, precision: str, shipped: bool) -> str:
-    """`backend: auto` → "torch" or "ncnn" for this machine (module doc)."""
-    from ..device import cpu_has_bf16
-    from .ncnn_backend import available
-
-    if device.type != "cpu" or precision not in ("auto", "fp32") or not shipped:
-        return "torch"
-    if precision == "auto" and cpu_has_bf16():
-        return "torch"
-    return "ncnn" if available() else "torch"
+NCNN_TILE = 128  # input pixels: ncnn's memory grows with the tile's area (module doc)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -259,7 +250,7 @@ class ESRGANRestorer:
         name = str(path or "realesrgan-x4plus")
         dev = resolve_device(device)
         if backend == "auto":
-            backend = choose_backend(dev, precision, shipped)
+            backend = "torch"  # module doc: ncnn's memory
         if backend == "ncnn":
             if not shipped:
                 raise ValueError(f"backend ncnn runs the shipped models ({', '.join(weights.MODELS)}), not {path}")
@@ -268,7 +259,8 @@ class ESRGANRestorer:
             from .ncnn_backend import NcnnNet
 
             net = NcnnNet(name)
-            return cls(None, dev, "fp32", tile, tile_pad, name=name, weights_file=net.files[1], ncnn_net=net)
+            return cls(None, dev, "fp32", NCNN_TILE if tile is None else tile, tile_pad, name=name,
+                       weights_file=net.files[1], ncnn_net=net)
         if shipped:
             path = weights.pretrained(name)
         return cls(load_model(path), dev, precision, tile, tile_pad, name=Path(path).stem, weights_file=Path(path))

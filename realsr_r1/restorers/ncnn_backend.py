@@ -1,10 +1,10 @@
 """Real-ESRGAN on the ncnn runtime (pip `ncnn`), running the very .param/.bin files the weights come from.
 
-On CPUs without bf16 units (AVX2 laptops and cloud VMs) ncnn's convolutions are faster than
-PyTorch's fp32 ones on the same weights (0.75× the time at 128² here, 0.73× on the AVX2 machine of
-issue 13), at the same fidelity: we switch ncnn's fp16 storage and arithmetic off, so it computes
-in fp32 and matches our fp32 model to ~5e-6. Where the CPU has bf16 units, PyTorch's bf16 autocast
-is faster still, and `backend: auto` picks that (esrgan.choose_backend).
+ncnn's convolutions are faster than PyTorch's fp32 ones on the same weights (0.75-0.8× the time
+here, 0.73× on the AVX2 machine of issue 13), at the same fidelity: we switch ncnn's fp16 and bf16
+storage and arithmetic off, so it computes in fp32 and matches our fp32 model to ~5e-6. The price
+is memory (its winograd/sgemm workspaces: ~1.1 GB for a 128² tile), so it is opt-in
+(`restorer.backend: ncnn`), not what `auto` picks (esrgan.py).
 
 Only the network runs here: tiling, seam blending, alpha, grey, 16-bit and outscale stay in
 ESRGANRestorer, which calls `__call__` on each tile as it would call the PyTorch model, so every
