@@ -213,13 +213,9 @@ def main(argv=None) -> int:
 
 
 def cpu_label() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return f"{os.cpu_count()} cores"
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "CPU")
-    flags = sorted({f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f" {f}" in text})
-    return f"{model}, {os.cpu_count()} cores, {' '.join(flags)}"
+    from realsr_r1.device import cpu_description
+
+    return cpu_description()
 
 
 if __name__ == "__main__":

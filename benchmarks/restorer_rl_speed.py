@@ -32,13 +32,9 @@ def peak_memory_gb(device: str) -> tuple[str, float]:
 
 
 def cpu_name() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown CPU"
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "CPU")
-    flags = sorted({f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f" {f}" in text})
-    return f"{model} ({os.cpu_count()} cores; {' '.join(flags)})"
+    from realsr_r1.device import cpu_description
+
+    return cpu_description()
 
 
 def measure(model: Path, *, samples: int, sampling_steps: int, hr: int, steps: int, micro_batch: int,

@@ -13,6 +13,7 @@ elsewhere CPUs get fp32.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -55,6 +56,22 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
         if key.strip() == "flags":
             return set(value.split())
     return set()
+
+
+SPEED_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")  # what decides CPU speed here, for reports
+
+
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """"AMD EPYC (2 cores; avx2 avx512_bf16 avx512f)": what benchmarks print beside their timings."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                  if line.startswith("model name")), "CPU")
+    flags = sorted(f for f in SPEED_FLAGS if f in cpu_flags(cpuinfo))
+    return f"{model} ({os.cpu_count()} cores; {' '.join(flags) or 'no AVX2'})"
 
 
 def cpu_has_bf16(cpuinfo: str | None = None) -> bool:

@@ -76,3 +76,12 @@ def test_the_sidecar_records_the_backend_and_the_cli_images_agree(weights_dir, t
         assert f'"backend": "{name}"' in json.dumps(sidecar)
         out[name] = np.asarray(Image.open(tmp_path / name / "a.png"), np.int64)
     assert out["ncnn"].shape == out["torch"].shape and np.abs(out["ncnn"] - out["torch"]).max() <= 1
+
+
+def test_benchmarks_name_the_cpu_with_the_flags_that_decide_its_speed():
+    from realsr_r1.device import cpu_description
+
+    info = "model name\t: Some CPU 9000\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16\n"
+    assert cpu_description(info).startswith("Some CPU 9000 (")
+    assert cpu_description(info).endswith("; amx_bf16 avx2 avx512_bf16 avx512f)")
+    assert cpu_description("model name : Old\nflags : fpu sse2\n").endswith("; no AVX2)")
