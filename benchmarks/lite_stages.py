@@ -51,7 +51,7 @@ def main() -> int:
 
     from realsr_r1 import infer, pipeline
     from realsr_r1.restorers import esrgan, lite
-    from restorer_rl_speed import cpu_name
+    from realsr_r1.device import cpu_description as cpu_name
 
     spent: dict[str, float] = defaultdict(float)
 
