@@ -27,6 +27,7 @@ when the guard stopped the run): `python -m realsr_r1.infer --profile full --res
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -430,7 +431,7 @@ class RestorerRL:
                     with self.model.use("reference") as ref_unet:
                         p_ref = ref_unet(inp, t.to(dev), **cond, return_dict=False)[0]
             last = n == len(batches) - 1
-            sync = acc.no_sync(self.unet) if (acc.num_processes > 1 and not last) else _nullcontext()
+            sync = acc.no_sync(self.unet) if (acc.num_processes > 1 and not last) else contextlib.nullcontext()
             with sync, acc.autocast():
                 self.unet.train()  # LoRA dropout, if any, acts in the trained forward only
                 try:
@@ -596,14 +597,6 @@ class RestorerRL:
                 indent=2) + "\n")
         self.accelerator.wait_for_everyone()
         return result
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _fmt(v) -> str:

@@ -22,14 +22,6 @@ from .. import weights
 INPUT, OUTPUT = "data", "output"  # the blob names of both shipped models' .param files
 
 
-def available() -> bool:
-    try:
-        import ncnn  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 class NcnnNet:
     """One shipped Real-ESRGAN model on ncnn's CPU path, fp32 throughout; `scale` 4."""
 
