@@ -51,7 +51,7 @@ def x4plus(weights_dir):
 
 @pytest.fixture(scope="module")
 def esr(x4plus):
-    return ESRGANRestorer.from_pretrained(x4plus, device="cpu", precision="fp32", tile=0)
+    return ESRGANRestorer.from_pretrained(x4plus, device="cpu", precision="fp32", tile=0, backend="torch")
 
 
 class NearestX4(torch.nn.Module):
@@ -75,7 +75,8 @@ def test_x4plus_matches_ncnn_runtime(esr):
 
 def test_animevideov3_matches_ncnn_runtime(weights_dir):
     rgb = photo_crop(40, 56)
-    compact = ESRGANRestorer.from_pretrained("realesr-animevideov3", device="cpu", precision="fp32", tile=0)
+    compact = ESRGANRestorer.from_pretrained("realesr-animevideov3", device="cpu", precision="fp32", tile=0,
+                                             backend="torch")
     assert compact.name == "realesr-animevideov3"
     ref = ncnn_reference("realesr-animevideov3", rgb)
     assert np.abs(compact.upscale(rgb) - np.clip(ref, 0, 1)).max() <= 1e-4

@@ -1,4 +1,4 @@
-"""The lite profile's backends (restorer.backend: torch | ncnn | auto): the same images from each,
+"""The lite profile's ncnn backend against PyTorch (OpenVINO: test_openvino_backend.py): the same images from each,
 through the same tiling, alpha, 16-bit and outscale code; auto's choice per machine; the sidecar."""
 
 import json
@@ -43,12 +43,13 @@ def test_backends_agree_in_8_and_16_bit(pair):
         assert np.abs(a.astype(np.int64) - b.astype(np.int64)).max() <= levels
 
 
-def test_auto_is_torch_and_ncnn_tiles_smaller(weights_dir):
+def test_ncnn_is_opt_in_with_smaller_tiles(weights_dir):
     """ncnn's workspaces grow with the tile (1.1 GB at 128², 4.5 GB at 256²): opt-in, smaller tiles."""
-    auto = ESRGANRestorer.from_pretrained(None, device="cpu", precision="fp32")
+    torch_ = ESRGANRestorer.from_pretrained(None, device="cpu", precision="fp32", backend="torch")
     ncnn = ESRGANRestorer.from_pretrained(None, device="cpu", backend="ncnn")
-    assert auto.backend == "torch" and auto.tile == esrgan.DEFAULT_TILE["cpu"]
-    assert ncnn.backend == "ncnn" and ncnn.tile == esrgan.NCNN_TILE < auto.tile
+    assert esrgan.choose_backend(torch_.device)[0] != "ncnn"
+    assert torch_.backend == "torch" and torch_.tile == esrgan.DEFAULT_TILE["cpu"]
+    assert ncnn.backend == "ncnn" and ncnn.tile == esrgan.BACKEND_TILE["ncnn"] < torch_.tile
     assert ncnn.weights()["file"].endswith(".bin")  # the file that runs, hashed for the sidecar
 
 

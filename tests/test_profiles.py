@@ -72,6 +72,29 @@ def test_tile_flags_set_the_chosen_restorers_keys(profile, flag, key):
     check_profile(cfg)
 
 
+@pytest.mark.parametrize("profile,flags,key", [
+    ("lite", ("--precision", "int8"), ("precision", "int8")),
+    ("lite", ("--precision", "fp32", "--fp32"), ("precision", "fp32")),
+    ("full", ("--precision", "bf16"), ("dtype", "bf16")),  # the diffusion restorer's keyword
+])
+def test_the_precision_flag_sets_the_restorers_key(profile, flags, key):
+    args = infer.build_parser().parse_args(["-i", "x", "-o", "y", "--profile", profile, *flags])
+    _, _, cfg, _ = infer.profile_config(args)
+    assert cfg["restorer"][key[0]] == key[1]
+    check_profile(cfg)
+
+
+@pytest.mark.parametrize("profile,flags,message", [
+    ("full", ("--precision", "int8"), "--precision int8 runs Real-ESRGAN on OpenVINO"),
+    ("lite", ("--precision", "bf16", "--fp32"), "--fp32 and --precision bf16 contradict"),
+])
+def test_precision_flags_that_cannot_apply_are_one_line_errors(profile, flags, message):
+    args = infer.build_parser().parse_args(["-i", "x", "-o", "y", "--profile", profile, *flags])
+    with pytest.raises(ConfigError) as e:
+        infer.profile_config(args)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
 def test_tile_pad_on_the_diffusion_profile_reaches_the_restorer(one_image, tmp_path, capsys, weights_dir):
     """An overlap as large as the tile is refused by the diffusion restorer: the flag is not ignored."""
     rc, err = run_cli(capsys, "-i", one_image, "-o", tmp_path / "o", "--profile", "tiny", "--tile", "16",
@@ -122,8 +145,10 @@ def test_esrgan_default_tile_is_the_one_used(monkeypatch, weights_dir):
     from realsr_r1.restorers import esrgan
 
     monkeypatch.setitem(esrgan.DEFAULT_TILE, "cpu", 200)
-    restorer = profiles.build_restorer(load_config("lite")["restorer"], device="cpu")
-    assert restorer.esrgan.tile == 200 and restorer.esrgan.tile_pad == 16
+    monkeypatch.setitem(esrgan.BACKEND_TILE, "ncnn", 96)
+    for backend, tile in (("auto", 200), ("torch", 200), ("openvino", 200), ("ncnn", 96)):
+        restorer = profiles.build_restorer({**load_config("lite")["restorer"], "backend": backend}, device="cpu")
+        assert (restorer.esrgan.tile, restorer.esrgan.tile_pad) == (tile, 16), backend
 
 
 def test_profiles_ship_inside_the_package():

@@ -14,13 +14,13 @@ later band touches go to the output dtype straight away. Peak memory is one tile
 (`out_dtype`) for large images, as the pipeline does — a 2048² input gives an 8192² output, 201 MB
 in uint8 against 805 MB in float32.
 
-Backends (`backend`): the network of each tile runs on PyTorch (`torch`) or on the ncnn runtime
-(`ncnn`, ncnn_backend.py, the shipped .param/.bin in fp32); everything else above is shared, so
-every backend treats tiling, alpha, grey, 16-bit and outscale alike. `auto` is PyTorch for now:
-ncnn's fp32 is 0.75-0.8× PyTorch fp32's time here, but its convolutions (winograd and sgemm
-workspaces) take about 1.1 GB for a 128² tile and 4.5 GB for a 256² one, against PyTorch's flat
-0.4-0.6 GB, which breaks the lite profile's memory bound; ncnn stays opt-in (`backend: ncnn`, tiles
-of NCNN_TILE) until that is solved (benchmarks/esrgan_speed.py measures both).
+Backends (`backend`): the network of each tile runs on PyTorch (`torch`), on OpenVINO (`openvino`,
+openvino_backend.py: fp32, bf16 or INT8, converted once and cached under the weights folder) or on
+the ncnn runtime (`ncnn`, ncnn_backend.py, the shipped .param/.bin in fp32); everything else above
+is shared, so every backend treats tiling, alpha, grey, 16-bit and outscale alike. `auto`
+(choose_backend) takes PyTorch on GPUs and OpenVINO on CPUs, in the fastest precision that keeps
+quality, as benchmarks/esrgan_speed.py measured it. ncnn stays opt-in: its convolutions' workspaces
+take about 1.1 GB for a 128² tile and 4.5 GB for a 256² one, against a flat 0.4-0.6 GB for the others.
 """
 
 from __future__ import annotations
@@ -45,8 +45,11 @@ DEFAULT_TILE = {"cuda": 512, "cpu": 256}  # input pixels per tile side; other de
 MIN_TILE = 32  # CUDA OOM halving stops here
 FINALIZE_ROWS = 256  # output rows converted to the output dtype at a time
 GRAY = (0.299, 0.587, 0.114)  # alpha comes back through the RGB net; Real-ESRGAN takes it as grey
-BACKENDS = ("auto", "torch", "ncnn")
-NCNN_TILE = 128  # input pixels: ncnn's memory grows with the tile's area (module doc)
+BACKENDS = ("auto", "torch", "openvino", "ncnn")
+# Input pixels, where a backend needs smaller tiles than DEFAULT_TILE: ncnn's memory grows with the
+# tile's area (module doc). Others share DEFAULT_TILE, since the tile changes the image: RRDBNet sees
+# far beyond tile_pad, and 128² tiles cost 0.4 dB PSNR at 256² against 256² tiles.
+BACKEND_TILE = {"ncnn": 128}
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -223,11 +226,12 @@ class ESRGANRestorer:
 
     def __init__(self, model: nn.Module | None, device: torch.device | str = "cpu", precision: str = "fp32",
                  tile: int | None = None, tile_pad: int = 16, name: str = "realesrgan-x4plus",
-                 weights_file: Path | None = None, ncnn_net=None):
+                 weights_file: Path | None = None, net=None, backend: str = "torch"):
+        """`net`: another runtime's network (ncnn_backend, openvino_backend), named by `backend`."""
         self.device = device = torch.device(device)
-        self.backend = "torch" if ncnn_net is None else "ncnn"
-        self.ncnn = ncnn_net
-        self.precision = check_precision(device, precision) if ncnn_net is None else "fp32"
+        self.backend = "torch" if net is None else backend
+        self.net = net
+        self.precision = check_precision(device, precision) if net is None else net.precision
         self.tile = DEFAULT_TILE.get(device.type, DEFAULT_TILE["cpu"]) if tile is None else int(tile)
         self.tile_pad = int(tile_pad)
         if self.tile < 0 or self.tile_pad < 0:
@@ -237,32 +241,45 @@ class ESRGANRestorer:
         self._weights_hash: str | None = None
         # channels_last: oneDNN's and cuDNN's fast convolution layout (≈15-35% faster on CPU here).
         self.model = None if model is None else model.to(device, memory_format=torch.channels_last)
-        self.scale = (ncnn_net or model).scale
+        self.scale = (net or model).scale
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str = "auto", precision: str = "auto",
-                        tile: int | None = None, tile_pad: int = 16, backend: str = "auto") -> "ESRGANRestorer":
+                        tile: int | None = None, tile_pad: int = 16, backend: str = "auto",
+                        calibration: str | Path | None = None) -> "ESRGANRestorer":
         """Load converted weights: a file, a model name from weights.MODELS, or None for x4plus;
-        `backend` auto | torch | ncnn (module doc; ncnn runs only the shipped models)."""
+        `backend` auto | torch | openvino | ncnn (module doc; ncnn runs only the shipped models);
+        `precision` auto | fp32 | bf16 | fp16 (CUDA) | int8 (OpenVINO, calibrated on `calibration`,
+        a folder of images, or the shipped crops)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r} (use {', '.join(BACKENDS)})")
         shipped = path is None or str(path) in weights.MODELS
         name = str(path or "realesrgan-x4plus")
         dev = resolve_device(device)
-        if backend == "auto":
-            backend = "torch"  # module doc: ncnn's memory
+        backend, precision = choose_backend(dev, backend, precision)
+        tile = BACKEND_TILE.get(backend) if tile is None else tile
         if backend == "ncnn":
             if not shipped:
                 raise ValueError(f"backend ncnn runs the shipped models ({', '.join(weights.MODELS)}), not {path}")
-            if dev.type != "cpu" or precision not in ("auto", "fp32"):
-                raise ValueError(f"backend ncnn runs on CPU in fp32, not on {dev} in {precision}")
+            if precision not in ("auto", "fp32"):
+                raise ValueError(f"backend ncnn runs on CPU in fp32, not in {precision}")
             from .ncnn_backend import NcnnNet
 
             net = NcnnNet(name)
-            return cls(None, dev, "fp32", NCNN_TILE if tile is None else tile, tile_pad, name=name,
-                       weights_file=net.files[1], ncnn_net=net)
+            return cls(None, dev, "fp32", tile, tile_pad, name=name, weights_file=net.files[1], net=net, backend="ncnn")
         if shipped:
             path = weights.pretrained(name)
+        if backend == "openvino":
+            from .openvino_backend import OpenVINONet
+
+            digest = weights.file_hash(Path(path))
+            net = OpenVINONet(lambda: load_model(path), Path(path), precision, calibration=calibration, sha256=digest)
+            r = cls(None, dev, precision, tile, tile_pad, name=Path(path).stem, weights_file=Path(path), net=net,
+                    backend="openvino")
+            r._weights_hash = digest[:12]
+            return r
+        if precision == "int8":
+            raise ValueError("precision int8 runs on backend openvino (restorer.backend: openvino or auto)")
         return cls(load_model(path), dev, precision, tile, tile_pad, name=Path(path).stem, weights_file=Path(path))
 
     def weights(self) -> dict | None:
@@ -338,8 +355,8 @@ class ESRGANRestorer:
 
     @torch.inference_mode()
     def _forward(self, tile: np.ndarray, gray: bool) -> np.ndarray:
-        if self.ncnn is not None:
-            y = self.ncnn(tile)
+        if self.net is not None:
+            y = self.net(tile)
             return (y @ np.asarray(GRAY, np.float32))[..., None] if gray else y
         # HWC numpy permuted to NCHW is already channels_last in memory: no copy on CPU.
         x = torch.from_numpy(np.ascontiguousarray(tile)).permute(2, 0, 1)[None].to(self.device)
@@ -349,6 +366,21 @@ class ESRGANRestorer:
         if gray:
             y = (y * y.new_tensor(GRAY)[:, None, None]).sum(0, keepdim=True)
         return y.permute(1, 2, 0).cpu().numpy()
+
+
+def choose_backend(device: torch.device, backend: str = "auto", precision: str = "auto") -> tuple[str, str]:
+    """(backend, precision) that `auto` means on this machine (module doc); explicit choices pass,
+    checked where they run. On CPU, OpenVINO is 0.76× PyTorch's time in bf16 and 0.97× in fp32 on
+    the same weights (README "Precision and speed"); without OpenVINO installed, PyTorch."""
+    from . import openvino_backend as ov
+
+    if backend == "auto":
+        backend = "openvino" if device.type == "cpu" and ov.available() else "torch"
+    if backend in ("ncnn", "openvino") and device.type != "cpu":
+        raise ValueError(f"backend {backend} runs on CPU, not on {device}")
+    if backend == "openvino" and precision == "auto":
+        precision = ov.auto_precision()
+    return backend, precision
 
 
 def _check_rgb(rgb: np.ndarray) -> np.ndarray:

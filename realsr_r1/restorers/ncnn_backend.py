@@ -26,6 +26,7 @@ class NcnnNet:
     """One shipped Real-ESRGAN model on ncnn's CPU path, fp32 throughout; `scale` 4."""
 
     scale = 4
+    precision = "fp32"
 
     def __init__(self, name: str, threads: int | None = None):
         try:

@@ -1,0 +1,97 @@
+"""What the lite profile's reduced precisions cost in quality: OpenVINO INT8 (and bf16) against fp32.
+
+Ground truth: the photos of ../shared/realworld/RealSRSet (real low-quality photos; else the repo's
+examples/), each trimmed to a multiple of 4, are the HR; the LQ is the project's own degradation
+(degrade.degrade, seed = the photo's index). Each precision restores every LQ through the product
+path (ESRGANRestorer.from_pretrained(backend="openvino"), default tiling, 8-bit output) and is scored
+against the HR with Y-PSNR and SSIM (crop 4, metrics.py: the published tables' definitions). The
+table gives the mean change against fp32 and the worst photo's, over all photos and over those not
+in the default calibration set (the crops of examples/ are calibration data). The bar (issue 13):
+mean ≤ 0.05 dB Y-PSNR and ≤ 0.002 SSIM below fp32.
+
+--keep-float replaces openvino_backend.INT8_KEEP_FLOAT for x4plus (regexes over the IR's node names,
+comma separated) to try other layer choices; each choice is calibrated once and cached.
+
+    python benchmarks/int8_quality.py [--precisions int8,bf16] [--keep-float '.*conv_(first|last)/.*']
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+PHOTO_DIRS = [REPO.parent / "shared" / "realworld" / "RealSRSet", REPO / "examples"]
+PSNR_BAR, SSIM_BAR = 0.05, 0.002
+
+
+def photos() -> list[Path]:
+    for d in PHOTO_DIRS:
+        found = sorted(d.glob("*.png"))
+        if found:
+            return found
+    sys.exit(f"no photos found in {' or '.join(map(str, PHOTO_DIRS))}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--precisions", default="int8,bf16", help="compared with OpenVINO fp32")
+    p.add_argument("--keep-float", default=None, help="x4plus layers kept in float (regexes, comma separated)")
+    p.add_argument("--calibration", default=None, help="a folder of calibration images (default: the shipped crops)")
+    args = p.parse_args()
+
+    from PIL import Image
+
+    from realsr_r1 import degrade, metrics
+    from realsr_r1.device import cpu_description
+    from realsr_r1.restorers import openvino_backend
+    from realsr_r1.restorers.esrgan import ESRGANRestorer
+
+    if args.keep_float is not None:
+        openvino_backend.INT8_KEEP_FLOAT["RRDBNet"] = tuple(x for x in args.keep_float.split(",") if x)
+    core = openvino_backend._openvino().Core()
+    precisions = [x for x in args.precisions.split(",") if x != "bf16" or openvino_backend.cpu_has_bf16(core)]
+    calibrated = {q.name for q in (REPO / "examples").glob("*.png")}
+    pairs = []
+    for i, path in enumerate(photos()):
+        hr = np.asarray(Image.open(path).convert("RGB"), np.float32) / 255
+        hr = hr[: hr.shape[0] // 4 * 4, : hr.shape[1] // 4 * 4]
+        pairs.append((path.name, hr, degrade.degrade(hr, seed=i).lq))
+
+    def scores(precision: str) -> tuple[np.ndarray, np.ndarray]:
+        r = ESRGANRestorer.from_pretrained(None, device="cpu", backend="openvino", precision=precision,
+                                           calibration=args.calibration)
+        ps, ss = [], []
+        for _, hr, lq in pairs:
+            sr = r.upscale(lq, np.uint8).astype(np.float32) / 255
+            ps.append(float(metrics.psnr(sr, hr, y_channel=True, crop_border=4)))
+            ss.append(float(metrics.ssim(sr, hr, y_channel=True, crop_border=4)))
+        return np.array(ps), np.array(ss)
+
+    ref_p, ref_s = scores("fp32")
+    held = np.array([name not in calibrated for name, _, _ in pairs])
+    print(f"\nReal-ESRGAN x4plus on OpenVINO against its fp32, {len(pairs)} photos of {PHOTO_DIRS[0].parent.name if held.any() else 'examples'} "
+          f"degraded by degrade.degrade (Y-PSNR / SSIM vs HR, crop 4); {cpu_description()}")
+    if "int8" in precisions:
+        print(f"INT8 layers kept in float: {', '.join(openvino_backend.INT8_KEEP_FLOAT['RRDBNet']) or 'none'}")
+    print(f"\nfp32: Y-PSNR {ref_p.mean():.3f} dB, SSIM {ref_s.mean():.4f}\n")
+    print("| precision | photos | ΔY-PSNR mean dB | ΔY-PSNR worst dB | ΔSSIM mean | ΔSSIM worst | bar |")
+    print("|---|---|---|---|---|---|---|")
+    for precision in precisions:
+        ps, ss = scores(precision)
+        for label, sel in (("all", np.ones_like(held)), ("not calibrated on", held)):
+            if not sel.any():
+                continue
+            dp, ds = ps[sel] - ref_p[sel], ss[sel] - ref_s[sel]
+            ok = dp.mean() >= -PSNR_BAR and ds.mean() >= -SSIM_BAR
+            print(f"| {precision} | {label} ({sel.sum()}) | {dp.mean():+.4f} | {dp.min():+.3f} | {ds.mean():+.5f} "
+                  f"| {ds.min():+.4f} | {'PASS' if ok else 'FAIL'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

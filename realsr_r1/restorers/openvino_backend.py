@@ -1,0 +1,254 @@
+"""Real-ESRGAN on OpenVINO's CPU runtime, in fp32, bf16 or INT8, with its converted models cached.
+
+Only the network runs here (like ncnn_backend.py): ESRGANRestorer keeps tiling, seam blending,
+alpha, grey, 16-bit and outscale, and calls `__call__` on each tile as it calls the PyTorch model.
+
+Conversion. `openvino.convert_model` traces the PyTorch network once (about 13 s for x4plus on
+2 cores) into an IR with a dynamic spatial input, [1, 3, H, W], so every tile shape runs on one
+model. The IR keeps the weights' fp32 (`save_model(compress_to_fp16=False)`: the biases are fp32
+and would round). Precision is then a compile-time choice: `INFERENCE_PRECISION_HINT` f32 or bf16
+(bf16 only where the CPU reports a BF16 capability: avx512_bf16 or AMX).
+
+INT8. NNCF's post-training quantisation (`nncf.quantize`, preset MIXED: symmetric weights,
+asymmetric activations, which suits leaky-ReLU outputs) over calibration tiles: by default crops
+of the photos shipped in data/int8_calibration.npz, or a user's folder (`calibration=`). The layers
+that cost quality stay in float (`INT8_KEEP_FLOAT`): the first and last convolutions and the
+upsampling path. benchmarks/int8_quality.py measures what this costs against fp32 (README).
+
+Cache. Everything converted lands under `<weights dir>/compiled/<weights stem>-<sha12>/`, one
+folder per runtime version and precision of the IR (`openvino-<version>-fp32`, which fp32 and bf16
+share, and `...-int8-nncf<version>-<hash of the calibration tiles and the layers kept in float>`):
+the IR (model.xml/.bin, meta.json) and OpenVINO's compiled-model cache (`CACHE_DIR`, blobs/), which
+OpenVINO keys by device and compile options (so by the precision hint) itself. Compiling from the
+IR's path (`Core.compile_model(path, ...)`) lets a cache hit skip reading the model: a second run
+loads in about 0.4 s on 2 cores instead of tracing (13 s) and compiling (0.8 s). Folders are written under a temporary
+name and renamed into place, so an interrupted conversion leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .. import weights
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "int8")
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # INFERENCE_PRECISION_HINT of each precision
+CALIBRATION_FILE = "int8_calibration.npz"  # crops of examples/ (RealSRSet, Apache-2.0), data/NOTICE.md
+CALIBRATION_TILE = 96  # input pixels: crops of a user's calibration folder
+# NNCF ignored-scope patterns over the IR's node names (the torch module paths are kept in them):
+# x4plus's first conv and its upsampling tail; the compact net's first and last convs.
+INT8_KEEP_FLOAT = {"RRDBNet": (r".*conv_(first|up1|up2|hr|last)/.*",),
+                   "SRVGGNetCompact": (r".*body\.0/.*", r".*body\.34/.*")}
+META = "meta.json"  # {"arch", "scale"} of the network, written beside its IR
+
+
+# INT8 is what `auto` picks only if it met the quality bar (≤ 0.05 dB Y-PSNR, ≤ 0.002 SSIM against
+# fp32: benchmarks/int8_quality.py, README "INT8").
+INT8_BY_DEFAULT = False
+
+
+def auto_precision() -> str:
+    """What precision `auto` means on this CPU: INT8 where it keeps quality, else bf16 where the CPU
+    has bf16 units, else fp32."""
+    if INT8_BY_DEFAULT:
+        return "int8"
+    return "bf16" if cpu_has_bf16(_openvino().Core()) else "fp32"
+
+
+def available() -> bool:
+    """Whether OpenVINO is installed (found, not imported: auto decides before anything loads)."""
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+def _openvino():
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ValueError("backend openvino: the OpenVINO runtime is not installed (pip install openvino)") from None
+    return ov
+
+
+def cpu_has_bf16(core) -> bool:
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def runtime_version(ov=None) -> str:
+    """'2026.4.1' from OpenVINO's long build string: the part that decides the IR and blobs."""
+    return (ov or _openvino()).get_version().split("-")[0]
+
+
+def _traceable(model):
+    """The network's forward without the row strips of RRDBNet's tail: tracing would freeze that
+    Python loop to one input height. (Splitting the IR there, to run the 4x convs over strips as
+    RRDBNet does, was tried: OpenVINO's peak for a 288² tile stayed at 1.2 GB in fp32.)"""
+    import torch
+    import torch.nn.functional as F
+
+    from .esrgan import RRDBNet
+
+    if not isinstance(model, RRDBNet):
+        return model  # SRVGGNetCompact's forward has no shape-dependent loop
+
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            m = self.m
+            feat = m.conv_first(x)
+            feat = feat + m.conv_body(m.body(feat))
+            feat = F.leaky_relu(m.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2)
+            feat = F.leaky_relu(m.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2)
+            return m.conv_last(F.leaky_relu(m.conv_hr(feat), 0.2))
+
+    return Plain().eval()
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename a finished folder into place; if another process won the race, keep theirs."""
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not (final / "model.xml").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _new_dir(final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it owner-only; a cache folder gets the usual mode
+    return tmp
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def calibration_tiles(folder: str | Path | None = None, limit: int = 64) -> tuple[list[np.ndarray], str]:
+    """(NCHW float32 tiles in [0, 1], a short hash of them) for INT8 calibration: the shipped crops,
+    or CALIBRATION_TILE² crops (corners and centre) of the images in `folder`."""
+    if folder is None:
+        from importlib.resources import files
+
+        with (files("realsr_r1") / "data" / CALIBRATION_FILE).open("rb") as f:
+            crops = list(np.load(f)["crops"])
+    else:
+        from ..imageio import ImageReadError, read_image
+
+        folder = Path(folder).expanduser()
+        paths = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+        crops, t = [], CALIBRATION_TILE
+        for p in paths:
+            try:
+                rgb = np.round(read_image(p).rgb * 255).astype(np.uint8)  # as the shipped crops
+            except ImageReadError:
+                continue  # not an image: calibration uses the rest
+            h, w = rgb.shape[:2]
+            if min(h, w) < t:
+                continue
+            for y, x in ((0, 0), (0, w - t), (h - t, 0), (h - t, w - t), ((h - t) // 2, (w - t) // 2)):
+                crops.append(rgb[y:y + t, x:x + t])
+        if not crops:
+            raise ValueError(f"calibration {folder}: no readable image of at least {t}x{t} pixels there")
+    crops = crops[:limit]
+    digest = hashlib.sha256(b"".join(c.tobytes() for c in crops)).hexdigest()[:12]
+    return [np.ascontiguousarray(c.transpose(2, 0, 1)[None], np.float32) / 255 for c in crops], digest
+
+
+class OpenVINONet:
+    """One converted Real-ESRGAN network compiled for OpenVINO's CPU plugin; `scale` as the model's."""
+
+    def __init__(self, load_model, weights_file: Path, precision: str = "fp32", calibration: str | Path | None = None,
+                 cache_root: str | Path | None = None, threads: int | None = None, sha256: str | None = None):
+        """`load_model()` gives the PyTorch network, called only when no converted IR is cached;
+        `sha256`: the weights file's, if the caller has it already."""
+        ov = _openvino()
+        if precision not in PRECISIONS:
+            raise ValueError(f"backend openvino: unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
+        self.core = ov.Core()
+        if precision == "bf16" and not cpu_has_bf16(self.core):
+            raise ValueError("backend openvino: this CPU has no bf16 units (avx512_bf16 or AMX); use fp32 or int8")
+        self.precision = precision
+        self.weights_file = Path(weights_file)
+        root = Path(cache_root) if cache_root is not None else weights.default_dir() / "compiled"
+        self.home = root / f"{self.weights_file.stem}-{(sha256 or weights.file_hash(self.weights_file))[:12]}"
+        version = runtime_version(ov)
+        fp32_dir = self._ensure(self.home / f"openvino-{version}-fp32", lambda d: self._convert(ov, load_model(), d))
+        folder = fp32_dir
+        if precision == "int8":
+            import nncf
+
+            tiles, digest = calibration_tiles(calibration)
+            keep = INT8_KEEP_FLOAT.get(json.loads((fp32_dir / META).read_text())["arch"], ())
+            recipe = hashlib.sha256(json.dumps([digest, list(keep)]).encode()).hexdigest()[:12]
+            folder = self._ensure(self.home / f"openvino-{version}-int8-nncf{nncf.__version__}-{recipe}",
+                                  lambda d: self._quantize(ov, fp32_dir, tiles, keep, d))
+        self.folder = folder
+        config = {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY",
+                  "CACHE_DIR": str(folder / "blobs")}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            meta = json.loads((folder / META).read_text())
+            self.scale = int(meta["scale"])
+            # From a path, OpenVINO hashes the file for its compiled-model cache instead of the graph.
+            self.request = self.core.compile_model(str(folder / "model.xml"), "CPU", config).create_infer_request()
+        except (RuntimeError, OSError, ValueError, KeyError) as e:
+            raise weights.CorruptWeightsError(f"{folder}: OpenVINO cannot load this cached model ({str(e).splitlines()[0]}); "
+                                              f"delete the folder to convert again") from None
+
+    @staticmethod
+    def _ensure(final: Path, build) -> Path:
+        if (final / "model.xml").is_file():
+            return final
+        tmp = _new_dir(final)
+        try:
+            build(tmp)
+            _publish(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    @staticmethod
+    def _convert(ov, model, dest: Path) -> None:
+        import torch
+
+        log.info("converting %s to OpenVINO (once, cached in %s)", type(model).__name__, dest.parent)
+        with torch.inference_mode(False), torch.no_grad():
+            ir = ov.convert_model(_traceable(model.float()), example_input=torch.rand(1, 3, 32, 32), input=[1, 3, -1, -1])
+        ov.save_model(ir, str(dest / "model.xml"), compress_to_fp16=False)
+        (dest / META).write_text(json.dumps({"arch": type(model).__name__, "scale": model.scale}))
+
+    @staticmethod
+    def _quantize(ov, fp32_dir: Path, tiles: list[np.ndarray], keep, dest: Path) -> None:
+        import nncf
+
+        log.warning("calibrating INT8 on %d tiles (once, cached in %s)", len(tiles), dest.parent)
+        ir = ov.Core().read_model(str(fp32_dir / "model.xml"))
+        q = nncf.quantize(ir, nncf.Dataset(tiles), subset_size=len(tiles), preset=nncf.QuantizationPreset.MIXED,
+                          ignored_scope=nncf.IgnoredScope(patterns=list(keep), validate=False))
+        ov.save_model(q, str(dest / "model.xml"))
+        shutil.copyfile(fp32_dir / META, dest / META)
+
+    def __call__(self, tile: np.ndarray) -> np.ndarray:
+        """HxWx3 float32 in [0, 1] → (sH)x(sW)x3 float32 in [0, 1]."""
+        x = np.ascontiguousarray(tile.transpose(2, 0, 1)[None], np.float32)
+        y = self.request.infer({0: x})[0][0]  # a copy (share_outputs=False): safe across calls
+        return np.clip(y.transpose(1, 2, 0), 0, 1)

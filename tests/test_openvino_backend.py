@@ -1,0 +1,193 @@
+"""The OpenVINO backend (restorer.backend: openvino, and what auto picks on CPU): the same images as
+PyTorch through tiling, alpha, 16-bit and outscale; its cache under the weights folder (keyed by
+weights hash, runtime version and precision, reused without converting, nothing half-written left);
+INT8 with layers kept in float; auto's choice; one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import photo
+from realsr_r1.restorers import esrgan
+from realsr_r1.restorers.esrgan import ESRGANRestorer
+
+ov = pytest.importorskip("openvino")
+from realsr_r1.restorers import openvino_backend  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pair(weights_dir):
+    torch_fp32 = ESRGANRestorer.from_pretrained(None, device="cpu", precision="fp32", tile=16, tile_pad=4, backend="torch")
+    vino = ESRGANRestorer.from_pretrained(None, device="cpu", precision="fp32", tile=16, tile_pad=4, backend="openvino")
+    assert (vino.backend, vino.precision, vino.scale) == ("openvino", "fp32", 4)
+    return torch_fp32, vino
+
+
+def rgb(h=28, w=40):
+    return np.asarray(photo((w, h), "dog.png"), np.float32) / 255
+
+
+@pytest.mark.parametrize("outscale", [4.0, 3.5])
+def test_openvino_gives_pytorchs_image_through_tiles_alpha_and_outscale(pair, outscale):
+    image = rgb()
+    alpha = np.linspace(0, 1, image.shape[0] * image.shape[1], dtype=np.float32).reshape(image.shape[:2])
+    (a, a_alpha), (b, b_alpha) = (r.restore(image, alpha, outscale=outscale) for r in pair)
+    assert a.shape == b.shape == (round(28 * outscale), round(40 * outscale), 3)
+    assert np.abs(a - b).max() < 1e-4 and np.abs(a_alpha - b_alpha).max() < 1e-4
+    assert a.std() > 0.05  # a real image came out, not a flat one
+
+
+def test_openvino_agrees_in_8_and_16_bit(pair):
+    image = rgb()
+    for dtype, levels in ((np.uint8, 1), (np.uint16, 16)):
+        a, b = (r.restore(image, None, outscale=4.0, out_dtype=dtype)[0] for r in pair)
+        assert a.dtype == b.dtype == dtype
+        assert np.abs(a.astype(np.int64) - b.astype(np.int64)).max() <= levels
+
+
+def cache_folders(root):
+    return sorted(p.relative_to(root).as_posix() for p in (root / "compiled").glob("*/*") if p.is_dir())
+
+
+def test_the_cache_is_keyed_by_weights_runtime_and_precision_and_reused(pair, weights_dir, monkeypatch):
+    sha = pair[1].weights()["sha256"]
+    version = openvino_backend.runtime_version()
+    assert f"compiled/realesrgan-x4plus-{sha}/openvino-{version}-fp32" in cache_folders(weights_dir)
+    folder = pair[1].net.folder
+    assert (folder / "model.xml").is_file() and any((folder / "blobs").iterdir())  # IR + compiled blob
+    assert json.loads((folder / "meta.json").read_text()) == {"arch": "RRDBNet", "scale": 4}
+
+    def no_conversion(*a, **k):
+        raise AssertionError("converted again although the IR is cached")
+
+    monkeypatch.setattr(ov, "convert_model", no_conversion)
+    monkeypatch.setattr(esrgan, "load_model", no_conversion)  # not even the PyTorch weights are read
+    again = ESRGANRestorer.from_pretrained(None, device="cpu", precision="fp32", tile=16, tile_pad=4, backend="openvino")
+    assert again.net.folder == folder
+    assert np.array_equal(again.upscale(rgb(12, 12)), pair[1].upscale(rgb(12, 12)))
+
+
+def test_an_interrupted_conversion_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+    model = esrgan.SRVGGNetCompact(num_feat=4, num_conv=1)
+    weights_file = tmp_path / "w.safetensors"
+    weights_file.write_bytes(b"stand-in weights: only their hash names the folder")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ov, "save_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        openvino_backend.OpenVINONet(lambda: model, weights_file, "fp32", cache_root=tmp_path / "c")
+    assert list((tmp_path / "c").rglob("model.xml")) == [] and list((tmp_path / "c").glob("*/*")) == []
+    monkeypatch.undo()
+    net = openvino_backend.OpenVINONet(lambda: model, weights_file, "fp32", cache_root=tmp_path / "c")
+    x = rgb(8, 8)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x).permute(2, 0, 1)[None])[0].permute(1, 2, 0).clamp(0, 1).numpy()
+    assert net.scale == 4 and np.abs(net(x) - ref).max() < 1e-5
+
+
+@pytest.fixture(scope="module")
+def compact_int8(weights_dir, tmp_path_factory):
+    """animevideov3 (the small net) quantised on a folder of two photos: seconds, not minutes."""
+    cal = tmp_path_factory.mktemp("calibration")
+    photo((120, 100), "dog.png").save(cal / "a.png")
+    photo((100, 100), "frog.png").save(cal / "b.png")
+    (cal / "notes.txt").write_text("not an image: skipped")
+    fp32 = ESRGANRestorer.from_pretrained("realesr-animevideov3", device="cpu", precision="fp32", backend="openvino")
+    int8 = ESRGANRestorer.from_pretrained("realesr-animevideov3", device="cpu", precision="int8", backend="openvino",
+                                          calibration=cal)
+    return fp32, int8, cal
+
+
+def test_int8_keeps_first_and_last_convolutions_in_float_and_stays_close(compact_int8):
+    fp32, int8, _ = compact_int8
+    assert int8.precision == "int8" and "-int8-nncf" in int8.net.folder.name
+    ir = ov.Core().read_model(str(int8.net.folder / "model.xml"))
+    convs = [op for op in ir.get_ops() if op.get_type_name() == "Convolution"]
+    fed_by_fq = {op.get_friendly_name(): op.input_value(0).get_node().get_type_name() == "FakeQuantize" for op in convs}
+    assert len(convs) == 18 and sum(fed_by_fq.values()) == 16  # the 16 inner convs run in INT8
+    floats = [name for name, q in fed_by_fq.items() if not q]
+    assert any("body.0/" in n for n in floats) and any("body.34/" in n for n in floats)
+    image = rgb(40, 40)
+    a, b = fp32.upscale(image), int8.upscale(image)
+    mse = float(np.mean((a - b) ** 2))
+    assert 0 < mse and 10 * np.log10(1 / mse) > 30  # quantised, and still the same picture
+
+
+def test_int8_cache_is_keyed_by_the_calibration_images(compact_int8, tmp_path):
+    _, int8, cal = compact_int8
+    tiles, digest = openvino_backend.calibration_tiles(cal)
+    assert len(tiles) == 10 and tiles[0].shape == (1, 3, 96, 96)
+    other = tmp_path / "other"
+    other.mkdir()
+    photo((96, 96), "chip.png").save(other / "c.png")
+    again = ESRGANRestorer.from_pretrained("realesr-animevideov3", device="cpu", precision="int8", backend="openvino",
+                                           calibration=other)
+    assert again.net.folder.parent == int8.net.folder.parent and again.net.folder != int8.net.folder
+    shipped, shipped_digest = openvino_backend.calibration_tiles()
+    assert len(shipped) == 40 and shipped_digest != digest
+    assert 0 <= min(t.min() for t in shipped) and max(t.max() for t in shipped) <= 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no readable image of at least 96x96") as e:
+        openvino_backend.calibration_tiles(tmp_path / "empty")
+    assert "\n" not in str(e.value) and str(tmp_path / "empty") in str(e.value)
+
+
+def test_auto_picks_openvino_on_cpu_in_its_fastest_precision(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(openvino_backend, "cpu_has_bf16", lambda core: True)
+    assert esrgan.choose_backend(cpu) == ("openvino", "bf16")
+    assert esrgan.choose_backend(cpu, "auto", "fp32") == ("openvino", "fp32")  # --fp32
+    monkeypatch.setattr(openvino_backend, "cpu_has_bf16", lambda core: False)
+    assert esrgan.choose_backend(cpu) == ("openvino", "fp32")
+    monkeypatch.setattr(openvino_backend, "INT8_BY_DEFAULT", True)
+    assert esrgan.choose_backend(cpu) == ("openvino", "int8")
+    assert esrgan.choose_backend(torch.device("cuda")) == ("torch", "auto")
+    assert esrgan.choose_backend(cpu, "torch") == ("torch", "auto")
+    monkeypatch.setattr(openvino_backend, "available", lambda: False)
+    assert esrgan.choose_backend(cpu) == ("torch", "auto")  # OpenVINO not installed
+
+
+def test_openvino_errors_are_one_line(weights_dir, monkeypatch):
+    monkeypatch.setattr(openvino_backend, "cpu_has_bf16", lambda core: False)
+    for kwargs, message in (({"backend": "torch", "precision": "int8"}, "precision int8 runs on backend openvino"),
+                            ({"backend": "openvino", "precision": "fp16"}, "unknown precision 'fp16'"),
+                            ({"backend": "openvino", "precision": "bf16"}, "this CPU has no bf16 units")):
+        with pytest.raises(ValueError) as e:
+            ESRGANRestorer.from_pretrained(device="cpu", **kwargs)
+        assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_damaged_cache_is_a_one_line_error_naming_the_folder(tmp_path):
+    from realsr_r1.weights import CorruptWeightsError
+
+    model = esrgan.SRVGGNetCompact(num_feat=4, num_conv=1)
+    weights_file = tmp_path / "w.safetensors"
+    weights_file.write_bytes(b"x")
+    net = openvino_backend.OpenVINONet(lambda: model, weights_file, "fp32", cache_root=tmp_path / "c")
+    (net.folder / "model.xml").write_text("<net broken")
+    with pytest.raises(CorruptWeightsError) as e:
+        openvino_backend.OpenVINONet(lambda: model, weights_file, "fp32", cache_root=tmp_path / "c")
+    assert str(net.folder) in str(e.value) and "delete the folder" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_cli_sidecar_records_openvino_and_its_images_match_pytorch(weights_dir, tmp_path):
+    from PIL import Image
+
+    from realsr_r1 import infer
+
+    src = tmp_path / "in"
+    src.mkdir()
+    photo((40, 28), "dog.png").save(src / "a.png")
+    out = {}
+    for name in ("openvino", "torch"):
+        sets = ["--set", f"restorer.backend={name}", "--fp32"]
+        assert infer.main(["--input", str(src), "--output", str(tmp_path / name), "--quiet", *sets]) == 0
+        sidecar = json.loads((tmp_path / name / "a.json").read_text())
+        text = json.dumps(sidecar)
+        assert f'"backend": "{name}"' in text and '"precision": "fp32"' in text
+        out[name] = np.asarray(Image.open(tmp_path / name / "a.png"), np.int64)
+    assert out["openvino"].shape == out["torch"].shape and np.abs(out["openvino"] - out["torch"]).max() <= 1
