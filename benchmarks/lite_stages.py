@@ -100,7 +100,7 @@ def main() -> int:
     other = wall - sum(per[k] for k in order)
     start = startup_seconds(args.repeats)
 
-    print(f"\nlite profile (Real-ESRGAN x4plus, automatic precision), {cpu_name()}; {args.images} inputs of "
+    print(f"\nlite profile (Real-ESRGAN x4plus, automatic backend and precision), {cpu_name()}; {args.images} inputs of "
           f"{args.size}² → {4 * args.size}², per image\n")
     print("| part | ms per image | share |")
     print("|---|---|---|")

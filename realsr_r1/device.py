@@ -9,21 +9,53 @@ This torch offers no bf16 capability query: `torch.backends.cpu.get_cpu_capabili
 the vector ISA ("AVX512"), and `torch.ops.mkldnn._is_mkldnn_bf16_supported()` is also true on
 AVX512 CPUs that would emulate bf16. So we read the CPU flags from /proc/cpuinfo (Linux/x86);
 elsewhere CPUs get fp32.
+
+torch is imported where it is needed, not with this module: the lite profile on OpenVINO runs
+without it (importing it is half of its start-up), and `device_type` answers "auto" without torch
+on machines with no GPU driver at all.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_NAMES = ("fp32", "bf16", "fp16")
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")  # NVIDIA, ROCm, WSL
+
+
+def __getattr__(name: str):
+    if name == "PRECISIONS":  # {name: torch dtype}, built on first use so that importing stays light
+        import torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def gpu_possible() -> bool:
+    """False on Linux machines without any GPU driver's device node: there torch.cuda.is_available()
+    cannot be True, so 'auto' means the CPU without asking torch. Elsewhere, True (ask torch)."""
+    return not sys.platform.startswith("linux") or any(os.path.exists(p) for p in GPU_DEVICE_NODES)
+
+
+def device_type(name: str = "auto") -> str:
+    """'cpu', 'cuda' or 'mps' for a --device value, importing torch only when it has to be asked."""
+    name = (name or "auto").strip().lower()
+    if name == "cpu" or (name == "auto" and not gpu_possible()):
+        return "cpu"
+    return resolve_device(name).type
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' → cuda when available, else cpu. Asking for a device that is not there is an error."""
+    import torch
+
     name = (name or "auto").strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -75,11 +107,15 @@ def cpu_description(cpuinfo: str | None = None) -> str:
 
 
 def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    import torch
+
     return torch.backends.mkldnn.is_available() and any(f in cpu_flags(cpuinfo) for f in BF16_CPU_FLAGS)
 
 
 def choose_precision(device: torch.device | str, force_fp32: bool = False) -> str:
     """'fp32', 'bf16' or 'fp16' for inference on `device`."""
+    import torch
+
     device = torch.device(device)
     if force_fp32:
         return "fp32"
@@ -97,6 +133,8 @@ AUTO_WEIGHT_PRECISION = {"cuda": ("bf16", "fp16"), "cpu": ("fp32",), "mps": ("fp
 
 
 def _supported(device: torch.device, precision: str) -> bool:
+    import torch
+
     if device.type == "cuda" and precision == "bf16":
         return torch.cuda.is_bf16_supported()
     return True
@@ -105,6 +143,8 @@ def _supported(device: torch.device, precision: str) -> bool:
 def weight_dtype(device: torch.device | str, precision: str | torch.dtype | None = "auto") -> torch.dtype:
     """The torch dtype to load a model's weights in on `device`: 'auto' from AUTO_WEIGHT_PRECISION,
     else the named precision, checked as `check_precision` does. The one place 'auto' is decided."""
+    import torch
+
     if isinstance(precision, torch.dtype):
         return precision
     device = torch.device(device)
@@ -113,14 +153,16 @@ def weight_dtype(device: torch.device | str, precision: str | torch.dtype | None
     if precision == "auto":
         choices = AUTO_WEIGHT_PRECISION.get(device.type, ("fp32",))
         precision = next((p for p in choices if _supported(device, p)), "fp32")
-    return PRECISIONS[check_precision(device, precision)]
+    return __getattr__("PRECISIONS")[check_precision(device, precision)]
 
 
 def check_precision(device: torch.device, precision: str) -> str:
     """Resolve 'auto' and refuse combinations that would be slow or unsupported."""
+    import torch
+
     if precision == "auto":
         return choose_precision(device)
-    if precision not in PRECISIONS:
+    if precision not in PRECISION_NAMES:
         raise ValueError(f"unknown precision {precision!r} (use auto, fp32, bf16 or fp16)")
     if device.type == "cpu" and precision == "fp16":
         raise ValueError("fp16 is not supported on CPU; use bf16 or fp32")

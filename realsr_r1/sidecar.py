@@ -11,11 +11,16 @@ from .pipeline import RestorationResult
 
 
 def versions() -> dict:
+    import importlib.metadata
+    import sys
+
     import numpy
     import PIL
-    import torch
 
-    return {"realsr_r1": __version__, "python": platform.python_version(), "torch": torch.__version__,
+    # A lite run on OpenVINO never imports torch (1.1 s): then its installed version is what counts.
+    torch = sys.modules.get("torch")
+    return {"realsr_r1": __version__, "python": platform.python_version(),
+            "torch": torch.__version__ if torch else importlib.metadata.version("torch"),
             "numpy": numpy.__version__, "pillow": PIL.__version__}
 
 

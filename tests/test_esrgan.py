@@ -11,7 +11,8 @@ from PIL import Image
 
 from realsr_r1 import device as devmod
 from realsr_r1 import weights
-from realsr_r1.restorers.esrgan import ESRGANRestorer, _spans, load_model
+from realsr_r1.restorers.esrgan import ESRGANRestorer, _spans
+from realsr_r1.restorers.esrgan_nets import load_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PHOTOS = [SHARED / "realworld" / "RealSRSet" / "dog.png", Path(__file__).resolve().parents[1] / "examples" / "dog.png"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import photo
-from realsr_r1.restorers import esrgan
+from realsr_r1.restorers import esrgan, esrgan_nets
 from realsr_r1.restorers.esrgan import ESRGANRestorer
 
 ov = pytest.importorskip("openvino")
@@ -63,14 +63,14 @@ def test_the_cache_is_keyed_by_weights_runtime_and_precision_and_reused(pair, we
         raise AssertionError("converted again although the IR is cached")
 
     monkeypatch.setattr(ov, "convert_model", no_conversion)
-    monkeypatch.setattr(esrgan, "load_model", no_conversion)  # not even the PyTorch weights are read
+    monkeypatch.setattr(esrgan_nets, "load_model", no_conversion)  # not even the PyTorch weights are read
     again = ESRGANRestorer.from_pretrained(None, device="cpu", precision="fp32", tile=16, tile_pad=4, backend="openvino")
     assert again.net.folder == folder
     assert np.array_equal(again.upscale(rgb(12, 12)), pair[1].upscale(rgb(12, 12)))
 
 
 def test_an_interrupted_conversion_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
-    model = esrgan.SRVGGNetCompact(num_feat=4, num_conv=1)
+    model = esrgan_nets.SRVGGNetCompact(num_feat=4, num_conv=1)
     weights_file = tmp_path / "w.safetensors"
     weights_file.write_bytes(b"stand-in weights: only their hash names the folder")
 
@@ -137,7 +137,7 @@ def test_int8_cache_is_keyed_by_the_calibration_images(compact_int8, tmp_path):
 
 
 def test_auto_picks_openvino_on_cpu_in_its_fastest_precision(monkeypatch):
-    cpu = torch.device("cpu")
+    cpu = "cpu"
     monkeypatch.setattr(openvino_backend, "cpu_has_bf16", lambda core: True)
     assert esrgan.choose_backend(cpu) == ("openvino", "bf16")
     assert esrgan.choose_backend(cpu, "auto", "fp32") == ("openvino", "fp32")  # --fp32
@@ -145,7 +145,7 @@ def test_auto_picks_openvino_on_cpu_in_its_fastest_precision(monkeypatch):
     assert esrgan.choose_backend(cpu) == ("openvino", "fp32")
     monkeypatch.setattr(openvino_backend, "INT8_BY_DEFAULT", True)
     assert esrgan.choose_backend(cpu) == ("openvino", "int8")
-    assert esrgan.choose_backend(torch.device("cuda")) == ("torch", "auto")
+    assert esrgan.choose_backend("cuda") == ("torch", "auto")
     assert esrgan.choose_backend(cpu, "torch") == ("torch", "auto")
     monkeypatch.setattr(openvino_backend, "available", lambda: False)
     assert esrgan.choose_backend(cpu) == ("torch", "auto")  # OpenVINO not installed
@@ -164,7 +164,7 @@ def test_openvino_errors_are_one_line(weights_dir, monkeypatch):
 def test_a_damaged_cache_is_a_one_line_error_naming_the_folder(tmp_path):
     from realsr_r1.weights import CorruptWeightsError
 
-    model = esrgan.SRVGGNetCompact(num_feat=4, num_conv=1)
+    model = esrgan_nets.SRVGGNetCompact(num_feat=4, num_conv=1)
     weights_file = tmp_path / "w.safetensors"
     weights_file.write_bytes(b"x")
     net = openvino_backend.OpenVINONet(lambda: model, weights_file, "fp32", cache_root=tmp_path / "c")
@@ -191,3 +191,35 @@ def test_the_cli_sidecar_records_openvino_and_its_images_match_pytorch(weights_d
         assert f'"backend": "{name}"' in text and '"precision": "fp32"' in text
         out[name] = np.asarray(Image.open(tmp_path / name / "a.png"), np.int64)
     assert out["openvino"].shape == out["torch"].shape and np.abs(out["openvino"] - out["torch"]).max() <= 1
+
+
+def test_a_lite_run_on_the_cached_openvino_model_never_imports_torch(pair, weights_dir, tmp_path):
+    """PyTorch is half of a lite run's start-up (1.1 s) and OpenVINO needs it only to convert."""
+    import os
+    import subprocess
+    import sys
+
+    src = tmp_path / "in"
+    src.mkdir()
+    photo((40, 28), "dog.png").save(src / "a.png")
+    code = ("import sys\nfrom realsr_r1 import infer\n"
+            f"rc = infer.main(['--input', {str(src)!r}, '--output', {str(tmp_path / 'out')!r}, '--quiet', "
+            "'--device', 'cpu', '--fp32', '--set', 'restorer.backend=openvino'])\n"
+            "print('rc', rc, 'torch' in sys.modules)")
+    env = {**os.environ, "REALSR_R1_WEIGHTS": str(weights_dir), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.stdout.strip().splitlines()[-1] == "rc 0 False", proc.stdout + proc.stderr
+    sidecar = json.loads((tmp_path / "out" / "a.json").read_text())
+    assert sidecar["versions"]["torch"] == torch.__version__  # still recorded, from the package metadata
+
+
+def test_auto_device_asks_torch_only_where_a_gpu_driver_exists(monkeypatch):
+    from realsr_r1 import device
+
+    asked = []
+    monkeypatch.setattr(device, "resolve_device", lambda name: asked.append(name) or torch.device("cpu"))
+    monkeypatch.setattr(device.sys, "platform", "linux")
+    monkeypatch.setattr(device.os.path, "exists", lambda p: False)
+    assert device.device_type("auto") == "cpu" and device.device_type("cpu") == "cpu" and asked == []
+    monkeypatch.setattr(device.os.path, "exists", lambda p: p == "/dev/nvidiactl")
+    assert device.device_type("auto") == "cpu" and asked == ["auto"]  # a driver: torch decides

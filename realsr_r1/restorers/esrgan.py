@@ -1,9 +1,4 @@
-"""Real-ESRGAN in PyTorch: the networks, and a restorer that runs them tiled in flat memory.
-
-Networks follow Real-ESRGAN/BasicSR (parameter names included, so their state dicts load):
-RRDBNet (x4plus: 23 residual-in-residual dense blocks, 64 features, growth 32, ×4 by two nearest
-×2 upsamplings) and SRVGGNetCompact (animevideov3: 16 plain convs with PReLU, pixel shuffle,
-plus the nearest-upsampled input).
+"""Real-ESRGAN as a restorer: its network (esrgan_nets.py, or another runtime's) run tiled in flat memory.
 
 Tiling. Any image size runs in tiles of `tile` input pixels (0 = whole image), each computed with
 `tile_pad` pixels of context beyond its core on every side. Neighbours are cross-faded over
@@ -20,7 +15,9 @@ the ncnn runtime (`ncnn`, ncnn_backend.py, the shipped .param/.bin in fp32); eve
 is shared, so every backend treats tiling, alpha, grey, 16-bit and outscale alike. `auto`
 (choose_backend) takes PyTorch on GPUs and OpenVINO on CPUs, in the fastest precision that keeps
 quality, as benchmarks/esrgan_speed.py measured it. ncnn stays opt-in: its convolutions' workspaces
-take about 1.1 GB for a 128² tile and 4.5 GB for a 256² one, against a flat 0.4-0.6 GB for the others.
+take about 1.1 GB for a 128² tile and 4.5 GB for a 256² one, against 0.4-0.6 GB for PyTorch and
+0.8-1.2 GB for OpenVINO at 256². PyTorch is imported only where it runs the network (or converts it
+for OpenVINO, once): a run on the cached OpenVINO model starts without it, 1.1 s sooner.
 """
 
 from __future__ import annotations
@@ -30,14 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
 from .. import weights
-from ..device import PRECISIONS, check_precision, resolve_device
-from .memory import OutOfMemoryError
+from ..device import device_type
 
 log = logging.getLogger(__name__)
 
@@ -50,114 +43,6 @@ BACKENDS = ("auto", "torch", "openvino", "ncnn")
 # tile's area (module doc). Others share DEFAULT_TILE, since the tile changes the image: RRDBNet sees
 # far beyond tile_pad, and 128² tiles cost 0.4 dB PSNR at 256² against 256² tiles.
 BACKEND_TILE = {"ncnn": 128}
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-
-
-class ResidualDenseBlock(nn.Module):
-    """Five 3×3 convs, each seeing all earlier features; the result scaled by 0.2 onto the input."""
-
-    def __init__(self, num_feat: int = 64, grow: int = 32):
-        super().__init__()
-        self.conv1 = nn.Conv2d(num_feat, grow, 3, 1, 1)
-        self.conv2 = nn.Conv2d(num_feat + grow, grow, 3, 1, 1)
-        self.conv3 = nn.Conv2d(num_feat + 2 * grow, grow, 3, 1, 1)
-        self.conv4 = nn.Conv2d(num_feat + 3 * grow, grow, 3, 1, 1)
-        self.conv5 = nn.Conv2d(num_feat + 4 * grow, num_feat, 3, 1, 1)
-
-    def forward(self, x):
-        feats = [x.to(_compute_dtype(x))]  # concatenate in the convs' dtype, not the fp32 trunk's
-        for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
-            feats.append(F.leaky_relu(conv(torch.cat(feats, 1)), 0.2, inplace=True))
-        return self.conv5(torch.cat(feats, 1)) * 0.2 + x
-
-
-class RRDB(nn.Module):
-    def __init__(self, num_feat: int = 64, grow: int = 32):
-        super().__init__()
-        self.rdb1 = ResidualDenseBlock(num_feat, grow)
-        self.rdb2 = ResidualDenseBlock(num_feat, grow)
-        self.rdb3 = ResidualDenseBlock(num_feat, grow)
-
-    def forward(self, x):
-        return self.rdb3(self.rdb2(self.rdb1(x))) * 0.2 + x
-
-
-class RRDBNet(nn.Module):
-    """×4 RRDBNet on plain RGB in [0, 1] (Real-ESRGAN x4plus)."""
-
-    scale = 4
-    strip = 64  # rows (at 2x) per strip of the 4x tail
-
-    def __init__(self, num_feat: int = 64, num_block: int = 23, grow: int = 32):
-        super().__init__()
-        self.conv_first = nn.Conv2d(3, num_feat, 3, 1, 1)
-        self.body = nn.Sequential(*[RRDB(num_feat, grow) for _ in range(num_block)])
-        self.conv_body = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-        self.conv_up1 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-        self.conv_up2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-        self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-        self.conv_last = nn.Conv2d(num_feat, 3, 3, 1, 1)
-
-    def forward(self, x):
-        # Under bf16/fp16 autocast the convs run in low precision, but the residual trunk stays
-        # fp32 (69 residual sums) and so does the last conv, whose output is the image: in bf16
-        # its 8-bit mantissa alone shifted PSNR by ~0.03 dB. Both cost ~2% of the time.
-        feat = self.conv_first(x).float()
-        feat = feat + self.conv_body(self.body(feat))
-        feat = F.leaky_relu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2, inplace=True)
-        # The last three convs run at 4x resolution, where one 64-channel map of a 288² tile takes
-        # 340 MB in fp32: run them over strips of rows, each with the 2 rows of context they need
-        # (exact, and the tile's peak memory drops to about a third).
-        h = feat.shape[2]
-        return torch.cat([self._tail(feat, r0, min(h, r0 + self.strip)) for r0 in range(0, h, self.strip)], 2)
-
-    def _tail(self, feat, r0: int, r1: int):
-        a, b = max(0, r0 - 2), min(feat.shape[2], r1 + 2)
-        y = F.interpolate(feat[:, :, a:b], scale_factor=2, mode="nearest")
-        y = F.leaky_relu(self.conv_up2(y), 0.2, inplace=True)
-        y = F.leaky_relu(self.conv_hr(y), 0.2, inplace=True)
-        with torch.autocast(feat.device.type, enabled=False):
-            y = self.conv_last(y.float())
-        return y[:, :, 2 * (r0 - a):2 * (r1 - a)]
-
-
-class SRVGGNetCompact(nn.Module):
-    """Real-ESRGAN's compact net (animevideov3): learns the residual over nearest upsampling."""
-
-    def __init__(self, num_feat: int = 64, num_conv: int = 16, scale: int = 4):
-        super().__init__()
-        self.scale = scale
-        layers = [nn.Conv2d(3, num_feat, 3, 1, 1), nn.PReLU(num_feat)]
-        for _ in range(num_conv):
-            layers += [nn.Conv2d(num_feat, num_feat, 3, 1, 1), nn.PReLU(num_feat)]
-        layers.append(nn.Conv2d(num_feat, 3 * scale * scale, 3, 1, 1))
-        self.body = nn.Sequential(*layers)
-        self.upsampler = nn.PixelShuffle(scale)
-
-    def forward(self, x):
-        return self.upsampler(self.body(x)) + F.interpolate(x, scale_factor=self.scale, mode="nearest")
-
-
-ARCHS = {"RRDBNet": RRDBNet, "SRVGGNetCompact": SRVGGNetCompact}
-
-
-def load_model(path: str | Path) -> nn.Module:
-    """The network stored in a converted safetensors file (architecture from its metadata)."""
-    state, meta = weights.load_state_dict(path)
-    arch = meta.get("arch", "RRDBNet")
-    if arch not in ARCHS:
-        raise weights.CorruptWeightsError(f"{path}: unknown architecture {arch!r} in its metadata")
-    model = ARCHS[arch]()
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
-        raise weights.CorruptWeightsError(f"{path}: tensors do not fit {arch} ({first})") from None
-    return model.eval().requires_grad_(False)
 
 
 @dataclass
@@ -224,23 +109,32 @@ def _resize(arr: np.ndarray, size: tuple[int, int], dtype) -> np.ndarray:
 class ESRGANRestorer:
     """Real-ESRGAN ×4 on numpy images: `upscale` (×4) and `restore` (any outscale, alpha)."""
 
-    def __init__(self, model: nn.Module | None, device: torch.device | str = "cpu", precision: str = "fp32",
+    def __init__(self, model, device="cpu", precision: str = "fp32",
                  tile: int | None = None, tile_pad: int = 16, name: str = "realesrgan-x4plus",
                  weights_file: Path | None = None, net=None, backend: str = "torch"):
-        """`net`: another runtime's network (ncnn_backend, openvino_backend), named by `backend`."""
-        self.device = device = torch.device(device)
+        """`model`: a PyTorch network (esrgan_nets.py) on `device`; or `net`, another runtime's network
+        on the CPU (ncnn_backend, openvino_backend), named by `backend`, and then no torch is imported."""
         self.backend = "torch" if net is None else backend
         self.net = net
-        self.precision = check_precision(device, precision) if net is None else net.precision
-        self.tile = DEFAULT_TILE.get(device.type, DEFAULT_TILE["cpu"]) if tile is None else int(tile)
+        if net is None:
+            import torch
+
+            from ..device import check_precision
+
+            self.device = torch.device(device)
+            self.precision = check_precision(self.device, precision)
+            # channels_last: oneDNN's and cuDNN's fast convolution layout (≈15-35% faster on CPU here).
+            self.model = model.to(self.device, memory_format=torch.channels_last)
+        else:
+            self.device, self.precision, self.model = "cpu", net.precision, None
+        kind = getattr(self.device, "type", self.device)
+        self.tile = DEFAULT_TILE.get(kind, DEFAULT_TILE["cpu"]) if tile is None else int(tile)
         self.tile_pad = int(tile_pad)
         if self.tile < 0 or self.tile_pad < 0:
             raise ValueError(f"tile and tile_pad must be ≥ 0, got {self.tile} and {self.tile_pad}")
         self.name = name
         self.weights_file = weights_file
         self._weights_hash: str | None = None
-        # channels_last: oneDNN's and cuDNN's fast convolution layout (≈15-35% faster on CPU here).
-        self.model = None if model is None else model.to(device, memory_format=torch.channels_last)
         self.scale = (net or model).scale
 
     @classmethod
@@ -255,8 +149,7 @@ class ESRGANRestorer:
             raise ValueError(f"unknown backend {backend!r} (use {', '.join(BACKENDS)})")
         shipped = path is None or str(path) in weights.MODELS
         name = str(path or "realesrgan-x4plus")
-        dev = resolve_device(device)
-        backend, precision = choose_backend(dev, backend, precision)
+        backend, precision = choose_backend(device_type(device), backend, precision)
         tile = BACKEND_TILE.get(backend) if tile is None else tile
         if backend == "ncnn":
             if not shipped:
@@ -266,21 +159,25 @@ class ESRGANRestorer:
             from .ncnn_backend import NcnnNet
 
             net = NcnnNet(name)
-            return cls(None, dev, "fp32", tile, tile_pad, name=name, weights_file=net.files[1], net=net, backend="ncnn")
+            return cls(None, "cpu", "fp32", tile, tile_pad, name=name, weights_file=net.files[1], net=net, backend="ncnn")
         if shipped:
             path = weights.pretrained(name)
         if backend == "openvino":
             from .openvino_backend import OpenVINONet
 
             digest = weights.file_hash(Path(path))
-            net = OpenVINONet(lambda: load_model(path), Path(path), precision, calibration=calibration, sha256=digest)
-            r = cls(None, dev, precision, tile, tile_pad, name=Path(path).stem, weights_file=Path(path), net=net,
+            net = OpenVINONet(lambda: _nets().load_model(path), Path(path), precision, calibration=calibration,
+                              sha256=digest)
+            r = cls(None, "cpu", precision, tile, tile_pad, name=Path(path).stem, weights_file=Path(path), net=net,
                     backend="openvino")
             r._weights_hash = digest[:12]
             return r
         if precision == "int8":
             raise ValueError("precision int8 runs on backend openvino (restorer.backend: openvino or auto)")
-        return cls(load_model(path), dev, precision, tile, tile_pad, name=Path(path).stem, weights_file=Path(path))
+        from ..device import resolve_device
+
+        return cls(_nets().load_model(path), resolve_device(device), precision, tile, tile_pad, name=Path(path).stem,
+                   weights_file=Path(path))
 
     def weights(self) -> dict | None:
         """The weights that run: file name and a short content hash (computed once), for the sidecar."""
@@ -321,6 +218,13 @@ class ESRGANRestorer:
     def _run(self, img: np.ndarray, out_dtype, gray: bool) -> np.ndarray:
         h, w = img.shape[:2]
         out = np.empty((h * self.scale, w * self.scale, 1 if gray else 3), out_dtype)
+        if self.net is not None:  # other runtimes run on the CPU: no GPU memory to run out of
+            self._tiled(img, out, gray)
+            return out
+        import torch
+
+        from .memory import OutOfMemoryError
+
         while True:
             try:
                 self._tiled(img, out, gray)
@@ -353,30 +257,40 @@ class ESRGANRestorer:
             carry = band[done:].copy()
             del band  # before the next band is allocated: one band alive at a time
 
-    @torch.inference_mode()
     def _forward(self, tile: np.ndarray, gray: bool) -> np.ndarray:
         if self.net is not None:
             y = self.net(tile)
             return (y @ np.asarray(GRAY, np.float32))[..., None] if gray else y
+        import torch
+
+        from ..device import PRECISIONS
+
         # HWC numpy permuted to NCHW is already channels_last in memory: no copy on CPU.
         x = torch.from_numpy(np.ascontiguousarray(tile)).permute(2, 0, 1)[None].to(self.device)
-        with torch.autocast(self.device.type, dtype=PRECISIONS[self.precision], enabled=self.precision != "fp32"):
-            y = self.model(x)
-        y = y.float().clamp_(0, 1)[0]
-        if gray:
-            y = (y * y.new_tensor(GRAY)[:, None, None]).sum(0, keepdim=True)
-        return y.permute(1, 2, 0).cpu().numpy()
+        with torch.inference_mode():
+            with torch.autocast(self.device.type, dtype=PRECISIONS[self.precision], enabled=self.precision != "fp32"):
+                y = self.model(x)
+            y = y.float().clamp_(0, 1)[0]
+            if gray:
+                y = (y * y.new_tensor(GRAY)[:, None, None]).sum(0, keepdim=True)
+            return y.permute(1, 2, 0).cpu().numpy()
 
 
-def choose_backend(device: torch.device, backend: str = "auto", precision: str = "auto") -> tuple[str, str]:
+def _nets():
+    from . import esrgan_nets  # PyTorch, imported when PyTorch runs or converts the network
+
+    return esrgan_nets
+
+
+def choose_backend(device: str, backend: str = "auto", precision: str = "auto") -> tuple[str, str]:
     """(backend, precision) that `auto` means on this machine (module doc); explicit choices pass,
     checked where they run. On CPU, OpenVINO is 0.76× PyTorch's time in bf16 and 0.97× in fp32 on
     the same weights (README "Precision and speed"); without OpenVINO installed, PyTorch."""
     from . import openvino_backend as ov
 
     if backend == "auto":
-        backend = "openvino" if device.type == "cpu" and ov.available() else "torch"
-    if backend in ("ncnn", "openvino") and device.type != "cpu":
+        backend = "openvino" if device == "cpu" and ov.available() else "torch"
+    if backend in ("ncnn", "openvino") and device != "cpu":
         raise ValueError(f"backend {backend} runs on CPU, not on {device}")
     if backend == "openvino" and precision == "auto":
         precision = ov.auto_precision()

@@ -152,7 +152,7 @@ def _count(layers: list[Layer], type_: str, want: int, check=lambda l: True, wha
 
 
 def rrdbnet_specs(num_block: int = 23, num_feat: int = 64, grow: int = 32) -> list[ConvSpec]:
-    """RRDBNet's convolutions in graph order, named as in BasicSR (and our esrgan.RRDBNet)."""
+    """RRDBNet's convolutions in graph order, named as in BasicSR (and our esrgan_nets.RRDBNet)."""
     specs = [ConvSpec("conv_first", 3, num_feat)]
     for b in range(num_block):
         for r in (1, 2, 3):
@@ -167,7 +167,7 @@ def rrdbnet_specs(num_block: int = 23, num_feat: int = 64, grow: int = 32) -> li
 
 
 def convert_rrdbnet(param: str | Path, bin_: str | Path, num_block: int = 23) -> dict[str, torch.Tensor]:
-    """State dict for esrgan.RRDBNet (x4) from Real-ESRGAN x4plus ncnn files."""
+    """State dict for esrgan_nets.RRDBNet (x4) from Real-ESRGAN x4plus ncnn files."""
     layers = read_param(param)
     convs = [l for l in layers if l.type not in ("Input", "Split", "Concat", "Eltwise", "BinaryOp", "Interp")]
     specs = rrdbnet_specs(num_block)
@@ -189,7 +189,7 @@ def convert_rrdbnet(param: str | Path, bin_: str | Path, num_block: int = 23) ->
 
 def convert_srvgg(param: str | Path, bin_: str | Path, num_conv: int = 16, num_feat: int = 64,
                   scale: int = 4) -> dict[str, torch.Tensor]:
-    """State dict for esrgan.SRVGGNetCompact (Real-ESRGAN animevideov3) from its ncnn files."""
+    """State dict for esrgan_nets.SRVGGNetCompact (Real-ESRGAN animevideov3) from its ncnn files."""
     layers = [l for l in read_param(param) if l.type not in ("Input", "Split")]
     body = layers[: 2 * num_conv + 3]
     tail = [l.type for l in layers[2 * num_conv + 3:]]

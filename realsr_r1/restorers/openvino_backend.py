@@ -96,7 +96,7 @@ def _traceable(model):
     import torch
     import torch.nn.functional as F
 
-    from .esrgan import RRDBNet
+    from .esrgan_nets import RRDBNet
 
     if not isinstance(model, RRDBNet):
         return model  # SRVGGNetCompact's forward has no shape-dependent loop
