@@ -25,16 +25,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-PHOTO_DIRS = [REPO.parent / "shared" / "realworld" / "RealSRSet", REPO / "examples"]
+from esrgan_speed import PHOTO_DIRS, photos  # noqa: E402  (RealSRSet from ../shared, else examples/)
 PSNR_BAR, SSIM_BAR = 0.05, 0.002
 
 
-def photos() -> list[Path]:
-    for d in PHOTO_DIRS:
-        found = sorted(d.glob("*.png"))
-        if found:
-            return found
-    sys.exit(f"no photos found in {' or '.join(map(str, PHOTO_DIRS))}")
 
 
 def main() -> int:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-PHOTO_DIRS = [REPO.parent / "shared" / "realworld" / "RealSRSet", REPO / "examples"]
+from esrgan_speed import photos  # noqa: E402  (RealSRSet from ../shared, else examples/)
 
 # name → --set/--precision flags of our CLI (auto first: what the README's command runs)
 OURS = {
@@ -60,12 +60,6 @@ for p in sorted(src.glob("*.png")):
 """
 
 
-def photos() -> list[Path]:
-    for d in PHOTO_DIRS:
-        found = sorted(d.glob("*.png"))
-        if found:
-            return found
-    sys.exit(f"no photos found in {' or '.join(map(str, PHOTO_DIRS))}")
 
 
 def timed(cmd: list[str]) -> tuple[float, float]:

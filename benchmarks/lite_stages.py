@@ -28,7 +28,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-LITE_IMPORTS = "import realsr_r1.infer, realsr_r1.profiles, realsr_r1.restorers.lite, realsr_r1.analyze"
+LITE_IMPORTS = ("import realsr_r1.infer, realsr_r1.profiles, realsr_r1.restorers.lite, realsr_r1.analyze, "
+                "realsr_r1.restorers.openvino_backend, openvino")  # what an auto run on CPU imports
 
 
 def startup_seconds(repeats: int) -> float:
