@@ -161,6 +161,19 @@ def test_openvino_errors_are_one_line(weights_dir, monkeypatch):
         assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_missing_or_damaged_weights_are_one_line_errors_on_openvino(weights_dir, tmp_path):
+    from realsr_r1.weights import CorruptWeightsError, WeightsNotFoundError
+
+    with pytest.raises(WeightsNotFoundError, match="no such weights file") as e:
+        ESRGANRestorer.from_pretrained(tmp_path / "absent.safetensors", device="cpu", backend="openvino")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not safetensors")
+    with pytest.raises(CorruptWeightsError, match="damaged or not a safetensors file") as e2:
+        ESRGANRestorer.from_pretrained(junk, device="cpu", backend="openvino")
+    assert "\n" not in str(e.value) + str(e2.value)
+    assert not any(p.is_dir() for p in (weights_dir / "compiled").glob("junk-*/*"))  # nothing half-made
+
+
 def test_a_damaged_cache_is_a_one_line_error_naming_the_folder(tmp_path):
     from realsr_r1.weights import CorruptWeightsError
 

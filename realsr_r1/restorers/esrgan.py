@@ -165,6 +165,8 @@ class ESRGANRestorer:
         if backend == "openvino":
             from .openvino_backend import OpenVINONet
 
+            if not Path(path).is_file():
+                raise weights.WeightsNotFoundError(f"{path}: no such weights file")
             digest = weights.file_hash(Path(path))
             net = OpenVINONet(lambda: _nets().load_model(path), Path(path), precision, calibration=calibration,
                               sha256=digest)
