@@ -152,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         demo.launch(server_name=args.host, server_port=args.port, theme=theme, footer_links=[],
                     allowed_paths=[str(session.out_root), str(HERE / "examples")], show_error=True)
     except KeyboardInterrupt:  # stopped while starting: no traceback, and the temp folder still goes
-        pass
+        # launch() can be interrupted after its server and queue started but before block_thread(),
+        # whose own KeyboardInterrupt handler closes the server; close them here, or interpreter exit
+        # can wait on their threads (gradio Blocks.close: a no-op when nothing runs).
+        demo.close(verbose=False)
     if session.busy:
         _leave_now(session)
     return 0
