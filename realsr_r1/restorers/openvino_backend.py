@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -127,19 +126,6 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _new_dir(final: Path) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it owner-only; a cache folder gets the usual mode
-    return tmp
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def calibration_tiles(folder: str | Path | None = None, limit: int = 64) -> tuple[list[np.ndarray], str]:
     """(NCHW float32 tiles in [0, 1], a short hash of them) for INT8 calibration: the shipped crops,
     or CALIBRATION_TILE² crops (corners and centre) of the images in `folder`."""
@@ -217,7 +203,10 @@ class OpenVINONet:
     def _ensure(final: Path, build) -> Path:
         if (final / "model.xml").is_file():
             return final
-        tmp = _new_dir(final)
+        from ..imageio import new_temp_dir  # next to `final`, with the usual mode for the umask
+
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = new_temp_dir(final)
         try:
             build(tmp)
             _publish(tmp, final)
