@@ -4,6 +4,7 @@ weights hash, runtime version and precision, reused without converting, nothing 
 INT8 with layers kept in float; auto's choice; one-line errors."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -57,7 +58,8 @@ def test_the_cache_is_keyed_by_weights_runtime_and_precision_and_reused(pair, we
     assert f"compiled/realesrgan-x4plus-{sha}/openvino-{version}-fp32" in cache_folders(weights_dir)
     folder = pair[1].net.folder
     assert (folder / "model.xml").is_file() and any((folder / "blobs").iterdir())  # IR + compiled blob
-    assert json.loads((folder / "meta.json").read_text()) == {"arch": "RRDBNet", "scale": 4}
+    assert json.loads((folder / "meta.json").read_text()) == {"format": openvino_backend.CACHE_FORMAT, "arch": "RRDBNet",
+                                                              "scale": 4}
 
     def no_conversion(*a, **k):
         raise AssertionError("converted again although the IR is cached")
@@ -172,6 +174,29 @@ def test_missing_or_damaged_weights_are_one_line_errors_on_openvino(weights_dir,
         ESRGANRestorer.from_pretrained(junk, device="cpu", backend="openvino")
     assert "\n" not in str(e.value) + str(e2.value)
     assert not any(p.is_dir() for p in (weights_dir / "compiled").glob("junk-*/*"))  # nothing half-made
+
+
+def test_a_cache_folder_of_another_format_is_converted_again(tmp_path):
+    """A folder left by an older realsr-r1 on the same runtime (here: another network's IR and a
+    meta.json with no format) is replaced, not run: it would give another network's output."""
+    model = esrgan_nets.SRVGGNetCompact(num_feat=4, num_conv=1)
+    weights_file = tmp_path / "w.safetensors"
+    weights_file.write_bytes(b"x")
+    net = openvino_backend.OpenVINONet(lambda: model, weights_file, "fp32", cache_root=tmp_path / "c")
+    folder = net.folder
+    other = esrgan_nets.SRVGGNetCompact(num_feat=8, num_conv=2, scale=2)
+    shutil.rmtree(folder)
+    openvino_backend.OpenVINONet(lambda: other, weights_file, "fp32", cache_root=tmp_path / "c")
+    (folder / "meta.json").write_text(json.dumps({"arch": "SRVGGNetCompact", "scale": 2}))  # format-less
+    (folder / "stale-extra").write_text("left by the old layout")
+
+    again = openvino_backend.OpenVINONet(lambda: model, weights_file, "fp32", cache_root=tmp_path / "c")
+    x = rgb(8, 8)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x).permute(2, 0, 1)[None])[0].permute(1, 2, 0).clamp(0, 1).numpy()
+    assert again.folder == folder and again.scale == 4 and np.abs(again(x) - ref).max() < 1e-5
+    assert not (folder / "stale-extra").exists()
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no temporary left
 
 
 def test_a_damaged_cache_is_a_one_line_error_naming_the_folder(tmp_path):

@@ -48,7 +48,10 @@ CALIBRATION_TILE = 96  # input pixels: crops of a user's calibration folder
 # x4plus's first conv and its upsampling tail; the compact net's first and last convs.
 INT8_KEEP_FLOAT = {"RRDBNet": (r".*conv_(first|up1|up2|hr|last)/.*",),
                    "SRVGGNetCompact": (r".*body\.0/.*", r".*body\.34/.*")}
-META = "meta.json"  # {"arch", "scale"} of the network, written beside its IR
+META = "meta.json"  # {"format", "arch", "scale"} of the network, written beside its IR
+# What a cached folder holds, by this project's version of the conversion; a folder of another
+# format (same runtime, older realsr-r1) is converted again rather than run as if it were this one.
+CACHE_FORMAT = 1
 
 
 # INT8 is what `auto` picks only if it met the quality bar (≤ 0.05 dB Y-PSNR, ≤ 0.002 SSIM against
@@ -116,12 +119,31 @@ def _traceable(model):
     return Plain().eval()
 
 
+def _complete(folder: Path) -> bool:
+    """A finished cache folder of this CACHE_FORMAT (an IR whose own damage compile_model reports)."""
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == CACHE_FORMAT and (folder / "model.xml").is_file()
+
+
 def _publish(tmp: Path, final: Path) -> None:
-    """Rename a finished folder into place; if another process won the race, keep theirs."""
+    """Rename a finished folder into place, moving a stale one (another format, no meta) aside
+    first; if another process won the race with a complete folder, keep theirs."""
+    from ..imageio import new_temp_dir
+
+    if final.exists() and not _complete(final):
+        stale = new_temp_dir(final)
+        try:
+            os.replace(final, stale / "old")
+        except FileNotFoundError:  # another process moved it already
+            pass
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         os.replace(tmp, final)
     except OSError:
-        if not (final / "model.xml").is_file():
+        if not _complete(final):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -201,7 +223,7 @@ class OpenVINONet:
 
     @staticmethod
     def _ensure(final: Path, build) -> Path:
-        if (final / "model.xml").is_file():
+        if _complete(final):
             return final
         from ..imageio import new_temp_dir  # next to `final`, with the usual mode for the umask
 
@@ -223,7 +245,7 @@ class OpenVINONet:
         with torch.inference_mode(False), torch.no_grad():
             ir = ov.convert_model(_traceable(model.float()), example_input=torch.rand(1, 3, 32, 32), input=[1, 3, -1, -1])
         ov.save_model(ir, str(dest / "model.xml"), compress_to_fp16=False)
-        (dest / META).write_text(json.dumps({"arch": type(model).__name__, "scale": model.scale}))
+        (dest / META).write_text(json.dumps({"format": CACHE_FORMAT, "arch": type(model).__name__, "scale": model.scale}))
 
     @staticmethod
     def _quantize(ov, fp32_dir: Path, tiles: list[np.ndarray], keep, dest: Path) -> None:
