@@ -22,6 +22,9 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 DEFAULT_MAX_PIXELS = 4096 * 4096
+# zlib level of written PNGs: OpenCV's default, which Real-ESRGAN's scripts write with. Level 6
+# (Pillow's) makes files ~12 % smaller and took 4x longer on a 512² result (about 110 ms a photo).
+PNG_COMPRESS_LEVEL = 1
 
 # We enforce our own pixel limit before decoding; Pillow's own check would only warn below 2x its
 # limit and would refuse some legitimate large scans.
@@ -226,12 +229,14 @@ def new_temp_dir(path: str | os.PathLike) -> Path:
     return _new_temp(path, os.mkdir)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """`write(f)` into a temporary file next to `path`, synced, then renamed over it: readers see the
+    old file or the whole new one, and an interrupted write leaves no partial file."""
     path = Path(path)
     tmp = new_temp_file(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -240,11 +245,23 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def encode_image(
+def encode_image(rgb: np.ndarray, alpha: np.ndarray | None = None, **kw) -> bytes:
+    """Encode to bytes in the format of `ext` (keywords as encode_image_to)."""
+    buf = io.BytesIO()
+    encode_image_to(buf, rgb, alpha, **kw)
+    return buf.getvalue()
+
+
+def encode_image_to(
+    buf,
     rgb: np.ndarray,
     alpha: np.ndarray | None = None,
     *,
@@ -253,8 +270,9 @@ def encode_image(
     ext: str = "png",
     icc_profile: bytes | None = None,
     quality: int = 95,
-) -> bytes:
-    """Encode to bytes in the format of `ext`. 16-bit output is PNG only (as in Real-ESRGAN)."""
+) -> None:
+    """Encode into the binary file `buf` in the format of `ext`. 16-bit output is PNG only (as in
+    Real-ESRGAN)."""
     ext = ext.lower().lstrip(".")
     if ext == "jpeg":
         ext = "jpg"
@@ -263,13 +281,10 @@ def encode_image(
         base = to_uint(_gray(rgb), 16)[..., None] if mode == "L" else to_uint(rgb, 16)
         arr = np.dstack([base, to_uint(alpha, 16)]) if alpha is not None else base
         h, w = arr.shape[:2]
-        buf = io.BytesIO()
-        png.Writer(w, h, greyscale=mode == "L", alpha=alpha is not None, bitdepth=16).write(
-            buf, arr.reshape(h, w * planes)
-        )
-        return buf.getvalue()
+        png.Writer(w, h, greyscale=mode == "L", alpha=alpha is not None, bitdepth=16,
+                   compression=PNG_COMPRESS_LEVEL).write(buf, arr.reshape(h, w * planes))
+        return
     im = to_pil(rgb, alpha, mode)
-    buf = io.BytesIO()
     kwargs = {"icc_profile": icc_profile} if icc_profile else {}
     if ext == "jpg":
         if im.mode in ("RGBA", "LA"):
@@ -278,16 +293,16 @@ def encode_image(
     elif ext == "webp":
         im.save(buf, "WEBP", quality=quality, **kwargs)
     elif ext == "png":
-        im.save(buf, "PNG", **kwargs)
+        im.save(buf, "PNG", compress_level=PNG_COMPRESS_LEVEL, **kwargs)
     else:
         raise ValueError(f"unsupported output extension {ext!r} (use png, jpg or webp)")
-    return buf.getvalue()
 
 
 def write_image(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | None = None, **kw) -> None:
     """Encode and write atomically; the format follows the path's extension."""
     path = Path(path)
-    atomic_write_bytes(path, encode_image(rgb, alpha, ext=path.suffix or "png", **kw))
+    # Straight into the temporary file: an 8192² PNG is never held in memory as bytes as well.
+    atomic_write(path, lambda f: encode_image_to(f, rgb, alpha, ext=path.suffix or "png", **kw))
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

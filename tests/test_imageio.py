@@ -115,6 +115,36 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["out.png"]  # no temp file left
 
 
+def test_an_encoder_failure_mid_write_leaves_the_old_file(tmp_path, monkeypatch):
+    """PNGs are encoded straight into the temporary file: a failure there must not reach `path`."""
+    path = tmp_path / "out.png"
+    write_image(path, np.zeros((4, 4, 3), np.float32))
+    before = path.read_bytes()
+
+    def half_written(buf, *a, **k):
+        buf.write(b"\x89PNG half")
+        raise OSError("encoder failed")
+
+    monkeypatch.setattr(imageio, "encode_image_to", half_written)
+    with pytest.raises(OSError, match="encoder failed"):
+        write_image(path, np.ones((4, 4, 3), np.float32))
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["out.png"]
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_pngs_are_written_at_zlibs_fastest_level(tmp_path, bits):
+    """As OpenCV (Real-ESRGAN's writer) does by default: the zlib header of the image data says
+    FLEVEL 0 (levels 0-1), where Pillow's default 6 would say 2."""
+    rgb = np.random.default_rng(0).random((64, 64, 3), dtype=np.float32)
+    write_image(tmp_path / "a.png", rgb, bit_depth=bits)
+    data = (tmp_path / "a.png").read_bytes()
+    idat = data.index(b"IDAT") + 4
+    assert imageio.PNG_COMPRESS_LEVEL == 1 and data[idat] & 0x0F == 8 and data[idat + 1] >> 6 == 0
+    back = np.asarray(Image.open(tmp_path / "a.png")) if bits == 8 else None
+    if back is not None:
+        assert np.array_equal(back, np.round(rgb * 255).astype(np.uint8))  # still lossless
+
+
 def test_list_images_sorted_and_filtered(tmp_path):
     for name in ["b.png", "a.JPG", ".hidden.png", "notes.txt", "c.webp"]:
         (tmp_path / name).write_bytes(b"x")

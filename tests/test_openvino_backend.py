@@ -52,6 +52,40 @@ def cache_folders(root):
     return sorted(p.relative_to(root).as_posix() for p in (root / "compiled").glob("*/*") if p.is_dir())
 
 
+def test_the_runtimes_buffers_are_given_back_after_each_image_and_it_runs_on(pair, monkeypatch):
+    """OpenVINO keeps buffers sized by the largest tile until told (CompiledModel.release_memory):
+    restore() gives them back after the image and after its alpha, and the next image is the same."""
+    vino = pair[1]
+    image = rgb()
+    before = vino.restore(image, None)[0]
+    released = []
+    real_release = vino.net.release
+    monkeypatch.setattr(vino.net, "release", lambda: released.append(True) or real_release())
+    vino.restore(image, np.ones(image.shape[:2], np.float32))
+    assert len(released) == 2  # the colour pass and the alpha pass
+    assert np.array_equal(vino.restore(image, None)[0], before)
+
+
+def test_full_tiles_run_on_a_static_shape_and_others_on_the_dynamic_model(pair):
+    """Every tile of an image larger than the tile is tile + 2·pad = 24² here: one compiled static
+    shape serves them; a small image runs whole on the dynamic model. Both give PyTorch's image."""
+    torch_fp32, vino = pair
+    vino.net._compile(None)  # whatever earlier tests left compiled
+    shapes = []
+    real = vino.net._compile
+    vino.net._compile = lambda shape: shapes.append(shape) or real(shape)
+    try:
+        big, small = rgb(28, 40), rgb(12, 12)
+        for image, want in ((big, (24, 24)), (small, None), (big, (24, 24))):
+            out = vino.upscale(image)
+            assert vino.net.shape == want
+            assert np.abs(out - torch_fp32.upscale(image)).max() < 1e-4
+        assert shapes == [(24, 24), None, (24, 24)]  # one compile per switch, none per tile
+        assert not vino.net.compiled.input(0).get_partial_shape().is_dynamic
+    finally:
+        del vino.net._compile
+
+
 def test_the_cache_is_keyed_by_weights_runtime_and_precision_and_reused(pair, weights_dir, monkeypatch):
     sha = pair[1].weights()["sha256"]
     version = openvino_backend.runtime_version()

@@ -1,7 +1,9 @@
 """Real-ESRGAN as a restorer: its network (esrgan_nets.py, or another runtime's) run tiled in flat memory.
 
-Tiling. Any image size runs in tiles of `tile` input pixels (0 = whole image), each computed with
-`tile_pad` pixels of context beyond its core on every side. Neighbours are cross-faded over
+Tiling. Any image size runs in tiles of `tile` input pixels (0 = whole image), each computed in a
+window of tile + 2·tile_pad pixels: `tile_pad` of context beyond its core on every side, more at the
+image's borders, where the window shifts inwards instead of shrinking. So every tile of a large
+image has one input shape, which OpenVINO compiles statically (fewer buffers). Neighbours are cross-faded over
 ±tile_pad/2 around each cut with linear ramps that sum to exactly 1, so no weight map is needed and
 seams are continuous. Output is accumulated in float32 one band (row of tiles) at a time; rows no
 later band touches go to the output dtype straight away. Peak memory is one tile's activations
@@ -57,8 +59,11 @@ class _Span:
 
 
 def _spans(length: int, tile: int, pad: int, scale: int) -> list[_Span]:
-    """Tiles along one axis: equal cores, `pad` context, ramps over ±pad/2 around each cut."""
+    """Tiles along one axis: equal cores, ramps over ±pad/2 around each cut, and context windows of
+    one size, tile + 2·pad (or the whole axis, if shorter): at least `pad` beyond the core, more at
+    the borders. One window size lets a runtime compile for one static shape (openvino_backend)."""
     n = 1 if tile <= 0 or length <= tile else -(-length // tile)
+    window = min(length, tile + 2 * pad) if n > 1 else length
     cuts = [round(i * length / n) for i in range(n + 1)]
     # Cross-fade zones must not overlap each other, and keep ≥ pad/2 of context outside them.
     blend = min(pad // 2, min(b - a for a, b in zip(cuts, cuts[1:])) // 2)
@@ -72,7 +77,9 @@ def _spans(length: int, tile: int, pad: int, scale: int) -> list[_Span]:
             w[: ramp.size] = ramp
         if ramp is not None and i < n - 1:
             w[-ramp.size:] = ramp[::-1]
-        spans.append(_Span(max(0, cuts[i] - pad), min(length, cuts[i + 1] + pad), scale * lo, scale * hi, w))
+        # The core ± pad, widened evenly to the window and shifted inside the image at its borders.
+        ctx0 = min(max(0, cuts[i] - pad - (window - (cuts[i + 1] - cuts[i] + 2 * pad)) // 2), length - window)
+        spans.append(_Span(ctx0, ctx0 + window, scale * lo, scale * hi, w))
     return spans
 
 
@@ -222,6 +229,8 @@ class ESRGANRestorer:
         out = np.empty((h * self.scale, w * self.scale, 1 if gray else 3), out_dtype)
         if self.net is not None:  # other runtimes run on the CPU: no GPU memory to run out of
             self._tiled(img, out, gray)
+            if hasattr(self.net, "release"):  # the runtime's tile buffers are not needed until the next image
+                self.net.release()
             return out
         import torch
 
@@ -243,6 +252,8 @@ class ESRGANRestorer:
         s = self.scale
         ys = _spans(img.shape[0], self.tile, self.tile_pad, s)
         xs = _spans(img.shape[1], self.tile, self.tile_pad, s)
+        if hasattr(self.net, "fix_shape"):  # every window of a large image has this one shape
+            self.net.fix_shape((self.tile + 2 * self.tile_pad,) * 2 if self.tile > 0 else None)
         carry = None  # rows of the previous band that this band still blends into
         for i, y in enumerate(ys):
             band = np.zeros((y.out1 - y.out0, out.shape[1], out.shape[2]), np.float32)

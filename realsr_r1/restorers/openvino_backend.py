@@ -48,6 +48,10 @@ CALIBRATION_TILE = 96  # input pixels: crops of a user's calibration folder
 # x4plus's first conv and its upsampling tail; the compact net's first and last convs.
 INT8_KEEP_FLOAT = {"RRDBNet": (r".*conv_(first|up1|up2|hr|last)/.*",),
                    "SRVGGNetCompact": (r".*body\.0/.*", r".*body\.34/.*")}
+# NNCF's (fast) bias correction shifts each quantised conv's bias to undo its mean error on the
+# calibration tiles; on x4plus it made things worse, -0.19 against -0.04 dB Y-PSNR without it
+# (benchmarks/int8_quality.py), so it is off.
+INT8_BIAS_CORRECTION = False
 META = "meta.json"  # {"format", "arch", "scale"} of the network, written beside its IR
 # What a cached folder holds, by this project's version of the conversion; a folder of another
 # format (same runtime, older realsr-r1) is converted again rather than run as if it were this one.
@@ -204,22 +208,49 @@ class OpenVINONet:
 
             tiles, digest = calibration_tiles(calibration)
             keep = INT8_KEEP_FLOAT.get(json.loads((fp32_dir / META).read_text())["arch"], ())
-            recipe = hashlib.sha256(json.dumps([digest, list(keep)]).encode()).hexdigest()[:12]
+            recipe = hashlib.sha256(json.dumps([digest, list(keep)] + ([] if INT8_BIAS_CORRECTION else ["no-bc"])).encode()).hexdigest()[:12]
             folder = self._ensure(self.home / f"openvino-{version}-int8-nncf{nncf.__version__}-{recipe}",
                                   lambda d: self._quantize(ov, fp32_dir, tiles, keep, d))
         self.folder = folder
-        config = {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY",
-                  "CACHE_DIR": str(folder / "blobs")}
+        self.config = {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY",
+                       "CACHE_DIR": str(folder / "blobs")}
         if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
+            self.config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.static_shape: tuple[int, int] | None = None  # ESRGANRestorer's full tile window (fix_shape)
         try:
-            meta = json.loads((folder / META).read_text())
-            self.scale = int(meta["scale"])
-            # From a path, OpenVINO hashes the file for its compiled-model cache instead of the graph.
-            self.request = self.core.compile_model(str(folder / "model.xml"), "CPU", config).create_infer_request()
-        except (RuntimeError, OSError, ValueError, KeyError) as e:
-            raise weights.CorruptWeightsError(f"{folder}: OpenVINO cannot load this cached model ({str(e).splitlines()[0]}); "
-                                              f"delete the folder to convert again") from None
+            self.scale = int(json.loads((folder / META).read_text())["scale"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise self._corrupt(e) from None
+        self._compile(None)  # the dynamic model, now: a damaged cache fails here, not on the first image
+
+    def _corrupt(self, e: Exception) -> Exception:
+        return weights.CorruptWeightsError(f"{self.folder}: OpenVINO cannot load this cached model "
+                                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                                           f"delete the folder to convert again")
+
+    def _compile(self, shape: tuple[int, int] | None) -> None:
+        """Hold one compiled model: the dynamic [1, 3, H, W] one (shape None) or one reshaped to a
+        static input. Each holds its own repacked weights, so the other is dropped first."""
+        self.compiled = self.request = None
+        try:
+            if shape is None:
+                # From a path, OpenVINO hashes the file for its compiled-model cache, not the graph.
+                self.compiled = self.core.compile_model(str(self.folder / "model.xml"), "CPU", self.config)
+            else:
+                model = self.core.read_model(str(self.folder / "model.xml"))
+                model.reshape([1, 3, *shape])
+                self.compiled = self.core.compile_model(model, "CPU", self.config)
+        except (RuntimeError, OSError, ValueError) as e:
+            raise self._corrupt(e) from None
+        self.shape = shape
+        self.request = self.compiled.create_infer_request()
+
+    def fix_shape(self, shape: tuple[int, int] | None) -> None:
+        """Tiles of exactly this input shape run on a model compiled for it (the others on the
+        dynamic one). ESRGANRestorer gives its full window, tile + 2·tile_pad, which every tile of a
+        large image has (esrgan._spans). Static shapes let the CPU plugin plan its buffers: a 276²
+        fp32 tile peaks at 0.63 GB of them instead of 0.97 GB (README, "Peak memory")."""
+        self.static_shape = tuple(shape) if shape else None
 
     @staticmethod
     def _ensure(final: Path, build) -> Path:
@@ -254,12 +285,23 @@ class OpenVINONet:
         log.warning("calibrating INT8 on %d tiles (once, cached in %s)", len(tiles), dest.parent)
         ir = ov.Core().read_model(str(fp32_dir / "model.xml"))
         q = nncf.quantize(ir, nncf.Dataset(tiles), subset_size=len(tiles), preset=nncf.QuantizationPreset.MIXED,
-                          ignored_scope=nncf.IgnoredScope(patterns=list(keep), validate=False))
+                          ignored_scope=nncf.IgnoredScope(patterns=list(keep), validate=False),
+                          advanced_parameters=nncf.AdvancedQuantizationParameters(
+                              disable_bias_correction=not INT8_BIAS_CORRECTION))
         ov.save_model(q, str(dest / "model.xml"))
         shutil.copyfile(fp32_dir / META, dest / META)
+
+    def release(self) -> None:
+        """Give back the intermediate buffers, which are sized by the largest tile run so far and
+        stay allocated otherwise (`CompiledModel.release_memory`): ESRGANRestorer calls this after
+        each image, so that the encoder of a large output does not need memory on top of them."""
+        self.compiled.release_memory()
 
     def __call__(self, tile: np.ndarray) -> np.ndarray:
         """HxWx3 float32 in [0, 1] → (sH)x(sW)x3 float32 in [0, 1]."""
         x = np.ascontiguousarray(tile.transpose(2, 0, 1)[None], np.float32)
+        want = x.shape[2:] if x.shape[2:] == self.static_shape else None
+        if want != self.shape:
+            self._compile(want)  # from the blob cache after the first time: ~0.35 s on 2 cores
         y = self.request.infer({0: x})[0][0]  # a copy (share_outputs=False): safe across calls
         return np.clip(y.transpose(1, 2, 0), 0, 1)
