@@ -32,6 +32,7 @@ from esrgan_speed import photos  # noqa: E402  (RealSRSet from ../shared, else e
 OURS = {
     "ours auto": [],
     "ours torch": ["--set", "restorer.backend=torch"],
+    "ours openvino bf16": ["--set", "restorer.backend=openvino", "--precision", "bf16"],
     "ours openvino fp32": ["--set", "restorer.backend=openvino", "--precision", "fp32"],
     "ours openvino int8": ["--set", "restorer.backend=openvino", "--precision", "int8"],
 }
@@ -87,7 +88,10 @@ def main() -> int:
 
     from realsr_r1.device import cpu_description
 
-    names = [n for n in [*OURS, "ncnn"] if not args.only or n in args.only.split(",")]
+    from realsr_r1.restorers import openvino_backend
+
+    bf16 = openvino_backend.cpu_has_bf16(openvino_backend._openvino().Core())
+    names = [n for n in [*OURS, "ncnn"] if (not args.only or n in args.only.split(",")) and (bf16 or "bf16" not in n)]
     with tempfile.TemporaryDirectory(prefix="lite_process_") as tmp:
         tmp = Path(tmp)
         src = tmp / "in"

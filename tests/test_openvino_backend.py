@@ -54,9 +54,11 @@ def cache_folders(root):
 
 def test_the_runtimes_buffers_are_given_back_after_each_image_and_it_runs_on(pair, monkeypatch):
     """OpenVINO keeps buffers sized by the largest tile until told (CompiledModel.release_memory):
-    restore() gives them back after the image and after its alpha, and the next image is the same."""
+    restore() gives them back after a large image and after its alpha (not after small ones), and
+    the next image is the same."""
     vino = pair[1]
     image = rgb()
+    monkeypatch.setattr(esrgan, "RELEASE_AREA", image.shape[0] * image.shape[1])
     before = vino.restore(image, None)[0]
     released = []
     real_release = vino.net.release
@@ -64,6 +66,8 @@ def test_the_runtimes_buffers_are_given_back_after_each_image_and_it_runs_on(pai
     vino.restore(image, np.ones(image.shape[:2], np.float32))
     assert len(released) == 2  # the colour pass and the alpha pass
     assert np.array_equal(vino.restore(image, None)[0], before)
+    vino.restore(image[:-1], None)
+    assert len(released) == 3  # a smaller image keeps them
 
 
 def test_full_tiles_run_on_a_static_shape_and_others_on_the_dynamic_model(pair):
@@ -153,6 +157,29 @@ def test_int8_keeps_first_and_last_convolutions_in_float_and_stays_close(compact
     assert 0 < mse and 10 * np.log10(1 / mse) > 30  # quantised, and still the same picture
 
 
+def test_the_x4plus_int8_recipe_names_the_layers_it_means(pair):
+    """INT8_KEEP_FLOAT matches IR node names as NNCF does (re.match): on x4plus's real IR they must
+    pick the 5 convs of the head and tail, all 93 residual adds (23 blocks × (3 + 1) + the trunk)
+    and the 2 upsamplings, and nothing else. A renaming by a new converter would otherwise quietly
+    quantise the trunk again."""
+    import re
+
+    ir = ov.Core().read_model(str(pair[1].net.folder / "model.xml"))
+    keep = openvino_backend.INT8_KEEP_FLOAT["RRDBNet"]
+
+    def kept(op):
+        return any(re.match(p, op.get_friendly_name()) for p in keep)
+
+    ops = {t: [op for op in ir.get_ops() if op.get_type_name() == t] for t in ("Convolution", "Add", "Interpolate")}
+    convs = sorted(re.search(r"m\.(\w+)/", op.get_friendly_name()).group(1) for op in ops["Convolution"] if kept(op))
+    assert convs == ["conv_first", "conv_hr", "conv_last", "conv_up1", "conv_up2"] and len(ops["Convolution"]) == 351
+    residual = [op for op in ops["Add"] if all(op.input_value(i).get_node().get_type_name() != "Constant" for i in range(2))]
+    assert len(residual) == 93 and all(map(kept, residual))
+    biases = [re.search(r"m\.(\w+)/", op.get_friendly_name()).group(1) for op in ops["Add"] if op not in residual and kept(op)]
+    assert sorted(biases) == convs  # only the kept convs' biases: the others stay with their int8 convs
+    assert len(ops["Interpolate"]) == 2 and all(map(kept, ops["Interpolate"]))
+
+
 def test_int8_cache_is_keyed_by_the_calibration_images(compact_int8, tmp_path):
     _, int8, cal = compact_int8
     tiles, digest = openvino_backend.calibration_tiles(cal)
@@ -173,14 +200,21 @@ def test_int8_cache_is_keyed_by_the_calibration_images(compact_int8, tmp_path):
 
 
 def test_auto_picks_openvino_on_cpu_in_its_fastest_precision(monkeypatch):
+    import importlib.util
+
     cpu = "cpu"
+    assert openvino_backend.INT8_BY_DEFAULT  # it met the bar (README "INT8")
+    assert esrgan.choose_backend(cpu) == ("openvino", "int8")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nncf" else real_find_spec(name, *a))
+    assert openvino_backend.available() and esrgan.choose_backend(cpu)[1] != "int8"  # no NNCF to calibrate
+    monkeypatch.undo()
+    monkeypatch.setattr(openvino_backend, "INT8_BY_DEFAULT", False)
     monkeypatch.setattr(openvino_backend, "cpu_has_bf16", lambda core: True)
     assert esrgan.choose_backend(cpu) == ("openvino", "bf16")
     assert esrgan.choose_backend(cpu, "auto", "fp32") == ("openvino", "fp32")  # --fp32
     monkeypatch.setattr(openvino_backend, "cpu_has_bf16", lambda core: False)
     assert esrgan.choose_backend(cpu) == ("openvino", "fp32")
-    monkeypatch.setattr(openvino_backend, "INT8_BY_DEFAULT", True)
-    assert esrgan.choose_backend(cpu) == ("openvino", "int8")
     assert esrgan.choose_backend("cuda") == ("torch", "auto")
     assert esrgan.choose_backend(cpu, "torch") == ("torch", "auto")
     monkeypatch.setattr(openvino_backend, "available", lambda: False)
@@ -265,8 +299,10 @@ def test_the_cli_sidecar_records_openvino_and_its_images_match_pytorch(weights_d
     assert out["openvino"].shape == out["torch"].shape and np.abs(out["openvino"] - out["torch"]).max() <= 1
 
 
-def test_a_lite_run_on_the_cached_openvino_model_never_imports_torch(pair, weights_dir, tmp_path):
-    """PyTorch is half of a lite run's start-up (1.1 s) and OpenVINO needs it only to convert."""
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_lite_run_on_the_cached_openvino_model_never_imports_torch(pair, compact_int8, weights_dir, tmp_path, int8):
+    """PyTorch is half of a lite run's start-up (1.1 s) and OpenVINO needs it only to convert; NNCF
+    (which imports it) only to calibrate."""
     import os
     import subprocess
     import sys
@@ -274,13 +310,15 @@ def test_a_lite_run_on_the_cached_openvino_model_never_imports_torch(pair, weigh
     src = tmp_path / "in"
     src.mkdir()
     photo((40, 28), "dog.png").save(src / "a.png")
+    flags = (["--precision", "int8", "--set", "restorer.path=realesr-animevideov3", "--set",
+              f"restorer.calibration={compact_int8[2]}"] if int8 else ["--fp32"])
     code = ("import sys\nfrom realsr_r1 import infer\n"
             f"rc = infer.main(['--input', {str(src)!r}, '--output', {str(tmp_path / 'out')!r}, '--quiet', "
-            "'--device', 'cpu', '--fp32', '--set', 'restorer.backend=openvino'])\n"
-            "print('rc', rc, 'torch' in sys.modules)")
+            f"'--device', 'cpu', '--set', 'restorer.backend=openvino', *{flags!r}])\n"
+            "print('rc', rc, 'torch' in sys.modules, 'nncf' in sys.modules)")
     env = {**os.environ, "REALSR_R1_WEIGHTS": str(weights_dir), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.stdout.strip().splitlines()[-1] == "rc 0 False", proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "rc 0 False False", proc.stdout + proc.stderr
     sidecar = json.loads((tmp_path / "out" / "a.json").read_text())
     assert sidecar["versions"]["torch"] == torch.__version__  # still recorded, from the package metadata
 

@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 DEFAULT_TILE = {"cuda": 512, "cpu": 256}  # input pixels per tile side; other devices take the CPU's
 MIN_TILE = 32  # CUDA OOM halving stops here
 FINALIZE_ROWS = 256  # output rows converted to the output dtype at a time
+# Input pixels from which a runtime gives back its tile buffers after the image (0.6-1 GB for a 276²
+# tile), so that encoding the large output does not add to them; below, they are small and
+# re-allocating them costs more (about 13 ms a 128² image) than it saves.
+RELEASE_AREA = 256 * 256
 GRAY = (0.299, 0.587, 0.114)  # alpha comes back through the RGB net; Real-ESRGAN takes it as grey
 BACKENDS = ("auto", "torch", "openvino", "ncnn")
 # Input pixels, where a backend needs smaller tiles than DEFAULT_TILE: ncnn's memory grows with the
@@ -229,8 +233,8 @@ class ESRGANRestorer:
         out = np.empty((h * self.scale, w * self.scale, 1 if gray else 3), out_dtype)
         if self.net is not None:  # other runtimes run on the CPU: no GPU memory to run out of
             self._tiled(img, out, gray)
-            if hasattr(self.net, "release"):  # the runtime's tile buffers are not needed until the next image
-                self.net.release()
+            if hasattr(self.net, "release") and h * w >= RELEASE_AREA:
+                self.net.release()  # its tile buffers, while this large image is written
             return out
         import torch
 

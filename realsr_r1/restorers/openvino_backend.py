@@ -45,8 +45,12 @@ HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # INFERENCE_PRECISION_HI
 CALIBRATION_FILE = "int8_calibration.npz"  # crops of examples/ (RealSRSet, Apache-2.0), data/NOTICE.md
 CALIBRATION_TILE = 96  # input pixels: crops of a user's calibration folder
 # NNCF ignored-scope patterns over the IR's node names (the torch module paths are kept in them):
-# x4plus's first conv and its upsampling tail; the compact net's first and last convs.
-INT8_KEEP_FLOAT = {"RRDBNet": (r".*conv_(first|up1|up2|hr|last)/.*",),
+# x4plus's first conv and its upsampling tail, and its residual adds (x + 0.2·block(x), 93 of
+# them): quantising their inputs sends the trunk itself through int8 at every block, and that
+# alone cost 0.034 dB and 0.0026 SSIM (benchmarks/int8_quality.py); the compact net's first and
+# last convs.
+INT8_KEEP_FLOAT = {"RRDBNet": (r".*conv_(first|up1|up2|hr|last)/.*", r".*aten::add/Add(_\d+)?",
+                               r".*aten::upsample_nearest2d/Interpolate.*"),
                    "SRVGGNetCompact": (r".*body\.0/.*", r".*body\.34/.*")}
 # NNCF's (fast) bias correction shifts each quantised conv's bias to undo its mean error on the
 # calibration tiles; on x4plus it made things worse, -0.19 against -0.04 dB Y-PSNR without it
@@ -58,15 +62,18 @@ META = "meta.json"  # {"format", "arch", "scale"} of the network, written beside
 CACHE_FORMAT = 1
 
 
-# INT8 is what `auto` picks only if it met the quality bar (≤ 0.05 dB Y-PSNR, ≤ 0.002 SSIM against
-# fp32: benchmarks/int8_quality.py, README "INT8").
-INT8_BY_DEFAULT = False
+# `auto` picks INT8 because it met the quality bar (≤ 0.05 dB Y-PSNR and ≤ 0.002 SSIM below fp32 on
+# the RealSRSet photos degraded by degrade.py: benchmarks/int8_quality.py, README "INT8") and ran
+# 1.4x faster than bf16 (0.35x ncnn's time). Its price is a one-off calibration (~90 s on 2 cores).
+INT8_BY_DEFAULT = True
 
 
 def auto_precision() -> str:
-    """What precision `auto` means on this CPU: INT8 where it keeps quality, else bf16 where the CPU
-    has bf16 units, else fp32."""
-    if INT8_BY_DEFAULT:
+    """What precision `auto` means on this CPU: INT8 where NNCF is installed to calibrate it (or
+    INT8_BY_DEFAULT is off: bf16 where the CPU has bf16 units, else fp32)."""
+    import importlib.util
+
+    if INT8_BY_DEFAULT and importlib.util.find_spec("nncf") is not None:
         return "int8"
     return "bf16" if cpu_has_bf16(_openvino().Core()) else "fp32"
 
@@ -200,16 +207,16 @@ class OpenVINONet:
         self.weights_file = Path(weights_file)
         root = Path(cache_root) if cache_root is not None else weights.default_dir() / "compiled"
         self.home = root / f"{self.weights_file.stem}-{(sha256 or weights.file_hash(self.weights_file))[:12]}"
-        version = runtime_version(ov)
-        fp32_dir = self._ensure(self.home / f"openvino-{version}-fp32", lambda d: self._convert(ov, load_model(), d))
+        runtime = runtime_version(ov)
+        fp32_dir = self._ensure(self.home / f"openvino-{runtime}-fp32", lambda d: self._convert(ov, load_model(), d))
         folder = fp32_dir
         if precision == "int8":
-            import nncf
+            from importlib.metadata import version  # not `import nncf`: that takes 2 s and imports torch
 
             tiles, digest = calibration_tiles(calibration)
             keep = INT8_KEEP_FLOAT.get(json.loads((fp32_dir / META).read_text())["arch"], ())
             recipe = hashlib.sha256(json.dumps([digest, list(keep)] + ([] if INT8_BIAS_CORRECTION else ["no-bc"])).encode()).hexdigest()[:12]
-            folder = self._ensure(self.home / f"openvino-{version}-int8-nncf{nncf.__version__}-{recipe}",
+            folder = self._ensure(self.home / f"openvino-{runtime}-int8-nncf{version('nncf')}-{recipe}",
                                   lambda d: self._quantize(ov, fp32_dir, tiles, keep, d))
         self.folder = folder
         self.config = {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY",
@@ -282,7 +289,8 @@ class OpenVINONet:
     def _quantize(ov, fp32_dir: Path, tiles: list[np.ndarray], keep, dest: Path) -> None:
         import nncf
 
-        log.warning("calibrating INT8 on %d tiles (once, cached in %s)", len(tiles), dest.parent)
+        log.warning("calibrating INT8 on %d tiles: once, about 1.5 min on 2 cores, cached in %s "
+                    "(--precision bf16 or fp32 runs without it)", len(tiles), dest.parent)
         ir = ov.Core().read_model(str(fp32_dir / "model.xml"))
         q = nncf.quantize(ir, nncf.Dataset(tiles), subset_size=len(tiles), preset=nncf.QuantizationPreset.MIXED,
                           ignored_scope=nncf.IgnoredScope(patterns=list(keep), validate=False),
