@@ -262,7 +262,8 @@ def main() -> int:
                              size=32 if args.tiny else 128, full_sizes=[32] if args.tiny else [128, 256],
                              workdir=Path(args.workdir).resolve())
     ctx.workdir.mkdir(parents=True, exist_ok=True)
-    os.environ["REALSR_R1_WEIGHTS"] = str(ctx.workdir)  # Real-ESRGAN (the rough stage) converts into it
+    # Real-ESRGAN (the rough stage) converts into the workdir, unless a weights folder is set.
+    os.environ.setdefault("REALSR_R1_WEIGHTS", str(ctx.workdir))
     ctx.vlm, ctx.upscaler = build_models(ctx.workdir, args.tiny, device)
     chosen = [c for c in CHECKS if not args.only or c in args.only.split(",")]
     rows = []

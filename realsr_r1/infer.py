@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None,
                    help="base seed (default 0); image i uses seed + i (profiles with a VLM or diffusion)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, … (default auto)")
-    p.add_argument("--fp32", action="store_true", help="full precision (default: bf16/fp16 where fast)")
+    p.add_argument("--fp32", action="store_true",
+                   help="full precision (default: bf16/fp16 where fast, INT8 for the lite profile on CPU)")
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16", "int8"],
                    help="the restorer's precision (restorer.precision; default auto: the fastest that keeps "
                    "quality on this machine). int8: Real-ESRGAN on OpenVINO, calibrated once on shipped "

@@ -59,6 +59,19 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+def _sorted_header(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted. safetensors writes the
+    metadata in hash-map order, which changes from process to process; the file's hash names its
+    compiled models (openvino_backend), so a conversion must give the same bytes every time."""
+    import json
+
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + n]), separators=(",", ":"), sort_keys=True).encode()
+    if len(header) > n:  # not the compact form safetensors writes: leave the file as it is
+        return data
+    return data[:8] + header + b" " * (n - len(header)) + data[8 + n:]  # same length: offsets hold
+
+
 def convert(param: str | Path, bin_: str | Path, dest: str | Path, arch: str = "RRDBNet",
             metadata: dict[str, str] | None = None) -> Path:
     """Convert an ncnn .param/.bin pair into a safetensors file at `dest`, atomically."""
@@ -74,7 +87,7 @@ def convert(param: str | Path, bin_: str | Path, dest: str | Path, arch: str = "
     state = converters[arch](param, bin_)
     meta = {"arch": arch, "source_param": param.name, "source_bin": bin_.name,
             "source_param_sha256": file_hash(param), "source_bin_sha256": file_hash(bin_), **(metadata or {})}
-    data = save({k: v.contiguous() for k, v in state.items()}, metadata=meta)
+    data = _sorted_header(save({k: v.contiguous() for k, v in state.items()}, metadata=meta))
     try:
         atomic_write_bytes(dest, data)  # (safetensors' own save_file writes owner-only files)
     except OSError as e:

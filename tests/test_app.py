@@ -56,9 +56,13 @@ def own_temp_env(tmp_path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    """The demo on 127.0.0.1 with the lite profile and the tiny full profile (configs/tiny.yaml)."""
+def app(tmp_path_factory, weights_dir):
+    """The demo on 127.0.0.1 with the lite profile and the tiny full profile (configs/tiny.yaml).
+    Its weights folder shares the session's compiled models (the INT8 calibration runs once)."""
     root = tmp_path_factory.mktemp("app")
+    (weights_dir / "compiled").mkdir(exist_ok=True)
+    (root / "weights").mkdir()
+    (root / "weights" / "compiled").symlink_to(weights_dir / "compiled", target_is_directory=True)
     build_tiny_vlm(root / "weights" / "tiny-vlm")
     build_tiny_upscaler(root / "weights" / "tiny-upscaler")
     port = free_port()

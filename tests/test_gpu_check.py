@@ -7,8 +7,9 @@ import sys
 from conftest import REPO
 
 
-def test_gpu_check_script_runs_on_cpu_with_tiny_models(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+def test_gpu_check_script_runs_on_cpu_with_tiny_models(tmp_path, weights_dir):
+    # The session's weights: Real-ESRGAN (the rough stage) converted and calibrated once for all tests.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "REALSR_R1_WEIGHTS": str(weights_dir)}
     run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--tiny", "--workdir",
                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]

@@ -46,6 +46,15 @@ def test_converted_file_gets_the_mode_of_the_users_umask(x4_sources, tmp_path):
     assert dest.stat().st_mode & 0o777 == 0o664
 
 
+def test_conversion_gives_the_same_bytes_every_time(x4_sources, tmp_path):
+    """The file's hash names its compiled OpenVINO models: a re-conversion must find them again.
+    (safetensors writes its metadata in hash-map order, which varies between calls.)"""
+    files = [weights.convert(*x4_sources, tmp_path / f"{i}.safetensors").read_bytes() for i in range(4)]
+    assert all(f == files[0] for f in files)
+    state, meta = weights.load_state_dict(tmp_path / "0.safetensors")
+    assert meta["arch"] == "RRDBNet" and len(state) == 2 * 351
+
+
 def test_second_call_reuses_the_file(x4plus):
     mtime = x4plus.stat().st_mtime_ns
     assert weights.realesrgan_x4plus(x4plus.parent) == x4plus

@@ -9,11 +9,12 @@ model. The IR keeps the weights' fp32 (`save_model(compress_to_fp16=False)`: the
 and would round). Precision is then a compile-time choice: `INFERENCE_PRECISION_HINT` f32 or bf16
 (bf16 only where the CPU reports a BF16 capability: avx512_bf16 or AMX).
 
-INT8. NNCF's post-training quantisation (`nncf.quantize`, preset MIXED: symmetric weights,
-asymmetric activations, which suits leaky-ReLU outputs) over calibration tiles: by default crops
-of the photos shipped in data/int8_calibration.npz, or a user's folder (`calibration=`). The layers
-that cost quality stay in float (`INT8_KEEP_FLOAT`): the first and last convolutions and the
-upsampling path. benchmarks/int8_quality.py measures what this costs against fp32 (README).
+INT8, what `auto` runs. NNCF's post-training quantisation (`nncf.quantize`, preset MIXED:
+symmetric weights, asymmetric activations, which suits leaky-ReLU outputs; no bias correction)
+over calibration tiles: by default crops of the photos shipped in data/int8_calibration.npz, or a
+user's folder (`calibration=`). What costs quality stays in float (`INT8_KEEP_FLOAT`): the first
+convolution, the upsampling path and the residual adds, so the trunk never passes through int8.
+benchmarks/int8_quality.py measures what this costs against fp32 (README: within the bar).
 
 Cache. Everything converted lands under `<weights dir>/compiled/<weights stem>-<sha12>/`, one
 folder per runtime version and precision of the IR (`openvino-<version>-fp32`, which fp32 and bf16
@@ -47,14 +48,14 @@ CALIBRATION_TILE = 96  # input pixels: crops of a user's calibration folder
 # NNCF ignored-scope patterns over the IR's node names (the torch module paths are kept in them):
 # x4plus's first conv and its upsampling tail, and its residual adds (x + 0.2·block(x), 93 of
 # them): quantising their inputs sends the trunk itself through int8 at every block, and that
-# alone cost 0.034 dB and 0.0026 SSIM (benchmarks/int8_quality.py); the compact net's first and
-# last convs.
+# alone cost 0.058 dB Y-PSNR and 0.0032 SSIM over the 20 photos of benchmarks/int8_quality.py;
+# the compact net's first and last convs.
 INT8_KEEP_FLOAT = {"RRDBNet": (r".*conv_(first|up1|up2|hr|last)/.*", r".*aten::add/Add(_\d+)?",
                                r".*aten::upsample_nearest2d/Interpolate.*"),
                    "SRVGGNetCompact": (r".*body\.0/.*", r".*body\.34/.*")}
 # NNCF's (fast) bias correction shifts each quantised conv's bias to undo its mean error on the
-# calibration tiles; on x4plus it made things worse, -0.19 against -0.04 dB Y-PSNR without it
-# (benchmarks/int8_quality.py), so it is off.
+# calibration tiles; on x4plus it made things worse (-0.21 dB Y-PSNR with it, -0.05 without, both
+# with the adds still quantised: benchmarks/int8_quality.py), so it is off.
 INT8_BIAS_CORRECTION = False
 META = "meta.json"  # {"format", "arch", "scale"} of the network, written beside its IR
 # What a cached folder holds, by this project's version of the conversion; a folder of another
@@ -215,7 +216,8 @@ class OpenVINONet:
 
             tiles, digest = calibration_tiles(calibration)
             keep = INT8_KEEP_FLOAT.get(json.loads((fp32_dir / META).read_text())["arch"], ())
-            recipe = hashlib.sha256(json.dumps([digest, list(keep)] + ([] if INT8_BIAS_CORRECTION else ["no-bc"])).encode()).hexdigest()[:12]
+            recipe_key = [digest, list(keep)] + ([] if INT8_BIAS_CORRECTION else ["no-bc"])
+            recipe = hashlib.sha256(json.dumps(recipe_key).encode()).hexdigest()[:12]
             folder = self._ensure(self.home / f"openvino-{runtime}-int8-nncf{version('nncf')}-{recipe}",
                                   lambda d: self._quantize(ov, fp32_dir, tiles, keep, d))
         self.folder = folder
@@ -256,7 +258,7 @@ class OpenVINONet:
         """Tiles of exactly this input shape run on a model compiled for it (the others on the
         dynamic one). ESRGANRestorer gives its full window, tile + 2·tile_pad, which every tile of a
         large image has (esrgan._spans). Static shapes let the CPU plugin plan its buffers: a 276²
-        fp32 tile peaks at 0.63 GB of them instead of 0.97 GB (README, "Peak memory")."""
+        fp32 tile peaks at 0.63 GB of them instead of 0.97 GB (README, "Precision and speed")."""
         self.static_shape = tuple(shape) if shape else None
 
     @staticmethod
