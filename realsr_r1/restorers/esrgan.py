@@ -3,9 +3,9 @@
 Tiling. Any image size runs in tiles of `tile` input pixels (0 = whole image), each computed in a
 window of tile + 2·tile_pad pixels: `tile_pad` of context beyond its core on every side, more at the
 image's borders, where the window shifts inwards instead of shrinking. So every tile of a large
-image has one input shape, which OpenVINO compiles statically (fewer buffers). Neighbours are cross-faded over
-±tile_pad/2 around each cut with linear ramps that sum to exactly 1, so no weight map is needed and
-seams are continuous. Output is accumulated in float32 one band (row of tiles) at a time; rows no
+image has one input shape, which OpenVINO compiles statically (fewer buffers). Neighbours are
+cross-faded over ±tile_pad/2 around each cut with linear ramps that sum to exactly 1, so no weight
+map is needed and seams are continuous. Output is accumulated in float32 one band (row of tiles) at a time; rows no
 later band touches go to the output dtype straight away. Peak memory is one tile's activations
 (the 4x tail runs in strips), one band, and the output in its final dtype: ask for uint8/uint16
 (`out_dtype`) for large images, as the pipeline does — a 2048² input gives an 8192² output, 201 MB
@@ -16,9 +16,9 @@ openvino_backend.py: fp32, bf16 or INT8, converted once and cached under the wei
 the ncnn runtime (`ncnn`, ncnn_backend.py, the shipped .param/.bin in fp32); everything else above
 is shared, so every backend treats tiling, alpha, grey, 16-bit and outscale alike. `auto`
 (choose_backend) takes PyTorch on GPUs and OpenVINO on CPUs, in the fastest precision that keeps
-quality, as benchmarks/esrgan_speed.py measured it. ncnn stays opt-in: its convolutions' workspaces
-take about 1.1 GB for a 128² tile and 4.5 GB for a 256² one, against 0.4-0.6 GB for PyTorch and
-0.8-1.2 GB for OpenVINO at 256². PyTorch is imported only where it runs the network (or converts it
+quality (INT8), as benchmarks/esrgan_speed.py and int8_quality.py measured it. ncnn stays opt-in:
+its convolutions' workspaces take about 1.1 GB for a 128² tile and 4.5 GB for a 256² one, against
+0.5-0.6 GB for PyTorch and 0.7-1.1 GB for OpenVINO (bf16, INT8, fp32) at 256². PyTorch is imported only where it runs the network (or converts it
 for OpenVINO, once): a run on the cached OpenVINO model starts without it, 1.1 s sooner.
 """
 
