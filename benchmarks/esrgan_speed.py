@@ -16,7 +16,10 @@ takes our ncnn backend's), or --tile input pixels for all, with --tile-pad conte
 crop-the-core tiler, like realesrgan-ncnn-vulkan's; ours blends the seams). Outputs are uint8, as the pipeline asks for 8-bit
 images. The 1-minute load average is printed per run: other jobs on the machine distort timings.
 
+--max-isa avx2 stands in for an AVX2-only CPU on a larger one (oneDNN's ISA cap; see cap_isa).
+
     python benchmarks/esrgan_speed.py --sizes 128,256,512 --repeats 3
+    python benchmarks/esrgan_speed.py --sizes 128 --max-isa avx2
     nohup python benchmarks/esrgan_speed.py --sizes 2048 --repeats 1 --workdir /tmp/esrgan_2048 \
         > /tmp/esrgan_bench.log 2>&1 &
 """
@@ -147,12 +150,21 @@ def peak_rss_mb() -> float:
 
 # ---- parent side ----
 
+def cap_isa(isa: str) -> None:
+    """Cap oneDNN (OpenVINO's CPU plugin, PyTorch's convolutions) and PyTorch's own kernels at `isa`,
+    for this process and the children it starts: the same code paths as on a CPU without AVX-512.
+    Call before torch or openvino run anything."""
+    os.environ["ONEDNN_MAX_CPU_ISA"] = isa.upper()
+    os.environ["ATEN_CPU_CAPABILITY"] = isa.lower()
+
+
 def measure(runtime: str, size: int, lr_path: Path, work: Path, args) -> dict:
     from realsr_r1.restorers.esrgan import BACKEND_TILE
 
     tile = BACKEND_TILE["ncnn"] if args.tile is None and runtime == "ncnn" else args.tile  # the child has no torch
     spec = {"runtime": runtime, "input": str(lr_path), "output": str(work / f"{runtime}_{size}.npy"),
-            "repeats": args.repeats, "tile": tile, "tile_pad": args.tile_pad, "version": 3}
+            "repeats": args.repeats, "tile": tile, "tile_pad": args.tile_pad, "version": 3,
+            "isa_cap": os.environ.get("ONEDNN_MAX_CPU_ISA")}
     done = work / f"{runtime}_{size}.json"  # a finished measurement: --workdir runs resume after it
     if done.is_file() and json.loads(done.read_text())["spec"] == spec:
         res = json.loads(done.read_text())["result"]
@@ -179,11 +191,16 @@ def main(argv=None) -> int:
                                      "interrupted run resumes (default: a temporary folder)")
     p.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated subset of the runtimes "
                    "(without ncnn, the reference of the ratios, they are left out: e.g. a 2048² memory check)")
+    p.add_argument("--max-isa", choices=("avx2",), help="stand in for an AVX2-only CPU: cap oneDNN's kernels "
+                   "(OpenVINO's and PyTorch's) at AVX2 (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY); plain ncnn "
+                   "has no such cap and keeps this CPU's AVX-512, a peer at least as fast as on an AVX2 CPU")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         child(json.loads(args.child))
         return 0
+    if args.max_isa:
+        cap_isa(args.max_isa)
 
     from realsr_r1 import weights
     from realsr_r1.device import choose_precision, cpu_has_bf16
@@ -219,7 +236,8 @@ def main(argv=None) -> int:
             rows.append((size, res, quality))
             del hr, out
 
-    print(f"\nReal-ESRGAN x4plus, CPU ({cpu_label()}), time = best of {args.repeats}, RSS = peak per process; "
+    capped = " plain ncnn is not capped (it has no such switch)," if os.environ.get("ONEDNN_MAX_CPU_ISA") else ""
+    print(f"\nReal-ESRGAN x4plus, CPU ({cpu_label()}),{capped} time = best of {args.repeats}, RSS = peak per process; "
           f"auto resolves to {rows[0][1]['auto']['precision'] if rows and 'auto' in rows[0][1] else '(not run)'}\n")
     print("| input | runtime | backend, precision | s | vs ncnn | RSS MB | PSNR vs HR dB | PSNR vs torch fp32 dB |")
     print("|---|---|---|---|---|---|---|---|")

@@ -50,9 +50,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
-from scipy import ndimage, special  # not scipy.stats: it costs ~0.4 s of imports per run for one quantile
 
 from .cot import DegradationItem, level_for
 from .imageio import ImageReadError, read_image
@@ -105,7 +103,17 @@ def _texture_threshold(p: int) -> float:
     what scipy.stats.gamma.ppf computes too (bit-identical here)."""
     trace = 4 * p * (p - 1)
     a, scale = p * p / 2, 2 * trace / (p * p)
+    if (a, NOISE_CONFIDENCE) in GAMMAINCINV:
+        return scale * GAMMAINCINV[a, NOISE_CONFIDENCE]
+    from scipy import special
+
     return float(scale * special.gammaincinv(a, NOISE_CONFIDENCE))
+
+
+# special.gammaincinv(a, q) for the shipped patch sizes (a = p²/2 for p = NOISE_PATCH_LAGGED and
+# NOISE_PATCH), as scipy computes it (tests/test_analyze.py checks): importing scipy.special is about
+# 0.2 s of every lite run's start-up, for these two numbers. Other sizes ask scipy.
+GAMMAINCINV = {(12.5, 0.99): 22.157052448109575, (24.5, 0.99): 37.45973715423908}
 
 
 @dataclass
@@ -126,28 +134,39 @@ class NoiseReading:
 
 def _noise_reading(img: np.ndarray, lag: int, p: int) -> NoiseReading:
     """Liu et al. + Chen et al. on the lag x lag phase images of `img` (0-255), pooled."""
-    texture, usable, windows = [], [], []
+    texture, usable, parts = [], [], []
     # Phases spread over the lattice: (0, 0), (1, 1), ...; as many as the pixel budget allows.
     phases = sorted(((dy, dx) for dy in range(lag) for dx in range(lag)), key=lambda d: ((d[1] - d[0]) % lag, d))
     n_phases = max(1, min(len(phases), math.ceil(NOISE_PIXEL_BUDGET * lag * lag / (img.shape[0] * img.shape[1]))))
     for dy, dx in phases[:n_phases] if lag > 1 else [(0, 0)]:
-        if True:
-            sub = img[dy::lag, dx::lag]
-            if sub.shape[0] < p + 1 or sub.shape[1] < p + 1:
-                continue
-            for c in range(img.shape[2]):
-                ch = sub[..., c]
-                gh, gv = np.diff(ch, axis=1) ** 2, np.diff(ch, axis=0) ** 2
-                texture.append((_box_sum(gh, p, p - 1) + _box_sum(gv, p - 1, p)).ravel())
-                clipped = ((ch <= 0.5) | (ch >= 254.5)).astype(np.float64)
-                usable.append((_box_sum(clipped, p, p) < 0.5).ravel())
-                windows.append(sliding_window_view(ch, (p, p)))
+        sub = img[dy::lag, dx::lag]
+        if sub.shape[0] < p + 1 or sub.shape[1] < p + 1:
+            continue
+        for c in range(img.shape[2]):
+            ch = sub[..., c]
+            gh, gv = np.diff(ch, axis=1) ** 2, np.diff(ch, axis=0) ** 2
+            texture.append((_box_sum(gh, p, p - 1) + _box_sum(gv, p - 1, p)).ravel())
+            clipped = ((ch <= 0.5) | (ch >= 254.5)).astype(np.float64)
+            usable.append((_box_sum(clipped, p, p) < 0.5).ravel())
+            parts.append(ch)
     if not texture:
         return NoiseReading(lag, 0.0, 0, 0, 0.0, False)
     sizes = np.cumsum([0] + [len(t) for t in texture])
     texture, usable = np.concatenate(texture), np.concatenate(usable)
     if usable.sum() < 4 * p * p:  # nearly all clipped: use what there is
         usable[:] = True
+    # Every part (channel of a phase image) stacked into one float64 plane of a common width, so
+    # that each iteration gathers its patches with one indexing: patch n is the p*p pixels at
+    # `offsets` from its top-left pixel top_left[n] in the flat plane.
+    width = max(ch.shape[1] for ch in parts)
+    plane = np.zeros((sum(ch.shape[0] for ch in parts), width))
+    first_row = np.cumsum([0] + [ch.shape[0] for ch in parts])
+    for ch, r in zip(parts, first_row):
+        plane[r:r + ch.shape[0], : ch.shape[1]] = ch
+    plane = plane.ravel()
+    valid_width = np.array([ch.shape[1] - p + 1 for ch in parts])
+    rows, cols = np.divmod(np.arange(p * p), p)
+    offsets = rows * width + cols
     # A noise-only patch's texture is gamma distributed with mean sigma^2 * tr(Dh'Dh + Dv'Dv).
     threshold = _texture_threshold(p)
     max_patches = NOISE_MAX_PATCHES if lag == 1 else NOISE_MAX_PATCHES_LAGGED
@@ -159,12 +178,8 @@ def _noise_reading(img: np.ndarray, lag: int, p: int) -> NoiseReading:
             break
         idx = idx[:: len(idx) // max_patches + 1]  # even subsample, deterministic
         part = np.searchsorted(sizes, idx, side="right") - 1
-        rows = []
-        for k in np.unique(part):
-            w = windows[k]
-            i, j = np.unravel_index(idx[part == k] - sizes[k], w.shape[:2])
-            rows.append(w[i, j].reshape(-1, p * p))
-        patches = np.concatenate(rows).astype(np.float64)
+        i, j = np.divmod(idx - sizes[part], valid_width[part])
+        patches = plane[((first_row[part] + i) * width + j)[:, None] + offsets]
         patches -= patches.mean(axis=0)
         new, k_noise = _chen(np.linalg.eigvalsh(patches.T @ patches / len(patches)))
         fit = k_noise / (p * p)
@@ -255,9 +270,37 @@ BLUR_SCALES = (1.0, 2.0)
 BLUR_EDGE_FRACTION = 0.10
 
 
+def _filter1d(a: np.ndarray, kernel: np.ndarray, axis: int) -> np.ndarray:
+    """Convolve along `axis` with an odd-length kernel that is symmetric or antisymmetric, mirroring
+    the edges (scipy's "reflect"). Like scipy, the mirrored taps are paired: (anti)symmetric sums are
+    exact, so a flat image has a zero derivative, not rounding noise."""
+    r, n = len(kernel) // 2, a.shape[axis]
+    sign = 1.0 if np.array_equal(kernel, kernel[::-1]) else -1.0
+    assert sign == 1.0 or np.array_equal(kernel, -kernel[::-1]), "kernel neither symmetric nor antisymmetric"
+    width = [(0, 0)] * a.ndim
+    width[axis] = (r, r)
+    padded = np.moveaxis(np.pad(a, width, mode="symmetric"), axis, 0).astype(np.float64)
+    out = kernel[r] * padded[r:r + n]  # in[i + e] is padded[r + e + i]
+    for d in range(1, r + 1):  # convolution: out[i] = sum over d of kernel[r + d] * in[i - d]
+        out += kernel[r + d] * (padded[r - d:r - d + n] + sign * padded[r + d:r + d + n])
+    return np.moveaxis(out, 0, axis).astype(a.dtype)
+
+
+def _gaussian_derivative(a: np.ndarray, sigma: float, axis: int) -> np.ndarray:
+    """The derivative along `axis` of `a` smoothed by a Gaussian of `sigma`: what
+    `scipy.ndimage.gaussian_filter(a, sigma, order=1 along axis, 0 along the other, mode="reflect")`
+    computes, with its kernels (radius int(4 sigma + 0.5); the normalised Gaussian g, and -x/sigma² g),
+    passes (the other axis first) and float32 intermediate. In numpy, because importing
+    scipy.ndimage is about 0.15 s of every lite run's start-up, for these two filters."""
+    r = int(4.0 * sigma + 0.5)
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    g = np.exp(-0.5 * x * x / (sigma * sigma))
+    g /= g.sum()
+    return _filter1d(_filter1d(a, g, 1 - axis), -x / (sigma * sigma) * g, axis)
+
+
 def _gradient(gray: np.ndarray, s: float) -> tuple[np.ndarray, np.ndarray]:
-    return (ndimage.gaussian_filter(gray, s, order=(0, 1), mode="reflect"),
-            ndimage.gaussian_filter(gray, s, order=(1, 0), mode="reflect"))
+    return _gaussian_derivative(gray, s, 1), _gaussian_derivative(gray, s, 0)
 
 
 def _edge_ridges(energy: np.ndarray, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:

@@ -10,6 +10,11 @@ the vector ISA ("AVX512"), and `torch.ops.mkldnn._is_mkldnn_bf16_supported()` is
 AVX512 CPUs that would emulate bf16. So we read the CPU flags from /proc/cpuinfo (Linux/x86);
 elsewhere CPUs get fp32.
 
+`ONEDNN_MAX_CPU_ISA` (oneDNN's cap on the instructions its kernels use; PyTorch's and OpenVINO's CPU
+plugins both honour it) is respected: capped below AVX512_CORE_BF16, the CPU counts as having no bf16
+units, as the kernels then have none. Setting `ONEDNN_MAX_CPU_ISA=AVX2` (and
+`ATEN_CPU_CAPABILITY=avx2` for PyTorch's own kernels) is how the benchmarks stand in for an AVX2-only CPU.
+
 torch is imported where it is needed, not with this module: the lite profile on OpenVINO runs
 without it (importing it is half of its start-up), and `device_type` answers "auto" without torch
 on machines with no GPU driver at all.
@@ -26,6 +31,9 @@ if TYPE_CHECKING:
     import torch
 
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+ISA_CAP_ENV = "ONEDNN_MAX_CPU_ISA"
+# Caps (oneDNN's names, dnnl_cpu_isa_t) whose kernels have no bf16 dot products; larger ones keep them.
+ISA_CAPS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI")
 PRECISION_NAMES = ("fp32", "bf16", "fp16")
 GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")  # NVIDIA, ROCm, WSL
 
@@ -93,8 +101,20 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
 SPEED_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")  # what decides CPU speed here, for reports
 
 
+def isa_cap() -> str | None:
+    """The instruction-set cap set in ONEDNN_MAX_CPU_ISA ("AVX2", ...), or None (no cap: "ALL" or unset)."""
+    cap = os.environ.get(ISA_CAP_ENV, "").strip().upper()
+    return cap if cap and cap != "ALL" else None
+
+
+def bf16_capped() -> bool:
+    """True where ONEDNN_MAX_CPU_ISA keeps the kernels below bf16 units the CPU may have."""
+    return isa_cap() in ISA_CAPS_WITHOUT_BF16
+
+
 def cpu_description(cpuinfo: str | None = None) -> str:
-    """"AMD EPYC (2 cores; avx2 avx512_bf16 avx512f)": what benchmarks print beside their timings."""
+    """"AMD EPYC (2 cores; avx2 avx512_bf16 avx512f)": what benchmarks print beside their timings,
+    with the ISA cap where one is set ("...; kernels capped at AVX2 by ONEDNN_MAX_CPU_ISA")."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
@@ -103,13 +123,15 @@ def cpu_description(cpuinfo: str | None = None) -> str:
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
                   if line.startswith("model name")), "CPU")
     flags = sorted(f for f in SPEED_FLAGS if f in cpu_flags(cpuinfo))
-    return f"{model} ({os.cpu_count()} cores; {' '.join(flags) or 'no AVX2'})"
+    cap = f"; kernels capped at {isa_cap()} by {ISA_CAP_ENV}" if isa_cap() else ""
+    return f"{model} ({os.cpu_count()} cores; {' '.join(flags) or 'no AVX2'}{cap})"
 
 
 def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
     import torch
 
-    return torch.backends.mkldnn.is_available() and any(f in cpu_flags(cpuinfo) for f in BF16_CPU_FLAGS)
+    return (torch.backends.mkldnn.is_available() and not bf16_capped()
+            and any(f in cpu_flags(cpuinfo) for f in BF16_CPU_FLAGS))
 
 
 def choose_precision(device: torch.device | str, force_fp32: bool = False) -> str:

@@ -246,19 +246,41 @@ def test_64px_pipeline_lq_no_confident_none():
     assert n >= 6 and confident_none == 0 and right >= n / 3
 
 
-def test_the_noise_threshold_is_the_gamma_quantile_without_importing_scipy_stats():
-    """A lite run imports the analyser; scipy.stats alone cost ~0.4 s of start-up for one quantile."""
+def test_the_noise_threshold_is_the_gamma_quantile_and_a_lite_run_imports_no_scipy():
+    """A lite run imports the analyser; scipy.stats alone cost ~0.4 s of start-up for one quantile,
+    scipy.special and scipy.ndimage ~0.25 s together."""
     import subprocess
     import sys
 
-    from scipy import stats
+    from scipy import special, stats
 
     from realsr_r1 import analyze as A
 
-    for p in (5, 6, 7, 8):
+    for (a, q), value in A.GAMMAINCINV.items():
+        assert value == float(special.gammaincinv(a, q))
+    assert {(p * p / 2, A.NOISE_CONFIDENCE) for p in (A.NOISE_PATCH, A.NOISE_PATCH_LAGGED)} <= set(A.GAMMAINCINV)
+    for p in (5, 6, 7, 8):  # 6 and 8 are not in the table: scipy computes them
         trace = 4 * p * (p - 1)
         expected = stats.gamma.ppf(A.NOISE_CONFIDENCE, a=p * p / 2, scale=2 * trace / (p * p))
         assert A._texture_threshold(p) == pytest.approx(expected, rel=1e-12)
-    probe = "import sys, realsr_r1.analyze, realsr_r1.infer; print('scipy.stats' in sys.modules)"
+    probe = ("import sys, numpy as np, realsr_r1.analyze as A, realsr_r1.infer; "
+             "A.analyze(np.random.default_rng(0).random((64, 64, 3), dtype=np.float32)); "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'scipy'))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_blur_gradients_are_scipys_gaussian_derivatives():
+    from scipy import ndimage
+
+    from realsr_r1 import analyze as A
+
+    rng = np.random.default_rng(3)
+    for shape in ((64, 48), (37, 91), (5, 7)):  # 5x7: the radius-8 kernel reflects more than once
+        a = rng.random(shape).astype(np.float32)
+        for sigma in A.BLUR_SCALES + (0.7,):
+            gx, gy = A._gradient(a, sigma)
+            for got, order in ((gx, (0, 1)), (gy, (1, 0))):
+                ref = ndimage.gaussian_filter(a, sigma, order=order, mode="reflect")
+                assert got.dtype == np.float32 and got.shape == shape
+                assert np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max(), (shape, sigma, order)

@@ -86,3 +86,24 @@ def test_benchmarks_name_the_cpu_with_the_flags_that_decide_its_speed():
     assert cpu_description(info).startswith("Some CPU 9000 (")
     assert cpu_description(info).endswith("; amx_bf16 avx2 avx512_bf16 avx512f)")
     assert cpu_description("model name : Old\nflags : fpu sse2\n").endswith("; no AVX2)")
+
+
+def test_an_isa_cap_below_bf16_takes_bf16_away_and_is_named(monkeypatch):
+    from realsr_r1 import device
+    from realsr_r1.restorers import openvino_backend
+
+    info = "model name\t: Some CPU 9000\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+
+    class Core:  # what OpenVINO's CPU plugin reports on such a CPU, whatever the cap
+        def get_property(self, device_name, key):
+            return ["BF16", "FP32", "INT8"]
+
+    monkeypatch.delenv(device.ISA_CAP_ENV, raising=False)
+    assert device.cpu_has_bf16(info) and openvino_backend.cpu_has_bf16(Core())
+    assert device.cpu_description(info).endswith("avx512f)")
+    for cap, bf16 in (("avx2", False), ("AVX512_CORE_VNNI", False), ("AVX512_CORE_BF16", True), ("ALL", True)):
+        monkeypatch.setenv(device.ISA_CAP_ENV, cap)
+        assert device.cpu_has_bf16(info) is bf16 and openvino_backend.cpu_has_bf16(Core()) is bf16, cap
+        assert device.choose_precision("cpu") in (("bf16", "fp32") if bf16 else ("fp32",))
+    monkeypatch.setenv(device.ISA_CAP_ENV, "avx2")
+    assert device.cpu_description(info).endswith("; kernels capped at AVX2 by ONEDNN_MAX_CPU_ISA)")

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import weights
+from ..device import bf16_capped
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,8 @@ def _openvino():
 
 
 def cpu_has_bf16(core) -> bool:
-    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    # The plugin lists BF16 even under an ONEDNN_MAX_CPU_ISA cap that leaves its kernels without it.
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") and not bf16_capped()
 
 
 def runtime_version(ov=None) -> str:
