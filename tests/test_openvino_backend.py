@@ -333,3 +333,32 @@ def test_auto_device_asks_torch_only_where_a_gpu_driver_exists(monkeypatch):
     assert device.device_type("auto") == "cpu" and device.device_type("cpu") == "cpu" and asked == []
     monkeypatch.setattr(device.os.path, "exists", lambda p: p == "/dev/nvidiactl")
     assert device.device_type("auto") == "cpu" and asked == ["auto"]  # a driver: torch decides
+
+
+def test_x4plus_int8_gives_the_same_image_on_avx2_kernels(weights_dir, tmp_path):
+    """An AVX2-only CPU runs INT8 convolutions without VNNI (oneDNN's AVX2 kernels); capped at AVX2
+    (ONEDNN_MAX_CPU_ISA, as benchmarks/esrgan_speed.py --max-isa does) x4plus's shipped INT8 model
+    gives this CPU's image bit for bit, so the INT8 quality measured on one CPU holds on the other.
+    (The session's one x4plus calibration: the app and GPU-check tests share it.)"""
+    import os
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "x.npy", rgb(40, 40))
+    code = ("import sys, numpy as np\nfrom realsr_r1.restorers.esrgan import ESRGANRestorer\n"
+            "r = ESRGANRestorer.from_pretrained(None, device='cpu', precision='int8', backend='openvino')\n"
+            f"np.save(sys.argv[1], r.net(np.load({str(tmp_path / 'x.npy')!r})))\n"
+            "info = [op.get_rt_info() for op in r.net.compiled.get_runtime_model().get_ops()]\n"
+            "print('kernels', *sorted({i['primitiveType'].astype(str) for i in info\n"
+            "                          if i['layerType'].astype(str) == 'Convolution'}))")
+    env = {**os.environ, "REALSR_R1_WEIGHTS": str(weights_dir), "HF_HUB_OFFLINE": "1"}
+    env.pop("ONEDNN_MAX_CPU_ISA", None)
+    kinds = {}
+    for name, cap in (("native", {}), ("avx2", {"ONEDNN_MAX_CPU_ISA": "AVX2"})):
+        proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{name}.npy")], capture_output=True,
+                              text=True, env={**env, **cap}, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        kinds[name] = proc.stdout.splitlines()[-1].split()[1:]
+    assert any("I8" in k for k in kinds["avx2"]), kinds  # the INT8 model ran, on INT8 kernels
+    assert all("avx512" not in k for k in kinds["avx2"]) and any("avx2" in k for k in kinds["avx2"]), kinds
+    assert np.array_equal(np.load(tmp_path / "native.npy"), np.load(tmp_path / "avx2.npy"))
