@@ -44,13 +44,46 @@ def test_backends_agree_in_8_and_16_bit(pair):
 
 
 def test_ncnn_is_opt_in_with_smaller_tiles(weights_dir):
-    """ncnn's workspaces grow with the tile (1.1 GB at 128², 4.5 GB at 256²): opt-in, smaller tiles."""
+    """ncnn's buffers grow with the tile (its trunk alone takes 1 GB for a 288² window): opt-in, smaller tiles."""
     torch_ = ESRGANRestorer.from_pretrained(None, device="cpu", precision="fp32", backend="torch")
     ncnn = ESRGANRestorer.from_pretrained(None, device="cpu", backend="ncnn")
     assert esrgan.choose_backend("cpu")[0] != "ncnn"
     assert torch_.backend == "torch" and torch_.tile == esrgan.DEFAULT_TILE["cpu"]
     assert ncnn.backend == "ncnn" and ncnn.tile == esrgan.BACKEND_TILE["ncnn"] < torch_.tile
     assert ncnn.weights()["file"].endswith(".bin")  # the file that runs, hashed for the sidecar
+
+
+def test_ncnn_runs_x4plus_tail_on_row_strips_with_the_same_image(pair, monkeypatch):
+    """ncnn's buffers grow with the tile's 4x output (1.4 GB for a 160² window at once): x4plus's
+    tail runs from the trunk's features on strips, which give the image of one pass."""
+    from realsr_r1 import weights
+    from realsr_r1.restorers import ncnn_backend
+
+    x4plus = weights.source_files("realesrgan-x4plus")[0].read_text()
+    compact = weights.source_files("realesr-animevideov3")[0].read_text()
+    blob = ncnn_backend.tail_input(x4plus)
+    first_interp = next(line.split() for line in x4plus.splitlines() if line.startswith("Interp"))
+    assert blob is not None and first_interp[4] == blob and ncnn_backend.tail_input(compact) is None
+
+    net = pair[1].net
+    calls = []
+    extract = type(net)._extract
+
+    def spy(self, name, chw, output):
+        calls.append((name, chw.shape, output))
+        return extract(self, name, chw, output)
+
+    monkeypatch.setattr(type(net), "_extract", spy)
+    monkeypatch.setattr(ncnn_backend, "TAIL_STRIP_AREA", 10 * 40)  # 10 rows of a 40-wide tile
+    image = rgb(36, 40)
+    strips = net(image)
+    assert [c[0] for c in calls] == [ncnn_backend.INPUT] + [blob] * 4  # rows 0-10, 10-20, 20-30, 30-36
+    assert [c[1][1] for c in calls[1:]] == [12, 14, 14, 8]  # each with up to 2 rows of context a side
+    calls.clear()
+    monkeypatch.setattr(ncnn_backend, "TAIL_STRIP_AREA", 36 * 40)
+    whole = net(image)
+    assert [c[0] for c in calls] == [ncnn_backend.INPUT]  # small enough: one pass
+    assert strips.shape == whole.shape == (144, 160, 3) and np.abs(strips - whole).max() < 1e-5
 
 
 def test_ncnn_backend_errors_are_one_line(weights_dir, tmp_path):

@@ -16,10 +16,11 @@ openvino_backend.py: fp32, bf16 or INT8, converted once and cached under the wei
 the ncnn runtime (`ncnn`, ncnn_backend.py, the shipped .param/.bin in fp32); everything else above
 is shared, so every backend treats tiling, alpha, grey, 16-bit and outscale alike. `auto`
 (choose_backend) takes PyTorch on GPUs and OpenVINO on CPUs, in the fastest precision that keeps
-quality (INT8), as benchmarks/esrgan_speed.py and int8_quality.py measured it. ncnn stays opt-in:
-its convolutions' workspaces take about 1.1 GB for a 128² tile and 4.5 GB for a 256² one, against
-0.5-0.6 GB for PyTorch and 0.7-1.1 GB for OpenVINO (bf16, INT8, fp32) at 256². PyTorch is imported only where it runs the network (or converts it
-for OpenVINO, once): a run on the cached OpenVINO model starts without it, 1.1 s sooner.
+quality (INT8), as benchmarks/esrgan_speed.py and int8_quality.py measured it. ncnn stays opt-in,
+on 128² tiles: its trunk alone takes about 1 GB for a 288² window (the 4x tail runs on row strips,
+ncnn_backend.py), against 0.5-0.6 GB for PyTorch and 0.7-1.1 GB for OpenVINO (bf16, INT8, fp32) at
+256². PyTorch is imported only where it runs the network (or converts it for OpenVINO, once): a run
+on the cached OpenVINO model starts without it, 1.1 s sooner.
 """
 
 from __future__ import annotations

@@ -3,8 +3,12 @@
 ncnn's convolutions are faster than PyTorch's fp32 ones on the same weights (0.75-0.8× the time
 here, 0.73× on the AVX2 machine of issue 13), at the same fidelity: we switch ncnn's fp16 and bf16
 storage and arithmetic off, so it computes in fp32 and matches our fp32 model to ~5e-6. The price
-is memory (its winograd/sgemm workspaces: ~1.1 GB for a 128² tile), so it is opt-in
-(`restorer.backend: ncnn`), not what `auto` picks (esrgan.py).
+is memory, so it is opt-in (`restorer.backend: ncnn`), not what `auto` picks (esrgan.py), and runs
+128² tiles: ncnn's buffers grow with the blobs it computes, about 55 kB per input pixel of a tile
+run in one pass, most of it x4plus's 4x tail. So the tail runs on row strips of the trunk's output
+(an Extractor given an inner blob computes only the layers after it): a 160² window (128 + 2·16)
+then peaks at 0.9 GB instead of 1.7. Our own pool allocators are emptied after every pass; with the
+net's default ones, its memory only grew, tile after tile.
 
 Only the network runs here: tiling, seam blending, alpha, grey, 16-bit and outscale stay in
 ESRGANRestorer, which calls `__call__` on each tile as it would call the PyTorch model, so every
@@ -20,6 +24,26 @@ import numpy as np
 from .. import weights
 
 INPUT, OUTPUT = "data", "output"  # the blob names of both shipped models' .param files
+# x4plus's 4x tail (two nearest-neighbour 2x upsamplings, four 3x3 convolutions) runs on row strips
+# of the trunk's output of at most this many feature pixels: its buffers grow with the tile's output
+# area (about 55 kB per input pixel: 1.4 GB for a 160² window at once), a strip's stay near 0.25 GB.
+TAIL_STRIP_AREA = 64 * 64
+# Feature rows of context above and below a strip: the tail's convolutions reach 1.25 feature pixels
+# (one 3x3 at 2x, three at 4x), so rows further than 2 from a strip's edge are computed as in one go.
+TAIL_CONTEXT = 2
+
+
+def tail_input(param_text: str) -> str | None:
+    """The blob the upsampling tail starts from, where the net is x4plus's RRDBNet (its first Interp
+    upsamples the trunk's 64-channel features, the sum of a BinaryOp); None for others (the compact
+    net upsamples its 3-channel input)."""
+    layers = [line.split() for line in param_text.splitlines()[2:] if line.strip()]
+    produced_by = {blob: layer[0] for layer in layers for blob in layer[4 + int(layer[2]):4 + int(layer[2]) + int(layer[3])]}
+    for layer in layers:
+        if layer[0] == "Interp":
+            blob = layer[4]
+            return blob if produced_by.get(blob) == "BinaryOp" else None
+    return None
 
 
 class NcnnNet:
@@ -45,13 +69,42 @@ class NcnnNet:
         if self.net.load_param(str(param)) != 0 or self.net.load_model(str(bin_)) != 0:
             raise weights.CorruptWeightsError(f"ncnn could not load {param.name}/{bin_.name}: reinstall {weights.DATA_PACKAGE}")
         self._mat = ncnn.Mat
+        self._tail = tail_input(param.read_text(errors="replace"))
+        # Our own pools, emptied after every tile: with the net's default ones its memory grew tile
+        # after tile (1.2 GB after one 128² tile, 1.6 GB after 9, 1.9 GB on a 2048² photo).
+        self._blobs, self._workspace = ncnn.PoolAllocator(), ncnn.UnlockedPoolAllocator()
 
     def __call__(self, tile: np.ndarray) -> np.ndarray:
         """HxWx3 float32 in [0, 1] → (4H)x(4W)x3 float32 in [0, 1]."""
         chw = np.ascontiguousarray(tile.transpose(2, 0, 1), np.float32)
+        if self._tail is None or chw.shape[1] * chw.shape[2] <= TAIL_STRIP_AREA:
+            return np.clip(self._extract(INPUT, chw, OUTPUT).transpose(1, 2, 0), 0, 1)
+        features = self._extract(INPUT, chw, self._tail)  # 64 x H x W, the trunk's output
+        h, w = features.shape[1:]
+        rows = max(1, TAIL_STRIP_AREA // w)
+        out = np.empty((self.scale * h, self.scale * w, 3), np.float32)
+        for top in range(0, h, rows):
+            bottom = min(h, top + rows)
+            a, b = max(0, top - TAIL_CONTEXT), min(h, bottom + TAIL_CONTEXT)
+            strip = self._extract(self._tail, np.ascontiguousarray(features[:, a:b]), OUTPUT)
+            keep = strip[:, self.scale * (top - a):self.scale * (bottom - a)]
+            out[self.scale * top:self.scale * bottom] = keep.transpose(1, 2, 0)
+        return np.clip(out, 0, 1, out=out)
+
+    def _extract(self, name: str, chw: np.ndarray, output: str) -> np.ndarray:
+        """Run the net from blob `name` (set to `chw`) to blob `output`, as a C x H x W array; ncnn
+        computes only the layers between them."""
         ex = self.net.create_extractor()
-        ex.input(INPUT, self._mat(chw))  # borrows chw, which lives until extract returns
-        ret, out = ex.extract(OUTPUT)
-        if ret != 0:
-            raise RuntimeError(f"ncnn extract failed ({ret})")
-        return np.clip(np.array(out).transpose(1, 2, 0), 0, 1)
+        ex.set_blob_allocator(self._blobs)
+        ex.set_workspace_allocator(self._workspace)
+        try:
+            ex.input(name, self._mat(chw))  # borrows chw, which lives until extract returns
+            ret, out = ex.extract(output)
+            if ret != 0:
+                raise RuntimeError(f"ncnn extract failed ({ret})")
+            return np.array(out)  # a copy: the pools are emptied below
+        finally:
+            del ex
+            out = None
+            self._blobs.clear()
+            self._workspace.clear()
