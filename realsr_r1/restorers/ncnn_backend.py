@@ -7,8 +7,8 @@ is memory, so it is opt-in (`restorer.backend: ncnn`), not what `auto` picks (es
 128² tiles: ncnn's buffers grow with the blobs it computes, about 55 kB per input pixel of a tile
 run in one pass, most of it x4plus's 4x tail. So the tail runs on row strips of the trunk's output
 (an Extractor given an inner blob computes only the layers after it): a 160² window (128 + 2·16)
-then peaks at 0.9 GB instead of 1.7. Our own pool allocators are emptied after every pass; with the
-net's default ones, its memory only grew, tile after tile.
+then peaks at 0.9 GB instead of 1.7. Our own pool allocators are emptied after every pass; the
+net's default ones hold on to their largest buffers between tiles and after the image.
 
 Only the network runs here: tiling, seam blending, alpha, grey, 16-bit and outscale stay in
 ESRGANRestorer, which calls `__call__` on each tile as it would call the PyTorch model, so every
@@ -70,8 +70,9 @@ class NcnnNet:
             raise weights.CorruptWeightsError(f"ncnn could not load {param.name}/{bin_.name}: reinstall {weights.DATA_PACKAGE}")
         self._mat = ncnn.Mat
         self._tail = tail_input(param.read_text(errors="replace"))
-        # Our own pools, emptied after every tile: with the net's default ones its memory grew tile
-        # after tile (1.2 GB after one 128² tile, 1.6 GB after 9, 1.9 GB on a 2048² photo).
+        # Our own pools, emptied after every pass: the net's default ones keep their largest buffers
+        # (RSS after a 384² image: 1.6 GB with them, 0.57 GB with these), which the encoder of the
+        # large output would then need on top.
         self._blobs, self._workspace = ncnn.PoolAllocator(), ncnn.UnlockedPoolAllocator()
 
     def __call__(self, tile: np.ndarray) -> np.ndarray:
@@ -105,6 +106,6 @@ class NcnnNet:
             return np.array(out)  # a copy: the pools are emptied below
         finally:
             del ex
-            out = None
+            out = None  # the extractor and its output Mat go before their buffers are freed
             self._blobs.clear()
             self._workspace.clear()
