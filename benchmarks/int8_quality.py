@@ -12,7 +12,9 @@ mean ≤ 0.05 dB Y-PSNR and ≤ 0.002 SSIM below fp32.
 --keep-float replaces openvino_backend.INT8_KEEP_FLOAT for x4plus (regexes over the IR's node names,
 comma separated) to try other layer choices; each choice is calibrated once and cached.
 
-    python benchmarks/int8_quality.py [--precisions int8,bf16] [--keep-float '.*conv_(first|last)/.*']
+--max-isa avx2 measures on oneDNN's AVX2 kernels, as an AVX2-only CPU runs them (esrgan_speed.cap_isa).
+
+    python benchmarks/int8_quality.py [--precisions int8,bf16] [--keep-float '.*conv_(first|last)/.*'] [--max-isa avx2]
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from esrgan_speed import PHOTO_DIRS, photos  # noqa: E402  (RealSRSet from ../shared, else examples/)
+from esrgan_speed import PHOTO_DIRS, cap_isa, photos  # noqa: E402  (RealSRSet from ../shared, else examples/)
 PSNR_BAR, SSIM_BAR = 0.05, 0.002
 
 
@@ -36,7 +38,10 @@ def main() -> int:
     p.add_argument("--precisions", default="int8,bf16", help="compared with OpenVINO fp32")
     p.add_argument("--keep-float", default=None, help="x4plus layers kept in float (regexes, comma separated)")
     p.add_argument("--calibration", default=None, help="a folder of calibration images (default: the shipped crops)")
+    p.add_argument("--max-isa", choices=("avx2",), help="cap oneDNN's kernels at this ISA (before any import of it)")
     args = p.parse_args()
+    if args.max_isa:
+        cap_isa(args.max_isa)
 
     from PIL import Image
 

@@ -159,9 +159,9 @@ def test_int8_keeps_first_and_last_convolutions_in_float_and_stays_close(compact
 
 def test_the_x4plus_int8_recipe_names_the_layers_it_means(pair):
     """INT8_KEEP_FLOAT matches IR node names as NNCF does (re.match): on x4plus's real IR they must
-    pick the 5 convs of the head and tail, all 93 residual adds (23 blocks × (3 + 1) + the trunk)
-    and the 2 upsamplings, and nothing else. A renaming by a new converter would otherwise quietly
-    quantise the trunk again."""
+    pick the first conv and the last two (conv_up1/up2 run in INT8), all 93 residual adds (23
+    blocks × (3 + 1) + the trunk) and the 2 upsamplings, and nothing else. A renaming by a new
+    converter would otherwise quietly quantise the trunk again."""
     import re
 
     ir = ov.Core().read_model(str(pair[1].net.folder / "model.xml"))
@@ -172,7 +172,7 @@ def test_the_x4plus_int8_recipe_names_the_layers_it_means(pair):
 
     ops = {t: [op for op in ir.get_ops() if op.get_type_name() == t] for t in ("Convolution", "Add", "Interpolate")}
     convs = sorted(re.search(r"m\.(\w+)/", op.get_friendly_name()).group(1) for op in ops["Convolution"] if kept(op))
-    assert convs == ["conv_first", "conv_hr", "conv_last", "conv_up1", "conv_up2"] and len(ops["Convolution"]) == 351
+    assert convs == ["conv_first", "conv_hr", "conv_last"] and len(ops["Convolution"]) == 351
     residual = [op for op in ops["Add"] if all(op.input_value(i).get_node().get_type_name() != "Constant" for i in range(2))]
     assert len(residual) == 93 and all(map(kept, residual))
     biases = [re.search(r"m\.(\w+)/", op.get_friendly_name()).group(1) for op in ops["Add"] if op not in residual and kept(op)]
@@ -338,7 +338,8 @@ def test_auto_device_asks_torch_only_where_a_gpu_driver_exists(monkeypatch):
 def test_x4plus_int8_gives_the_same_image_on_avx2_kernels(weights_dir, tmp_path):
     """An AVX2-only CPU runs INT8 convolutions without VNNI (oneDNN's AVX2 kernels); capped at AVX2
     (ONEDNN_MAX_CPU_ISA, as benchmarks/esrgan_speed.py --max-isa does) x4plus's shipped INT8 model
-    gives this CPU's image bit for bit, so the INT8 quality measured on one CPU holds on the other.
+    gives this CPU's image to within rounding, so the INT8 quality measured on one CPU holds on the
+    other. (Measured: bit for bit at 64² and 96²; at 40² under 1 % of values move, by ≤ 0.4/255.)
     (The session's one x4plus calibration: the app and GPU-check tests share it.)"""
     import os
     import subprocess
@@ -361,4 +362,6 @@ def test_x4plus_int8_gives_the_same_image_on_avx2_kernels(weights_dir, tmp_path)
         kinds[name] = proc.stdout.splitlines()[-1].split()[1:]
     assert any("I8" in k for k in kinds["avx2"]), kinds  # the INT8 model ran, on INT8 kernels
     assert all("avx512" not in k for k in kinds["avx2"]) and any("avx2" in k for k in kinds["avx2"]), kinds
-    assert np.array_equal(np.load(tmp_path / "native.npy"), np.load(tmp_path / "avx2.npy"))
+    native, avx2 = np.load(tmp_path / "native.npy"), np.load(tmp_path / "avx2.npy")
+    diff = np.abs(native - avx2)
+    assert diff.max() <= 0.5 / 255 and (diff > 0).mean() < 0.02  # at most one 8-bit level, on few values
