@@ -180,6 +180,29 @@ def test_the_x4plus_int8_recipe_names_the_layers_it_means(pair):
     assert len(ops["Interpolate"]) == 2 and all(map(kept, ops["Interpolate"]))
 
 
+def test_x4plus_int8_keeps_its_residual_path_in_float(weights_dir):
+    """On the calibrated x4plus model itself: no residual add reads a quantised tensor (NNCF may
+    merge the quantisers of a block's consumers into one at the add's output, which then feeds the
+    next add too: the trunk would pass through int8 at every block), and the layers the recipe
+    quantises (conv_up1/up2) and keeps (conv_first, conv_hr, conv_last) are as it says."""
+    import re
+
+    int8 = ESRGANRestorer.from_pretrained(None, device="cpu", precision="int8", backend="openvino")
+    ir = ov.Core().read_model(str(int8.net.folder / "model.xml"))
+
+    def source(op, i):
+        return op.input_value(i).get_node().get_type_name()
+
+    residual = [op for op in ir.get_ops() if op.get_type_name() == "Add"
+                and all(source(op, i) != "Constant" for i in range(2))]
+    assert len(residual) == 93
+    assert not [op.get_friendly_name() for op in residual if "FakeQuantize" in (source(op, 0), source(op, 1))]
+    fed_by_fq = {re.search(r"m\.(conv_\w+)/", op.get_friendly_name()).group(1): source(op, 0) == "FakeQuantize"
+                 for op in ir.get_ops() if op.get_type_name() == "Convolution" and "m.conv_" in op.get_friendly_name()}
+    assert fed_by_fq == {"conv_first": False, "conv_body": True, "conv_up1": True, "conv_up2": True,
+                         "conv_hr": False, "conv_last": False}
+
+
 def test_int8_cache_is_keyed_by_the_calibration_images(compact_int8, tmp_path):
     _, int8, cal = compact_int8
     tiles, digest = openvino_backend.calibration_tiles(cal)

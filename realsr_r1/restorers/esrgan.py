@@ -303,7 +303,7 @@ def _nets():
 def choose_backend(device: str, backend: str = "auto", precision: str = "auto") -> tuple[str, str]:
     """(backend, precision) that `auto` means on this machine (module doc); explicit choices pass,
     checked where they run. On CPU, auto is OpenVINO in INT8 (openvino_backend.auto_precision):
-    0.35x ncnn's time, against 0.51x in bf16 and 0.58x for PyTorch bf16 (README "Precision and
+    0.3x ncnn's time at 128², against 0.5x in bf16 and 0.6x for PyTorch bf16 (README "Precision and
     speed"); without OpenVINO installed, PyTorch."""
     from . import openvino_backend as ov
 

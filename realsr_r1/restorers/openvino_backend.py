@@ -17,8 +17,8 @@ convolution, the last two, the upsamplings and the residual adds, so the trunk n
 through int8.
 benchmarks/int8_quality.py measures what this costs against fp32 (README: within the bar).
 On a CPU without VNNI (AVX2 only) oneDNN runs the INT8 convolutions on its AVX2 kernels: for
-x4plus they give the same image bit for bit (tests/test_openvino_backend.py, with oneDNN capped at
-AVX2), at about 0.6x ncnn's time rather than 0.35x.
+x4plus they give the same image to within one 8-bit level on a few values, bit for bit on most
+inputs (tests/test_openvino_backend.py, with oneDNN capped at AVX2), at about 0.55x ncnn's time rather than 0.3x.
 
 Cache. Everything converted lands under `<weights dir>/compiled/<weights stem>-<sha12>/`, one
 folder per runtime version and precision of the IR (`openvino-<version>-fp32`, which fp32 and bf16
@@ -55,8 +55,9 @@ CALIBRATION_TILE = 96  # input pixels: crops of a user's calibration folder
 # upsamplings, and its residual adds (x + 0.2·block(x), 93 of them): quantising their inputs sends
 # the trunk itself through int8 at every block, and that alone cost 0.058 dB Y-PSNR and 0.0032
 # SSIM over the 20 photos of benchmarks/int8_quality.py. conv_up1/up2 run in INT8: in float they
-# took 12 % of an INT8 run for no measured quality (README, "INT8"), while conv_hr in INT8 cost
-# 0.0025 SSIM on the photos not calibrated on. The compact net: its first and last convs.
+# took 12 % of an INT8 run on VNNI, and with them quantised NNCF no longer merges the trunk's
+# quantisers onto the residual path (README, "INT8"); conv_hr in INT8 cost 0.0025 SSIM on the
+# photos not calibrated on. The compact net: its first and last convs.
 INT8_KEEP_FLOAT = {"RRDBNet": (r".*conv_(first|hr|last)/.*", r".*aten::add/Add(_\d+)?",
                                r".*aten::upsample_nearest2d/Interpolate.*"),
                    "SRVGGNetCompact": (r".*body\.0/.*", r".*body\.34/.*")}
@@ -72,7 +73,7 @@ CACHE_FORMAT = 1
 
 # `auto` picks INT8 because it met the quality bar (≤ 0.05 dB Y-PSNR and ≤ 0.002 SSIM below fp32 on
 # the RealSRSet photos degraded by degrade.py: benchmarks/int8_quality.py, README "INT8") and ran
-# 1.45x faster than bf16 (0.35x ncnn's time). Its price is a one-off calibration (~90 s on 2 cores).
+# 1.6-1.75x faster than bf16 (0.3x ncnn's time at 128²). Its price is a one-off calibration (~90 s on 2 cores).
 INT8_BY_DEFAULT = True
 
 
