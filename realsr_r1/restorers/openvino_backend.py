@@ -73,7 +73,8 @@ CACHE_FORMAT = 1
 
 # `auto` picks INT8 because it met the quality bar (≤ 0.05 dB Y-PSNR and ≤ 0.002 SSIM below fp32 on
 # the RealSRSet photos degraded by degrade.py: benchmarks/int8_quality.py, README "INT8") and ran
-# 1.6-1.75x faster than bf16 (0.3x ncnn's time at 128²). Its price is a one-off calibration (~90 s on 2 cores).
+# 1.55-1.75x faster than bf16 (0.3x ncnn's time at 128²). Its price is a one-off calibration
+# (~90 s on 2 cores).
 INT8_BY_DEFAULT = True
 
 
