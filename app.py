@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -98,17 +99,28 @@ def build_app(session: DemoSession, default_profile: str = "auto", warning: str 
     return demo
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM (kill, systemd, docker stop) stops the demo as Ctrl-C does: gradio's launch() closes
-    the server on KeyboardInterrupt and returns, then atexit deletes the temp folder. A second
-    SIGTERM during that shutdown kills at once."""
+# Seconds a stop may take before the process leaves anyway: gradio's own shutdown joins its server
+# thread for up to 5 s, and a KeyboardInterrupt that lands inside launch() where something swallows
+# it would otherwise leave the demo serving, deaf to the signal that asked it to stop.
+SHUTDOWN_GRACE_S = 10.0
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM (kill, systemd, docker stop) and SIGINT (Ctrl-C) stop the demo the same way: gradio's
+    launch() closes the server on KeyboardInterrupt and returns, then atexit deletes the temp
+    folder. If that has not ended the process SHUTDOWN_GRACE_S later, it deletes the folder and
+    exits at once (_leave_now). A second signal of the same kind during the shutdown kills at once."""
 
     def stop(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        logging.getLogger("app").info("SIGTERM: shutting down")
+        signal.signal(signum, signal.SIG_DFL)
+        logging.getLogger("app").info("%s: shutting down", signal.Signals(signum).name)
+        deadline = threading.Timer(SHUTDOWN_GRACE_S, _leave_now, (f"still running {SHUTDOWN_GRACE_S:.0f} s after the signal",))
+        deadline.daemon = True
+        deadline.start()
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if warning:
         logging.getLogger("app").warning("warning: %s", warning)
-    _stop_on_sigterm()
+    _stop_on_signals()
     session = DemoSession(profiles, Path(os.environ["GRADIO_TEMP_DIR"]) / "results", device=args.device,
                           max_pixels=args.max_size)
     demo = build_app(session, default, warning)
@@ -157,15 +169,16 @@ def main(argv: list[str] | None = None) -> int:
         # can wait on their threads (gradio Blocks.close: a no-op when nothing runs).
         demo.close(verbose=False)
     if session.busy:
-        _leave_now(session)
+        _leave_now("stopped with a restoration unfinished")
     return 0
 
 
-def _leave_now(session: DemoSession) -> None:
-    """Stop with a restoration (or model build) still running in a worker thread: tearing the
-    interpreter down under torch there aborts the process ("terminate called without an active
-    exception", exit -6), so the temp folder is deleted here and the process ends without that."""
-    logging.getLogger("app").info("stopped with a restoration unfinished")
+def _leave_now(why: str) -> None:
+    """End the process now, exit status 0, after deleting the temp folder. For a stop with a
+    restoration (or model build) still running in a worker thread: tearing the interpreter down
+    under torch there aborts the process ("terminate called without an active exception", exit
+    -6). And for a shutdown that overran SHUTDOWN_GRACE_S."""
+    logging.getLogger("app").info(why)
     for _ in range(3):  # the worker may write its result while the folder goes
         if _OWN_TEMP is None or not os.path.exists(_OWN_TEMP):
             break

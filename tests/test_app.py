@@ -101,6 +101,44 @@ def test_stopped_by_a_signal_it_deletes_its_temp_folder(tmp_path, stop):
     assert "Traceback" not in log.read_text()
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_that_gradio_swallows_still_ends_the_process(tmp_path, stop):
+    """A KeyboardInterrupt that lands where launch() swallows it (here: a launch that ignores it and
+    serves on) would leave the demo running after Ctrl-C or SIGTERM: the deadline of
+    SHUTDOWN_GRACE_S (shortened here) ends the process anyway, exit 0, temp folder deleted."""
+    code = ("import sys, time, gradio as gr, app\n"
+            "def deaf_launch(self, **kw):\n"
+            "    print('serving', flush=True)\n"
+            "    while True:\n"
+            "        try:\n"
+            "            time.sleep(0.1)\n"
+            "        except KeyboardInterrupt:\n"
+            "            pass\n"
+            "gr.Blocks.launch = deaf_launch\n"
+            "app.SHUTDOWN_GRACE_S = 2.0\n"
+            "sys.exit(app.main(['--profile', 'lite', '--port', sys.argv[1]]))\n")
+    log = tmp_path / "app.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", code, str(free_port())], cwd=REPO, env=own_temp_env(tmp_path),
+                                stdout=out, stderr=subprocess.STDOUT)
+    for _ in range(240):
+        if "serving" in log.read_text() or proc.poll() is not None:
+            break
+        time.sleep(0.25)
+    made = list(tmp_path.glob("realsr-r1-demo-*"))
+    assert "serving" in log.read_text() and len(made) == 1, log.read_text()[-2000:]
+    t = time.monotonic()
+    proc.send_signal(stop)
+    try:
+        rc = proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"still running 30 s after {stop.name}")
+    assert rc == 0 and 1.5 < time.monotonic() - t < 15, log.read_text()[-2000:]
+    assert not made[0].exists()
+    assert "still running 2 s after the signal" in log.read_text()
+
+
 def test_sigterm_during_a_restoration_exits_cleanly(tmp_path):
     """docker stop while someone's image is being restored: exit 0 and no folder left, not an abort
     from torch torn down mid-computation."""
