@@ -44,6 +44,16 @@ def wait_until_served(proc, url, log: Path, tries: int = 240) -> None:
     pytest.fail(f"app did not start: {log.read_text()[-2000:]}")
 
 
+def stop_and_wait(proc, stop=signal.SIGTERM, timeout: float = 30) -> int:
+    """Send `stop` and return the exit status; fail (and kill it) if it is still running after `timeout` s."""
+    proc.send_signal(stop)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"still running {timeout:.0f} s after {signal.Signals(stop).name}")
+
+
 def app_command(*args: str) -> list[str]:
     return [sys.executable, str(REPO / "app.py"), *args]
 
@@ -90,12 +100,7 @@ def test_stopped_by_a_signal_it_deletes_its_temp_folder(tmp_path, stop):
     wait_until_served(proc, f"http://127.0.0.1:{port}/", log)
     made = list(tmp_path.glob("realsr-r1-demo-*"))
     assert len(made) == 1 and (made[0] / "results").is_dir()
-    proc.send_signal(stop)
-    try:
-        rc = proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail(f"still running 30 s after {stop.name}")
+    rc = stop_and_wait(proc, stop)
     assert rc == 0, log.read_text()[-2000:]
     assert not made[0].exists()
     assert "Traceback" not in log.read_text()
@@ -128,12 +133,7 @@ def test_a_stop_that_gradio_swallows_still_ends_the_process(tmp_path, stop):
     made = list(tmp_path.glob("realsr-r1-demo-*"))
     assert "serving" in log.read_text() and len(made) == 1, log.read_text()[-2000:]
     t = time.monotonic()
-    proc.send_signal(stop)
-    try:
-        rc = proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail(f"still running 30 s after {stop.name}")
+    rc = stop_and_wait(proc, stop)
     assert rc == 0 and 1.5 < time.monotonic() - t < 15, log.read_text()[-2000:]
     assert not made[0].exists()
     assert "still running 2 s after the signal" in log.read_text()
@@ -159,12 +159,7 @@ def test_sigterm_during_a_restoration_exits_cleanly(tmp_path):
         time.sleep(0.25)
     time.sleep(1)
     assert not job.done(), "the restoration ended before the signal: make it slower"
-    proc.send_signal(signal.SIGTERM)
-    try:
-        rc = proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("still running 30 s after SIGTERM")
+    rc = stop_and_wait(proc)
     assert rc == 0, log.read_text()[-2000:]
     assert not list(tmp_path.glob("realsr-r1-demo-*"))
 
