@@ -114,7 +114,8 @@ def _stop_on_signals() -> None:
     def stop(signum, frame):
         signal.signal(signum, signal.SIG_DFL)
         logging.getLogger("app").info("%s: shutting down", signal.Signals(signum).name)
-        deadline = threading.Timer(SHUTDOWN_GRACE_S, _leave_now, (f"still running {SHUTDOWN_GRACE_S:.0f} s after the signal",))
+        why = f"still running {SHUTDOWN_GRACE_S:.0f} s after the signal"
+        deadline = threading.Timer(SHUTDOWN_GRACE_S, _leave_now, (why,))
         deadline.daemon = True
         deadline.start()
         raise KeyboardInterrupt

@@ -14,11 +14,12 @@ symmetric weights, asymmetric activations, which suits leaky-ReLU outputs; no bi
 over calibration tiles: by default crops of the photos shipped in data/int8_calibration.npz, or a
 user's folder (`calibration=`). What costs quality stays in float (`INT8_KEEP_FLOAT`): the first
 convolution, the last two, the upsamplings and the residual adds, so the trunk never passes
-through int8.
+through int8 (no residual add reads a quantised tensor: tests/test_openvino_backend.py).
 benchmarks/int8_quality.py measures what this costs against fp32 (README: within the bar).
 On a CPU without VNNI (AVX2 only) oneDNN runs the INT8 convolutions on its AVX2 kernels: for
 x4plus they give the same image to within one 8-bit level on a few values, bit for bit on most
-inputs (tests/test_openvino_backend.py, with oneDNN capped at AVX2), at about 0.55x ncnn's time rather than 0.3x.
+inputs (tests/test_openvino_backend.py, with oneDNN capped at AVX2), at about 0.6x ncnn's time
+rather than 0.3x.
 
 Cache. Everything converted lands under `<weights dir>/compiled/<weights stem>-<sha12>/`, one
 folder per runtime version and precision of the IR (`openvino-<version>-fp32`, which fp32 and bf16
