@@ -157,6 +157,17 @@ def test_int8_keeps_first_and_last_convolutions_in_float_and_stays_close(compact
     assert 0 < mse and 10 * np.log10(1 / mse) > 30  # quantised, and still the same picture
 
 
+def source(op, i: int) -> str:
+    """The type of the node that feeds input i of op."""
+    return op.input_value(i).get_node().get_type_name()
+
+
+def residual_adds(ir) -> list:
+    """x4plus's residual adds (x + 0.2·block(x), the trunk's): the Adds of two computed tensors,
+    not a bias."""
+    return [op for op in ir.get_ops() if op.get_type_name() == "Add" and all(source(op, i) != "Constant" for i in range(2))]
+
+
 def test_the_x4plus_int8_recipe_names_the_layers_it_means(pair):
     """INT8_KEEP_FLOAT matches IR node names as NNCF does (re.match): on x4plus's real IR they must
     pick the first conv and the last two (conv_up1/up2 run in INT8), all 93 residual adds (23
@@ -173,7 +184,7 @@ def test_the_x4plus_int8_recipe_names_the_layers_it_means(pair):
     ops = {t: [op for op in ir.get_ops() if op.get_type_name() == t] for t in ("Convolution", "Add", "Interpolate")}
     convs = sorted(re.search(r"m\.(\w+)/", op.get_friendly_name()).group(1) for op in ops["Convolution"] if kept(op))
     assert convs == ["conv_first", "conv_hr", "conv_last"] and len(ops["Convolution"]) == 351
-    residual = [op for op in ops["Add"] if all(op.input_value(i).get_node().get_type_name() != "Constant" for i in range(2))]
+    residual = residual_adds(ir)
     assert len(residual) == 93 and all(map(kept, residual))
     biases = [re.search(r"m\.(\w+)/", op.get_friendly_name()).group(1) for op in ops["Add"] if op not in residual and kept(op)]
     assert sorted(biases) == convs  # only the kept convs' biases: the others stay with their int8 convs
@@ -190,11 +201,7 @@ def test_x4plus_int8_keeps_its_residual_path_in_float(weights_dir):
     int8 = ESRGANRestorer.from_pretrained(None, device="cpu", precision="int8", backend="openvino")
     ir = ov.Core().read_model(str(int8.net.folder / "model.xml"))
 
-    def source(op, i):
-        return op.input_value(i).get_node().get_type_name()
-
-    residual = [op for op in ir.get_ops() if op.get_type_name() == "Add"
-                and all(source(op, i) != "Constant" for i in range(2))]
+    residual = residual_adds(ir)
     assert len(residual) == 93
     assert not [op.get_friendly_name() for op in residual if "FakeQuantize" in (source(op, 0), source(op, 1))]
     fed_by_fq = {re.search(r"m\.(conv_\w+)/", op.get_friendly_name()).group(1): source(op, 0) == "FakeQuantize"
