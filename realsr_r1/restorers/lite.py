@@ -1,13 +1,20 @@
-"""Stage images for the lite profile: one Real-ESRGAN pass, stages by resampling its output.
+"""Stage images for the lite profile: one pass of each expert, a chosen mix, stages by resampling it.
 
-Real-ESRGAN is a single ×4 regression model, so rough (input size), middle (×2) and final (×scale)
-are its output resampled with Lanczos: one network pass instead of three, and the stages agree
-with each other exactly as the contract's coarse-to-fine reading expects.
+The experts are ×4 regression networks (Real-ESRGAN x4plus, RealSR DF2K, or any converted file), so
+rough (input size), middle (×2) and final (×scale) are the chosen mix resampled with Lanczos: one
+pass per expert instead of three, and the stages agree with each other exactly as the contract's
+coarse-to-fine reading expects.
+
+Which mix: with `fidelity: auto` a chooser (chooser.py, given by profiles.py) scores every candidate
+(restorers/blend.py) with a reward and the plan's degradation reading, so the chain of thought
+changes the pixels; a number from 0 (the first expert: the most natural-looking) to 1 (the last: the
+most faithful) is a fixed point on the dial, and runs only the experts it mixes.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -16,7 +23,11 @@ from PIL import Image
 from ..cot import Plan
 from ..imageio import LoadedImage, to_float
 from ..pipeline import StageImage, StageStarted, stage_sizes
+from . import blend
 from .esrgan import ESRGANRestorer
+
+DEFAULT_EXPERTS = ("realesrgan-x4plus", "realsr-df2k")  # natural → faithful: the dial's order
+DEFAULT_BLENDS = (0.25, 0.5, 0.75)
 
 
 def resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -37,33 +48,136 @@ def resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return res.astype(np.float32)
 
 
+def parse_fidelity(value) -> float | str:
+    """`auto` or a number in [0, 1] (a string from the command line or YAML); ValueError otherwise."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"fidelity must be auto or a number in [0, 1], got {value!r}") from None
+    if not 0 <= f <= 1:
+        raise ValueError(f"fidelity must be auto or a number in [0, 1], got {value!r}")
+    return f
+
+
+@dataclass
+class Outputs:
+    """The experts' outputs for one image at the final size (None for an expert the mix leaves out)."""
+
+    rgb: list[np.ndarray | None]
+    alpha: list[np.ndarray | None]
+
+
 class LiteStages:
-    """StageRestorer over an ESRGANRestorer."""
+    """StageRestorer over one or more ESRGANRestorer experts (module doc)."""
 
-    request_options = ()  # Real-ESRGAN has no steps or colour fix to change per request
+    request_options = ("fidelity",)  # what the demo may change per request (demo.with_options)
 
-    def __init__(self, esrgan: ESRGANRestorer):
-        self.esrgan = esrgan
+    def __init__(self, experts: ESRGANRestorer | list[ESRGANRestorer], chooser=None, *,
+                 blends: list | tuple = DEFAULT_BLENDS, fidelity: str | float = "auto", notes: list | None = None):
+        self.experts = [experts] if isinstance(experts, ESRGANRestorer) else list(experts)
+        if not self.experts:
+            raise ValueError("the lite restorer needs at least one expert")
+        self.chooser = chooser if len(self.experts) > 1 else None
+        self.blends = [float(b) for b in blends]
+        if any(not 0 < b < 1 for b in self.blends):
+            raise ValueError(f"restorer.blends: weights strictly between 0 and 1, got {list(blends)}")
+        self.fidelity = parse_fidelity(fidelity)
+        self.notes = list(notes or [])
+        self.candidates = blend.candidates([e.name for e in self.experts], self.blends)
+
+    @property
+    def esrgan(self) -> ESRGANRestorer:
+        """The first expert (the only one in a one-expert profile)."""
+        return self.experts[0]
 
     @property
     def name(self) -> str:
-        """The weights in use (`restorer.path`), as the sidecar records them."""
-        return self.esrgan.name
+        """The weights in use (`restorer.path`, or the experts joined by +), as the sidecar records them."""
+        return "+".join(e.name for e in self.experts)
 
     def describe(self) -> dict:
-        return {"restorer": self.name, "weights": self.esrgan.weights(), "device": str(self.esrgan.device),
-                "backend": self.esrgan.backend, "precision": self.esrgan.precision, "tile": self.esrgan.tile}
+        e = self.esrgan
+        out = {"restorer": self.name, "weights": e.weights(), "device": str(e.device),
+               "backend": e.backend, "precision": e.precision, "tile": e.tile}
+        if len(self.experts) > 1:
+            out["experts"] = [{"name": x.name, **(x.weights() or {})} for x in self.experts]
+            out["fidelity"] = self.fidelity
+            if self.chooser is not None:
+                out["chooser"] = self.chooser.describe()
+        return out
+
+    def _mode(self) -> float | str:
+        """auto, or the dial's number; auto without a chooser is the first expert alone."""
+        return self.fidelity if self.fidelity != "auto" or self.chooser is not None else 0.0
+
+    def _outputs(self, rgb: np.ndarray, alpha, size: tuple[int, int], out_dtype, needed: list[bool]) -> Outputs:
+        w, h = size
+        outscale = w / rgb.shape[1]
+        outs, alphas = [], []
+        for expert, need in zip(self.experts, needed):
+            if not need:
+                outs.append(None)
+                alphas.append(None)
+                continue
+            o, a = expert.restore(rgb, alpha, outscale=outscale, out_dtype=out_dtype)
+            if o.shape[1] != w or o.shape[0] != h:  # rounding of outscale
+                o = resize(o, (w, h))
+                a = None if a is None else resize(a, (w, h))
+            outs.append(o)
+            alphas.append(a)
+        return Outputs(outs, alphas)
+
+    def _measure(self, lq: np.ndarray, outs: Outputs):
+        """(each candidate's plan-free scores, the LQ crops, each candidate's first crop) for the chooser."""
+        h, w = lq.shape[:2]
+        fh, fw = outs.rgb[0].shape[:2]
+        boxes = blend.crop_boxes(w, h)
+        lq_crops = [to_float(lq[y0:y1, x0:x1]) for x0, y0, x1, y1 in boxes]
+        sx, sy = fw / w, fh / h
+        crops_per_expert = [[o[round(y0 * sy):round(y1 * sy), round(x0 * sx):round(x1 * sx)] for x0, y0, x1, y1 in boxes]
+                            for o in outs.rgb]
+        crops = [[blend.mix([c[k] for c in crops_per_expert], cand.weights, np.float32) for k in range(len(boxes))]
+                 for cand in self.candidates]
+        return self.chooser.measure(crops, lq_crops), lq_crops, [c[0] for c in crops]
+
+    def _choose(self, plan: Plan | None, measured, lq_crops) -> tuple[tuple[float, ...], dict]:
+        best, rewards, facts = self.chooser.choose(measured, plan, lq_crops)
+        rows = [{"label": c.label, "weights": [round(x, 4) for x in c.weights],
+                 **{k: None if v is None else round(float(v), 4) for k, v in m.items()},
+                 "reward": None if r is None else round(float(r), 4)} for c, m, r in zip(self.candidates, measured, rewards)]
+        winner = self.candidates[best]
+        why = (f"highest {self.chooser.name} reward ({rows[best]['reward']}) of {len(rows)} candidates"
+               f"; input quality Q_LR {facts['q_lr']} from the {facts['q_lr_source']}")
+        return winner.weights, {"mode": "auto", **facts, "candidates": rows, "winner": winner.label, "why": why}
+
+    def _fixed(self, fidelity: float) -> tuple[tuple[float, ...], dict]:
+        weights = blend.dial(len(self.experts), fidelity)
+        return weights, {"mode": "fidelity", "fidelity": fidelity, "weights": [round(x, 4) for x in weights],
+                         "why": f"--fidelity {fidelity:g}: a fixed mix, no chooser"}
 
     def stages(self, image: LoadedImage, plan: Plan, *, sizes, seed: int = 0) -> Iterator:
         t = time.perf_counter()
         yield StageStarted("rough", sizes["rough"])
         out_dtype = np.uint16 if image.bit_depth == 16 else np.uint8
-        final_w, final_h = sizes["final"]
-        outscale = final_w / image.size[0]
-        rgb, alpha = self.esrgan.restore(image.rgb, image.alpha, outscale=outscale, out_dtype=out_dtype)
-        if rgb.shape[1] != final_w or rgb.shape[0] != final_h:  # rounding of outscale
-            rgb = resize(rgb, (final_w, final_h))
-            alpha = None if alpha is None else resize(alpha, (final_w, final_h))
+        mode = self._mode()
+        choice, thumbs = None, None
+        if len(self.experts) == 1:
+            outs = self._outputs(image.rgb, image.alpha, sizes["final"], out_dtype, [True])
+            weights = (1.0,)
+        elif mode == "auto":
+            outs = self._outputs(image.rgb, image.alpha, sizes["final"], out_dtype, [True] * len(self.experts))
+            t_score = time.perf_counter()
+            measured, lq_crops, thumbs = self._measure(image.rgb, outs)
+            weights, choice = self._choose(plan, measured, lq_crops)
+            choice["seconds"] = round(time.perf_counter() - t_score, 4)
+        else:
+            weights, choice = self._fixed(mode)
+            outs = self._outputs(image.rgb, image.alpha, sizes["final"], out_dtype, [w != 0 for w in weights])
+        rgb = blend.mix(outs.rgb, weights, out_dtype)
+        alpha = None if image.alpha is None else blend.mix(outs.alpha, weights, out_dtype)
+        del outs
         network_seconds = time.perf_counter() - t
         for stage in ("rough", "middle"):
             t = time.perf_counter()
@@ -71,22 +185,37 @@ class LiteStages:
                 yield StageStarted(stage, sizes[stage])
             s_rgb = resize(rgb, sizes[stage])
             s_alpha = None if alpha is None else resize(alpha, sizes[stage])
-            # The one network pass runs before rough exists, so rough carries its time.
+            # The networks run before rough exists, so rough carries their time.
             extra = network_seconds if stage == "rough" else 0.0
             yield StageImage(stage, s_rgb, s_alpha, extra + time.perf_counter() - t)
         yield StageStarted("final", sizes["final"])
-        yield StageImage("final", rgb, alpha, 0.0)
+        yield StageImage("final", rgb, alpha, 0.0, choice=choice, candidates=thumbs)
 
     def restore_final_batch(self, rgb: np.ndarray, plans: list[Plan], *, scale: float = 4.0, seed: int = 0,
                             batch_size: int | None = None) -> list[np.ndarray]:
-        """The final image for each plan. Real-ESRGAN ignores the text, so one pass serves all plans
-        (a generation reward over this restorer cannot tell the completions apart)."""
+        """The final image for each plan. The experts run once; each plan's degradation reading then
+        chooses its mix, so completions that read the degradation differently get different images."""
         return self.restore_stage_batch(rgb, plans, stage="final", scale=scale)
 
     def restore_stage_batch(self, rgb: np.ndarray, plans: list[Plan], *, stage: str = "final", scale: float = 4.0,
                             seed: int = 0, batch_size: int | None = None) -> list[np.ndarray]:
-        """A stage's image for each plan: the one ×4 pass resampled to the stage's size, shared."""
+        """A stage's image for each plan: the chosen mix of the experts' ×scale outputs, resampled."""
         h, w = rgb.shape[:2]
-        out, _ = self.esrgan.restore(to_float(rgb), None, outscale=scale)
-        out = resize(out, stage_sizes(w, h, scale)[stage])
+        sizes = stage_sizes(w, h, scale)
+        rgb = to_float(rgb)
+        mode = self._mode()
+        if mode == "auto" and len(self.experts) > 1:
+            outs = self._outputs(rgb, None, sizes["final"], np.float32, [True] * len(self.experts))
+            measured, lq_crops, _ = self._measure(rgb, outs)
+            chosen: dict[tuple, np.ndarray] = {}
+            images = []
+            for plan in plans:
+                weights, _ = self._choose(plan, measured, lq_crops)
+                if weights not in chosen:
+                    chosen[weights] = resize(blend.mix(outs.rgb, weights, np.float32), sizes[stage])
+                images.append(chosen[weights])
+            return images
+        weights = (1.0,) if len(self.experts) == 1 else blend.dial(len(self.experts), mode)
+        outs = self._outputs(rgb, None, sizes["final"], np.float32, [x != 0 for x in weights])
+        out = resize(blend.mix(outs.rgb, weights, np.float32), sizes[stage])
         return [out] * len(plans)

@@ -67,7 +67,7 @@ class NcnnNet:
         opt.use_bf16_storage = False
         opt.num_threads = int(threads or os.cpu_count() or 1)
         if self.net.load_param(str(param)) != 0 or self.net.load_model(str(bin_)) != 0:
-            raise weights.CorruptWeightsError(f"ncnn could not load {param.name}/{bin_.name}: reinstall {weights.DATA_PACKAGE}")
+            raise weights.CorruptWeightsError(f"ncnn could not load {param.name}/{bin_.name}: reinstall {weights.MODELS[name].package}")
         self._mat = ncnn.Mat
         self._tail = tail_input(param.read_text(errors="replace"))
         # Our own pools, emptied after every pass: the net's default ones keep their largest buffers

@@ -1,0 +1,160 @@
+"""The lite profile's experts, candidates and chooser: the reasoning reaches the pixels."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from realsr_r1.chooser import Chooser
+from realsr_r1.cot import parse_cot
+from realsr_r1.imageio import LoadedImage, read_image
+from realsr_r1.pipeline import stage_sizes
+from realsr_r1.restorers import blend
+from realsr_r1.restorers.esrgan import ESRGANRestorer
+from realsr_r1.restorers.lite import LiteStages, parse_fidelity
+
+from conftest import EXAMPLES
+
+CLEAN = "<degradation>blur: none; noise: none; jpeg: none; downsample: x4</degradation>"
+HEAVY = "<degradation>blur: heavy; noise: heavy; jpeg: heavy; downsample: x4</degradation>"
+
+
+class Nearest(torch.nn.Module):
+    """A ×4 stand-in expert: nearest-neighbour upsampling times `gain` (one look per expert)."""
+
+    scale = 4
+
+    def __init__(self, gain: float = 1.0):
+        super().__init__()
+        self.gain = gain
+
+    def forward(self, x):
+        return F.interpolate(x, scale_factor=4, mode="nearest") * self.gain
+
+
+def toy_experts():
+    return [ESRGANRestorer(Nearest(1.0), "cpu", "fp32", tile=0, name="bright"),
+            ESRGANRestorer(Nearest(0.5), "cpu", "fp32", tile=0, name="dark")]
+
+
+def run_stages(stages: LiteStages, rgb: np.ndarray, plan_text: str = CLEAN):
+    image = LoadedImage(rgb=rgb)
+    events = list(stages.stages(image, parse_cot(plan_text), sizes=stage_sizes(*image.size, 4.0)))
+    return events[-1]
+
+
+def test_candidates_span_the_experts_and_the_dial_reaches_both_ends():
+    cands = blend.candidates(["a", "b", "c"], [0.5])
+    assert [c.weights for c in cands] == [(1, 0, 0), (0.5, 0.5, 0), (0, 1, 0), (0, 0.5, 0.5), (0, 0, 1)]
+    assert all(abs(sum(c.weights) - 1) < 1e-9 for c in cands)
+    assert blend.dial(2, 0) == (1.0, 0.0) and blend.dial(2, 1) == (0.0, 1.0)
+    assert blend.dial(2, 0.3) == pytest.approx((0.7, 0.3))
+    assert blend.dial(3, 0.75) == pytest.approx((0.0, 0.5, 0.5))
+    with pytest.raises(ValueError, match="fidelity"):
+        blend.dial(2, 1.5)
+    assert parse_fidelity("auto") == "auto" and parse_fidelity("0.25") == 0.25
+    for bad in ("-0.1", "2", "natural"):
+        with pytest.raises(ValueError, match="auto or a number in"):
+            parse_fidelity(bad)
+
+
+def test_mix_rounds_integers_and_matches_the_float_blend():
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 256, (600, 7, 3), dtype=np.uint8) for _ in range(2))  # > one 256-row chunk
+    got = blend.mix([a, b], (0.25, 0.75))
+    want = np.floor(0.25 * a.astype(float) + 0.75 * b + 0.5)
+    diff = np.abs(got.astype(float) - want)
+    assert got.dtype == np.uint8 and diff.max() <= 1 and (diff > 0).mean() < 0.01  # ties may round either way
+    assert blend.mix([a, b], (1.0, 0.0)) is a  # one expert: no copy
+
+
+def test_crop_boxes_cover_small_images_whole_and_spread_over_large_ones():
+    assert blend.crop_boxes(100, 80) == [(0, 0, 100, 80)]
+    boxes = blend.crop_boxes(1000, 700)
+    assert len(boxes) == 4 and all(x1 - x0 == 128 and y1 - y0 == 128 for x0, y0, x1, y1 in boxes)
+    assert all(0 <= x0 and x1 <= 1000 and 0 <= y0 and y1 <= 700 for x0, y0, x1, y1 in boxes)
+    assert min(b[0] for b in boxes) == 0 and max(b[2] for b in boxes) == 1000  # spread to both edges
+
+
+def test_the_chooser_picks_what_its_reward_prefers():
+    """A fake reward that likes dark images: the darkest candidate (the dark expert alone) wins, and
+    the record lists every candidate with its score and says why."""
+    stages = LiteStages(toy_experts(), Chooser({"tiny_rewards:darkness": {}}))
+    rgb = np.full((20, 24, 3), 0.8, np.float32)
+    final = run_stages(stages, rgb)
+    assert final.choice["winner"] == "dark"
+    rewards = [c["reward"] for c in final.choice["candidates"]]
+    assert rewards == sorted(rewards)  # bright → dark: each blend darker than the one before
+    assert len(final.choice["candidates"]) == 5 and "darkness" in final.choice["why"]
+    np.testing.assert_allclose(final.rgb / 255.0, 0.4, atol=1 / 255)
+    assert len(final.candidates) == 5  # a look at each candidate, for the demo
+
+
+@pytest.mark.parametrize("fidelity, gain", [(0, 1.0), (1, 0.5), (0.5, 0.75)])
+def test_fidelity_dial_picks_the_ends_and_runs_only_the_experts_it_mixes(fidelity, gain, monkeypatch):
+    experts = toy_experts()
+    stages = LiteStages(experts, Chooser({"tiny_rewards:darkness": {}}), fidelity=fidelity)
+    calls = []
+    for e in experts:
+        monkeypatch.setattr(e, "restore", _spy(e.restore, calls, e.name))
+    final = run_stages(stages, np.full((20, 24, 3), 0.8, np.float32))
+    np.testing.assert_allclose(final.rgb / 255.0, 0.8 * gain, atol=1 / 255)
+    assert final.choice["mode"] == "fidelity" and "candidates" not in final.choice
+    assert calls == {0: ["bright"], 1: ["dark"], 0.5: ["bright", "dark"]}[fidelity]
+
+
+def _spy(fn, calls, name):
+    def wrapped(*a, **k):
+        calls.append(name)
+        return fn(*a, **k)
+    return wrapped
+
+
+def test_compass_chooser_reads_the_degradation(monkeypatch):
+    """Default reward (COMPASS): Q_LR comes from the plan's degradation reading. A clean reading makes
+    fidelity count five times as much as a heavy one, so the two readings pick different candidates
+    when the faithful candidate looks worse: two plans, two images."""
+    import realsr_r1.rewards.visual as visual
+
+    chooser = Chooser()
+    assert chooser.describe() == {"reward": "compass", "quality": "niqe", "fidelity": "input", "gamma": 7.0}
+    # Stand-in measurements: candidate 0 natural-looking (high Q_SR) but less faithful, 4 the reverse.
+    measured = [{"fidelity": 0.80 + 0.05 * i, "q_sr": 4.6 - 0.15 * i} for i in range(5)]
+    lq = [np.zeros((16, 16, 3), np.float32)]
+    clean, _, facts_clean = chooser.choose(measured, parse_cot(CLEAN), lq)
+    heavy, _, facts_heavy = chooser.choose(measured, parse_cot(HEAVY), lq)
+    assert facts_clean["q_lr"] == 5.0 and facts_heavy["q_lr"] == 1.0
+    assert facts_clean["q_lr_source"] == "degradation reading"
+    assert clean == 4 and heavy == 0
+    # The values are COMPASS's own formula, through the registry's function
+    _, rewards, _ = chooser.choose(measured, parse_cot(CLEAN), lq)
+    from realsr_r1.rewards.text import compass_reward_value
+    assert rewards[2] == pytest.approx(compass_reward_value(0.9, 5.0, 4.3, 7.0))
+    # Without a reading, Q_LR is measured on the input by the reward's quality (NIQE)
+    called = []
+    monkeypatch.setattr(visual.NiqeQuality, "__call__", lambda self, sr, lq, hr: called.append(len(sr)) or [3.0] * len(sr))
+    _, _, facts = chooser.choose(measured, parse_cot(""), lq)
+    assert facts == {"q_lr": 3.0, "q_lr_source": "measured on the input"} and called
+
+
+def test_restore_final_batch_gives_each_reading_its_own_image(monkeypatch):
+    """GRPO's image rewards render completions with restore_final_batch: the experts run once per
+    image, and completions that read the degradation differently get different images."""
+    experts = toy_experts()
+    stages = LiteStages(experts, Chooser())
+    calls = []
+    for e in experts:
+        monkeypatch.setattr(e, "restore", _spy(e.restore, calls, e.name))
+    # natural-looking = bright (high Q_SR), faithful = dark (high F), as in the test above
+    monkeypatch.setattr(stages.chooser, "measure", lambda crops, lq: [
+        {"fidelity": 0.80 + 0.05 * i, "q_sr": 4.6 - 0.15 * i} for i in range(len(crops))])
+    rgb = np.full((20, 24, 3), 0.8, np.float32)
+    out = stages.restore_final_batch(rgb, [parse_cot(CLEAN), parse_cot(HEAVY), parse_cot(CLEAN)])
+    assert calls == ["bright", "dark"]
+    assert out[0].shape == (80, 96, 3)
+    np.testing.assert_allclose(out[0], 0.4, atol=1e-6)  # clean reading: the faithful end
+    np.testing.assert_allclose(out[1], 0.8, atol=1e-6)  # heavy reading: the natural-looking end
+    assert out[2] is out[0]
