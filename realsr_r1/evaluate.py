@@ -3,10 +3,10 @@
     python -m realsr_r1.evaluate --pred results/lite --pred results/bicubic --gt data/HR \
         --metrics psnr,ssim,lpips --out results.json --csv per_image.csv --plot metrics.png --grid figures
 
-Files are paired by name (stem, case-insensitive; `--pred-suffix _out` strips a suffix). PSNR and
-SSIM and NIQE are the project's own, to the protocol of pyiqa-computed tables (metrics.py, niqe.py);
-learned metrics come from pyiqa when it and its weights are installed, otherwise they are skipped with
-one line saying what to install. `--infer LQ_DIR` restores the LQ folder first (resumable) with a profile.
+Files are paired by name (stem, case-insensitive; `--pred-suffix _out` strips a suffix). PSNR, SSIM, NIQE
+and PIQE are the project's own, to the protocol of pyiqa-computed tables (metrics.py, niqe.py, piqe.py);
+learned metrics come from pyiqa when it and its weights are installed, otherwise they are skipped with one
+line saying what to install. `--infer LQ_DIR` restores the LQ folder first (resumable) with a profile.
 `--grid DIR` writes the comparison figure of each image (figures.py): the same crop of the bicubic-upscaled
 LQ (`--infer` or `--lq`), every method and the GT, labelled with that image's values.
 """
@@ -33,8 +33,8 @@ from .metrics import FULL_REFERENCE, PYIQA_NAMES, MetricUnavailable, PyiqaMetric
 from .imageio import (ImageReadError, atomic_write_bytes, atomic_write_text, list_images, read_image, to_pil,
                       write_image)
 
-NO_REFERENCE = ("niqe", "musiq", "maniqa", "clipiqa", "topiq_nr")
-LOWER_IS_BETTER = {"lpips", "dists", "niqe"}
+NO_REFERENCE = ("niqe", "piqe", "musiq", "maniqa", "clipiqa", "topiq_nr")
+LOWER_IS_BETTER = {"lpips", "dists", "niqe", "piqe"}
 
 
 @dataclass
@@ -69,6 +69,18 @@ class OwnMetric:
         return self.fn(pred, gt, crop_border=self.crop_border)
 
 
+class PiqeMetric:
+    """PIQE per image (no reference, lower is better, 0-100), to pyiqa's protocol; numpy, no weights."""
+
+    name = "piqe"
+    needs_gt = False
+
+    def __call__(self, pred: torch.Tensor, gt: torch.Tensor | None = None) -> torch.Tensor:
+        from .piqe import piqe_batch
+
+        return torch.from_numpy(piqe_batch(pred))
+
+
 def build_metrics(names: list[str], device: torch.device, *, has_gt: bool, crop_border: int = 0):
     """Instantiate what can run; return (metrics, skipped lines)."""
     built, skipped = [], []
@@ -80,6 +92,8 @@ def build_metrics(names: list[str], device: torch.device, *, has_gt: bool, crop_
             built.append(OwnMetric(name, crop_border))
         elif name == "niqe":  # the project's own (niqe.py): no pyiqa, no weights
             built.append(M.NiqeMetric())
+        elif name == "piqe":  # the project's own (piqe.py), likewise
+            built.append(PiqeMetric())
         elif name in PYIQA_NAMES:
             try:
                 built.append(PyiqaMetric(name, device))
@@ -191,7 +205,7 @@ def _fmt(metric: str, v: float | None) -> str:
         return "–"
     if math.isinf(v):
         return "inf"
-    return f"{v:.2f}" if metric in ("psnr", "musiq") else f"{v:.4f}"
+    return f"{v:.2f}" if metric in ("psnr", "musiq", "piqe") else f"{v:.4f}"
 
 
 def markdown_table(results: list[FolderResult], metric_names: list[str]) -> str:
