@@ -169,3 +169,51 @@ def test_weights_dir_resolution(monkeypatch, tmp_path):
     monkeypatch.setattr(weights.os, "access", lambda *a: False)  # e.g. an installed, read-only package
     monkeypatch.setattr(Path, "home", lambda: tmp_path)
     assert weights.default_dir() == tmp_path / ".cache" / "realsr-r1"
+
+
+@pytest.mark.parametrize("name", ["realesrgan-x4plus", "realsr-df2k"])
+def test_rrdbnet_conversion_matches_ncnn_layer_by_layer(name, tmp_path):
+    """Every convolution of the converted net against the same layer's output in the ncnn runtime
+    (the .param/.bin it came from), on a small real photo crop: a weight put in the wrong place, a
+    transposed kernel or a missing bias shows at the first layer it touches, not only at the end."""
+    ncnn = pytest.importorskip("ncnn")
+    import numpy as np
+    import torch.nn.functional as F
+
+    from conftest import photo
+
+    param, bin_, _ = weights.source_files(name)
+    model = esrgan_nets.load_model(weights.pretrained(name, tmp_path)).eval()
+    model.strip = 1 << 20  # the tail in one pass: one hook call per conv
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    outputs = []
+    # a copy: the in-place LeakyReLUs after each conv would change the recorded tensor
+    hooks = [m.register_forward_hook(lambda mod, inp, out: outputs.append(out.detach().clone())) for m in convs]
+    rgb = np.asarray(photo((20, 16)), np.float32) / 255
+    x = torch.from_numpy(rgb.transpose(2, 0, 1).copy())[None]
+    with torch.inference_mode():
+        model(x)
+    for h in hooks:
+        h.remove()
+    layers = [line.split() for line in param.read_text().splitlines()[2:] if line.split()[:1] == ["Convolution"]]
+    assert len(layers) == len(convs) == len(outputs) == 351
+    net = ncnn.Net()
+    for opt in ("use_vulkan_compute", "use_fp16_storage", "use_fp16_packed", "use_fp16_arithmetic", "use_bf16_storage"):
+        setattr(net.opt, opt, False)
+    net.load_param(str(param))
+    net.load_model(str(bin_))
+    chw = np.ascontiguousarray(rgb.transpose(2, 0, 1))  # ncnn.Mat borrows it: keep alive to extract
+    ex = net.create_extractor()
+    ex.input("data", ncnn.Mat(chw))
+    worst = 0.0
+    for i, (layer, out) in enumerate(zip(layers, outputs)):
+        ret, blob = ex.extract(layer[5])  # type name n_in n_out input output
+        assert ret == 0
+        fused = any(kv.startswith("9=2") for kv in layer[6:])  # LeakyReLU 0.2 fused into the ncnn conv
+        ours = (F.leaky_relu(out, 0.2) if fused else out)[0].numpy()
+        ref = np.array(blob)
+        assert ref.shape == ours.shape, f"conv {i} ({layer[1]})"
+        err = float(np.abs(ours - ref).max() / (np.abs(ref).max() + 1e-6))
+        assert err <= 1e-4, f"conv {i} ({layer[1]}): relative error {err:.2e}"
+        worst = max(worst, err)
+    assert worst > 0  # two runtimes really ran: bit-equal everywhere would mean one was compared with itself
