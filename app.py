@@ -64,6 +64,12 @@ def build_app(session: DemoSession, default_profile: str = "auto", warning: str 
                 with gr.Row():
                     scale = gr.Slider(1, 8, value=4, step=0.5, label="Scale")
                     seed = gr.Number(0, precision=0, label="Seed")
+                with gr.Accordion("Natural or faithful (lite profile)", open=True):
+                    auto_fidelity = gr.Checkbox(True, label="Auto: the chooser scores the candidates and picks one",
+                                                elem_id="fidelity-auto")
+                    fidelity = gr.Slider(0, 1, value=0.5, step=0.05, interactive=False, elem_id="fidelity",
+                                         label="Fidelity: 0 natural-looking … 1 faithful to the input",
+                                         info="A fixed mix of the two restorers, used when auto is off")
                 with gr.Accordion("Diffusion options (full profile)", open=False):
                     steps = gr.Slider(1, 50, value=20, step=1, label="Steps per stage")
                     color_fix = gr.Radio(["wavelet", "adain", "none"], value="wavelet", label="Colour fix")
@@ -77,25 +83,40 @@ def build_app(session: DemoSession, default_profile: str = "auto", warning: str 
             rough = gr.Image(label="rough", interactive=False, elem_id="stage-rough")
             middle = gr.Image(label="middle", interactive=False, elem_id="stage-middle")
             final = gr.Image(label="final", interactive=False, elem_id="stage-final")
+        # Hidden until a restorer reports the candidates it chose among (the lite profile's chooser).
+        strip = gr.Gallery(label="Candidates (the chooser's scores)", columns=5, height=260, object_fit="contain",
+                           format="png", interactive=False, visible=False, elem_id="candidates")
+        choice = gr.Markdown(elem_id="choice")
         with gr.Row():
             compare = gr.ImageSlider(label="Before / after (input upscaled vs result)", elem_id="compare")
             files = gr.File(label="Downloads: result and JSON sidecar", file_count="multiple", elem_id="files")
 
-        outputs = [status, reasoning, degradation, understanding, rough, middle, final, compare, files]
+        outputs = [status, reasoning, degradation, understanding, rough, middle, final, compare, files, strip, choice]
 
-        def restore(path, profile_label, scale_value, steps_value, seed_value, color):
+        def strip_update(items):  # shown only when there are candidates
+            return gr.update(value=list(items) or None, visible=bool(items))
+
+        def restore(path, profile_label, scale_value, steps_value, seed_value, color, auto, fidelity_value):
             sent: list = [object()] * len(outputs)
-            # The restorer takes the options it declares (demo.with_options): none for Real-ESRGAN.
+            # The restorer takes the options it declares (demo.with_options): fidelity for lite,
+            # steps and colour fix for diffusion. Auto keeps the profile's own setting.
             for view in session.restore(path, profile_label, scale=scale_value, seed=int(seed_value or 0),
-                                        steps=int(steps_value), color_fix=color):
+                                        steps=int(steps_value), color_fix=color,
+                                        fidelity=None if auto else float(fidelity_value)):
                 values = [view.status, view.reasoning, view.degradation, view.understanding, view.stages["rough"],
-                          view.stages["middle"], view.stages["final"], view.compare, view.files or None]
+                          view.stages["middle"], view.stages["final"], view.compare, view.files or None,
+                          view.candidates, view.choice]
                 # Only what changed goes to the browser: images are not re-encoded for every token.
-                yield [gr.skip() if _same(v, old) else v for v, old in zip(values, sent)]
+                yield [gr.skip() if _same(v, old) else strip_update(v) if out is strip else v
+                       for out, v, old in zip(outputs, values, sent)]
                 sent = values
 
         image.change(session.preview, [image], [preview, status], api_name="preview")
-        run.click(restore, [image, profile, scale, steps, seed, color_fix], outputs, api_name="restore")
+        # The slider means something only when auto is off.
+        auto_fidelity.change(lambda auto: gr.update(interactive=not auto), [auto_fidelity], [fidelity], queue=False,
+                             api_visibility="private")
+        run.click(restore, [image, profile, scale, steps, seed, color_fix, auto_fidelity, fidelity], outputs,
+                  api_name="restore")
     return demo
 
 

@@ -5,8 +5,10 @@ request) and the folder the demo serves results from. `DemoSession.restore(...)`
 yields `View` snapshots as events arrive: the reasoning text grows token by token, the degradation
 items appear as labels once `</degradation>` closes, the understanding texts as their tags close,
 each stage's image (and its diffusion previews) as soon as it exists, a status line with the
-current stage, and at the end a before/after pair and the result + sidecar files. Errors end the
-run with a one-line message in the view; the session keeps serving.
+current stage, and at the end a before/after pair and the result + sidecar files. When the restorer
+chose among candidates (the lite profile's experts and their blends), the view also holds a look at
+each candidate captioned with its scores, the winner starred, and one line saying why. Errors end
+the run with a one-line message in the view; the session keeps serving.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .imageio import DEFAULT_MAX_PIXELS, ImageReadError, atomic_write_text, read
 from .pipeline import (AnalysisReady, Done, Failed, ImageInContext, PlanReady, PlanUpdate, StageImage, StagePreview,
                        StageStarted, TextDelta)
 from .profiles import PROFILES, ConfigError, build_pipeline, check_profile, choose_profile, load_config
-from .restorers.lite import resize
+from .restorers.lite import parse_fidelity, resize
 from .sidecar import build_sidecar
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,9 @@ class View:
     stages: dict[str, np.ndarray | None] = field(default_factory=lambda: {s: None for s in STAGES})
     compare: tuple[np.ndarray, np.ndarray] | None = None
     files: list[str] = field(default_factory=list)
+    # A tuple: app.py compares it by identity, never element-wise (it holds arrays).
+    candidates: tuple[tuple[np.ndarray, str], ...] = ()  # (look, caption) per candidate, winner starred
+    choice: str = ""  # how the restorer chose its mix, one line of Markdown
     error: str | None = None
 
 
@@ -103,6 +108,37 @@ def start_profiles(requested: str) -> tuple[dict[str, str], str, str | None]:
         return profiles, requested, None
     kept = " (full stays in the list)" if "full" in profiles else ""
     return profiles, "lite", f"--profile full cannot run here: {problem}; starting with lite instead{kept}"
+
+
+def candidate_caption(row: dict, winner: str | None) -> str:
+    """e.g. `★ reward 4.84 — realsr-df2k (F 0.99, Q 4.86)`: F and Q where the reward has those parts.
+    The score comes first: the strip cuts long captions (blends' labels) short."""
+    parts = [f"{short} {row[key]:.2f}" for key, short in (("fidelity", "F"), ("q_sr", "Q")) if row.get(key) is not None]
+    reward = "no score" if row.get("reward") is None else f"reward {row['reward']:.2f}"
+    star = "★ " if row["label"] == winner else ""
+    return f"{star}{reward} — {row['label']}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def candidate_strip(choice: dict | None, looks: list | None) -> tuple[tuple[np.ndarray, str], ...]:
+    """(image, caption) per candidate the chooser scored; empty for a fixed mix or a single restorer."""
+    if not choice or choice.get("mode") != "auto" or not looks:
+        return ()
+    return tuple((to_display(look), candidate_caption(row, choice.get("winner")))
+                 for row, look in zip(choice.get("candidates", []), looks))
+
+
+def choice_text(choice: dict | None) -> str:
+    """One line on how the final image's mix was chosen; empty when there was nothing to choose."""
+    if not choice:
+        return ""
+    if choice.get("mode") == "auto":
+        took = f"; scored in {choice['seconds']:.1f} s" if choice.get("seconds") is not None else ""
+        return f"**Chosen: {choice.get('winner')}** — {choice.get('why', '')}{took}."
+    weights = " / ".join(f"{w:g}" for w in choice.get("weights", []))
+    dial = choice.get("fidelity")
+    dial = f"{dial:g}" if isinstance(dial, (int, float)) else dial
+    return (f"**Fidelity {dial}** (set, not chosen): a fixed mix of the experts, "
+            f"natural → faithful weights {weights}; no candidates were scored.")
 
 
 def understanding_text(plan) -> str:
@@ -174,7 +210,9 @@ class DemoSession:
                 shutil.rmtree(run, ignore_errors=True)
 
     def restore(self, path: str | None, profile: str = "auto", *, scale: float = 4.0, steps: int | None = None,
-                seed: int = 0, color_fix: str | None = None) -> Iterator[View]:
+                seed: int = 0, color_fix: str | None = None, fidelity: float | str | None = None) -> Iterator[View]:
+        """Views of one restoration. `steps`, `color_fix` and `fidelity` (auto or 0 natural … 1
+        faithful) apply to restorers that declare them; None keeps the profile's own setting."""
         view = View(status="Loading…")
         if not path:
             yield replace(view, status="Upload an image or pick an example first.", error="no image")
@@ -187,12 +225,12 @@ class DemoSession:
                 raise ImageReadError(f"{name}: {' '.join(str(e).split())}") from None
             yield view
             pipe, reason = self.pipeline(profile)
+            restorer = with_options(pipe.restorer, steps=steps, color_fix=color_fix, fidelity=fidelity)
         except (ImageReadError, ConfigError, OSError, ValueError, RuntimeError) as e:
             msg = " ".join(str(e).split())
             yield replace(view, status=f"**Error:** {msg}", error=msg)
             return
         self.cleanup()
-        restorer = with_options(pipe.restorer, steps=steps, color_fix=color_fix)
         run = copy.copy(pipe)
         run.restorer = restorer
         t0 = time.perf_counter()
@@ -228,6 +266,9 @@ class DemoSession:
                 view.status = f"Stage {STAGES.index(event.stage) + 1}/3: {event.stage}, step {event.step}/{event.total}"
             elif isinstance(event, StageImage):
                 view.stages = {**view.stages, event.stage: to_display(event.rgb, event.alpha)}
+                if event.choice is not None:
+                    view.candidates = candidate_strip(event.choice, event.candidates)
+                    view.choice = choice_text(event.choice)
             elif isinstance(event, ImageInContext):  # reflect mode: the text that follows is written seeing it
                 view.reasoning += f"\n[looking at the {event.stage} image, {event.size[0]}×{event.size[1]}]\n"
                 view.status = f"Reasoning with the {event.stage} image in view…"
@@ -252,14 +293,18 @@ class DemoSession:
         return [str(image_path), str(folder / f"{stem}.json")]
 
 
-def with_options(restorer, *, steps: int | None = None, color_fix: str | None = None):
-    """A per-request view of a shared restorer (same models) with its own steps / colour fix, for
-    the options the restorer declares (`request_options`); others are left alone."""
+def with_options(restorer, *, steps: int | None = None, color_fix: str | None = None,
+                 fidelity: float | str | None = None):
+    """A per-request view of a shared restorer (same models) with its own steps / colour fix /
+    fidelity, for the options the restorer declares (`request_options`); others are left alone.
+    A fidelity other than auto or a number in [0, 1] is a ValueError."""
     allowed = getattr(restorer, "request_options", ())
-    changes = {k: v for k, v in (("steps", steps), ("color_fix", color_fix)) if v is not None and k in allowed}
+    given = (("steps", steps), ("color_fix", color_fix), ("fidelity", fidelity))
+    changes = {k: v for k, v in given if v is not None and k in allowed}
     if not changes:
         return restorer
+    convert = {"steps": int, "fidelity": parse_fidelity}
     own = copy.copy(restorer)
     for key, value in changes.items():
-        setattr(own, key, int(value) if key == "steps" else value)
+        setattr(own, key, convert.get(key, lambda v: v)(value))
     return own

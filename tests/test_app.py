@@ -14,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import REPO, photo
@@ -227,19 +228,32 @@ def test_help_shows_every_default():
         assert shown in done.stdout
 
 
-def submit(url, path, profile="tiny", scale=4, steps=4):
+def submit(url, path, profile="tiny", scale=4, steps=4, fidelity="auto"):
     from gradio_client import Client, handle_file
 
     client = Client(url, verbose=False)
-    return client.submit(handle_file(str(path)), profile, scale, steps, 0, "wavelet", api_name="/restore")
+    auto = fidelity == "auto"
+    return client.submit(handle_file(str(path)), profile, scale, steps, 0, "wavelet", auto, 0.5 if auto else fidelity,
+                         api_name="/restore")
+
+
+OUTPUTS = ["status", "reasoning", "degradation", "understanding", "rough", "middle", "final", "compare", "files",
+           "candidates", "choice"]
 
 
 def states(job):
-    """The page's state after each streamed update (the app sends only what changed)."""
-    out, state = [], [None] * 9
+    """The page's state after each streamed update (the app sends only what changed; an update
+    that also shows or hides a component carries its value)."""
+    out, state = [], [None] * len(OUTPUTS)
+
+    def merged(new, old):
+        if isinstance(new, dict) and new.get("__type__") == "update":
+            return new.get("value", old)
+        return new
+
     for update in job:
-        state = [old if isinstance(new, dict) and new.get("__type__") == "update" else new
-                 for new, old in zip(update, state)]
+        assert len(update) == len(OUTPUTS)
+        state = [merged(new, old) for new, old in zip(update, state)]
         out.append(state)
     return out
 
@@ -252,8 +266,9 @@ def test_stream_order_and_files(app, tmp_path):
     photo((24, 16)).save(tmp_path / "dog.png")
     job = submit(app["url"], tmp_path / "dog.png")
     updates = states(job)
-    status, reasoning, degradation, understanding, rough, middle, final, compare, files = updates[-1]
+    status, reasoning, degradation, understanding, rough, middle, final, compare, files, strip, choice = updates[-1]
     assert status.startswith("Done"), status
+    assert not strip and choice == ""  # one diffusion restorer: nothing was chosen
     text_at = first_index(updates, lambda u: u[1])
     stage_at = [first_index(updates, lambda u, k=k: u[k]) for k in (4, 5, 6)]
     assert text_at is not None and None not in stage_at
@@ -267,13 +282,28 @@ def test_stream_order_and_files(app, tmp_path):
 
 
 def test_lite_profile_and_degradation_labels(app, tmp_path):
-    photo((24, 16)).save(tmp_path / "p.png")
+    photo((64, 48)).save(tmp_path / "p.png")  # ×2 gives 128×96: big enough for NIQE to score the candidates
     updates = states(submit(app["url"], tmp_path / "p.png", profile="lite", scale=2))
-    status, _, degradation, *_ = updates[-1]
+    status, _, degradation, *_, files, strip, choice = updates[-1]
     assert status.startswith("Done"), status
     labels = [d["token"] for d in degradation]  # HighlightedText over the API: [{"token", "class_or_confidence"}]
     assert {d["token"]: d["class_or_confidence"] for d in degradation}["downsample x2"] is None
     assert any(label.startswith("noise:") for label in labels) and "downsample x2" in labels
+    # Two experts: the chooser's candidates, each with its scores, the winner starred and said why.
+    side = json.loads(Path(next(f for f in files if f.endswith(".json"))).read_text())
+    rows = side["choice"]["candidates"]
+    captions = [item["caption"] for item in strip]  # Gallery over the API: [{"image", "caption"}]
+    winner, labels = side["choice"]["winner"], [r["label"] for r in rows]
+    assert len(rows) == 5 and [c.split(" — ", 1)[1].split(" (")[0] for c in captions] == labels
+    starred = [c for c in captions if c.startswith("★")]
+    assert starred == [captions[labels.index(winner)]]
+    assert starred[0].startswith(f"★ reward {max(r['reward'] for r in rows):.2f} — {winner} (F ")
+    assert all(Path(item["image"]).is_file() for item in strip)  # the client downloads each look
+    assert choice.startswith(f"**Chosen: {winner}**") and "reward" in choice
+
+    fixed = states(submit(app["url"], tmp_path / "p.png", profile="lite", scale=2, fidelity=1.0))[-1]
+    assert fixed[0].startswith("Done") and not fixed[-2]  # a fixed mix: no strip
+    assert fixed[-1].startswith("**Fidelity 1") and "no candidates" in fixed[-1]
 
 
 def test_bad_upload_gets_a_message_and_the_app_keeps_serving(app, tmp_path):
@@ -345,6 +375,13 @@ def test_in_a_real_browser(app, tmp_path):
             assert img.is_visible() and img.evaluate("i => i.complete && i.naturalWidth > 0")
         listed = page.locator("#files").inner_text().replace("\n", "")  # the name and extension are separate spans
         assert "dog.png" in listed and "dog.json" in listed
+        # lite's two experts: the chooser's candidates with their scores, the winner starred, and why
+        assert page.locator("#fidelity-auto input").is_checked() and page.locator("#fidelity input").first.is_disabled()
+        assert page.locator("#candidates").is_visible() and "★" in page.locator("#candidates").inner_text()
+        thumbs = page.locator("#candidates img")
+        assert thumbs.count() == 5 and all(thumbs.nth(i).evaluate("i => i.complete && i.naturalWidth > 0")
+                                           for i in range(5))
+        assert page.locator("#choice").inner_text().startswith("Chosen:")
         browser.close()
     assert (ARTIFACTS / "demo.png").stat().st_size > 10_000
     assert not outside, f"the page fetched from outside: {outside[:5]}"
@@ -369,6 +406,16 @@ def test_request_options_do_not_touch_the_shared_restorer():
         request_options = ()
 
     assert with_options(Declares(), steps=3).steps == 20
+
+    class Lite:
+        fidelity = "auto"
+        request_options = ("fidelity",)
+
+    lite = Lite()
+    assert with_options(lite, fidelity="0.25", steps=3).fidelity == 0.25 and lite.fidelity == "auto"
+    assert with_options(lite, fidelity="auto").fidelity == "auto" and with_options(shared, fidelity=0.5) is shared
+    with pytest.raises(ValueError, match="auto or a number in"):
+        with_options(lite, fidelity=1.5)
 
     rgb16 = np.full((2, 3, 3), 65535, np.uint16)
     alpha = np.array([[0.0, 0.5, 1.0]] * 2, np.float32)
@@ -410,3 +457,55 @@ def test_a_model_failure_is_a_message_in_the_view(tmp_path, weights_dir):
     assert session.running == 0  # the failed run is not counted as running any more
     ok = list(session.restore(str(tmp_path / "a.png"), "lite"))  # same session, next request
     assert ok[-1].error and ok[-1].files == []
+
+
+def toy_lite_session(tmp_path):
+    """A session whose lite profile is two stand-in experts and a chooser that likes dark images
+    (tests/test_chooser.py's), so the choice is known and nothing heavy runs."""
+    from test_chooser import toy_experts
+
+    from realsr_r1.chooser import Chooser
+    from realsr_r1.demo import DemoSession
+    from realsr_r1.pipeline import RestorationPipeline
+    from realsr_r1.policy import AnalyserPolicy
+    from realsr_r1.restorers.lite import LiteStages
+
+    stages = LiteStages(toy_experts(), Chooser({"tiny_rewards:darkness": {}}))
+    session = DemoSession({"lite": "lite"}, tmp_path / "out", device="cpu")
+    session._pipelines["lite"] = (RestorationPipeline(AnalyserPolicy(), stages, profile="lite"), "lite: test")
+    photo((24, 16)).save(tmp_path / "a.png")
+    return session, stages
+
+
+def test_the_chooser_s_candidates_are_a_captioned_strip(tmp_path):
+    session, stages = toy_lite_session(tmp_path)
+    views = list(session.restore(str(tmp_path / "a.png"), "lite"))
+    last = views[-1]
+    assert last.status.startswith("Done") and not last.error
+    assert all(v.candidates == () for v in views if v.stages["final"] is None)  # filled with the final image
+    side = json.loads(Path(last.files[1]).read_text())
+    labels = [r["label"] for r in side["choice"]["candidates"]]
+    assert labels[0] == "bright" and labels[-1] == "dark" and len(labels) == 5
+    looks = [look for look, _ in last.candidates]
+    captions = [caption for _, caption in last.candidates]
+    assert all(look.dtype == np.uint8 and look.ndim == 3 and look.shape[2] == 3 for look in looks)
+    assert looks[0].mean() > looks[-1].mean()  # bright expert first, dark last, as the rows say
+    rows = side["choice"]["candidates"]
+    assert captions == [f"{'★ ' if r['label'] == 'dark' else ''}reward {r['reward']:.2f} — {r['label']}"
+                        for r in rows]  # a reward without F and Q parts: the reward alone
+    assert max(rows, key=lambda r: r["reward"])["label"] == "dark"
+    assert last.choice.startswith("**Chosen: dark**") and "darkness reward" in last.choice
+
+
+def test_fidelity_is_a_request_option_the_shared_restorer_never_sees(tmp_path):
+    session, stages = toy_lite_session(tmp_path)
+    views = list(session.restore(str(tmp_path / "a.png"), "lite", fidelity=0))
+    last = views[-1]
+    assert last.status.startswith("Done") and last.candidates == ()
+    choice = json.loads(Path(last.files[1]).read_text())["choice"]
+    assert choice["mode"] == "fidelity" and choice["weights"] == [1.0, 0.0]
+    assert last.choice.startswith("**Fidelity 0** (set, not chosen)") and "1 / 0" in last.choice
+    assert stages.fidelity == "auto" and session._pipelines["lite"][0].restorer is stages
+    assert list(session.restore(str(tmp_path / "a.png"), "lite"))[-1].candidates  # the next request: auto again
+    bad = list(session.restore(str(tmp_path / "a.png"), "lite", fidelity="very"))[-1]
+    assert bad.error and "fidelity must be auto or a number in [0, 1]" in bad.status and session.running == 0
