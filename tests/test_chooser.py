@@ -158,3 +158,24 @@ def test_restore_final_batch_gives_each_reading_its_own_image(monkeypatch):
     np.testing.assert_allclose(out[0], 0.4, atol=1e-6)  # clean reading: the faithful end
     np.testing.assert_allclose(out[1], 0.8, atol=1e-6)  # heavy reading: the natural-looking end
     assert out[2] is out[0]
+
+
+def test_region_blend_takes_the_next_expert_where_the_first_has_texture():
+    """A gated candidate: the faithful expert where the natural one's output has contrast above the
+    threshold, the natural one where it is flat, a smooth ramp between, and a box of it equals the
+    same box of the whole."""
+    rng = np.random.default_rng(0)
+    natural = np.full((64, 96, 3), 0.5, np.float32)
+    natural[:, :40] = np.clip(0.5 + 0.2 * rng.standard_normal((64, 40, 1)), 0, 1)  # textured left part
+    faithful = np.full_like(natural, 0.9)
+    tex = blend.texture(natural)
+    assert tex.shape == (8, 12) and tex[:, :5].min() > 0.1 and tex[:, 6:].max() == 0
+    cand = blend.Candidate("gated", (1.0, 0.0), gate=0.04, base=0)
+    out = blend.compose([natural, faithful], cand, np.float32, {0: tex})
+    np.testing.assert_allclose(out[:, :24], 0.9, atol=1e-6)  # deep in the texture: the faithful expert
+    np.testing.assert_allclose(out[:, 64:], 0.5, atol=1e-6)  # flat: the natural one, untouched
+    weight = (out - natural) / (faithful - natural)  # the faithful expert's share per pixel
+    assert np.abs(np.diff(weight[32, 20:64, 0])).max() < 0.1  # a ramp, not a cut
+    box = (10, 5, 70, 40)
+    np.testing.assert_array_equal(blend.compose([natural, faithful], cand, np.float32, {0: tex}, box), out[5:40, 10:70])
+    assert blend.compose([natural, faithful], cand, np.uint8, {0: tex}).dtype == np.uint8

@@ -24,9 +24,10 @@ rather than 0.3x.
 Cache. Everything converted lands under `<weights dir>/compiled/<weights stem>-<sha12>/`, one
 folder per runtime version and precision of the IR (`openvino-<version>-fp32`, which fp32 and bf16
 share, and `...-int8-nncf<version>-<hash of the calibration tiles and the layers kept in float>`):
-the IR (model.xml/.bin, meta.json) and OpenVINO's compiled-model cache (`CACHE_DIR`, blobs/), which
-OpenVINO keys by device and compile options (so by the precision hint) itself. Compiling from the
-IR's path (`Core.compile_model(path, ...)`) lets a cache hit skip reading the model: a second run
+the IR (model.xml/.bin, meta.json) and OpenVINO's compiled-model cache of the dynamic model
+(`CACHE_DIR`, blobs/), which OpenVINO keys by device and compile options (so by the precision hint)
+itself; static shapes, one per large image size, are compiled afresh (`_compile`). Compiling from
+the IR's path (`Core.compile_model(path, ...)`) lets a cache hit skip reading the model: a second run
 loads in about 0.4 s on 2 cores instead of tracing (13 s) and compiling (0.8 s). Folders are written under a temporary
 name and renamed into place, so an interrupted conversion leaves nothing that looks complete.
 """
@@ -72,16 +73,17 @@ META = "meta.json"  # {"format", "arch", "scale"} of the network, written beside
 CACHE_FORMAT = 1
 
 
-# `auto` picks INT8 because it met the quality bar (≤ 0.05 dB Y-PSNR and ≤ 0.002 SSIM below fp32 on
-# the RealSRSet photos degraded by degrade.py: benchmarks/int8_quality.py, README "INT8") and ran
-# 1.55-1.75x faster than bf16 (0.3x ncnn's time at 128²). Its price is a one-off calibration
-# (~90 s on 2 cores).
-INT8_BY_DEFAULT = True
+# INT8 is opt-in (--precision int8). It met its bar (≤ 0.05 dB Y-PSNR and ≤ 0.002 SSIM below fp32) on
+# photos degraded by our own degrade.py, but not on real camera pairs: on the 93 DRealSR test pairs
+# x4plus in INT8 lost 0.23 dB and 0.0034 SSIM (one image 4.3 dB), while bf16 stayed within
+# +0.02 dB / +0.0003 for x4plus and -0.006 dB / -0.0002 for DF2K (benchmarks/real_pairs.py). So
+# `auto` is bf16 where the CPU has bf16 units, else fp32.
+INT8_BY_DEFAULT = False
 
 
 def auto_precision() -> str:
-    """What precision `auto` means on this CPU: INT8 where NNCF is installed to calibrate it (or
-    INT8_BY_DEFAULT is off: bf16 where the CPU has bf16 units, else fp32)."""
+    """What precision `auto` means on this CPU: bf16 where the CPU has bf16 units, else fp32 (INT8
+    only if INT8_BY_DEFAULT were on and NNCF installed to calibrate it)."""
     import importlib.util
 
     if INT8_BY_DEFAULT and importlib.util.find_spec("nncf") is not None:
@@ -236,7 +238,7 @@ class OpenVINONet:
                        "CACHE_DIR": str(folder / "blobs")}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.static_shape: tuple[int, int] | None = None  # ESRGANRestorer's full tile window (fix_shape)
+        self.static_shape: tuple[int, int] | None = None  # ESRGANRestorer's window for this image (fix_shape)
         try:
             self.scale = int(json.loads((folder / META).read_text())["scale"])
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -250,7 +252,9 @@ class OpenVINONet:
 
     def _compile(self, shape: tuple[int, int] | None) -> None:
         """Hold one compiled model: the dynamic [1, 3, H, W] one (shape None) or one reshaped to a
-        static input. Each holds its own repacked weights, so the other is dropped first."""
+        static input. Each holds its own repacked weights, so the other is dropped first. Static
+        models are not cached: their shape follows the image's size, and a blob per size (20-70 MB)
+        would fill the disk."""
         self.compiled = self.request = None
         try:
             if shape is None:
@@ -259,17 +263,19 @@ class OpenVINONet:
             else:
                 model = self.core.read_model(str(self.folder / "model.xml"))
                 model.reshape([1, 3, *shape])
-                self.compiled = self.core.compile_model(model, "CPU", self.config)
+                config = {k: v for k, v in self.config.items() if k != "CACHE_DIR"}
+                self.compiled = self.core.compile_model(model, "CPU", config)
         except (RuntimeError, OSError, ValueError) as e:
             raise self._corrupt(e) from None
         self.shape = shape
         self.request = self.compiled.create_infer_request()
 
     def fix_shape(self, shape: tuple[int, int] | None) -> None:
-        """Tiles of exactly this input shape run on a model compiled for it (the others on the
-        dynamic one). ESRGANRestorer gives its full window, tile + 2·tile_pad, which every tile of a
-        large image has (esrgan._spans). Static shapes let the CPU plugin plan its buffers: a 276²
-        fp32 tile peaks at 0.63 GB of them instead of 0.97 GB (README, "Precision and speed")."""
+        """Tiles of exactly this input shape (height, width) run on a model compiled for it (the
+        others on the dynamic one), until another shape is fixed. ESRGANRestorer gives the window
+        that every tile of a large image shares (esrgan._spans, STATIC_TILES), None otherwise.
+        Static shapes let the CPU plugin plan its buffers: a 276² fp32 tile peaks at 0.63 GB of
+        them instead of 0.97 GB (README, "Precision and speed")."""
         self.static_shape = tuple(shape) if shape else None
 
     @staticmethod
