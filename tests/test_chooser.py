@@ -269,3 +269,21 @@ def test_bad_choosing_settings_are_one_line_errors(args, message, tmp_path, caps
     rc = main(["-i", str(tmp_path / "in.png"), "-o", str(tmp_path / "out"), *args])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_grpo_image_reward_tells_two_readings_apart(monkeypatch):
+    """Lite under GRPO: two completions that read the degradation differently render two images
+    (restore_final_batch through the rewards' shared Restorations) and get two rewards."""
+    from realsr_r1.rewards import registry
+    from realsr_r1.rewards.visual import Restorations
+
+    stages = LiteStages(toy_experts(), Chooser())
+    monkeypatch.setattr(stages.chooser, "measure", lambda crops, lq: [
+        {"fidelity": 0.80 + 0.05 * i, "q_sr": 4.6 - 0.15 * i} for i in range(len(crops))])
+    spec = {"compass": {"quality": "niqe", "fidelity": "input"}}  # the no-HR reward GRPO can train with
+    (reward,), _ = registry.build_rewards(spec, restorations=lambda: Restorations(stages))
+    image = (_crop(100) * 255).astype(np.uint8)  # NIQE judges the input too: at least 96²
+    completions = [CLEAN + "<rough_understand>a building</rough_understand>",
+                   HEAVY + "<rough_understand>a building</rough_understand>"]
+    values = reward(prompts=["p", "p"], completions=completions, image=[image, image])
+    assert None not in values and values[0] != values[1]
