@@ -32,8 +32,10 @@ sys.path.insert(0, str(REPO))
 from esrgan_speed import cap_isa, photos  # noqa: E402  (RealSRSet from ../shared, else examples/)
 
 # name → --set/--precision flags of our CLI (auto first: what the README's command runs)
+# The lite profile runs two experts and a chooser by default; `--fidelity 0` runs x4plus alone.
 OURS = {
     "ours auto": [],
+    "ours --fidelity 0 (x4plus alone)": ["--fidelity", "0"],
     "ours torch": ["--set", "restorer.backend=torch"],
     "ours openvino bf16": ["--set", "restorer.backend=openvino", "--precision", "bf16"],
     "ours openvino fp32": ["--set", "restorer.backend=openvino", "--precision", "fp32"],

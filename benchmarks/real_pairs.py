@@ -88,11 +88,13 @@ def run(folder: Path, args) -> None:
                 raise SystemExit(f"error: {name}: {event.message}")
         whole = time.perf_counter() - t
         outs = [kept[e.name][0] for e in stages.experts]
+        textures = {c.base: blend.texture(outs[c.base]) for c in stages.candidates if c.gate is not None}
         cand_scores = []
         for cand in stages.candidates:
-            s = score(blend.mix(outs, cand.weights, np.uint8), hr)
+            s = score(blend.compose(outs, cand, np.uint8, textures), hr)
             rows.setdefault(cand.label, []).append(s)
-            seconds.setdefault(cand.label, []).append(sum(kept[e.name][1] for e, w in zip(stages.experts, cand.weights) if w))
+            used = {cand.base, cand.base + 1} if cand.gate is not None else {j for j, w in enumerate(cand.weights) if w}
+            seconds.setdefault(cand.label, []).append(sum(kept[stages.experts[j].name][1] for j in used))
             cand_scores.append(s)
         rows.setdefault("auto", []).append(score(result.rgb, hr))
         seconds.setdefault("auto", []).append(whole)

@@ -129,6 +129,15 @@ def _build_esrgan(section: dict, kw: dict, device: str):
         raise ConfigError(f"restorer.{e}") from None
     path = kw.pop("path", None)
     names = list(experts) if experts is not None else [path] if path is not None else list(DEFAULT_EXPERTS)
+    if own["fidelity"] != "auto" and len(names) > 1:
+        # A fixed point on the dial mixes at most two neighbours: load only those (`--fidelity 0`
+        # starts as fast as one expert did), at the same point between them.
+        from .restorers.blend import dial
+
+        weights = dial(len(names), own["fidelity"])
+        keep = [i for i, w in enumerate(weights) if w > 0]
+        own["fidelity"] = weights[keep[-1]] if len(keep) == 2 else 0.0
+        names = [names[i] for i in keep]
     loaded = []
     for i, name in enumerate(names):
         try:

@@ -287,3 +287,14 @@ def test_grpo_image_reward_tells_two_readings_apart(monkeypatch):
                    HEAVY + "<rough_understand>a building</rough_understand>"]
     values = reward(prompts=["p", "p"], completions=completions, image=[image, image])
     assert None not in values and values[0] != values[1]
+
+
+def test_in_place_composition_equals_a_fresh_one():
+    rng = np.random.default_rng(1)
+    a, b = (rng.integers(0, 256, (600, 40, 3), dtype=np.uint8) for _ in range(2))
+    tex = {0: blend.texture(a)}
+    for cand in (blend.Candidate("g", (1.0, 0.0), gate=0.05, base=0), blend.Candidate("m", (0.3, 0.7))):
+        fresh = blend.compose([a, b], cand, np.uint8, tex)
+        a2 = a.copy()
+        inplace = blend.compose([a2, b], cand, np.uint8, tex, in_place=True)
+        assert inplace is a2 and np.array_equal(inplace, fresh)

@@ -71,15 +71,17 @@ def test_the_runtimes_buffers_are_given_back_after_each_image_and_it_runs_on(pai
 
 
 def test_full_tiles_run_on_a_static_shape_and_others_on_the_dynamic_model(pair):
-    """Every tile of an image larger than the tile is tile + 2·pad = 24² here: one compiled static
-    shape serves them; a small image runs whole on the dynamic model. Both give PyTorch's image."""
+    """An image of at least STATIC_TILES windows runs them on one compiled static shape (24² here:
+    tile + 2·pad, as 72 = 4 windows of 24 overlapping by 2·pad); a small image runs whole on the
+    dynamic model. Both give PyTorch's image."""
     torch_fp32, vino = pair
     vino.net._compile(None)  # whatever earlier tests left compiled
     shapes = []
     real = vino.net._compile
     vino.net._compile = lambda shape: shapes.append(shape) or real(shape)
     try:
-        big, small = rgb(28, 40), rgb(12, 12)
+        big, small = rgb(72, 72), rgb(12, 12)
+        assert esrgan.STATIC_TILES <= 16  # 4 x 4 windows
         for image, want in ((big, (24, 24)), (small, None), (big, (24, 24))):
             out = vino.upscale(image)
             assert vino.net.shape == want
@@ -328,7 +330,8 @@ def test_the_cli_sidecar_records_openvino_and_its_images_match_pytorch(weights_d
 @pytest.mark.parametrize("int8", [False, True])
 def test_a_lite_run_on_the_cached_openvino_model_never_imports_torch(pair, compact_int8, weights_dir, tmp_path, int8):
     """PyTorch is half of a lite run's start-up (1.1 s) and OpenVINO needs it only to convert; NNCF
-    (which imports it) only to calibrate."""
+    (which imports it) only to calibrate. One expert (`--fidelity 0`) starts without it; the chooser
+    scores with metrics.py's PSNR/SSIM, which are PyTorch's."""
     import os
     import subprocess
     import sys
@@ -340,7 +343,7 @@ def test_a_lite_run_on_the_cached_openvino_model_never_imports_torch(pair, compa
               f"restorer.calibration={compact_int8[2]}"] if int8 else ["--fp32"])
     code = ("import sys\nfrom realsr_r1 import infer\n"
             f"rc = infer.main(['--input', {str(src)!r}, '--output', {str(tmp_path / 'out')!r}, '--quiet', "
-            f"'--device', 'cpu', '--set', 'restorer.backend=openvino', *{flags!r}])\n"
+            f"'--device', 'cpu', '--fidelity', '0', '--set', 'restorer.backend=openvino', *{flags!r}])\n"
             "print('rc', rc, 'torch' in sys.modules, 'nncf' in sys.modules)")
     env = {**os.environ, "REALSR_R1_WEIGHTS": str(weights_dir), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)

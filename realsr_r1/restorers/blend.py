@@ -50,7 +50,7 @@ def candidates(experts: list[str], blends: list[float], gates: list[float] = ())
         out.append(Candidate(experts[i], tuple(w)))
         if i + 1 < n:
             for t in sorted(gates, reverse=True):
-                out.append(Candidate(f"{experts[i + 1]} where {experts[i]} has texture (t {t:g})", tuple(w), t, i))
+                out.append(Candidate(f"{experts[i + 1]} where {experts[i]} has texture, t {t:g}", tuple(w), t, i))
             for b in blends:
                 if 0 < b < 1:
                     w = [0.0] * n
@@ -113,19 +113,24 @@ def _upsample(gmap: np.ndarray, r0: int, r1: int, c0: int, c1: int) -> np.ndarra
 
 
 def compose(images: list[np.ndarray], cand: Candidate, out_dtype=None, textures: dict | None = None,
-            box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+            box: tuple[int, int, int, int] | None = None, in_place: bool = False) -> np.ndarray:
     """The candidate's image (or its `box` (x0, y0, x1, y1) in output pixels), in `out_dtype`. A
-    region blend reads `textures[base]`, texture() of the base expert's whole output."""
+    region blend reads `textures[base]`, texture() of the base expert's whole output. `in_place`
+    writes over an expert's output of that dtype (each row chunk is read before it is written): a
+    large image then needs no third output-sized array beside the two experts'."""
     if cand.gate is None:
         if box is not None:
             x0, y0, x1, y1 = box
             images = [None if im is None else im[y0:y1, x0:x1] for im in images]
-        return mix(images, cand.weights, out_dtype)
+        return mix(images, cand.weights, out_dtype, in_place)
     a, b = images[cand.base], images[cand.base + 1]
     gmap = gate_map(textures[cand.base], cand.gate)
     x0, y0, x1, y1 = box or (0, 0, a.shape[1], a.shape[0])
     out_dtype = np.dtype(out_dtype or a.dtype)
-    out = np.empty((y1 - y0, x1 - x0) + a.shape[2:], out_dtype)
+    if in_place and box is None and a.dtype == out_dtype:
+        out = a
+    else:
+        out = np.empty((y1 - y0, x1 - x0) + a.shape[2:], out_dtype)
     for r in range(y0, y1, 256):
         r1 = min(y1, r + 256)
         m = _upsample(gmap, r, r1, x0, x1)
@@ -142,14 +147,15 @@ def _store(out: np.ndarray, r: int, acc: np.ndarray, out_dtype: np.dtype) -> Non
         out[r:r + acc.shape[0]] = np.clip(acc, 0, 1) * np.iinfo(out_dtype).max + 0.5
 
 
-def mix(images: list[np.ndarray], weights: tuple[float, ...], out_dtype=None) -> np.ndarray:
+def mix(images: list[np.ndarray], weights: tuple[float, ...], out_dtype=None, in_place: bool = False) -> np.ndarray:
     """The weighted sum of equally shaped images, in `out_dtype` (default: the first's; integers rounded).
-    Works in row chunks, so a large output needs no float copy of its own size."""
+    Works in row chunks, so a large output needs no float copy of its own size; `in_place` writes
+    over the first image used when it has that dtype."""
     used = [(im, w) for im, w in zip(images, weights) if w != 0]
     out_dtype = np.dtype(out_dtype or used[0][0].dtype)
     if len(used) == 1 and used[0][1] == 1 and used[0][0].dtype == out_dtype:
         return used[0][0]
-    out = np.empty(used[0][0].shape, out_dtype)
+    out = used[0][0] if in_place and used[0][0].dtype == out_dtype else np.empty(used[0][0].shape, out_dtype)
     for r in range(0, out.shape[0], 256):
         _store(out, r, sum(to_float(im[r:r + 256]) * np.float32(w) for im, w in used), out_dtype)
     return out

@@ -1,22 +1,25 @@
 """Real-ESRGAN as a restorer: its network (esrgan_nets.py, or another runtime's) run tiled in flat memory.
 
-Tiling. Any image size runs in tiles of `tile` input pixels (0 = whole image), each computed in a
-window of tile + 2·tile_pad pixels: `tile_pad` of context beyond its core on every side, more at the
-image's borders, where the window shifts inwards instead of shrinking. So every tile of a large
-image has one input shape, which OpenVINO compiles statically (fewer buffers). Neighbours are
+Tiling. No window the network sees is larger than tile + 2·tile_pad input pixels on a side
+(`tile` 0 = the whole image): an axis up to that long is computed whole; a longer one in the fewest
+windows of that bound, all of one size, which overlap by 2·tile_pad, so every tile's core has
+`tile_pad` of context on each inner side. Time then grows with pixels: an axis of length L costs
+L + 2·tile_pad·(tiles − 1), not a whole window per tile (with windows of a fixed 288², a 280² input
+took 4x a 256² one). All tiles of an image share one input shape, which OpenVINO compiles statically
+for images of many tiles (STATIC_TILES: fewer buffers beside a large output). Neighbours are
 cross-faded over ±tile_pad/2 around each cut with linear ramps that sum to exactly 1, so no weight
-map is needed and seams are continuous. Output is accumulated in float32 one band (row of tiles) at a time; rows no
-later band touches go to the output dtype straight away. Peak memory is one tile's activations
-(the 4x tail runs in strips), one band, and the output in its final dtype: ask for uint8/uint16
-(`out_dtype`) for large images, as the pipeline does — a 2048² input gives an 8192² output, 201 MB
-in uint8 against 805 MB in float32.
+map is needed and seams are continuous. Output is accumulated in float32 one band (row of tiles) at
+a time; rows no later band touches go to the output dtype straight away. Peak memory is one tile's
+activations (the 4x tail runs in strips), one band, and the output in its final dtype: ask for
+uint8/uint16 (`out_dtype`) for large images, as the pipeline does — a 2048² input gives an 8192²
+output, 201 MB in uint8 against 805 MB in float32.
 
 Backends (`backend`): the network of each tile runs on PyTorch (`torch`), on OpenVINO (`openvino`,
 openvino_backend.py: fp32, bf16 or INT8, converted once and cached under the weights folder) or on
 the ncnn runtime (`ncnn`, ncnn_backend.py, the shipped .param/.bin in fp32); everything else above
 is shared, so every backend treats tiling, alpha, grey, 16-bit and outscale alike. `auto`
 (choose_backend) takes PyTorch on GPUs and OpenVINO on CPUs, in the fastest precision that keeps
-quality (INT8), as benchmarks/esrgan_speed.py and int8_quality.py measured it. ncnn stays opt-in,
+quality on real camera pairs (bf16, else fp32; INT8 is opt-in: benchmarks/real_pairs.py). ncnn stays opt-in,
 on 128² tiles: its trunk alone takes about 1 GB for a 288² window (the 4x tail runs on row strips,
 ncnn_backend.py), against 0.5-0.6 GB for PyTorch and 0.7-1.1 GB for OpenVINO (bf16, INT8, fp32) at
 256². PyTorch is imported only where it runs the network (or converts it for OpenVINO, once): a run
@@ -46,6 +49,11 @@ FINALIZE_ROWS = 256  # output rows converted to the output dtype at a time
 RELEASE_AREA = 256 * 256
 GRAY = (0.299, 0.587, 0.114)  # alpha comes back through the RGB net; Real-ESRGAN takes it as grey
 BACKENDS = ("auto", "torch", "openvino", "ncnn")
+# Windows per image from which a runtime compiles the image's window shape statically (fix_shape):
+# OpenVINO's buffers are then 0.15-0.3 GB smaller, which counts beside a large output, and its
+# compile (about 1.25 s, uncached: one shape per image size) is small against that many windows
+# (16: about a minute on 2 cores). Fewer run on the dynamic model: about 0.4 s more on a new shape.
+STATIC_TILES = 16
 # Input pixels, where a backend needs smaller tiles than DEFAULT_TILE: ncnn's memory grows with the
 # tile's area (module doc). Others share DEFAULT_TILE, since the tile changes the image: RRDBNet sees
 # far beyond tile_pad, and 128² tiles cost 0.4 dB PSNR at 256² against 256² tiles.
@@ -64,12 +72,15 @@ class _Span:
 
 
 def _spans(length: int, tile: int, pad: int, scale: int) -> list[_Span]:
-    """Tiles along one axis: equal cores, ramps over ±pad/2 around each cut, and context windows of
-    one size, tile + 2·pad (or the whole axis, if shorter): at least `pad` beyond the core, more at
-    the borders. One window size lets a runtime compile for one static shape (openvino_backend)."""
-    n = 1 if tile <= 0 or length <= tile else -(-length // tile)
-    window = min(length, tile + 2 * pad) if n > 1 else length
-    cuts = [round(i * length / n) for i in range(n + 1)]
+    """Tiles along one axis: the fewest windows of at most tile + 2·pad (the memory bound) that cover
+    it, all of one size (one input shape per image), overlapping by ≥ 2·pad. Each cut lies mid-overlap,
+    so every core has ≥ `pad` of context; ramps cross-fade ±pad/2 around it. An axis that fits in one
+    window is computed whole. So the pixels computed are length + 2·pad·(n − 1), plus < n of rounding."""
+    n = 1 if tile <= 0 or length <= tile + 2 * pad else -(-(length - 2 * pad) // tile)
+    window = -(-(length + 2 * pad * (n - 1)) // n)
+    # Windows spread evenly from one border to the other (rounded half up: steps ≤ window − 2·pad).
+    starts = [(2 * i * (length - window) + n - 1) // (2 * n - 2) for i in range(n)] if n > 1 else [0]
+    cuts = [0] + [(starts[i] + starts[i - 1] + window) // 2 for i in range(1, n)] + [length]
     # Cross-fade zones must not overlap each other, and keep ≥ pad/2 of context outside them.
     blend = min(pad // 2, min(b - a for a, b in zip(cuts, cuts[1:])) // 2)
     ramp = (np.arange(2 * scale * blend, dtype=np.float32) + 0.5) / (2 * scale * blend) if blend else None
@@ -82,9 +93,7 @@ def _spans(length: int, tile: int, pad: int, scale: int) -> list[_Span]:
             w[: ramp.size] = ramp
         if ramp is not None and i < n - 1:
             w[-ramp.size:] = ramp[::-1]
-        # The core ± pad, widened evenly to the window and shifted inside the image at its borders.
-        ctx0 = min(max(0, cuts[i] - pad - (window - (cuts[i + 1] - cuts[i] + 2 * pad)) // 2), length - window)
-        spans.append(_Span(ctx0, ctx0 + window, scale * lo, scale * hi, w))
+        spans.append(_Span(starts[i], starts[i] + window, scale * lo, scale * hi, w))
     return spans
 
 
@@ -257,8 +266,9 @@ class ESRGANRestorer:
         s = self.scale
         ys = _spans(img.shape[0], self.tile, self.tile_pad, s)
         xs = _spans(img.shape[1], self.tile, self.tile_pad, s)
-        if hasattr(self.net, "fix_shape"):  # every window of a large image has this one shape
-            self.net.fix_shape((self.tile + 2 * self.tile_pad,) * 2 if self.tile > 0 else None)
+        if hasattr(self.net, "fix_shape"):  # every window of the image has this one shape
+            shape = (ys[0].ctx1 - ys[0].ctx0, xs[0].ctx1 - xs[0].ctx0)
+            self.net.fix_shape(shape if len(ys) * len(xs) >= STATIC_TILES else None)
         carry = None  # rows of the previous band that this band still blends into
         for i, y in enumerate(ys):
             band = np.zeros((y.out1 - y.out0, out.shape[1], out.shape[2]), np.float32)
@@ -302,9 +312,9 @@ def _nets():
 
 def choose_backend(device: str, backend: str = "auto", precision: str = "auto") -> tuple[str, str]:
     """(backend, precision) that `auto` means on this machine (module doc); explicit choices pass,
-    checked where they run. On CPU, auto is OpenVINO in INT8 (openvino_backend.auto_precision):
-    0.3x ncnn's time at 128², against 0.5x in bf16 and 0.6x for PyTorch bf16 (README "Precision and
-    speed"); without OpenVINO installed, PyTorch."""
+    checked where they run. On CPU, auto is OpenVINO in bf16 where the CPU has bf16 units, else fp32
+    (openvino_backend.auto_precision): 0.5x ncnn's time at 128² in bf16, against 0.6x for PyTorch
+    bf16 (README "Precision and speed"); without OpenVINO installed, PyTorch."""
     from . import openvino_backend as ov
 
     if backend == "auto":

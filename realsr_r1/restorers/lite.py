@@ -191,8 +191,9 @@ class LiteStages:
         else:
             cand, choice = self._fixed(mode)
             outs = self._outputs(image.rgb, image.alpha, sizes["final"], out_dtype, [w != 0 for w in cand.weights])
-        rgb = blend.compose(outs.rgb, cand, out_dtype, textures)
-        alpha = None if image.alpha is None else blend.compose(outs.alpha, cand, out_dtype, textures)
+        # Over the experts' outputs: a 2048² photo's three 8192² arrays would take 0.6 GB, two 0.4.
+        rgb = blend.compose(outs.rgb, cand, out_dtype, textures, in_place=True)
+        alpha = None if image.alpha is None else blend.compose(outs.alpha, cand, out_dtype, textures, in_place=True)
         del outs
         network_seconds = time.perf_counter() - t
         for stage in ("rough", "middle"):
