@@ -1,4 +1,4 @@
-"""Peak memory of a whole lite run on one large photo, per backend and precision: the issue's bar is
+"""Peak memory of a whole lite run on one large photo, per backend and precision: the bar is
 1.5 GB for a 2048² input (8192² output) on every backend.
 
 Each configuration runs `realsr_r1.infer.main` (what `python -m realsr_r1.infer` runs: loading,

@@ -1,7 +1,7 @@
 """Real-ESRGAN on the ncnn runtime (pip `ncnn`), running the very .param/.bin files the weights come from.
 
 ncnn's convolutions are faster than PyTorch's fp32 ones on the same weights (0.75-0.8× the time
-here, 0.73× on the AVX2 machine of issue 13), at the same fidelity: we switch ncnn's fp16 and bf16
+here, 0.73× on an AVX2-only machine), at the same fidelity: we switch ncnn's fp16 and bf16
 storage and arithmetic off, so it computes in fp32 and matches our fp32 model to ~5e-6. The price
 is memory, so it is opt-in (`restorer.backend: ncnn`), not what `auto` picks (esrgan.py), and runs
 128² tiles: ncnn's buffers grow with the blobs it computes, about 55 kB per input pixel of a tile
