@@ -175,7 +175,7 @@ COMPONENTS = {
         # Keys: ESRGANRestorer.from_pretrained's, shared by every expert, and LiteStages' (blends,
         # fidelity); `experts` lists the experts, `chooser` names the reward that picks (chooser.py).
         "realesrgan": Component(_esrgan_parts, _build_esrgan, extra=("experts", "chooser"),
-                                internal=("chooser", "notes"), precision="precision",
+                                internal=("chooser",), precision="precision",
                                 flags={"tile": "tile", "tile_pad": "tile_pad"}),
         # The diffusion tile is in latent pixels (= input pixels at the final ×4 stage); its overlap
         # is what --tile-pad means there.

@@ -80,7 +80,7 @@ class LiteStages:
 
     def __init__(self, experts: ESRGANRestorer | list[ESRGANRestorer], chooser=None, *,
                  gates: list | tuple = DEFAULT_GATES, blends: list | tuple = DEFAULT_BLENDS,
-                 fidelity: str | float = "auto", notes: list | None = None):
+                 fidelity: str | float = "auto"):
         self.experts = [experts] if isinstance(experts, ESRGANRestorer) else list(experts)
         if not self.experts:
             raise ValueError("the lite restorer needs at least one expert")
@@ -92,7 +92,6 @@ class LiteStages:
         if any(not 0 < t < 1 for t in self.gates):
             raise ValueError(f"restorer.gates: contrast thresholds strictly between 0 and 1, got {list(gates)}")
         self.fidelity = parse_fidelity(fidelity)
-        self.notes = list(notes or [])
         self.candidates = blend.candidates([e.name for e in self.experts], self.blends, self.gates)
 
     @property
