@@ -66,15 +66,17 @@ class Chooser:
             return _mean([v for v in self.score.input_quality(lq_crops) if v is not None]), "measured on the input"
         return None, "unused"
 
-    def choose(self, measured: list[dict], plan: Plan | None, lq_crops: list[np.ndarray]) -> tuple[int, list[float | None], dict]:
-        """(winner's index, each candidate's reward, facts for the record)."""
+    def choose(self, measured: list[dict], plan: Plan | None, lq_crops: list[np.ndarray],
+               allowed: list[int] | None = None) -> tuple[int, list[float | None], dict]:
+        """(winner's index among `allowed` (default all), each candidate's reward, facts for the record)."""
         q_lr, source = self.input_quality(plan, lq_crops)
         if hasattr(self.score, "combine"):
             rewards = self.score.combine(measured, [q_lr] * len(measured))
         else:
             rewards = [m.get("reward") for m in measured]
-        valid = [i for i, r in enumerate(rewards) if r is not None]
-        best = max(valid, key=lambda i: rewards[i]) if valid else 0
+        allowed = range(len(measured)) if allowed is None else allowed
+        valid = [i for i in allowed if rewards[i] is not None]
+        best = max(valid, key=lambda i: rewards[i]) if valid else min(allowed)
         return best, rewards, {"q_lr": None if q_lr is None else round(q_lr, 4), "q_lr_source": source}
 
 

@@ -206,8 +206,12 @@ def test_sidecar_records_every_candidate_and_why(tmp_path, capsys, weights_dir):
     for c in choice["candidates"]:
         assert set(c) == {"label", "weights", "gate", "fidelity", "q_sr", "reward"}
         assert 0 <= c["fidelity"] <= 1 and 1 <= c["q_sr"] <= 5 and c["reward"] is not None
-    best = max(choice["candidates"], key=lambda c: c["reward"])
+    allowed = [c for c in choice["candidates"] if c["label"] in choice["allowed"]]
+    best = max(allowed, key=lambda c: c["reward"])
     assert choice["winner"] == best["label"] and f"({best['reward']})" in choice["why"]
+    plan = parse_cot(side["chain_of_thought"])
+    noisy = plan.level("noise") in ("medium", "heavy") or plan.level("jpeg") in ("medium", "heavy")
+    assert (choice["allowed"] == ["realesrgan-x4plus"]) == noisy
     assert "<degradation>" in side["chain_of_thought"]  # the chain keeps its format
 
 
@@ -298,3 +302,18 @@ def test_in_place_composition_equals_a_fresh_one():
         a2 = a.copy()
         inplace = blend.compose([a2, b], cand, np.uint8, tex, in_place=True)
         assert inplace is a2 and np.array_equal(inplace, fresh)
+
+
+def test_a_reading_of_noise_or_jpeg_leaves_the_natural_expert_alone(monkeypatch):
+    """DF2K keeps noise and JPEG blocks, and both F and NIQE pay it for that: a reading of noise or
+    JPEG at medium or worse leaves x4plus alone, even where the reward prefers another candidate."""
+    stages = LiteStages(toy_experts(), Chooser())
+    monkeypatch.setattr(stages.chooser, "measure", lambda crops, lq: [
+        {"fidelity": 0.80 + 0.05 * i, "q_sr": 4.6 + 0.1 * i} for i in range(len(crops))])  # the faithful end wins
+    rgb = np.full((20, 24, 3), 0.8, np.float32)
+    light = "<degradation>blur: none; noise: light; jpeg: light; downsample: x4</degradation>"
+    jpeg = "<degradation>blur: none; noise: none; jpeg: medium; downsample: x4</degradation>"
+    assert run_stages(stages, rgb, light).choice["winner"] == "dark"
+    chosen = run_stages(stages, rgb, jpeg).choice
+    assert chosen["winner"] == "bright" and chosen["allowed"] == ["bright"] and "jpeg: medium" in chosen["why"]
+    assert chosen["candidates"][-1]["reward"] > chosen["candidates"][0]["reward"]  # scored all the same

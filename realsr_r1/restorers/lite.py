@@ -32,6 +32,12 @@ DEFAULT_EXPERTS = ("realesrgan-x4plus", "realsr-df2k")  # natural → faithful: 
 # into flat regions (a 50 % blend: +1.9 NIQE, +50 % PIQE against x4plus).
 DEFAULT_GATES = (0.16, 0.08, 0.04)
 DEFAULT_BLENDS = ()
+# Degradations the faithful experts carry into their output: DF2K keeps the camera's noise and JPEG
+# blocks, and both the input consistency and NIQE reward it for that (on RealSRSet's noisy photos
+# they picked DF2K alone 7 times in 8). A reading that names one at this level or worse leaves the
+# first expert alone as the candidate; on DRealSR that touched 12 of 93 pairs, −0.16 dB.
+KEPT_BY_FAITHFUL = ("noise", "jpeg")
+KEPT_LEVEL = "medium"
 
 
 def resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -152,8 +158,21 @@ class LiteStages:
                  for cand in self.candidates]
         return self.chooser.measure(crops, lq_crops), lq_crops, [c[0] for c in crops]
 
+    def _allowed(self, plan: Plan | None) -> tuple[list[int] | None, str]:
+        """The candidates a degradation reading leaves (None: all) and why."""
+        from ..cot import LEVELS
+
+        kept = [f"{k}: {plan.level(k)}" for k in KEPT_BY_FAITHFUL
+                if plan is not None and plan.level(k) in LEVELS and LEVELS.index(plan.level(k)) >= LEVELS.index(KEPT_LEVEL)]
+        if not kept:
+            return None, ""
+        first = [i for i, c in enumerate(self.candidates) if c.gate is None and c.weights[0] == 1]
+        return first, (f"the reading says {', '.join(kept)}, which the faithful experts keep: only "
+                       f"{self.candidates[first[0]].label} was allowed; ")
+
     def _choose(self, plan: Plan | None, measured, lq_crops) -> tuple[blend.Candidate, dict]:
-        best, rewards, facts = self.chooser.choose(measured, plan, lq_crops)
+        allowed, because = self._allowed(plan)
+        best, rewards, facts = self.chooser.choose(measured, plan, lq_crops, allowed)
         rows = [{"label": c.label, "weights": [round(x, 4) for x in c.weights], "gate": c.gate,
                  **{k: None if v is None else round(float(v), 4) for k, v in m.items()},
                  "reward": None if r is None else round(float(r), 4)} for c, m, r in zip(self.candidates, measured, rewards)]
@@ -161,9 +180,12 @@ class LiteStages:
         if rows[best]["reward"] is None:  # e.g. NIQE cannot judge images under 96² pixels
             why = f"no candidate could be scored by {self.chooser.name} (image too small): kept {winner.label}"
         else:
-            why = (f"highest {self.chooser.name} reward ({rows[best]['reward']}) of {len(rows)} candidates"
-                   f"; input quality Q_LR {facts['q_lr']} from the {facts['q_lr_source']}")
-        return winner, {"mode": "auto", **facts, "candidates": rows, "winner": winner.label, "why": why}
+            why = (f"{because}highest {self.chooser.name} reward ({rows[best]['reward']}) of "
+                   f"{len(allowed) if allowed else len(rows)} candidates; input quality Q_LR {facts['q_lr']} "
+                   f"from the {facts['q_lr_source']}")
+        labels = [self.candidates[i].label for i in (allowed if allowed is not None else range(len(rows)))]
+        return winner, {"mode": "auto", **facts, "candidates": rows, "allowed": labels, "winner": winner.label,
+                        "why": why}
 
     def _fixed(self, fidelity: float) -> tuple[blend.Candidate, dict]:
         weights = blend.dial(len(self.experts), fidelity)
