@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import REPO, photo
 from realsr_r1.tiny import build_tiny_upscaler
@@ -473,7 +474,10 @@ def toy_lite_session(tmp_path):
     stages = LiteStages(toy_experts(), Chooser({"tiny_rewards:darkness": {}}))
     session = DemoSession({"lite": "lite"}, tmp_path / "out", device="cpu")
     session._pipelines["lite"] = (RestorationPipeline(AnalyserPolicy(), stages, profile="lite"), "lite: test")
-    photo((24, 16)).save(tmp_path / "a.png")
+    # A smooth gradient: the analyser reads no noise or JPEG, so every candidate may win (a reading
+    # of either at medium or worse leaves the natural expert alone).
+    ramp = np.linspace(40, 215, 24, dtype=np.float32)[None, :, None] * np.ones((16, 1, 3), np.float32)
+    Image.fromarray(ramp.round().astype(np.uint8)).save(tmp_path / "a.png")
     return session, stages
 
 
