@@ -68,7 +68,7 @@ def run(folder: Path, args) -> None:
         def spy(*a, _e=e, _restore=e.restore, **k):
             t = time.perf_counter()
             out = _restore(*a, **k)
-            kept[_e.name] = (out[0], time.perf_counter() - t)
+            kept[_e.name] = (out[0].copy(), time.perf_counter() - t)  # the pipeline composes over it
             return out
         e.restore = spy
     names = sorted(p.name for p in (folder / "LR").iterdir() if (folder / "HR" / p.name).is_file())[: args.limit]
