@@ -312,3 +312,16 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
         p for p in folder.iterdir()
         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
     )
+
+
+def batch_images(batch, what: str) -> list[np.ndarray]:
+    """An N x C x H x W (C = 1 or 3) tensor or array in [0, 1] as N HxWxC arrays, for metrics that
+    take one image at a time (niqe, piqe); `what` names the metric in the one-line error."""
+    if hasattr(batch, "detach"):
+        batch = batch.detach().cpu().float().numpy()
+    arr = np.asarray(batch)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[1] not in (1, 3):
+        raise ValueError(f"{what} takes N x C x H x W with C = 1 or 3, got shape {arr.shape}")
+    return [np.moveaxis(a, 0, -1) for a in arr]

@@ -210,11 +210,6 @@ def niqe(img) -> float:
 
 def niqe_batch(batch) -> np.ndarray:
     """NIQE per image of an N x C x H x W (C = 1 or 3) tensor or array in [0, 1] -> (N,) float64."""
-    if hasattr(batch, "detach"):
-        batch = batch.detach().cpu().float().numpy()
-    arr = np.asarray(batch)
-    if arr.ndim == 3:
-        arr = arr[None]
-    if arr.ndim != 4 or arr.shape[1] not in (1, 3):
-        raise ValueError(f"NIQE takes N x C x H x W with C = 1 or 3, got shape {arr.shape}")
-    return np.array([niqe(np.moveaxis(a, 0, -1)) for a in arr], np.float64)
+    from .imageio import batch_images
+
+    return np.array([niqe(a) for a in batch_images(batch, "NIQE")], np.float64)

@@ -118,3 +118,22 @@ def bad_inputs(tmp_path):
     photo((12, 12)).save(d / "фото-照片.png")
     expect["фото-照片.png"] = ("ok", (48, 48), "RGB")
     return d, expect
+
+
+def ncnn_extractor(name: str, rgb: np.ndarray):
+    """(extractor, what to keep alive) for a shipped model's .param/.bin on pip ncnn's CPU path in fp32, fed `rgb`
+    (HxWx3 in [0, 1]): the independent runtime tests compare against. ncnn.Mat borrows the input's
+    buffer, so hold the second value until the last extract."""
+    ncnn = pytest.importorskip("ncnn")
+    from realsr_r1 import weights
+
+    param, bin_, _ = weights.source_files(name)
+    net = ncnn.Net()
+    for opt in ("use_vulkan_compute", "use_fp16_storage", "use_fp16_packed", "use_fp16_arithmetic", "use_bf16_storage"):
+        setattr(net.opt, opt, False)
+    net.load_param(str(param))
+    net.load_model(str(bin_))
+    chw = np.ascontiguousarray(rgb.transpose(2, 0, 1))
+    ex = net.create_extractor()
+    ex.input("data", ncnn.Mat(chw))
+    return ex, (net, chw)  # the net and the input must outlive the extractor

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import ncnn_extractor
 from realsr_r1 import device as devmod
 from realsr_r1 import weights
 from realsr_r1.restorers import esrgan
@@ -30,17 +31,7 @@ def photo_crop(h: int, w: int, top: int = 100, left: int = 100) -> np.ndarray:
 
 def ncnn_reference(name: str, rgb: np.ndarray) -> np.ndarray:
     """The same .param/.bin through pip ncnn on CPU in fp32: the independent runtime."""
-    ncnn = pytest.importorskip("ncnn")
-    param, bin_, _ = weights.source_files(name)
-    net = ncnn.Net()
-    for opt in ("use_vulkan_compute", "use_fp16_storage", "use_fp16_packed", "use_fp16_arithmetic",
-                "use_bf16_storage"):
-        setattr(net.opt, opt, False)
-    net.load_param(str(param))
-    net.load_model(str(bin_))
-    chw = np.ascontiguousarray(rgb.transpose(2, 0, 1))  # ncnn.Mat borrows it: keep alive to extract
-    ex = net.create_extractor()
-    ex.input("data", ncnn.Mat(chw))
+    ex, _keep = ncnn_extractor(name, rgb)
     ret, out = ex.extract("output")
     assert ret == 0
     return np.array(out).transpose(1, 2, 0)

@@ -176,11 +176,11 @@ def test_rrdbnet_conversion_matches_ncnn_layer_by_layer(name, tmp_path):
     """Every convolution of the converted net against the same layer's output in the ncnn runtime
     (the .param/.bin it came from), on a small real photo crop: a weight put in the wrong place, a
     transposed kernel or a missing bias shows at the first layer it touches, not only at the end."""
-    ncnn = pytest.importorskip("ncnn")
+    pytest.importorskip("ncnn")
     import numpy as np
     import torch.nn.functional as F
 
-    from conftest import photo
+    from conftest import ncnn_extractor, photo
 
     param, bin_, _ = weights.source_files(name)
     model = esrgan_nets.load_model(weights.pretrained(name, tmp_path)).eval()
@@ -197,14 +197,7 @@ def test_rrdbnet_conversion_matches_ncnn_layer_by_layer(name, tmp_path):
         h.remove()
     layers = [line.split() for line in param.read_text().splitlines()[2:] if line.split()[:1] == ["Convolution"]]
     assert len(layers) == len(convs) == len(outputs) == 351
-    net = ncnn.Net()
-    for opt in ("use_vulkan_compute", "use_fp16_storage", "use_fp16_packed", "use_fp16_arithmetic", "use_bf16_storage"):
-        setattr(net.opt, opt, False)
-    net.load_param(str(param))
-    net.load_model(str(bin_))
-    chw = np.ascontiguousarray(rgb.transpose(2, 0, 1))  # ncnn.Mat borrows it: keep alive to extract
-    ex = net.create_extractor()
-    ex.input("data", ncnn.Mat(chw))
+    ex, _keep = ncnn_extractor(name, rgb)
     worst = 0.0
     for i, (layer, out) in enumerate(zip(layers, outputs)):
         ret, blob = ex.extract(layer[5])  # type name n_in n_out input output
