@@ -59,9 +59,9 @@ def bare_run(pipe, image, seed: int, tokens: int) -> None:
     torch.manual_seed(seed)
     with torch.no_grad():
         policy.model.generate(**inputs, **policy.generation)
-    rough, _ = restorer.regression.restore(image.rgb, None, outscale=1.0)
-    sizes = stage_sizes(*image.size, pipe.scale)
     plan = Plan()
+    ((rough, _),) = restorer._rough_reference(image.rgb, [plan])
+    sizes = stage_sizes(*image.size, pipe.scale)
     for index, stage in enumerate(("middle", "final")):
         w, h = sizes[stage]
         cond = resize(rough, (w // 4, h // 4))

@@ -6,7 +6,7 @@ subfolders that each do (one table per dataset). Each LR image runs once through
 outputs are kept on the way, so every fixed blend and the oracle come from the same network passes.
 
 Rows: each expert alone, each blend the profile makes, `auto` (the chooser: what the pipeline wrote),
-and `oracle`, the candidate with the best PSNR − 2·NIQE against the HR (a bound on what a chooser
+and `oracle`, auto's candidate with the best PSNR − 2·NIQE against the HR (a bound on what a chooser
 could reach; it needs the HR). Metrics: PSNR/SSIM on Y (metrics.py, the published protocol), NIQE
 and PIQE (niqe.py, piqe.py; the chooser's reward contains NIQE, PIQE is not in it). Seconds per
 image: the experts' network time for a fixed mix (what `--fidelity` runs), the whole pipeline for auto.
@@ -72,6 +72,10 @@ def run(folder: Path, args) -> None:
             return out
         e.restore = spy
     names = sorted(p.name for p in (folder / "LR").iterdir() if (folder / "HR" / p.name).is_file())[: args.limit]
+    # Each expert alone (auto may offer only the first alone), then auto's other candidates
+    n = len(stages.experts)
+    shown = [blend.Candidate(e.name, tuple(float(i == j) for j in range(n))) for i, e in enumerate(stages.experts)]
+    shown += [c for c in stages.candidates if c not in shown]
     rows: dict[str, list] = {}
     seconds: dict[str, list] = {}
     picks: dict[str, int] = {}
@@ -90,12 +94,13 @@ def run(folder: Path, args) -> None:
         outs = [kept[e.name][0] for e in stages.experts]
         textures = {c.base: blend.texture(outs[c.base]) for c in stages.candidates if c.gate is not None}
         cand_scores = []
-        for cand in stages.candidates:
+        for cand in shown:
             s = score(blend.compose(outs, cand, np.uint8, textures), hr)
             rows.setdefault(cand.label, []).append(s)
             used = {cand.base, cand.base + 1} if cand.gate is not None else {j for j, w in enumerate(cand.weights) if w}
             seconds.setdefault(cand.label, []).append(sum(kept[stages.experts[j].name][1] for j in used))
-            cand_scores.append(s)
+            if cand in stages.candidates:
+                cand_scores.append(s)
         rows.setdefault("auto", []).append(score(result.rgb, hr))
         seconds.setdefault("auto", []).append(whole)
         winner = result.info.get("choice", {}).get("winner", "?")

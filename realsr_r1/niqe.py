@@ -38,7 +38,7 @@ BLOCK = 96
 PARAMS_PATH = Path(__file__).with_name("data") / "niqe_pris_params.npz"
 
 _GAM = np.arange(0.2, 10 + 0.001, 0.001)  # the AGGD shape grid (9801 values), as pyiqa/BasicSR
-_R_GAM = np.exp(2 * gammaln(2.0 / _GAM) - (gammaln(1.0 / _GAM) + gammaln(3.0 / _GAM)))
+_R_GAM = np.exp(2 * gammaln(2.0 / _GAM) - (gammaln(1.0 / _GAM) + gammaln(3.0 / _GAM)))  # increasing
 _SHIFTS = ((0, 1), (1, 0), (1, 1), (1, -1))
 
 
@@ -112,16 +112,21 @@ def imresize(img: np.ndarray, scale: float) -> np.ndarray:
 def _aggd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """AGGD (alpha, beta_l, beta_r) of each block of x (n, h, w), as pyiqa estimate_aggd_param."""
     flat = x.reshape(x.shape[0], -1)
-    neg, pos = flat < 0, flat > 0
+    pos, neg = flat > 0, flat < 0
     sq = flat * flat
+    s_pos, s_neg = np.einsum("ij,ij->i", sq, pos), np.einsum("ij,ij->i", sq, neg)
+    s_all = sq.sum(1)
+    n_pos, n_neg = np.count_nonzero(pos, 1), np.count_nonzero(neg, 1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        left_std = np.sqrt(np.where(neg, sq, 0).sum(1) / neg.sum(1))
-        right_std = np.sqrt(np.where(pos, sq, 0).sum(1) / pos.sum(1))
+        left_std = np.sqrt(s_neg / n_neg)  # 0 / 0 = NaN for a side without values, as pyiqa's
+        right_std = np.sqrt(s_pos / n_pos)
         gammahat = left_std / right_std
-        rhat = np.abs(flat).mean(1) ** 2 / sq.mean(1)
+        rhat = np.abs(flat).mean(1) ** 2 / (s_all / flat.shape[1])
         rhatnorm = rhat * (gammahat**3 + 1) * (gammahat + 1) / (gammahat**2 + 1) ** 2
-    # argmin |r - rhatnorm|; a NaN (a block without negative or positive values) picks index 0, as torch does
-    pos_idx = np.abs(_R_GAM[None, :] - rhatnorm[:, None]).argmin(1)
+    # argmin |r - rhatnorm| over the grid; r rises with the shape, so a binary search finds the two
+    # neighbours (a tie keeps the lower, as argmin does); a NaN picks index 0, as torch does
+    i = np.clip(np.searchsorted(_R_GAM, rhatnorm), 1, len(_R_GAM) - 1)
+    pos_idx = np.where(np.abs(_R_GAM[i - 1] - rhatnorm) <= np.abs(_R_GAM[i] - rhatnorm), i - 1, i)
     pos_idx[np.isnan(rhatnorm)] = 0
     alpha = _GAM[pos_idx]
     k = np.sqrt(np.exp(gammaln(1 / alpha) - gammaln(3 / alpha)))

@@ -189,8 +189,9 @@ class RestorationPipeline:
             final = stages["final"]
             info = {"profile": self.profile, "policy": self.policy.name, **self.restorer.describe(),
                     "policy_info": self.policy.describe()}
-            if final.choice is not None:
-                info["choice"] = final.choice
+            for name in STAGES:  # how a restorer chose among candidates: `choice` (final), `rough_choice`, ...
+                if stages[name].choice is not None:
+                    info["choice" if name == "final" else f"{name}_choice"] = stages[name].choice
             if reflection is not None:
                 info["reflect"] = reflection.record
             if self.policy.last_stats:  # tokens generated, for tokens/s

@@ -147,21 +147,34 @@ def _build_esrgan(section: dict, kw: dict, device: str):
                 raise
             # The default second expert comes from its own data wheel: without it, today's one expert.
             logging.getLogger(__name__).warning("note: %s; restoring with %s alone", e, names[0])
-    chooser = None
-    if len(loaded) > 1 and own.get("fidelity", "auto") == "auto":
-        from .chooser import Chooser
+    chooser = _chooser(section) if len(loaded) > 1 and own.get("fidelity", "auto") == "auto" else None
+    try:
+        return stages(loaded, chooser, **own)
+    except ValueError as e:
+        raise ConfigError(' '.join(str(e).split())) from None
 
-        spec = section.get("chooser")
-        if spec is not None and not isinstance(spec, dict):
-            raise ConfigError(f"restorer.chooser: expected `reward_name: {{options}}`, got {spec!r}")
-        try:
-            chooser = Chooser(spec, device="cpu")
-        except ValueError as e:
-            raise ConfigError(f"restorer.chooser: {' '.join(str(e).split())}") from None
-    return stages(loaded, chooser, **own)
+
+def _chooser(section: dict):
+    """The reward that picks among candidates (`restorer.chooser`, chooser.py's default without it)."""
+    from .chooser import Chooser
+
+    spec = section.get("chooser")
+    if spec is not None and not isinstance(spec, dict):
+        raise ConfigError(f"restorer.chooser: expected `reward_name: {{options}}`, got {spec!r}")
+    try:
+        return Chooser(spec, device="cpu")
+    except ValueError as e:
+        raise ConfigError(f"restorer.chooser: {' '.join(str(e).split())}") from None
 
 
 def _build_diffusion(section: dict, kw: dict, device: str):
+    """The upscaler; its rough stage is the lite profile's experts and chooser (`rough: realesrgan`,
+    `experts`, `chooser`) and `candidates` > 1 has the same chooser pick the final sample."""
+    if kw.get("rough", "realesrgan") == "realesrgan":
+        precision = "fp32" if kw.get("dtype") == "fp32" else "auto"
+        kw["regression"] = _build_esrgan(section, {"precision": precision}, device)
+    if kw.get("candidates", 1) != 1:
+        kw["chooser"] = _chooser(section)
     return _diffusion_parts()[0](_model_path(section, "restorer"), device=device, **kw)
 
 
@@ -180,7 +193,8 @@ COMPONENTS = {
         # The diffusion tile is in latent pixels (= input pixels at the final ×4 stage); its overlap
         # is what --tile-pad means there.
         "diffusion": Component(_diffusion_parts, _build_diffusion, renames={"steps": "num_inference_steps"},
-                               extra=("model", "hub"), internal=("regression",), precision="dtype",
+                               extra=("model", "hub", "experts", "chooser"), internal=("regression", "chooser"),
+                               precision="dtype",
                                flags={"tile": "tile", "tile_pad": "tile_overlap"}, seeded=True),
     },
 }

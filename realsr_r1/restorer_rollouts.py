@@ -58,8 +58,8 @@ class Rollout:
 def _previous(stages, lq: np.ndarray, plan: Plan, stage: str, sizes: dict, seed: int):
     """(reference, previous stage image): what the trained stage conditions on and starts from."""
     inp = to_float(lq)
-    rough = stages._rough_reference(inp)
-    reference = inp if rough is None else resize(rough, tuple(sizes["rough"]))
+    rough = stages._rough_reference(inp, [plan])  # the plan's reading picks the experts' mix, as in inference
+    reference = inp if rough is None else resize(rough[0][0], tuple(sizes["rough"]))
     index = STAGES.index(stage)
     if index == 0:
         return reference, None

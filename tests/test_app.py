@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, photo
+from realsr_r1.restorers.lite import DEFAULT_GATES
 from realsr_r1.tiny import build_tiny_upscaler
 from realsr_r1.tiny import build_tiny_vlm
 
@@ -295,7 +296,7 @@ def test_lite_profile_and_degradation_labels(app, tmp_path):
     rows = side["choice"]["candidates"]
     captions = [item["caption"] for item in strip]  # Gallery over the API: [{"image", "caption"}]
     winner, labels = side["choice"]["winner"], [r["label"] for r in rows]
-    assert len(rows) == 5 and [c.split(" — ", 1)[1].split(" (")[0] for c in captions] == labels
+    assert len(rows) == 1 + len(DEFAULT_GATES) and [c.split(" — ", 1)[1].split(" (")[0] for c in captions] == labels
     starred = [c for c in captions if c.startswith("★")]
     assert starred == [captions[labels.index(winner)]]
     assert starred[0].startswith(f"★ reward {max(r['reward'] for r in rows):.2f} — {winner} (F ")
@@ -380,8 +381,9 @@ def test_in_a_real_browser(app, tmp_path):
         assert page.locator("#fidelity-auto input").is_checked() and page.locator("#fidelity input").first.is_disabled()
         assert page.locator("#candidates").is_visible() and "★" in page.locator("#candidates").inner_text()
         thumbs = page.locator("#candidates img")
-        assert thumbs.count() == 5 and all(thumbs.nth(i).evaluate("i => i.complete && i.naturalWidth > 0")
-                                           for i in range(5))
+        n = 1 + len(DEFAULT_GATES)  # x4plus and its region blends with DF2K
+        assert thumbs.count() == n and all(thumbs.nth(i).evaluate("i => i.complete && i.naturalWidth > 0")
+                                           for i in range(n))
         assert page.locator("#choice").inner_text().startswith("Chosen:")
         browser.close()
     assert (ARTIFACTS / "demo.png").stat().st_size > 10_000
@@ -463,7 +465,7 @@ def test_a_model_failure_is_a_message_in_the_view(tmp_path, weights_dir):
 def toy_lite_session(tmp_path):
     """A session whose lite profile is two stand-in experts and a chooser that likes dark images
     (tests/test_chooser.py's), so the choice is known and nothing heavy runs."""
-    from test_chooser import toy_experts
+    from test_chooser import BOTH, toy_experts
 
     from realsr_r1.chooser import Chooser
     from realsr_r1.demo import DemoSession
@@ -471,7 +473,7 @@ def toy_lite_session(tmp_path):
     from realsr_r1.policy import AnalyserPolicy
     from realsr_r1.restorers.lite import LiteStages
 
-    stages = LiteStages(toy_experts(), Chooser({"tiny_rewards:darkness": {}}))
+    stages = LiteStages(toy_experts(), Chooser({"tiny_rewards:darkness": {}}), alone=BOTH)
     session = DemoSession({"lite": "lite"}, tmp_path / "out", device="cpu")
     session._pipelines["lite"] = (RestorationPipeline(AnalyserPolicy(), stages, profile="lite"), "lite: test")
     # A smooth gradient: the analyser reads no noise or JPEG, so every candidate may win (a reading

@@ -14,7 +14,7 @@ from realsr_r1.imageio import LoadedImage, read_image
 from realsr_r1.pipeline import stage_sizes
 from realsr_r1.restorers import blend
 from realsr_r1.restorers.esrgan import ESRGANRestorer
-from realsr_r1.restorers.lite import LiteStages, parse_fidelity
+from realsr_r1.restorers.lite import DEFAULT_GATES, LiteStages, parse_fidelity
 
 from conftest import EXAMPLES
 
@@ -33,6 +33,9 @@ class Nearest(torch.nn.Module):
 
     def forward(self, x):
         return F.interpolate(x, scale_factor=4, mode="nearest") * self.gain
+
+
+BOTH = ("bright", "dark")  # each toy expert alone is a candidate (the default offers the first alone)
 
 
 def toy_experts():
@@ -82,7 +85,7 @@ def test_crop_boxes_cover_small_images_whole_and_spread_over_large_ones():
 def test_the_chooser_picks_what_its_reward_prefers():
     """A fake reward that likes dark images: the darkest candidate (the dark expert alone) wins, and
     the record lists every candidate with its score and says why."""
-    stages = LiteStages(toy_experts(), Chooser({"tiny_rewards:darkness": {}}))
+    stages = LiteStages(toy_experts(), Chooser({"tiny_rewards:darkness": {}}), alone=BOTH)
     rgb = np.full((20, 24, 3), 0.8, np.float32)
     final = run_stages(stages, rgb)
     assert final.choice["winner"] == "dark"
@@ -91,6 +94,20 @@ def test_the_chooser_picks_what_its_reward_prefers():
     assert len(final.choice["candidates"]) == 5 and "darkness" in final.choice["why"]
     np.testing.assert_allclose(final.rgb / 255.0, 0.4, atol=1 / 255)
     assert len(final.candidates) == 5  # a look at each candidate, for the demo
+
+
+def test_auto_offers_the_first_expert_alone_and_the_rest_through_blends():
+    """By default the faithful expert stands alone only on the dial (`--fidelity 1`): auto's
+    candidates are the first expert and the region blends. `alone` names the experts to add, and a
+    name that is not an expert, or a list without the first, is a one-line error."""
+    default = LiteStages(toy_experts(), Chooser({"tiny_rewards:darkness": {}}))
+    labels = [c.label for c in default.candidates]
+    assert labels[0] == "bright" and "dark" not in labels and len(labels) == 1 + len(DEFAULT_GATES)
+    both = LiteStages(toy_experts(), Chooser({"tiny_rewards:darkness": {}}), alone=BOTH)
+    assert [c.label for c in both.candidates] == labels + ["dark"]
+    for bad in (["dark"], ["bright", "grey"]):
+        with pytest.raises(ValueError, match=r"restorer\.alone: .*bright, dark"):
+            LiteStages(toy_experts(), Chooser({"tiny_rewards:darkness": {}}), alone=bad)
 
 
 @pytest.mark.parametrize("fidelity, gain", [(0, 1.0), (1, 0.5), (0.5, 0.75)])
@@ -144,7 +161,7 @@ def test_restore_final_batch_gives_each_reading_its_own_image(monkeypatch):
     """GRPO's image rewards render completions with restore_final_batch: the experts run once per
     image, and completions that read the degradation differently get different images."""
     experts = toy_experts()
-    stages = LiteStages(experts, Chooser())
+    stages = LiteStages(experts, Chooser(), alone=BOTH)
     calls = []
     for e in experts:
         monkeypatch.setattr(e, "restore", _spy(e.restore, calls, e.name))
@@ -202,7 +219,8 @@ def test_sidecar_records_every_candidate_and_why(tmp_path, capsys, weights_dir):
     choice = side["choice"]
     assert choice["mode"] == "auto" and choice["q_lr_source"] == "degradation reading"
     labels = [c["label"] for c in choice["candidates"]]
-    assert labels[0] == "realesrgan-x4plus" and labels[-1] == "realsr-df2k" and len(labels) == 5
+    assert labels[0] == "realesrgan-x4plus" and len(labels) == 1 + len(DEFAULT_GATES)
+    assert all(lab.startswith("realsr-df2k where") for lab in labels[1:])  # DF2K through region blends
     for c in choice["candidates"]:
         assert set(c) == {"label", "weights", "gate", "fidelity", "q_sr", "reward"}
         assert 0 <= c["fidelity"] <= 1 and 1 <= c["q_sr"] <= 5 and c["reward"] is not None
@@ -211,7 +229,7 @@ def test_sidecar_records_every_candidate_and_why(tmp_path, capsys, weights_dir):
     assert choice["winner"] == best["label"] and f"({best['reward']})" in choice["why"]
     plan = parse_cot(side["chain_of_thought"])
     noisy = plan.level("noise") in ("medium", "heavy") or plan.level("jpeg") in ("medium", "heavy")
-    assert (choice["allowed"] == ["realesrgan-x4plus"]) == noisy
+    assert not noisy  # this crop reads clean enough for the chooser (the noisy path: the test below)
     assert "<degradation>" in side["chain_of_thought"]  # the chain keeps its format
 
 
@@ -281,7 +299,7 @@ def test_grpo_image_reward_tells_two_readings_apart(monkeypatch):
     from realsr_r1.rewards import registry
     from realsr_r1.rewards.visual import Restorations
 
-    stages = LiteStages(toy_experts(), Chooser())
+    stages = LiteStages(toy_experts(), Chooser(), alone=BOTH)
     monkeypatch.setattr(stages.chooser, "measure", lambda crops, lq: [
         {"fidelity": 0.80 + 0.05 * i, "q_sr": 4.6 - 0.15 * i} for i in range(len(crops))])
     spec = {"compass": {"quality": "niqe", "fidelity": "input"}}  # the no-HR reward GRPO can train with
@@ -306,14 +324,28 @@ def test_in_place_composition_equals_a_fresh_one():
 
 def test_a_reading_of_noise_or_jpeg_leaves_the_natural_expert_alone(monkeypatch):
     """DF2K keeps noise and JPEG blocks, and both F and NIQE pay it for that: a reading of noise or
-    JPEG at medium or worse leaves x4plus alone, even where the reward prefers another candidate."""
-    stages = LiteStages(toy_experts(), Chooser())
-    monkeypatch.setattr(stages.chooser, "measure", lambda crops, lq: [
+    JPEG at medium or worse leaves x4plus alone, even where the reward prefers another candidate; the
+    other experts then do not run, nor does the chooser. GRPO's batched call scores every plan's
+    choice over all experts, and the rule holds there too."""
+    experts = toy_experts()
+    stages = LiteStages(experts, Chooser(), alone=BOTH)
+    scored = []
+    monkeypatch.setattr(stages.chooser, "measure", lambda crops, lq: scored.append(len(crops)) or [
         {"fidelity": 0.80 + 0.05 * i, "q_sr": 4.6 + 0.1 * i} for i in range(len(crops))])  # the faithful end wins
+    calls = []
+    for e in experts:
+        monkeypatch.setattr(e, "restore", _spy(e.restore, calls, e.name))
     rgb = np.full((20, 24, 3), 0.8, np.float32)
     light = "<degradation>blur: none; noise: light; jpeg: light; downsample: x4</degradation>"
     jpeg = "<degradation>blur: none; noise: none; jpeg: medium; downsample: x4</degradation>"
     assert run_stages(stages, rgb, light).choice["winner"] == "dark"
-    chosen = run_stages(stages, rgb, jpeg).choice
+    assert calls == ["bright", "dark"] and scored == [5]
+    calls.clear()
+    final = run_stages(stages, rgb, jpeg)
+    chosen = final.choice
     assert chosen["winner"] == "bright" and chosen["allowed"] == ["bright"] and "jpeg: medium" in chosen["why"]
-    assert chosen["candidates"][-1]["reward"] > chosen["candidates"][0]["reward"]  # scored all the same
+    assert calls == ["bright"] and scored == [5] and chosen["candidates"] == []
+    np.testing.assert_allclose(final.rgb / 255.0, 0.8, atol=1 / 255)
+    batch = stages.restore_final_batch(rgb, [parse_cot(light), parse_cot(jpeg)])
+    np.testing.assert_allclose(batch[0], 0.4, atol=1e-6)
+    np.testing.assert_allclose(batch[1], 0.8, atol=1e-6)

@@ -518,3 +518,72 @@ def test_out_of_memory_alias_is_portable(monkeypatch):
 def test_impossible_settings_are_refused_when_built(tiny_path, options, words):
     with pytest.raises(ValueError, match=re.escape(words)):
         DiffusionStages.from_pretrained(tiny_path, device="cpu", rough="diffusion", **options)
+
+
+# --- the chooser in the full profile: the rough stage's experts, the final stage's samples ------------------
+def test_rough_stage_experts_follow_the_degradation_reading(tiny_path, image, monkeypatch):
+    """With several regression experts, the plan's reading picks the rough mix (as in lite): a clean
+    reading the faithful (dark) expert, a heavy one the natural (bright) one. The record goes into
+    the rough stage's `choice`, and GRPO's batched call conditions each plan on its own mix."""
+    from test_chooser import BOTH, CLEAN, HEAVY, toy_experts
+
+    from realsr_r1.chooser import Chooser
+    from realsr_r1.restorers.lite import LiteStages
+
+    lite = LiteStages(toy_experts(), Chooser(), alone=BOTH)
+    # natural-looking = bright (high Q_SR), faithful = dark (high F), as test_chooser's stand-in
+    monkeypatch.setattr(lite.chooser, "measure", lambda crops, lq: [
+        {"fidelity": 0.80 + 0.05 * i, "q_sr": 4.6 - 0.15 * i} for i in range(len(crops))])
+    r = DiffusionStages.from_pretrained(tiny_path, device="cpu", regression=lite, num_inference_steps=2,
+                                        strength=1.0, color_fix="none")
+    assert r.describe()["rough_restorer"]["experts"][1]["name"] == "dark"
+    rough = {}
+    for text in (CLEAN, HEAVY):
+        stage = finals(run(r, image, parse_cot(text)))["rough"]
+        rough[text] = stage
+    assert rough[CLEAN].choice["winner"] == "dark" and rough[HEAVY].choice["winner"] == "bright"
+    up = image.rgb.repeat(4, axis=0).repeat(4, axis=1)  # the toy experts: nearest ×4, times their gain
+    np.testing.assert_allclose(rough[CLEAN].rgb, resize(up * 0.5, (16, 12)), atol=1e-5)
+    np.testing.assert_allclose(rough[HEAVY].rgb, resize(up, (16, 12)), atol=1e-5)
+
+    refs = []
+    real = r._diffuse
+    monkeypatch.setattr(r, "_diffuse", lambda ref, *a, **k: refs.append((ref, len(a[2]))) or real(ref, *a, **k))
+    out = r.restore_stage_batch(image.rgb, [parse_cot(t) for t in (CLEAN, HEAVY, CLEAN)], stage="final")
+    assert [n for _, n in refs] == [2, 1]  # the two clean plans share one batched call
+    assert refs[0][0].mean() == pytest.approx(refs[1][0].mean() * 0.5, rel=1e-3)
+    np.testing.assert_allclose(out[0], out[2], atol=1e-5)
+    assert not np.allclose(out[0], out[1], atol=1e-3)
+    rough_batch = r.restore_stage_batch(image.rgb, [parse_cot(CLEAN), parse_cot(HEAVY)], stage="rough")
+    np.testing.assert_allclose(rough_batch[0], rough[CLEAN].rgb, atol=1e-6)
+
+
+def test_final_candidates_keep_the_sample_the_chooser_prefers(tiny_path, image, monkeypatch):
+    """`candidates: 3`: three final samples on three seeds, scored by the chooser's reward (a fake that
+    likes dark images); the darkest is kept and recorded with every sample's score. Sample 1 is the
+    one a single-candidate run makes (same seed), so the choice only adds samples."""
+    from realsr_r1.chooser import Chooser
+
+    opts = dict(device="cpu", rough="diffusion", num_inference_steps=4, strength=0.5, preview_every=0)
+    one = DiffusionStages.from_pretrained(tiny_path, **opts)
+    three = DiffusionStages.from_pretrained(tiny_path, candidates=3, chooser=Chooser({"tiny_rewards:darkness": {}}), **opts)
+    assert three.describe()["candidates"] == 3 and three.describe()["chooser"]["reward"] == "tiny_rewards:darkness"
+    seen = {}
+    real = three._choose_sample
+    monkeypatch.setattr(three, "_choose_sample", lambda images, *a: seen.setdefault("images", images) and real(images, *a))
+    final = finals(run(three, image, parse_cot(COT), seed=7))["final"]
+    images = seen["images"]
+    assert len(images) == 3 and not np.allclose(images[0], images[1], atol=1e-3)
+    rows = final.choice["candidates"]
+    assert [row["seed"] for row in rows] == [9, 1009, 2009]  # seed + stage index + k·stride
+    best = max(range(3), key=lambda k: rows[k]["reward"])
+    assert best == int(np.argmin([im.mean() for im in images]))
+    assert final.choice["winner"] == rows[best]["label"] and "darkness" in final.choice["why"]
+    np.testing.assert_array_equal(final.rgb, images[best])
+    assert len(final.candidates) == 3  # looks for the demo's strip
+    single = finals(run(one, image, parse_cot(COT), seed=7))["final"].rgb
+    np.testing.assert_allclose(images[0], single, atol=1e-4)
+    with pytest.raises(ValueError, match="needs a chooser"):
+        DiffusionStages.from_pretrained(tiny_path, candidates=2, **opts)
+    with pytest.raises(ValueError, match="candidates must be a whole number"):
+        DiffusionStages.from_pretrained(tiny_path, candidates=0, **opts)

@@ -67,3 +67,23 @@ def test_infer_with_the_full_code_path(tiny_weights, tmp_path, capsys):
     assert read_image(tmp_path / "o" / "a.png").size == (48, 40)
     assert read_image(tmp_path / "o" / "g.png").mode == "L"
     assert (tmp_path / "o" / "a_middle.png").exists()
+
+
+def test_final_candidates_from_the_profile_reach_the_sidecar(tiny_weights, tmp_path, capsys):
+    """`restorer.candidates` and `restorer.chooser` from the command line: the profile gives the
+    upscaler a chooser, and the sidecar records each sample with its reward and the winner."""
+    src = tmp_path / "in"
+    src.mkdir()
+    photo((12, 10)).save(src / "a.png")
+    rc = infer.main(["-i", str(src), "-o", str(tmp_path / "o"), "--profile", "tiny", "--quiet", "--seed", "5",
+                     "--set", "restorer.candidates=2", "--set", "restorer.chooser={tiny_rewards:darkness: {}}"])
+    assert rc == 0, capsys.readouterr().err
+    side = json.loads((tmp_path / "o" / "a.json").read_text())
+    assert side["candidates"] == 2 and side["chooser"] == {"reward": "tiny_rewards:darkness"}
+    rows = side["choice"]["candidates"]
+    assert [r["seed"] for r in rows] == [7, 1007]
+    assert side["choice"]["winner"] == max(rows, key=lambda r: r["reward"])["label"]
+    rc = infer.main(["-i", str(src), "-o", str(tmp_path / "o2"), "--profile", "tiny", "--quiet",
+                     "--set", "restorer.candidates=0"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "candidates must be a whole number" in err and "Traceback" not in err

@@ -152,3 +152,27 @@ def test_niqe_expert_prefers_the_clean_image_in_one_to_five(photo):
     expected = 5 - 4 * np.clip((niqe(clean) - lo) / (hi - lo), 0, 1)
     assert q_clean == pytest.approx(expected)
     assert expert.scale == "mos"
+
+
+def test_aggd_shape_search_is_the_grid_argmin():
+    """The binary search over the shape grid picks what argmin |r − r̂| over the whole grid picks,
+    ties and empty sides included (a block of one sign, a flat block)."""
+    from realsr_r1 import niqe as N
+
+    rng = np.random.default_rng(3)
+    blocks = np.concatenate([rng.standard_normal((20, 12, 12)) * rng.uniform(0.1, 3, (20, 1, 1)),
+                             rng.laplace(size=(5, 12, 12)), np.abs(rng.standard_normal((2, 12, 12))),
+                             np.zeros((1, 12, 12))])
+    alpha, bl, br = N._aggd(blocks)
+    flat = blocks.reshape(len(blocks), -1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        left = np.sqrt(np.array([np.mean(f[f < 0] ** 2) if (f < 0).any() else np.nan for f in flat]))
+        right = np.sqrt(np.array([np.mean(f[f > 0] ** 2) if (f > 0).any() else np.nan for f in flat]))
+        g = left / right
+        r = np.abs(flat).mean(1) ** 2 / (flat ** 2).mean(1) * (g**3 + 1) * (g + 1) / (g**2 + 1) ** 2
+    idx = np.abs(N._R_GAM[None] - r[:, None]).argmin(1)
+    idx[np.isnan(r)] = 0
+    np.testing.assert_array_equal(alpha, N._GAM[idx])
+    k = np.sqrt(np.exp(N.gammaln(1 / alpha) - N.gammaln(3 / alpha)))
+    np.testing.assert_allclose(bl, left * k, rtol=1e-12)
+    np.testing.assert_allclose(br, right * k, rtol=1e-12)

@@ -39,15 +39,18 @@ class Candidate:
     base: int = 0
 
 
-def candidates(experts: list[str], blends: list[float], gates: list[float] = ()) -> list[Candidate]:
-    """Each expert alone, then between each expert and the next: region blends at `gates` thresholds
-    (high to low: more of the next expert), then pixel blends at `blends` weights (w of the next)."""
+def candidates(experts: list[str], blends: list[float], gates: list[float] = (),
+               alone: set[int] | None = None) -> list[Candidate]:
+    """Each expert alone (those at positions in `alone`, default all), then between each expert and
+    the next: region blends at `gates` thresholds (high to low: more of the next expert), then pixel
+    blends at `blends` weights (w of the next)."""
     n = len(experts)
     out = []
     for i in range(n):
         w = [0.0] * n
         w[i] = 1.0
-        out.append(Candidate(experts[i], tuple(w)))
+        if alone is None or i in alone:
+            out.append(Candidate(experts[i], tuple(w)))
         if i + 1 < n:
             for t in sorted(gates, reverse=True):
                 out.append(Candidate(f"{experts[i + 1]} where {experts[i]} has texture, t {t:g}", tuple(w), t, i))
@@ -172,3 +175,13 @@ def crop_boxes(width: int, height: int, crop: int = SCORE_CROP, count: int = SCO
         return [round(i * (length - size) / (n - 1)) if n > 1 else (length - size) // 2 for i in range(n)]
 
     return [(x, y, x + cw, y + ch) for y in starts(height, ch, ny) for x in starts(width, cw, nx)]
+
+
+def scored_crops(lq: np.ndarray, out_size: tuple[int, int]) -> tuple[list[np.ndarray], list[tuple[int, int, int, int]]]:
+    """(the input's crops as float, the same boxes in an output of `out_size` (w, h)) to score
+    candidates on: crop_boxes over the input, scaled to the output."""
+    h, w = lq.shape[:2]
+    boxes = crop_boxes(w, h)
+    sx, sy = out_size[0] / w, out_size[1] / h
+    return ([to_float(lq[y0:y1, x0:x1]) for x0, y0, x1, y1 in boxes],
+            [(round(x0 * sx), round(y0 * sy), round(x1 * sx), round(y1 * sy)) for x0, y0, x1, y1 in boxes])

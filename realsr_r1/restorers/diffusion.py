@@ -7,8 +7,10 @@ starting from the previous stage's image, and previews without threads.
 
 Scheme (design.md §2, each stage starts from the previous stage's image):
 
-    rough  (input size) = Real-ESRGAN at ×1 (`rough: realesrgan`, the default: a regression
-                          clean-up first, as DiffBIR does) or a diffusion pass (`rough: diffusion`)
+    rough  (input size) = the regression experts (`rough: realesrgan`, the default: a clean-up
+                          first, as DiffBIR does; lite.py's LiteStages, so with several experts the
+                          plan's degradation reading picks their mix) or a diffusion pass
+                          (`rough: diffusion`)
     middle (×2)         = diffusion conditioned on the reference at middle/4, started from rough
     final  (×scale)     = diffusion conditioned on the reference at final/4,  started from middle
 
@@ -32,6 +34,10 @@ own memory (vae.py: one sample at a time, then halved `vae_tile`) without redoin
 Half precision that yields NaNs is retried in fp32.
 
 Colour: each stage is matched to the input's colours (color.py: "wavelet", "adain" or "none").
+
+Candidates: with `candidates: K` > 1 the final stage draws K samples (seeds seed + 2 + k·SEED_STRIDE)
+and a chooser (chooser.py, given by profiles.py) keeps the one its reward prefers under the plan's
+degradation reading; the record lists each sample's scores. Training's batched calls draw one.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ log = logging.getLogger(__name__)
 PAD_MULTIPLE = 8  # the x4 upscaler UNet downsamples its latent 3 times
 MIN_TILE = 32  # latent pixels: below this, halving on out-of-memory stops
 ROUGH_METHODS = ("realesrgan", "diffusion")
+SEED_STRIDE = 1000  # apart from the seeds the stages take (seed + stage index)
 
 
 def _pad(arr: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -84,13 +91,18 @@ class DiffusionStages:
                  guidance_scale: float = 7.5, negative_prompt: str | None = DEFAULT_NEGATIVE,
                  color_fix: str = "wavelet", cpu_offload: bool = False, preview_every: int = 5,
                  preview_size: int = 256, strength: float = 0.8, tile: int = 128, tile_overlap: int = 32,
-                 vae_tile: int = 512, vae_slicing: bool = False, regression=None):
+                 vae_tile: int = 512, vae_slicing: bool = False, candidates: int = 1, regression=None,
+                 chooser=None):
         if color_fix not in COLOR_FIXES:
             raise ValueError(f"unknown color fix {color_fix!r} (use {', '.join(COLOR_FIXES)})")
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         if int(num_inference_steps) < 1:
             raise ValueError(f"steps must be ≥ 1, got {num_inference_steps}")
+        if isinstance(candidates, bool) or int(candidates) != candidates or candidates < 1:
+            raise ValueError(f"candidates must be a whole number ≥ 1, got {candidates}")
+        if candidates > 1 and chooser is None:
+            raise ValueError("candidates > 1 needs a chooser to pick among them (the profile gives one)")
         rounded = int(tile) // PAD_MULTIPLE * PAD_MULTIPLE  # tiles must fit the UNet's downsampling
         if tile < 0 or (tile and not rounded) or tile_overlap < 0 or (rounded and tile_overlap >= rounded):
             raise ValueError(f"need tile 0 or ≥ {PAD_MULTIPLE} and 0 ≤ tile_overlap < tile, got {tile} and {tile_overlap}")
@@ -107,7 +119,9 @@ class DiffusionStages:
         self.strength = float(strength)
         self.tile = rounded  # 0: no latent tiling
         self.tile_overlap = int(tile_overlap)
-        self.regression = regression  # an ESRGANRestorer for the rough stage, or None
+        self.regression = regression  # LiteStages (the experts, maybe a chooser) for the rough stage, or None
+        self.candidates = int(candidates)
+        self.chooser = chooser
         self.fp32_retries = 0  # stages redone in fp32 after NaNs
         # One denoising at a time per model: the scheduler's timesteps and the fp32 retry are shared
         # state, and per-request copies (the demo's) share this lock with the original.
@@ -118,8 +132,10 @@ class DiffusionStages:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str = "auto", dtype: str = "auto",
-                        rough: str = "realesrgan", adapter: str | None = None, **options) -> "DiffusionStages":
-        """Load the upscaler folder (and Real-ESRGAN for `rough="realesrgan"`); options as __init__.
+                        rough: str = "realesrgan", adapter: str | None = None, regression=None,
+                        **options) -> "DiffusionStages":
+        """Load the upscaler folder (and Real-ESRGAN x4plus for `rough="realesrgan"` unless
+        `regression` gives the rough stage's LiteStages); options as __init__.
 
         `adapter`: a UNet LoRA folder from training (adapter.py), fused into the UNet."""
         from diffusers import StableDiffusionUpscalePipeline
@@ -128,12 +144,14 @@ class DiffusionStages:
             raise ValueError(f"unknown rough method {rough!r} (use {', '.join(ROUGH_METHODS)})")
         dev = resolve_device(device)
         torch_dtype = weight_dtype(dev, dtype)
-        regression = None
-        if rough == "realesrgan":
+        if rough == "diffusion":
+            regression = None
+        elif regression is None:
             from .esrgan import ESRGANRestorer
+            from .lite import LiteStages
 
-            regression = ESRGANRestorer.from_pretrained(None, device=str(dev),
-                                                        precision="fp32" if dtype == "fp32" else "auto")
+            regression = LiteStages(ESRGANRestorer.from_pretrained(None, device=str(dev),
+                                                                   precision="fp32" if dtype == "fp32" else "auto"))
         pipe = StableDiffusionUpscalePipeline.from_pretrained(str(path), dtype=torch_dtype)
         loaded = None
         if adapter is not None:  # before __init__ places the pipeline: fused where and as it was loaded
@@ -166,6 +184,8 @@ class DiffusionStages:
                 "steps": self.steps, "strength": self.strength, "tile": self.tile, "vae_tile": self.codec.tile,
                 "vae_slicing": self.codec.slicing,
                 "rough": "realesrgan" if self.regression is not None else "diffusion",
+                **({"rough_restorer": self.regression.describe()} if self.regression is not None else {}),
+                **({"candidates": self.candidates, "chooser": self.chooser.describe()} if self.candidates > 1 else {}),
                 "adapter": getattr(self, "adapter", None)}  # {path, sha256} of a fused UNet LoRA, or None
 
     # one batch, text to images -----------------------------------------------------------------
@@ -187,9 +207,11 @@ class DiffusionStages:
         """
         pipe = self.pipe
         device = pipe._execution_device
-        # One generator per sample, all on the same seed: every text in a batch meets the same noise,
-        # so differences between samples come from the texts (common random numbers for GRPO).
-        gens = [torch.Generator("cpu").manual_seed(int(seed)) for _ in conditions]
+        # One generator per sample, by default all on the same seed: every text in a batch meets the
+        # same noise, so differences between samples come from the texts (common random numbers for
+        # GRPO); a list gives each sample its own (the final stage's candidates).
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(conditions)
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         inputs = model_inputs(pipe, cond, conditions, gens, self.guidance_scale, device)
         shape = (len(conditions), pipe.vae.config.latent_channels, *inputs.image.shape[-2:])
         latents, timesteps = initial_latents(pipe.scheduler, shape, gens, self.steps, self.strength, start,
@@ -235,12 +257,36 @@ class DiffusionStages:
         return np.nan_to_num(out, nan=0.5)
 
     # stages ----------------------------------------------------------------------------------
-    def _rough_reference(self, inp: np.ndarray) -> np.ndarray | None:
-        """Real-ESRGAN at the input size: the clean image later stages condition on (None without it)."""
+    def _rough_reference(self, inp: np.ndarray, plans: list[Plan | None]) -> list[tuple[np.ndarray, dict | None]] | None:
+        """(image at the input size, choice record) per plan from the regression experts: the clean
+        image later stages condition on (None without them). The experts run once; each plan's
+        degradation reading picks their mix, and plans that pick the same share one array."""
         if self.regression is None:
             return None
-        rgb, _ = self.regression.restore(inp, None, outscale=1.0)
-        return resize(rgb, (inp.shape[1], inp.shape[0]))
+        return self.regression.choose_batch(inp, plans, stage="rough", scale=4.0)
+
+    def _choose_sample(self, images: list[np.ndarray], inp: np.ndarray, plan: Plan | None,
+                       seeds: list[int]) -> tuple[int, dict]:
+        """(the chooser's pick among the final stage's samples, the record of its choice)."""
+        from . import blend
+
+        t = time.perf_counter()
+        lq_crops, boxes = blend.scored_crops(inp, (images[0].shape[1], images[0].shape[0]))
+        crops = [[im[y0:y1, x0:x1] for x0, y0, x1, y1 in boxes] for im in images]
+        measured = self.chooser.measure(crops, lq_crops)
+        best, rewards, facts = self.chooser.choose(measured, plan, lq_crops)
+        rows = [{"label": f"sample {k + 1} (seed {s})", "seed": s,
+                 **{key: None if v is None else round(float(v), 4) for key, v in m.items()},
+                 "reward": None if r is None else round(float(r), 4)}
+                for k, (s, m, r) in enumerate(zip(seeds, measured, rewards))]
+        winner = rows[best]["label"]
+        if rows[best]["reward"] is None:
+            why = f"no sample could be scored by {self.chooser.name} (image too small): kept {winner}"
+        else:
+            why = (f"highest {self.chooser.name} reward ({rows[best]['reward']}) of {len(rows)} samples; "
+                   f"input quality Q_LR {facts['q_lr']} from the {facts['q_lr_source']}")
+        return best, {"mode": "auto", **facts, "candidates": rows, "allowed": [r["label"] for r in rows],
+                      "winner": winner, "why": why, "seconds": round(time.perf_counter() - t, 4)}
 
     def _diffuse(self, reference: np.ndarray, previous: np.ndarray | None, size: tuple[int, int],
                  conditions: list[Condition], seed: int, preview=None):
@@ -276,17 +322,27 @@ class DiffusionStages:
             t = time.perf_counter()
             size = tuple(sizes[stage])
             yield StageStarted(stage, size)
+            choice, looks = None, None
             if stage == "rough" and self.regression is not None:
-                rgb = reference = resize(self._rough_reference(inp), size)
+                ((ref, choice),) = self._rough_reference(inp, [plan])
+                rgb = reference = resize(ref, size)
+                rgb = color_fix(rgb, inp, self.color_fix, device=self.device)
             else:
                 def preview(img, step, total, stage=stage):
                     return StagePreview(stage, img, step, total)
 
-                (rgb,) = yield from self._diffuse(reference, previous, size, [self._condition(plan, stage)],
-                                                  seed + index, preview)
-            rgb = color_fix(rgb, inp, self.color_fix, device=self.device)
+                k = self.candidates if stage == "final" else 1
+                seeds = [seed + index + j * SEED_STRIDE for j in range(k)]
+                outs = yield from self._diffuse(reference, previous, size, [self._condition(plan, stage)] * k,
+                                                seeds, preview)
+                outs = [color_fix(o, inp, self.color_fix, device=self.device) for o in outs]
+                best = 0
+                if k > 1:  # the chooser keeps one sample (module doc)
+                    best, choice = self._choose_sample(outs, inp, plan, seeds)
+                    looks = [resize(o, _fit_within(size, self.preview_size)) for o in outs]
+                rgb = outs[best]
             alpha = None if image.alpha is None else resize(to_float(image.alpha), size)
-            yield StageImage(stage, rgb, alpha, time.perf_counter() - t)
+            yield StageImage(stage, rgb, alpha, time.perf_counter() - t, choice=choice, candidates=looks)
             previous = rgb
 
     def restore_final_batch(self, rgb: np.ndarray, plans: list[Plan], *, scale: float = 4.0, seed: int = 0,
@@ -300,22 +356,30 @@ class DiffusionStages:
 
         For GRPO: each plan's text for `stage`, negative prompt and noise level condition one sample;
         the reference (Real-ESRGAN rough, or the input) is computed once; no init image and no
-        previews. A Real-ESRGAN rough stage ignores the text: one pass serves every plan.
+        previews. A Real-ESRGAN rough stage runs its experts once; each plan's reading picks their
+        mix (with several experts), and the later stages condition on that plan's mix.
         `batch_size` caps how many samples share one call (GPU memory).
         """
         inp = to_float(rgb)
         h, w = inp.shape[:2]
         size = stage_sizes(w, h, scale)[stage]
-        reference = self._rough_reference(inp)
-        if stage == "rough" and reference is not None:
-            return [color_fix(resize(reference, size), inp, self.color_fix, device=self.device)] * len(plans)
-        reference = inp if reference is None else reference
-        conditions = [self._condition(p, stage) for p in plans]
+        refs = self._rough_reference(inp, plans)
+        if stage == "rough" and refs is not None:
+            return [color_fix(resize(ref, size), inp, self.color_fix, device=self.device) for ref, _ in refs]
+        # Plans whose readings picked the same rough mix share a reference and its batched calls.
+        groups: dict[int, tuple[np.ndarray, list[int]]] = {}
+        for i in range(len(plans)):
+            ref = inp if refs is None else refs[i][0]
+            groups.setdefault(id(ref), (ref, []))[1].append(i)
         step = batch_size or max(1, len(plans))
-        out: list[np.ndarray] = []
-        for i in range(0, len(plans), step):
-            out += drain(self._diffuse(reference, None, size, conditions[i:i + step], seed))
-        return [color_fix(o, inp, self.color_fix, device=self.device) for o in out]
+        out: list[np.ndarray | None] = [None] * len(plans)
+        for reference, rows in groups.values():
+            for j in range(0, len(rows), step):
+                chunk = rows[j:j + step]
+                done = drain(self._diffuse(reference, None, size, [self._condition(plans[i], stage) for i in chunk], seed))
+                for i, o in zip(chunk, done):
+                    out[i] = color_fix(o, inp, self.color_fix, device=self.device)
+        return out
 
 
 def drain(gen):

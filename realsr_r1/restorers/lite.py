@@ -32,6 +32,11 @@ DEFAULT_EXPERTS = ("realesrgan-x4plus", "realsr-df2k")  # natural → faithful: 
 # into flat regions (a 50 % blend: +1.9 NIQE, +50 % PIQE against x4plus).
 DEFAULT_GATES = (0.16, 0.08, 0.04)
 DEFAULT_BLENDS = ()
+# Which experts stand alone as auto's candidates (names; None: the first). DF2K alone adds to its
+# t 0.04 region blend only the noise of flat regions, which the chooser's NIQE can take for texture:
+# on DRealSR, offering it cost +1.6 PIQE points and 0.13 dB for −0.10 NIQE. `--fidelity 1` still
+# gives it.
+DEFAULT_ALONE = None
 # Degradations the faithful experts carry into their output: DF2K keeps the camera's noise and JPEG
 # blocks, and both the input consistency and NIQE reward it for that (on RealSRSet's noisy photos
 # they picked DF2K alone 7 times in 8). A reading that names one at this level or worse leaves the
@@ -86,7 +91,7 @@ class LiteStages:
 
     def __init__(self, experts: ESRGANRestorer | list[ESRGANRestorer], chooser=None, *,
                  gates: list | tuple = DEFAULT_GATES, blends: list | tuple = DEFAULT_BLENDS,
-                 fidelity: str | float = "auto"):
+                 fidelity: str | float = "auto", alone: list | tuple | None = DEFAULT_ALONE):
         self.experts = [experts] if isinstance(experts, ESRGANRestorer) else list(experts)
         if not self.experts:
             raise ValueError("the lite restorer needs at least one expert")
@@ -98,7 +103,13 @@ class LiteStages:
         if any(not 0 < t < 1 for t in self.gates):
             raise ValueError(f"restorer.gates: contrast thresholds strictly between 0 and 1, got {list(gates)}")
         self.fidelity = parse_fidelity(fidelity)
-        self.candidates = blend.candidates([e.name for e in self.experts], self.blends, self.gates)
+        names = [e.name for e in self.experts]
+        alone = [names[0]] if alone is None else list(alone)
+        unknown = [a for a in alone if a not in names]
+        if unknown or names[0] not in alone:
+            raise ValueError(f"restorer.alone: names among the experts ({', '.join(names)}), the first "
+                             f"included (a noise or JPEG reading falls back on it), got {alone}")
+        self.candidates = blend.candidates(names, self.blends, self.gates, {names.index(a) for a in alone})
 
     @property
     def esrgan(self) -> ESRGANRestorer:
@@ -148,12 +159,8 @@ class LiteStages:
 
     def _measure(self, lq: np.ndarray, outs: Outputs, textures: dict):
         """(each candidate's plan-free scores, the LQ crops, each candidate's first crop) for the chooser."""
-        h, w = lq.shape[:2]
         fh, fw = outs.rgb[0].shape[:2]
-        boxes = blend.crop_boxes(w, h)
-        lq_crops = [to_float(lq[y0:y1, x0:x1]) for x0, y0, x1, y1 in boxes]
-        sx, sy = fw / w, fh / h
-        out_boxes = [(round(x0 * sx), round(y0 * sy), round(x1 * sx), round(y1 * sy)) for x0, y0, x1, y1 in boxes]
+        lq_crops, out_boxes = blend.scored_crops(lq, (fw, fh))
         crops = [[blend.compose(outs.rgb, cand, np.float32, textures, box) for box in out_boxes]
                  for cand in self.candidates]
         return self.chooser.measure(crops, lq_crops), lq_crops, [c[0] for c in crops]
@@ -202,6 +209,15 @@ class LiteStages:
         if len(self.experts) == 1:
             outs = self._outputs(image.rgb, image.alpha, sizes["final"], out_dtype, [True])
             cand = blend.Candidate(self.esrgan.name, (1.0,))
+        elif mode == "auto" and self._allowed(plan)[0] is not None:
+            # The reading leaves the first expert alone: the others need not run, nor the chooser.
+            allowed, because = self._allowed(plan)
+            cand = self.candidates[allowed[0]]
+            outs = self._outputs(image.rgb, image.alpha, sizes["final"], out_dtype, [i == 0 for i in range(len(self.experts))])
+            q_lr, source = self.chooser.input_quality(plan, [])
+            choice = {"mode": "auto", "q_lr": None if q_lr is None else round(q_lr, 4), "q_lr_source": source,
+                      "candidates": [], "allowed": [cand.label],
+                      "winner": cand.label, "why": f"{because}the other experts did not run", "seconds": None}
         elif mode == "auto":
             outs = self._outputs(image.rgb, image.alpha, sizes["final"], out_dtype, [True] * len(self.experts))
             t_score = time.perf_counter()
@@ -238,6 +254,13 @@ class LiteStages:
     def restore_stage_batch(self, rgb: np.ndarray, plans: list[Plan], *, stage: str = "final", scale: float = 4.0,
                             seed: int = 0, batch_size: int | None = None) -> list[np.ndarray]:
         """A stage's image for each plan: the chosen mix of the experts' ×scale outputs, resampled."""
+        return [img for img, _ in self.choose_batch(rgb, plans, stage=stage, scale=scale)]
+
+    def choose_batch(self, rgb: np.ndarray, plans: list[Plan], *, stage: str = "final",
+                     scale: float = 4.0) -> list[tuple[np.ndarray, dict | None]]:
+        """(image, choice record) per plan: the experts run once at ×scale, each plan's reading picks
+        its mix, resampled to `stage`'s size; plans that pick the same mix share one array (the full
+        profile's rough stage groups them by it). The record is None with one expert."""
         h, w = rgb.shape[:2]
         sizes = stage_sizes(w, h, scale)
         rgb = to_float(rgb)
@@ -247,14 +270,18 @@ class LiteStages:
             textures = self._textures(outs)
             measured, lq_crops, _ = self._measure(rgb, outs, textures)
             chosen: dict[blend.Candidate, np.ndarray] = {}
-            images = []
+            out = []
             for plan in plans:
-                cand, _ = self._choose(plan, measured, lq_crops)
+                cand, record = self._choose(plan, measured, lq_crops)
                 if cand not in chosen:
                     chosen[cand] = resize(blend.compose(outs.rgb, cand, np.float32, textures), sizes[stage])
-                images.append(chosen[cand])
-            return images
-        weights = (1.0,) if len(self.experts) == 1 else blend.dial(len(self.experts), mode)
+                out.append((chosen[cand], record))
+            return out
+        if len(self.experts) == 1:
+            weights, record = (1.0,), None
+        else:
+            cand, record = self._fixed(mode)
+            weights = cand.weights
         outs = self._outputs(rgb, None, sizes["final"], np.float32, [x != 0 for x in weights])
-        out = resize(blend.mix(outs.rgb, weights, np.float32), sizes[stage])
-        return [out] * len(plans)
+        img = resize(blend.mix(outs.rgb, weights, np.float32), sizes[stage])
+        return [(img, record)] * len(plans)
