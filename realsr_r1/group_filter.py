@@ -34,6 +34,9 @@ OVERRIDDEN = {
 # after masking) and renormalise by themselves; "bnpo" divides each micro-batch by its own token
 # count, so only a micro-batch holding dropped rows alone still counts (as 0) in its average.
 PER_ROW_LOSSES = ("grpo", "sapo", "dr_grpo", "luspo")
+# OARS's thresholds, on the reward's range (`thresholds`): a group above 90 % of it with a spread
+# under 5 % of it has nothing left to teach.
+DEFAULTS = {"mean_above": 0.9, "std_below": 0.05}
 SCALE = "group_filter_scale"  # a 0-dim tensor: TRL's split_tensor_dict/shuffle_sequence_dict pass it on as is
 
 
@@ -65,9 +68,31 @@ def weighted_total(rewards: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
     return torch.where(weight_sum > 0, total, torch.nan)  # a row with no reward at all: no verdict
 
 
+def thresholds(mean_above: float, std_below: float, funcs: list, weights: list[float]) -> tuple[float, float]:
+    """OARS's thresholds as a config gives them, on the reward's own range (0 = the lowest weighted
+    total the rewards can give, 1 = the highest), in reward units: COMPASS spans about −0.45 … 5,
+    the other rewards 0 … 1, so one `mean_above: 0.9` means "90 % of the way to the best" on every
+    reward. Each function's `reward_range` (rewards/registry.py) gives its range; ValueError (one
+    line) for a threshold outside [0, 1] or a reward without a range."""
+    for key, value in (("mean_above", mean_above), ("std_below", std_below)):
+        if not 0 <= value <= 1:
+            raise ValueError(f"group_filter.{key}: {value:g} is outside the reward's range, given from 0 "
+                             "(its lowest) to 1 (its highest)")
+    ranges = [getattr(f, "reward_range", None) for f in funcs]
+    missing = [getattr(f, "__name__", "?") for f, r in zip(funcs, ranges) if r is None]
+    if missing:
+        raise ValueError(f"group_filter: reward {missing[0]} has no known range (give its function a "
+                         "`reward_range = (lowest, highest)` attribute), or set group_filter: null")
+    total = sum(abs(w) for w in weights)
+    lo = sum(min(w * a, w * b) for w, (a, b) in zip(weights, ranges)) / total
+    hi = sum(max(w * a, w * b) for w, (a, b) in zip(weights, ranges)) / total
+    return lo + float(mean_above) * (hi - lo), float(std_below) * (hi - lo)
+
+
 def group_drop(rewards: torch.Tensor, weights: torch.Tensor, group_size: int, mean_above: float,
                std_below: float) -> torch.Tensor:
-    """Which groups to drop: rewards (rows × funcs, NaN = missing) → one bool per group."""
+    """Which groups to drop: rewards (rows × funcs, NaN = missing) → one bool per group; thresholds
+    in reward units (`thresholds`)."""
     groups = weighted_total(rewards, weights).view(-1, group_size)
     # std of a group of one is NaN, and a group with a row of no rewards is never judged flat
     return (groups.mean(dim=1) > mean_above) & (groups.std(dim=1) < std_below)
@@ -82,7 +107,9 @@ def kept_scale(drop_rows: torch.Tensor) -> torch.Tensor:
 class GroupFilteredGRPOTrainer(GRPOTrainer):
     """GRPOTrainer with OARS group filtering (`mean_above`, `std_below` on the weighted group mean)."""
 
-    def __init__(self, *args, mean_above: float = 0.9, std_below: float = 0.05, **kwargs):
+    def __init__(self, *args, mean_above: float = DEFAULTS["mean_above"], std_below: float = DEFAULTS["std_below"],
+                 **kwargs):
+        """`mean_above`, `std_below` in reward units (`thresholds` converts a config's)."""
         check_trl()
         self.mean_above = float(mean_above)
         self.std_below = float(std_below)

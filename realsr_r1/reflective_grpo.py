@@ -31,6 +31,16 @@ from .reflect import opens_image_tag, stage_image_tokens, trim_at_tag
 from .rewards.visual import as_rgb, image_key
 
 
+def written_mask(generated: list[int], kept: list[int]) -> list[int]:
+    """The loss mask of `kept` (trim_at_tag's ids for what the policy `generated`): 1 where the
+    policy sampled the token, 0 for tokens trim_at_tag spelled anew after a merged token at the tag's
+    end, which the policy never sampled."""
+    same = 0
+    while same < min(len(generated), len(kept)) and generated[same] == kept[same]:
+        same += 1
+    return [1] * same + [0] * (len(kept) - same)
+
+
 def _stage_image_marker():
     """Stands in `self.tools` while a batch's stage images are scored (never called)."""
 
@@ -44,7 +54,7 @@ class ReflectiveGRPOTrainer(GroupFilteredGRPOTrainer):
         if tuple(reflect_stages) not in (("rough",), ("rough", "middle")):  # inference feeds them in order
             raise ValueError(f"reflect_stages: {list(reflect_stages)} (use [rough] or [rough, middle])")
         self.reflect_stages = tuple(s for s in STAGES if s in reflect_stages)
-        self.stage_images = stage_images  # (lq rgb, stage, plans) -> one image per plan
+        self.stage_images = stage_images  # (lq rgb, stage, plans, previous stage images | None) -> one image per plan
         self.logits_processors = list(logits_processors or [])  # tests make a tiny random model write tags
         super().__init__(*args, **kwargs)
         if self.use_vllm:
@@ -83,6 +93,7 @@ class ReflectiveGRPOTrainer(GroupFilteredGRPOTrainer):
         mask = [[] for _ in range(n)]
         row_images = [list(images[i]) for i in range(n)]
         stage_images: list[list] = [[] for _ in range(n)]
+        made: list[list] = [[] for _ in range(n)]  # each row's stage images as arrays: the next stage starts there
         open_rows, one_pass = list(range(n)), []  # rows still writing; rows that went astray
         counts = {"opened": 0, "astray": 0}
         for segment, stage in enumerate((*self.reflect_stages, None)):
@@ -96,7 +107,7 @@ class ReflectiveGRPOTrainer(GroupFilteredGRPOTrainer):
             for i, ids in zip(rows, new):
                 kept, opened = trim_at_tag(tokenizer, ids) if stage is not None else (ids, None)
                 completion[i] += kept
-                mask[i] += [1] * len(kept)
+                mask[i] += written_mask(ids, kept)
                 if stage is None or not self._unfinished(kept, mask[i]):
                     continue  # its chain ended (end of turn, or the token budget)
                 if opened == stage:
@@ -106,7 +117,7 @@ class ReflectiveGRPOTrainer(GroupFilteredGRPOTrainer):
                     one_pass.append(i)
             counts["opened"] += len(waiting)
             if waiting:
-                self._add_stage_images(stage, waiting, completion, mask, row_images, stage_images)
+                self._add_stage_images(stage, waiting, completion, mask, row_images, stage_images, made)
             open_rows = waiting
         self.reflect_counts = counts
         mode = "train" if self.model.training else "eval"
@@ -129,16 +140,19 @@ class ReflectiveGRPOTrainer(GroupFilteredGRPOTrainer):
     def _unfinished(self, kept: list[int], mask: list[int]) -> bool:
         return self._budget(mask) > 0 and bool(kept) and kept[-1] not in self.eos_token_ids
 
-    def _add_stage_images(self, stage, rows, completion, mask, row_images, stage_images):
-        """Make `stage` for the rows that opened its tag, batched over the rows that share an LQ image."""
+    def _add_stage_images(self, stage, rows, completion, mask, row_images, stage_images, made):
+        """Make `stage` for the rows that opened its tag, batched over the rows that share an LQ image;
+        a stage after the first starts from the row's previous stage image, as inference does."""
         groups: dict[str, list[int]] = {}
         for i in rows:
             groups.setdefault(image_key(as_rgb(row_images[i][0])), []).append(i)
         for members in groups.values():
             rgb = as_rgb(row_images[members[0]][0])
             plans = [parse_cot(self._tokenizer.decode(completion[i], skip_special_tokens=True)) for i in members]
-            outs = self.stage_images(rgb, stage, plans)
+            previous = [made[i][-1] for i in members] if made[members[0]] else None
+            outs = self.stage_images(rgb, stage, plans, previous)
             for i, out in zip(members, outs, strict=True):
+                made[i].append(out)
                 ids, _, _ = stage_image_tokens(self.processing_class, out, stage, f"{out.shape[1]}x{out.shape[0]}")
                 completion[i] += ids
                 mask[i] += [0] * len(ids)  # the restorer's tokens: in the forward pass, not in the loss
@@ -173,6 +187,8 @@ class ReflectiveGRPOTrainer(GroupFilteredGRPOTrainer):
 
         config = copy.deepcopy(self.generation_config)
         config.max_new_tokens = max(budgets)
+        if segment:  # a floor on the whole chain applies to its first segment only, as in inference (reflect.py)
+            config.min_new_tokens = 0
         for p in self.logits_processors:
             if hasattr(p, "begin"):
                 p.begin(segment)

@@ -1,10 +1,14 @@
 """Rollouts for RL of the diffusion restorer: K samples of one stage per input, as inference makes it.
 
-The stages before the trained one run as in inference (DiffusionStages.stages, the old model, a
-fixed seed per input), so the trained stage starts from what it will start from in use: by default
-the final stage, img2img from the middle stage, conditioned on the rough image. Then K samples of
+The stages before the trained one run as in inference (DiffusionStages.stages, a fixed seed per
+input), so the trained stage starts from what it will start from in use: by default the final
+stage, img2img from the middle stage, conditioned on the rough image. A LoRA adapter is trained on
+its stage alone and inference turns it on there only (restorers/adapter.py), so the stages before
+it come from the base weights (`previous_weights`): with the model in training making them, the
+start of every rollout would drift with the weights, a change the loss of the trained stage does
+not see (on the tiny model at strength 0.5, the held-out reward fell as the training reward rose). Then K samples of
 the trained stage are denoised in one batch, each from its own noise (its own generator), in
-`steps` sampler steps (OARS: 6). DiffusionNFT needs only the clean results, so any scheduler works
+`steps` sampler steps (OARS: 6), without classifier-free guidance (ROLLOUT_GUIDANCE). DiffusionNFT needs only the clean results, so any scheduler works
 and no log-probabilities are kept; what the training forward needs is kept with them: the clean
 latents, the noised low-resolution image, the text embeddings and noise levels of the conditional
 branch, and the largest timestep the sampler visited.
@@ -17,6 +21,7 @@ Each input's conditioning text (`conditioning:`):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -37,6 +42,11 @@ from .restorers.lite import resize
 log = logging.getLogger(__name__)
 
 CONDITIONING = ("policy", "caption", "analyser")
+# The trained stage is sampled without classifier-free guidance, as DiffusionNFT samples
+# (config/nft.py: guidance_scale 1.0): its loss takes the old model's conditional prediction as the
+# policy that made the clean samples, and that holds only when the sampler used that prediction.
+# Inference keeps its guidance (the profile's guidance_scale) on top of the trained model.
+ROLLOUT_GUIDANCE = 1.0
 START_TOLERANCE = 5  # timesteps: how far a rollout may start from inference's start (ᾱ moves < 1 %)
 
 
@@ -96,16 +106,19 @@ def rollout_schedule(sched, inference_steps: int, strength: float, sampling_step
 
 @torch.no_grad()
 def sample_stage(stages, lq: np.ndarray, plan: Plan, *, stage: str, scale: float, seeds: list[int],
-                 steps: int, previous_seed: int, batch: int | None = None) -> Rollout:
+                 steps: int, previous_seed: int, batch: int | None = None,
+                 guidance: float = ROLLOUT_GUIDANCE, previous_weights=None) -> Rollout:
     """len(seeds) samples of `stage` for one LQ image (HxWx3 uint8 or float) and its plan, with the
     pipeline's current UNet (the caller selects the old model), `batch` samples per denoising call
-    (all at once by default; fewer for GPU memory: K = 24 under CFG is a UNet batch of 48)."""
+    (all at once by default; fewer for memory), at classifier-free `guidance` (module doc).
+    `previous_weights()`: a context in which the stages before `stage` are made (module doc)."""
     pipe = stages.pipe
     device = pipe._execution_device
     inp = to_float(lq)
     h, w = inp.shape[:2]
     sizes = stage_sizes(w, h, scale)
-    reference, previous = _previous(stages, lq, plan, stage, sizes, previous_seed)
+    with (previous_weights or contextlib.nullcontext)():
+        reference, previous = _previous(stages, lq, plan, stage, sizes, previous_seed)
     tw, th = sizes[stage]
     lw, lh = max(1, round(tw / 4)), max(1, round(th / 4))
     ph, pw = -(-lh // PAD_MULTIPLE) * PAD_MULTIPLE, -(-lw // PAD_MULTIPLE) * PAD_MULTIPLE
@@ -122,7 +135,7 @@ def sample_stage(stages, lq: np.ndarray, plan: Plan, *, stage: str, scale: float
     for i in range(0, len(seeds), batch or len(seeds)):
         chunk = seeds[i:i + (batch or len(seeds))]
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in chunk]  # a different noise per sample
-        inputs = model_inputs(pipe, cond, [condition] * len(chunk), gens, stages.guidance_scale, device)
+        inputs = model_inputs(pipe, cond, [condition] * len(chunk), gens, guidance, device)
         shape = (len(chunk), pipe.vae.config.latent_channels, ph, pw)
         latents, timesteps = initial_latents(pipe.scheduler, shape, gens, int(steps), stages.strength, start,
                                              device, inputs.embeds.dtype, skip=skip)
@@ -130,7 +143,7 @@ def sample_stage(stages, lq: np.ndarray, plan: Plan, *, stage: str, scale: float
                               overlap=min(stages.tile_overlap, stages.tile // 2),
                               extra=pipe.prepare_extra_step_kwargs(gens[0], 0.0)))
         decoded = stages._decode(final)
-        k = len(chunk)  # under CFG the conditional branch is the second half (model_inputs: negative first)
+        k = len(chunk)  # under guidance the conditional branch is the second half (model_inputs: negative first)
         parts.append((final.float().cpu(), inputs.image[-k:].cpu(), inputs.embeds[-k:].cpu(), inputs.level[-k:].cpu(),
                       [color_fix(resize(np.clip(o[: 4 * lh, : 4 * lw], 0, 1), (tw, th)), inp, stages.color_fix,
                                  device=stages.device) for o in np.nan_to_num(decoded, nan=0.5)]))

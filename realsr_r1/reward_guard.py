@@ -3,10 +3,13 @@
 OARS reports that rewarding perceptual gain alone let PSNR collapse (22.7 → 21.4) while the
 no-reference score rose. Every `eval.steps`, the held-out inputs are restored by the current model
 with fixed seeds (the same noise each time, so a change is the model's) and scored with the
-reward and with metrics that are not in it: PSNR/SSIM against the HR when the reward is
-no-reference, NIQE when it is full-reference. `guard: {metric: psnr, max_drop: 0.5}` stops the run
-when that metric falls `max_drop` below its best (above, for NIQE, where lower is better); the
-best model is kept (`best-N/`, N its step) and becomes the result.
+reward and with the metrics that are not in it (`metrics_in`): PSNR/SSIM against the HR, NIQE and
+PIQE, less those the reward contains (COMPASS with `quality: niqe` contains NIQE, with `fidelity:
+hr` PSNR and SSIM). `guard: {metric: psnr, max_drop: 0.5}` stops the run when that metric falls
+`max_drop` below its best (above, for NIQE and PIQE, where lower is better); the best model is kept
+(`best-N/`, N its step) and becomes the result. A guard on a metric the reward contains would
+watch the reward hack itself, so such a config is refused; without `metric` the guard takes the
+first metric outside the reward.
 """
 
 from __future__ import annotations
@@ -21,15 +24,46 @@ import numpy as np
 from . import metrics as M
 from .imageio import atomic_write_bytes, atomic_write_text
 
-GUARD_METRICS = {"psnr": True, "ssim": True, "niqe": False}  # name → higher is better
-FULL_REFERENCE_REWARDS = ("fidelity", "irpo_general")
+GUARD_METRICS = {"psnr": True, "ssim": True, "niqe": False, "piqe": False}  # name → higher is better
+# What each visual expert of the rewards registry measures, as guard metrics.
+EXPERT_METRICS = {"fidelity": {"psnr", "ssim"}, "niqe": {"niqe"}}
+
+
+def metrics_in(rewards: dict) -> set[str]:
+    """The guard metrics a reward config contains (rewards/registry.py's names and options). A
+    `module:function` reward is opaque: nothing is assumed of it."""
+    found: set[str] = set()
+    for name, value in rewards.items():
+        o = value if isinstance(value, dict) else {}
+        if name == "irpo_general":
+            found |= EXPERT_METRICS["fidelity"]
+        elif name == "niqe":
+            found |= EXPERT_METRICS["niqe"]
+        elif name == "generation":
+            found |= EXPERT_METRICS.get(o.get("expert", "fidelity"), set())
+        elif name == "compass":
+            found |= EXPERT_METRICS.get(o.get("quality", "analyser"), set())
+            if o.get("fidelity", "hr") == "hr":
+                found |= EXPERT_METRICS["fidelity"]
+    return found
 
 
 def default_metrics(rewards: dict) -> list[str]:
-    """Metrics outside the reward: NIQE for a full-reference reward, PSNR/SSIM for a no-reference one."""
-    full_reference = any(name in FULL_REFERENCE_REWARDS or (isinstance(o, dict) and o.get("expert") == "fidelity")
-                         or name == "compass" for name, o in rewards.items())
-    return ["niqe"] if full_reference else ["psnr", "ssim"]
+    """The held-out metrics outside the reward, PSNR/SSIM first (they need the HR), PIQE last."""
+    inside = metrics_in(rewards)
+    return [m for m in GUARD_METRICS if m not in inside]
+
+
+def check_guard_metric(metric: str | None, rewards: dict) -> str:
+    """The guard's metric (`metric`, else the first outside the reward); ValueError (one line) for
+    one the reward contains."""
+    outside = default_metrics(rewards)
+    if metric is None:
+        return outside[0]
+    if metric in GUARD_METRICS and metric not in outside:
+        raise ValueError(f"guard.metric: {metric} is inside the reward, which would watch itself being gamed; "
+                         f"choose one outside it ({', '.join(outside)})")
+    return metric
 
 
 def score_image(sr: np.ndarray, hr: np.ndarray | None, names: list[str]) -> dict[str, float | None]:
@@ -47,6 +81,13 @@ def score_image(sr: np.ndarray, hr: np.ndarray | None, names: list[str]) -> dict
             try:
                 out[name] = float(niqe(sr))
             except ValueError:  # under 96x96 or flat: NIQE cannot judge it
+                out[name] = None
+        elif name == "piqe":
+            from .piqe import piqe
+
+            try:
+                out[name] = float(piqe(sr))
+            except ValueError:  # too small for its blocks
                 out[name] = None
         else:
             raise ValueError(f"eval.metrics: unknown metric {name!r} (use {', '.join(GUARD_METRICS)})")

@@ -11,8 +11,8 @@ the vision tower frozen by default, rewards by name with weights (rewards/regist
 options from related papers:
 
 - OARS group filtering (`group_filter`): a group whose (weight-normalised) reward mean is above
-  `mean_above` and std below `std_below` has nothing left to teach; its completions are masked out
-  of the loss. The count is logged as `group_filter/dropped` each step.
+  `mean_above` and std below `std_below` (both on the reward's range: 0 its lowest, 1 its highest)
+  has nothing left to teach; its completions are masked out of the loss. The count is logged as `group_filter/dropped` each step.
 - IRPO data filtering (`filter`): every training input is scored once with the frozen policy and
   the configured rewards; the lowest-scoring fraction `--keep` becomes the training set.
 
@@ -368,11 +368,11 @@ def reflective_trainer(cfg: dict, options: dict, restorations):
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
-    def stage_images(rgb, stage, plans):
+    def stage_images(rgb, stage, plans, previous=None):
         made = restorations()
         made.calls += 1
         return made.restorer.restore_stage_batch(rgb, plans, stage=stage, scale=made.scale, seed=made.seed,
-                                                 batch_size=made.batch_size)
+                                                 batch_size=made.batch_size, previous=previous)
 
     # Without a group_filter section nothing is dropped: no group mean exceeds infinity.
     return ReflectiveGRPOTrainer, {"mean_above": float("inf"), **options, "stage_images": stage_images,
@@ -396,6 +396,15 @@ def build_trainer(cfg: dict, output_dir: Path, *, restorer=None, callbacks=()):
     # DeepSpeed ZeRO-3 the config turns on partitioned loading (HfDeepSpeedConfig → zero.Init) for
     # every model built after it, and a reward model built that way fails ("'weight' must be 2-D").
     funcs, weights = build_rewards(cfg.get("rewards") or {}, restorations=restorations, device=device)
+    if cfg.get("group_filter"):  # its thresholds are on the reward's range: in reward units here
+        from .group_filter import DEFAULTS, thresholds
+
+        given = {**DEFAULTS, **options}
+        try:
+            options["mean_above"], options["std_below"] = thresholds(
+                float(given["mean_above"]), float(given["std_below"]), funcs, weights)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     args = grpo_args(cfg, output_dir, weights)  # config mistakes show before minutes of model loading
     model, processor = load_policy_model(cfg, device)
     trainer = cls(model=model, reward_funcs=funcs, args=args, train_dataset=dataset, processing_class=processor,

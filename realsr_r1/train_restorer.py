@@ -9,7 +9,8 @@ Each step, for each of `inputs_per_step` training inputs (per process):
    makes them;
 3. rewards from the registry (image rewards only: generation, compass, irpo_general, niqe, or a
    `module:function`), their weighted total group-normalised into advantages; OARS groups whose
-   mean is above `group_filter.mean_above` and std below `std_below` are dropped (group_filter.py,
+   mean is above `group_filter.mean_above` and std below `std_below` (both on the reward's range,
+   0 = its lowest, 1 = its highest) are dropped (group_filter.py,
    shared with GRPO);
 4. the DiffusionNFT loss (nft.py) on each kept sample's clean latent, noised to a random timestep
    the sampler visits, then one optimizer step and the old model's EMA step.
@@ -41,8 +42,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .group_filter import DEFAULTS as GROUP_FILTER
 from .imageio import atomic_write_text, new_temp_dir
 from .profiles import ConfigError
+from .restorers.memory import OutOfMemoryError
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +60,18 @@ DEFAULTS = {
     "policy": None,              # the frozen policy for `conditioning: policy` (a profile's policy section)
     "stage": "final",            # the stage trained: rough | middle | final
     "samples": 24,               # K per input (OARS)
-    "rollout_batch": None,       # samples per denoising call (GPU memory; default: all K at once)
+    "rollout_batch": None,       # samples per denoising call (default: all K at once; halved on out-of-memory)
     "inputs_per_step": 1,        # per process
     "sampling_steps": 6,         # sampler steps of a rollout (OARS)
     "rewards": None,
-    "group_filter": {"mean_above": 0.9, "std_below": 0.05},
+    "group_filter": dict(GROUP_FILTER),  # OARS's thresholds, on the reward's range (group_filter.py)
     "nft": {"beta": 1.0, "adv_clip": 5.0, "kl_beta": 0.0, "timesteps_per_sample": 1,
             "ema": {"flat": 0, "rate": 0.001, "max_decay": 0.5}},
     "lora": {"r": 32, "alpha": 64},  # null: full fine-tuning
     "init_adapter": None,        # start from a trained adapter (restorer-nr continues restorer-fr)
     "optimizer": {"learning_rate": 3.0e-4, "weight_decay": 0.0, "max_grad_norm": 1.0},
     "max_steps": 100,
-    "micro_batch": 8,            # samples per UNet forward in the loss
+    "micro_batch": 8,            # samples per UNet forward in the loss (halved on out-of-memory)
     "save_steps": 50,
     "save_total_limit": 2,
     "eval": {"steps": 25, "count": 4, "data": None, "seed": 1234, "samples": 1, "metrics": None},
@@ -126,18 +129,23 @@ def resolve_config(cfg: dict) -> dict:
             raise ConfigError(f"{key}: expected a whole number ≥ 1, got {out[key]!r}")
     if out["samples"] < 2:
         raise ConfigError("samples: need ≥ 2 per input (advantages are relative to the group)")
+    if out.get("init_adapter") and out["lora"] is None:
+        raise ConfigError("init_adapter: continues a LoRA run (lora: …); full fine-tuning starts from a whole "
+                          "model folder instead: --set restorer.model=DIR")
     if out["mixed_precision"] not in ("no", "fp16", "bf16"):
         raise ConfigError(f"mixed_precision: {out['mixed_precision']!r} is not one of no, fp16, bf16")
     if out["guard"] is not None:
-        from .reward_guard import Guard
+        from .reward_guard import Guard, check_guard_metric
 
         g = out["guard"]
         if not isinstance(g, dict) or set(g) - {"metric", "max_drop"}:
-            raise ConfigError(f"guard: expected {{metric: psnr | ssim | niqe, max_drop: …}}, got {g!r}")
+            raise ConfigError(f"guard: expected {{metric: psnr | ssim | niqe | piqe, max_drop: …}}, got {g!r}")
         try:
-            Guard(str(g.get("metric", "psnr")), float(g.get("max_drop", 0.5)))
+            metric = check_guard_metric(g.get("metric"), out["rewards"])
+            Guard(str(metric), float(g.get("max_drop", 0.5)))
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        out["guard"] = {**g, "metric": metric}
     return out
 
 
@@ -228,20 +236,33 @@ class RestorerRL:
         self.funcs, weights = build_image_rewards(cfg["rewards"], device=self.device)
         self.weights = torch.tensor(weights, dtype=torch.float32)
         self.names = [f.__name__ for f in self.funcs]
+        self.drop_at = None  # the group filter's thresholds in reward units
+        if cfg["group_filter"] is not None:
+            from .group_filter import thresholds
+
+            gf = cfg["group_filter"]
+            try:
+                self.drop_at = thresholds(float(gf["mean_above"]), float(gf["std_below"]), self.funcs, weights)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         opt = cfg["optimizer"]
         self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=float(opt["learning_rate"]),
                                            weight_decay=float(opt["weight_decay"]))
         self.unet, self.optimizer = self.accelerator.prepare(self.model.unet, self.optimizer)
         self.train_rows, self.eval_rows = split_rows(cfg)
+        # What fits in memory: halved on out-of-memory (`_halve`) and kept for the rest of the run.
+        self.rollout_batch = int(cfg["rollout_batch"] or cfg["samples"])
+        self.micro_batch = int(cfg["micro_batch"])
         self.policy_texts = policy_texts
         if cfg["conditioning"] == "policy" and policy_texts is None:
             self.policy_texts = PolicyTexts(_policy_section(cfg), self.out / "conditioning.jsonl", self.device)
         self.step = 0
+        self._said: set[str] = set()  # the out-of-memory notes already given
         self.guard = None
         if cfg["guard"] is not None:
             from .reward_guard import Guard
 
-            self.guard = Guard(str(cfg["guard"].get("metric", "psnr")), float(cfg["guard"].get("max_drop", 0.5)))
+            self.guard = Guard(str(cfg["guard"]["metric"]), float(cfg["guard"].get("max_drop", 0.5)))
         self.metric_names = list(cfg["eval"].get("metrics") or [])
         if not self.metric_names:
             from .reward_guard import default_metrics
@@ -325,10 +346,20 @@ class RestorerRL:
         rgb = np.asarray(row["image"].convert("RGB")) if hasattr(row["image"], "convert") else as_rgb(row["image"])
         plan = self._plan(row, rgb)
         retries = self.stages.fp32_retries
-        with self.model.use(which):
-            out = sample_stage(self.stages, rgb, plan, stage=self.cfg["stage"], scale=self.scale, seeds=seeds,
-                               steps=int(self.cfg["sampling_steps"]), previous_seed=_seed(self.cfg["seed"], index),
-                               batch=self.cfg["rollout_batch"])
+        # Under the run's autocast, as the loss forward: full fine-tuning keeps the UNet (and its old
+        # copy) in fp32 over a bf16/fp16 pipeline, whose text embeddings and latents are half.
+        while True:
+            try:
+                # A LoRA trains its stage alone: the stages before it are the base model's, as in inference
+                base = (lambda: self.model.use("base")) if self.model.lora is not None else None
+                with self.model.use(which), self.accelerator.autocast():
+                    out = sample_stage(self.stages, rgb, plan, stage=self.cfg["stage"], scale=self.scale,
+                                       seeds=seeds, steps=int(self.cfg["sampling_steps"]),
+                                       previous_seed=_seed(self.cfg["seed"], index), batch=self.rollout_batch,
+                                       previous_weights=base)
+                break
+            except OutOfMemoryError:
+                self.rollout_batch = self._halve("rollout_batch", self.rollout_batch)
         if self.stages.fp32_retries != retries:  # inference's NaN retry recast the pipeline, trained weights too
             self.model.keep_fp32()
             log.warning("a stage before the trained one made NaNs in %s and was redone in fp32; the trained "
@@ -375,9 +406,8 @@ class RestorerRL:
         t_rollout = time.perf_counter() - t0
         rewards = torch.cat(rewards)  # (inputs·K) × funcs
         total = weighted_total(rewards, self.weights)
-        gf = cfg["group_filter"]
-        drop = (group_drop(rewards, self.weights, k, float(gf["mean_above"]), float(gf["std_below"]))
-                if gf is not None else torch.zeros(len(rollouts), dtype=torch.bool))
+        drop = (group_drop(rewards, self.weights, k, *self.drop_at)
+                if self.drop_at is not None else torch.zeros(len(rollouts), dtype=torch.bool))
         finite = torch.cat([torch.isfinite(ro.latents).flatten(1).all(dim=1) for ro in rollouts])
         total = torch.where(finite, total, torch.nan)  # a sample that diverged is no evidence either way
         adv = group_advantages(total, k)  # NaN rewards are left out of their group's statistics
@@ -390,7 +420,32 @@ class RestorerRL:
         self.step += 1
         return stats
 
+    def _halve(self, key: str, value: int) -> int:
+        """Half of `value` after an out-of-memory error, said once per key; raises at 1."""
+        from .restorers.memory import free_cached
+
+        if value <= 1:
+            raise OutOfMemoryError(f"out of memory with {key} 1: nothing left to halve (try a smaller "
+                                   "stage, gradient_checkpointing: true or lora)")
+        free_cached()
+        half = max(1, value // 2)
+        if key not in self._said:
+            self._said.add(key)
+            log.warning("out of memory: %s %d → %d for the rest of the run (and halved again if need be)",
+                        key, value, half)
+        return half
+
     def _update(self, rollouts, indices: list[int], r: torch.Tensor, keep: torch.Tensor) -> dict:
+        """_update_once, halving `micro_batch` while the loss forward runs out of memory (the whole
+        step again: the gradients of the micro-batches before the failure are dropped)."""
+        while True:
+            try:
+                return self._update_once(rollouts, indices, r, keep)
+            except OutOfMemoryError:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.micro_batch = self._halve("micro_batch", self.micro_batch)
+
+    def _update_once(self, rollouts, indices: list[int], r: torch.Tensor, keep: torch.Tensor) -> dict:
         """One optimizer step of the NFT loss over the kept samples, then the old model's EMA step."""
         from .nft import alpha_bar, ema_decay, nft_loss
 
@@ -405,7 +460,7 @@ class RestorerRL:
         # the training noise of an input's samples from a generator of its own: the same draws
         # whichever process trains it (one process with 2 inputs per step = 2 processes with 1 each)
         gens = [torch.Generator().manual_seed(_seed(cfg["seed"], self.step, 10_000, i)) for i in indices]
-        mb = int(cfg["micro_batch"])
+        mb = self.micro_batch
         batches = []
         for j, ro in enumerate(rollouts):
             rows = torch.arange(len(ro)) if acc.num_processes > 1 else torch.nonzero(keep[j * k:(j + 1) * k]).view(-1)
@@ -446,12 +501,25 @@ class RestorerRL:
             for key, value in out.terms().items():
                 sums[key] += value if key == "loss" else value * share
         grad_norm = acc.clip_grad_norm_(self.model.trainable_parameters(), float(cfg["optimizer"]["max_grad_norm"]))
-        if not torch.isfinite(torch.as_tensor(grad_norm)):  # one bad batch must not poison the weights
-            self.optimizer.zero_grad(set_to_none=True)
-            log.warning("step %d: the gradient is not finite; the step is skipped", self.step + 1)
-            return {**sums, "grad_norm": float(grad_norm), "skipped": True}
-        self.optimizer.step()
+        finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
+        if acc.scaler is not None:
+            # fp16: the GradScaler skips a step whose gradients overflowed and halves its scale
+            # (accelerate's AcceleratedOptimizer.step runs scaler.step and scaler.update), so the
+            # next step's unscale_ starts afresh. Overflow at the first scales is routine.
+            self.optimizer.step()
+            skipped = bool(self.optimizer.step_was_skipped)
+            if skipped:
+                log.info("step %d: fp16 gradients overflowed; the step is skipped and the loss scale is now %g",
+                         self.step + 1, acc.scaler.get_scale())
+        else:
+            skipped = not finite  # one bad batch must not poison the weights
+            if finite:
+                self.optimizer.step()
+            else:
+                log.warning("step %d: the gradient is not finite; the step is skipped", self.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
+        if skipped:
+            return {**sums, "grad_norm": float(grad_norm), "skipped": True}
         decay = ema_decay(self.step, flat=int(nft["ema"]["flat"]), rate=float(nft["ema"]["rate"]),
                           max_decay=float(nft["ema"]["max_decay"]))
         self.model.ema_step(decay)

@@ -587,3 +587,29 @@ def test_final_candidates_keep_the_sample_the_chooser_prefers(tiny_path, image, 
         DiffusionStages.from_pretrained(tiny_path, candidates=2, **opts)
     with pytest.raises(ValueError, match="candidates must be a whole number"):
         DiffusionStages.from_pretrained(tiny_path, candidates=0, **opts)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_a_stage_batch_from_the_previous_stage_is_the_inference_stage(tiny_path, image, guidance):
+    """Reflective GRPO makes each stage for its rollouts with restore_stage_batch; given each plan's
+    image of the stage before, a plan and seed give exactly the stage images inference makes
+    (stages(): rough from noise, middle img2img from rough, on seed + the stage's index), batched
+    with other plans or not. The trainer's stage_images passes the previous images on."""
+    from types import SimpleNamespace
+
+    from realsr_r1 import train
+
+    r = DiffusionStages.from_pretrained(tiny_path, device="cpu", rough="diffusion", num_inference_steps=4,
+                                        strength=0.5, guidance_scale=guidance, preview_every=0)
+    plan = parse_cot(COT)
+    made = finals(run(r, image, plan, seed=3))
+    other = parse_cot("<middle_understand>a cat</middle_understand>")
+    (rough, _) = r.restore_stage_batch(image.rgb, [plan, other], stage="rough", seed=3)
+    np.testing.assert_allclose(rough, made["rough"].rgb, atol=1e-5)
+    restorations = SimpleNamespace(restorer=r, scale=4.0, seed=3, batch_size=None, calls=0)
+    _, options = train.reflective_trainer({"reflect_stages": ["rough", "middle"]}, {}, lambda: restorations)
+    middle, other_middle = options["stage_images"](image.rgb, "middle", [plan, other], [rough, rough])
+    np.testing.assert_allclose(middle, made["middle"].rgb, atol=1e-5)
+    assert np.abs(other_middle - middle).max() > 1e-4  # its own text
+    from_noise = r.restore_stage_batch(image.rgb, [plan], stage="middle", seed=3)[0]
+    assert np.abs(from_noise - made["middle"].rgb).max() > 1e-3  # what rollouts made before: not inference's

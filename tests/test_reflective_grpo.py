@@ -104,3 +104,53 @@ def test_reflect_stages_are_checked(setup, tmp_path):  # noqa: F811
         with pytest.raises(ConfigError, match="reflect_stages"):
             with weights_env(setup / "weights"):
                 train.build_trainer(cfg, tmp_path)
+
+
+class _MergingTokenizer:
+    """A tokenizer with a merge across the tag's end (`></`), as real BPE vocabularies have."""
+
+    vocab = ["<", "rough", "_", "image", ">", "></", "/", "a", " "]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.vocab[i] for i in ids)
+
+    def __call__(self, text, add_special_tokens=False):
+        ids = []
+        while text:
+            best = max((t for t in self.vocab if text.startswith(t)), key=len)
+            ids.append(self.vocab.index(best))
+            text = text[len(best):]
+        return {"input_ids": ids}
+
+
+def test_tag_tokens_spelled_anew_are_out_of_the_loss():
+    """trim_at_tag drops a token that completes the tag and carries more (`></`) and spells the tag's
+    end with its own tokens: the policy never sampled those, so their loss mask is 0."""
+    from realsr_r1.reflect import trim_at_tag
+    from realsr_r1.reflective_grpo import written_mask
+
+    tok = _MergingTokenizer()
+    generated = tok("a <rough_image></")["input_ids"]
+    kept, stage = trim_at_tag(tok, generated)
+    assert stage == "rough" and tok.decode(kept) == "a <rough_image>"
+    assert written_mask(generated, kept) == [1] * (len(kept) - 1) + [0]  # the re-spelled `>`
+    plain = tok("a <rough_image>")["input_ids"]
+    assert written_mask(plain, trim_at_tag(tok, plain)[0]) == [1] * len(plain)
+
+
+def test_min_new_tokens_holds_for_the_first_segment_only(trainer, monkeypatch):
+    """As inference (reflect.py): a floor on the chain's length applies to its first segment; a
+    continuation after a stage image may end at once."""
+    from transformers import GenerationMixin
+
+    seen = []
+    real = GenerationMixin.generate
+
+    def generate(self, *a, generation_config=None, **kw):
+        seen.append(generation_config.min_new_tokens)
+        return real(self, *a, generation_config=generation_config, **kw)
+
+    monkeypatch.setattr(GenerationMixin, "generate", generate)
+    trainer.generation_config.min_new_tokens = 4
+    trainer.train()
+    assert seen[:2] == [4, 0]  # the rollout's first segment, then its continuation after the rough image

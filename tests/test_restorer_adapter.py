@@ -87,7 +87,7 @@ def test_fused_adapter_equals_the_peft_unet(upscaler, tmp_path):
     base = unet_out(UNet2DConditionModel.from_pretrained(upscaler / "unet"))
     pipe = pipe_of(upscaler)
     info = load_restorer_adapter(pipe, folder)
-    assert info == {"path": str(folder), "sha256": file_hash(folder / WEIGHTS_NAME)[:12]}
+    assert info == {"path": str(folder), "sha256": file_hash(folder / WEIGHTS_NAME)[:12], "stage": None}
     assert not has_lora(pipe.unet)  # fused, then the LoRA layers removed: the plain UNet runs
     fused = unet_out(pipe.unet)
     assert torch.allclose(fused, active, atol=1e-5)
@@ -98,6 +98,30 @@ def test_fused_adapter_equals_the_peft_unet(upscaler, tmp_path):
         if isinstance(m, BaseTunerLayer):
             m.scaling["default"] = 1.0
     assert not torch.allclose(fused, unet_out(halved), atol=1e-3)
+
+
+def test_an_adapter_trained_on_one_stage_is_on_for_that_stage_only(upscaler, tmp_path):
+    """Training records the stage (its config's `stage`); inference keeps the LoRA layers unfused and
+    turns them on for that stage alone: the other stages are the base model's, as in training."""
+    from realsr_r1.cot import parse_cot
+    from realsr_r1.imageio import LoadedImage
+    from realsr_r1.pipeline import StageImage
+
+    unet = lora_unet(upscaler)
+    folder = save_restorer_adapter(unet, tmp_path / "middle", info={"config": {"stage": "middle"}})
+    image = LoadedImage(rgb=np.random.default_rng(0).random((12, 16, 3), dtype=np.float32))
+    sizes = {"rough": (16, 12), "middle": (32, 24), "final": (64, 48)}
+    made = {}
+    for name, adapter in (("plain", None), ("middle", str(folder))):
+        r = DiffusionStages.from_pretrained(upscaler, device="cpu", dtype="fp32", rough="diffusion", adapter=adapter,
+                                            num_inference_steps=2, strength=1.0, preview_every=0)
+        made[name] = {e.stage: e.rgb for e in r.stages(image, parse_cot(""), sizes=sizes, seed=0)
+                      if isinstance(e, StageImage)}
+        if adapter:
+            assert r.describe()["adapter"]["stage"] == "middle" and has_lora(r.pipe.unet)
+    assert np.abs(made["plain"]["middle"] - made["middle"]["middle"]).max() > 1e-3
+    for stage in ("rough", "final"):  # strength 1: final starts from noise, not from middle
+        assert np.array_equal(made["plain"][stage], made["middle"][stage]), stage
 
 
 def test_adapter_name_does_not_matter(upscaler, tmp_path):
@@ -152,7 +176,8 @@ def test_describe_records_the_adapter(upscaler, tmp_path):
     folder = make_adapter(upscaler, tmp_path / "adapter")
     stages = DiffusionStages.from_pretrained(upscaler, device="cpu", dtype="fp32", rough="diffusion",
                                              adapter=str(folder))
-    assert stages.describe()["adapter"] == {"path": str(folder), "sha256": file_hash(folder / WEIGHTS_NAME)[:12]}
+    assert stages.describe()["adapter"] == {"path": str(folder), "sha256": file_hash(folder / WEIGHTS_NAME)[:12],
+                                            "stage": None}
     assert not has_lora(stages.pipe.unet)
     plain = DiffusionStages.from_pretrained(upscaler, device="cpu", dtype="fp32", rough="diffusion")
     assert plain.describe()["adapter"] is None
@@ -222,7 +247,7 @@ def test_infer_fuses_the_adapter_and_the_sidecar_records_it(weights, upscaler, s
     assert pixels(tmp_path / "o" / "p.png") != pixels(tmp_path / "plain" / "p.png")
     side = json.loads((tmp_path / "o" / "p.json").read_text(encoding="utf-8"))
     sha = file_hash(a / WEIGHTS_NAME)[:12]
-    assert side["adapter"] == {"path": str(a), "sha256": sha}
+    assert side["adapter"] == {"path": str(a), "sha256": sha, "stage": None}
     assert side["settings"]["restorer_adapter"] == f"{a} ({sha})"
     assert json.loads((tmp_path / "plain" / "p.json").read_text())["settings"]["restorer_adapter"] is None
 

@@ -48,19 +48,28 @@ def rows(path):
 @pytest.mark.parametrize("how, sets, margin", [
     ("full fine-tuning", ["lora=null", "optimizer.learning_rate=3e-3"], 2.0),
     ("LoRA", ["optimizer.learning_rate=3e-2", "lora.targets=[to_q,to_k,to_v,to_out.0,proj_in,proj_out,conv_in,conv_out]"], 1.0),
+    ("LoRA, guided inference", [
+        "optimizer.learning_rate=3e-2", "lora.targets=[to_q,to_k,to_v,to_out.0,proj_in,proj_out,conv_in,conv_out]",
+        "restorer.guidance_scale=3.0"], 1.0),
+    ("LoRA, from the middle stage", [
+        "optimizer.learning_rate=1e-2", "lora.targets=[to_q,to_k,to_v,to_out.0,proj_in,proj_out,conv_in,conv_out]",
+        "restorer.strength=0.5", "max_steps=40", "eval.steps=40"], 0.5),
 ])
 def test_a_tiny_run_learns_a_reward_it_can_move(setup, tmp_path, how, sets, margin):
     """Brightness on the training inputs, fixed seeds: after 20 steps the evaluated mean reward is
     above step 0's by more than `margin` times the spread (std) of the rewards of the samples one
     step draws, so the model moved its output distribution, not one lucky sample. Measured: full
-    fine-tuning +3.0 spreads (seed 0; +2.6 with seed 2), LoRA +2.2. The LoRA includes the UNet's
+    fine-tuning +3.0 spreads (seed 0; +2.6 with seed 2), LoRA +2.2; with guided inference (the
+    rollouts are not) +2; img2img from the middle stage (strength 0.5: the rollouts start at
+    t ≈ 500, where the tiny model moves brightness little) +0.8 in 40 steps at a third of the
+    learning rate, which at 3e-2 rose for 10 steps and then fell. The LoRA includes the UNet's
     first and last convolutions here: the tiny UNet's attention alone barely moves brightness
     (0.5204 → 0.5198 in 20 steps), the real one's attention carries far more of the model."""
     out = tmp_path / "learn"
-    assert run(setup, out, "rewards={tiny_rewards:brightness: 1.0}", *sets, "max_steps=20", "eval.steps=20",
+    assert run(setup, out, "rewards={tiny_rewards:brightness: 1.0}", "max_steps=20", "eval.steps=20", *sets,
                f"eval.data={setup / 'data'}", "eval.count=5", "eval.metrics=[psnr]") == 0
     ev = rows(out / "eval.jsonl")
-    assert [r["step"] for r in ev] == [0, 20]
+    assert [r["step"] for r in ev] == [0, 40 if "max_steps=40" in sets else 20]
     spread = rows(out / "log.jsonl")[0]["rewards/brightness/std"]
     assert ev[1]["reward"] - ev[0]["reward"] > margin * spread > 0
     assert (out / ("model" if how.startswith("full") else "adapter")).is_dir()
@@ -176,13 +185,17 @@ def test_the_trained_adapter_changes_inference(setup, tmp_path):
         results = {}
         for name, extra in (("base", []), ("tuned", ["--restorer-adapter", str(out / "adapter")])):
             assert infer.main(["--profile", "tiny", "--input", str(src), "--output", str(tmp_path / name),
-                               "--quiet", *extra]) == 0
+                               "--quiet", "--save-stages", *extra]) == 0
             from PIL import Image
 
-            results[name] = np.asarray(Image.open(tmp_path / name / "a.png"), dtype=np.float32)
-    assert np.abs(results["base"] - results["tuned"]).mean() > 0.1
+            results[name] = {stage: np.asarray(Image.open(tmp_path / name / f"a{suffix}.png"), dtype=np.float32)
+                             for stage, suffix in (("rough", "_rough"), ("middle", "_middle"), ("final", ""))}
+    # trained on the final stage (the stages before it made by the base weights): on for that stage only
+    assert np.abs(results["base"]["final"] - results["tuned"]["final"]).mean() > 0.1
+    for stage in ("rough", "middle"):
+        assert np.array_equal(results["base"][stage], results["tuned"][stage]), stage
     sidecar = json.loads((tmp_path / "tuned" / "a.json").read_text())
-    assert str(out / "adapter") in json.dumps(sidecar)
+    assert sidecar["adapter"]["path"] == str(out / "adapter") and sidecar["adapter"]["stage"] == "final"
 
 
 @pytest.mark.parametrize("sets, message", [
@@ -219,6 +232,40 @@ def test_init_adapter_starts_both_adapters_from_a_trained_one(setup, tmp_path):
     with pytest.raises(ValueError, match="do not match"):
         TrainableUpscaler(StableDiffusionUpscalePipeline.from_pretrained(str(setup / "weights" / "tiny-upscaler")),
                           lora={"r": 8, "alpha": 16, "targets": ["to_q"]}, init_adapter=str(out / "adapter"))
+
+
+def test_the_kl_reference_of_a_continued_run_is_where_it_started(setup, tmp_path):
+    """restorer-nr continues restorer-fr with a KL term: the reference is the adapter it starts from
+    (a frozen third adapter), not the base model. So the first step's KL is 0, and the reference's
+    prediction is the saved adapter's, not the base UNet's."""
+    from diffusers import StableDiffusionUpscalePipeline
+
+    from realsr_r1.restorers.trainable import TrainableUpscaler
+
+    fr = tmp_path / "fr"
+    assert run(setup, fr, "rewards={tiny_rewards:brightness: 1.0}", "max_steps=1", "eval.steps=0",
+               "optimizer.learning_rate=3e-2") == 0
+    nr = tmp_path / "nr"
+    assert run(setup, nr, "rewards={tiny_rewards:brightness: 1.0}", "max_steps=2", "eval.steps=0",
+               f"init_adapter={fr / 'adapter'}", "nft.kl_beta=0.5", "optimizer.learning_rate=3e-2") == 0
+    log = rows(nr / "log.jsonl")
+    assert log[0]["kl"] == pytest.approx(0.0, abs=1e-12) and log[1]["kl"] > 0
+    pipe = StableDiffusionUpscalePipeline.from_pretrained(str(setup / "weights" / "tiny-upscaler"))
+    model = TrainableUpscaler(pipe, lora={"r": 8, "alpha": 16}, kl=True, init_adapter=str(fr / "adapter"))
+    x = torch.randn(1, 7, 8, 8)
+    kw = dict(encoder_hidden_states=torch.randn(1, 77, 16), class_labels=torch.tensor([20]), return_dict=False)
+    with torch.no_grad():
+        preds = {}
+        for which in ("current", "reference"):
+            with model.use(which) as unet:
+                preds[which] = unet(x, torch.tensor([500]), **kw)[0]
+        pipe.unet.disable_adapters()
+        base = pipe.unet(x, torch.tensor([500]), **kw)[0]
+        pipe.unet.enable_adapters()
+        pipe.unet.set_adapter("default")
+    assert torch.allclose(preds["reference"], preds["current"]) and not torch.allclose(preds["reference"], base)
+    assert all(p.requires_grad for p in model.trainable_parameters())
+    assert not any(p.requires_grad for n, p in pipe.unet.named_parameters() if ".reference." in n)
 
 
 def test_conditioning_by_caption_and_by_a_cached_policy(setup, tmp_path, monkeypatch):
@@ -454,3 +501,198 @@ def test_a_sample_that_diverged_is_left_out(setup, tmp_path, monkeypatch):
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) and not r.get("skipped") for r in log)
     weights = load_file(str(out / "adapter" / "pytorch_lora_weights.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+@pytest.fixture
+def fresh_accelerator():
+    """accelerate keeps one state per process: a test that asks for another mixed precision starts
+    from a fresh one (as accelerate's own tests do) and leaves a fresh one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def _restorer_rl(setup, out, *sets):
+    from realsr_r1.profiles import load_config
+    from realsr_r1.train_restorer import RestorerRL
+
+    return RestorerRL(load_config(CONFIG, [f"data={setup / 'data'}", f"output_dir={out}", *sets]))
+
+
+def _fp16_scaler(rl, init_scale=65536.0):
+    """What Accelerator(mixed_precision="fp16") sets up on a GPU, with torch's CPU GradScaler:
+    backward scales the loss, clip_grad_norm_ unscales, AcceleratedOptimizer.step steps the scaler."""
+    from accelerate.optimizer import patch_optimizer_step
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    acc, opt = rl.accelerator, rl.optimizer
+    acc.scaler, acc.native_amp = scaler, True
+    opt.scaler = scaler
+    opt._accelerate_step_called = False
+    opt._optimizer_original_step_method = opt.optimizer.step
+    opt._optimizer_patched_step_method = patch_optimizer_step(opt, opt.optimizer.step)
+    return scaler
+
+
+def test_fp16_overflow_skips_the_step_halves_the_scale_and_training_goes_on(setup, tmp_path, fresh_accelerator):
+    """Infinite gradients at step 1 under an fp16 GradScaler: the scaler skips the step (weights
+    unchanged, no EMA step) and halves its scale; step 2 then runs (no "unscale_() has already been
+    called") and moves the weights."""
+    with weights_env(setup / "weights"):
+        rl = _restorer_rl(setup, tmp_path / "fp16", "rewards={tiny_rewards:brightness: 1.0}", "eval.steps=0",
+                          "group_filter=null", "mixed_precision=fp16", "samples=3", "inputs_per_step=1")
+        scaler = _fp16_scaler(rl)
+        params = rl.model.trainable_parameters()
+        hook = params[0].register_hook(lambda g: g * float("inf"))
+        before = [p.detach().clone() for p in params]
+        old_before = [o.detach().clone() for o, _ in rl.model._pairs()]
+        row1 = rl.train_step()
+        hook.remove()
+        assert row1["skipped"] and scaler.get_scale() == 32768.0
+        assert all(torch.equal(p, b) for p, b in zip(params, before))
+        assert all(torch.equal(o, b) for (o, _), b in zip(rl.model._pairs(), old_before))  # no EMA step either
+        row2 = rl.train_step()
+        assert not row2.get("skipped") and np.isfinite(row2["grad_norm"])
+        assert any(not torch.equal(p, b) for p, b in zip(params, before))
+        assert scaler.get_scale() == 32768.0  # a good step keeps the scale (growth comes after 2000)
+
+
+def test_rollouts_sample_with_the_prediction_the_loss_takes_as_p_old(setup, tmp_path, monkeypatch):
+    """The profile guides inference (guidance 4 here); the trained stage's rollouts sample without
+    guidance, with the old model. So the prediction the sampler stepped with, at the rollout's own
+    timestep and inputs, is what the NFT loss takes as p_old: the old model's conditional prediction
+    on the rollout's stored image, embeddings and noise level. (Guided rollouts, or rollouts with the
+    current model, which differs from the old one here, fail it.)"""
+    from realsr_r1 import restorer_rollouts as R
+
+    with weights_env(setup / "weights"):
+        rl = _restorer_rl(setup, tmp_path / "g", "rewards={tiny_rewards:brightness: 1.0}", "eval.steps=0",
+                          "restorer.guidance_scale=4.0", "samples=2", "inputs_per_step=1")
+    assert rl.stages.guidance_scale == 4.0
+    with torch.no_grad():
+        for p in rl.model.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))  # the current model moves away from the old one
+    captured = []
+    real_previous = R._previous
+
+    def previous(*a, **k):  # the stages before the trained one run as inference; then spy on the sampler
+        out = real_previous(*a, **k)
+        sched = rl.stages.pipe.scheduler
+        real_step = sched.step
+
+        def step(model_output, t, sample, *args, **kwargs):
+            captured.append((model_output.detach().clone(), int(t), sample.detach().clone()))
+            return real_step(model_output, t, sample, *args, **kwargs)
+
+        monkeypatch.setattr(sched, "step", step)
+        return out
+
+    monkeypatch.setattr(R, "_previous", previous)
+    _, ro = rl._rollout(rl.train_rows[0], [1, 2], 0)
+    stepped, t, sample = captured[0]
+    assert t == ro.t_max and stepped.shape[0] == 2  # one branch: no unconditional half
+    sched = rl.stages.pipe.scheduler
+    inp = torch.cat([sched.scale_model_input(sample, t), ro.image], dim=1)
+    with torch.no_grad(), rl.model.use("old") as old:
+        p_old = old(inp, torch.tensor([t, t]), encoder_hidden_states=ro.embeds, class_labels=ro.level,
+                    return_dict=False)[0]
+    assert torch.allclose(p_old, stepped, atol=1e-5)
+
+
+def test_full_fine_tuning_in_bf16_runs_its_rollouts(setup, tmp_path, fresh_accelerator):
+    """lora: null over a bf16 pipeline with mixed_precision bf16 (what the config error recommends):
+    the fp32 trained UNet and its fp32 old copy sample under the run's autocast, and a step trains."""
+    out = tmp_path / "bf16"
+    with weights_env(setup / "weights"):
+        assert run(setup, out, "rewards={tiny_rewards:brightness: 1.0}", "lora=null", "restorer.dtype=bf16",
+                   "mixed_precision=bf16", "max_steps=1", "eval.steps=0", "samples=3", "inputs_per_step=1") == 0
+    (row,) = rows(out / "log.jsonl")
+    assert not row.get("skipped") and np.isfinite(row["loss"]) and row["grad_norm"] > 0
+    assert (out / "model" / "unet").is_dir()
+
+
+def test_out_of_memory_halves_the_rollout_batch_and_the_micro_batch(setup, tmp_path, monkeypatch, caplog):
+    """A UNet that runs out of memory above 2 samples per call: the rollouts' batch and the loss's
+    micro-batch are halved until they fit (6 → 3 → 1, 12 → 6 → 3 → 1), each said once, and the step
+    trains on all its samples."""
+    import logging
+
+    from diffusers import UNet2DConditionModel
+
+    from realsr_r1.restorers.memory import OutOfMemoryError
+
+    with weights_env(setup / "weights"):
+        rl = _restorer_rl(setup, tmp_path / "oom", "rewards={tiny_rewards:brightness: 1.0}", "eval.steps=0",
+                          "group_filter=null", "samples=6", "inputs_per_step=1", "micro_batch=12")
+    real = UNet2DConditionModel.forward
+    sizes = []
+
+    def forward(self, sample, *a, **kw):
+        sizes.append(sample.shape[0])
+        if sample.shape[0] > 2:
+            raise OutOfMemoryError("CUDA out of memory (a test)")
+        return real(self, sample, *a, **kw)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
+    with caplog.at_level(logging.WARNING):
+        row = rl.train_step()
+        rl.train_step()
+    assert rl.rollout_batch == 1 and rl.micro_batch == 1
+    assert not row.get("skipped") and np.isfinite(row["loss"])
+    notes = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
+    assert len(notes) == 2 and any("rollout_batch 6 → 3" in n for n in notes) and any("micro_batch 12 → 6" in n for n in notes)
+    assert max(sizes[-10:]) <= 2  # the second step ran within the limit from the start
+
+
+@pytest.mark.parametrize("rewards, inside, first", [
+    ({"compass": {"quality": "niqe", "fidelity": "input"}}, {"niqe"}, "psnr"),  # restorer-nr
+    ({"compass": {"quality": "niqe"}}, {"niqe", "psnr", "ssim"}, "piqe"),  # F from the HR too
+    ({"generation": {"expert": "fidelity"}}, {"psnr", "ssim"}, "niqe"),  # restorer-fr
+    ({"niqe": 1.0, "irpo_general": 1.0}, {"niqe", "psnr", "ssim"}, "piqe"),
+    ({"compass": {"quality": "analyser", "fidelity": "input"}, "tiny_rewards:brightness": 1.0}, set(), "psnr"),
+])
+def test_the_guard_never_watches_a_metric_inside_the_reward(rewards, inside, first):
+    from realsr_r1.reward_guard import check_guard_metric, default_metrics, metrics_in
+
+    assert metrics_in(rewards) == inside
+    outside = default_metrics(rewards)
+    assert outside[0] == first and not set(outside) & inside and check_guard_metric(None, rewards) == first
+    for metric in inside:
+        with pytest.raises(ValueError, match=f"guard.metric: {metric} is inside the reward"):
+            check_guard_metric(metric, rewards)
+
+
+def test_a_guard_on_the_reward_s_own_metric_is_refused_in_one_line(setup, tmp_path, capsys):
+    assert run(setup, tmp_path / "bad", "rewards={compass: {quality: niqe, fidelity: input}}",
+               "guard={metric: niqe, max_drop: 0.5}") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "guard.metric: niqe is inside the reward" in err[0] and "psnr" in err[0], err
+
+
+def test_group_filter_thresholds_are_on_the_reward_s_range():
+    """COMPASS spans about −0.45 … 5 at γ 7, the others 0 … 1: `mean_above: 0.9` is 90 % of the way up
+    either range (so a COMPASS group at 0.95 is not "high"); thresholds outside [0, 1], or a reward
+    without a known range, are one-line errors."""
+    from realsr_r1.group_filter import thresholds
+    from realsr_r1.rewards.registry import build_image_rewards
+    from realsr_r1.rewards.text import compass_range, compass_reward_value
+
+    lo, hi = compass_range(7.0)
+    assert -0.5 < lo < -0.4 and hi == pytest.approx(5.0)
+    rng = np.random.default_rng(0)
+    values = [compass_reward_value(*x, 7.0) for x in zip(rng.random(2000), rng.uniform(1, 5, 2000), rng.uniform(1, 5, 2000))]
+    assert lo - 1e-3 <= min(values) and max(values) <= hi + 1e-9
+    funcs, weights = build_image_rewards({"compass": {"quality": "niqe", "fidelity": "input"}})
+    mean, std = thresholds(0.9, 0.05, funcs, weights)
+    assert mean == pytest.approx(lo + 0.9 * (hi - lo)) and std == pytest.approx(0.05 * (hi - lo))
+    funcs, weights = build_image_rewards({"generation": {"weight": 2.0, "expert": "fidelity"},
+                                          "tiny_rewards:smoothness": 1.0})
+    mean, std = thresholds(0.5, 0.1, funcs, weights)  # weighted: (2·[0, 1] + [−0.5, 0]) / 3
+    assert mean == pytest.approx((-0.5 / 3) + 0.5 * (2.5 / 3)) and std == pytest.approx(0.25 / 3)
+    with pytest.raises(ValueError, match="group_filter.mean_above: 1.5 is outside the reward's range"):
+        thresholds(1.5, 0.05, funcs, weights)
+    unknown = lambda images, lq, hr: images  # noqa: E731
+    with pytest.raises(ValueError, match="has no known range"):
+        thresholds(0.9, 0.05, [unknown], [1.0])

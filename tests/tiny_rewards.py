@@ -49,3 +49,11 @@ def darkness(images, lq, hr, **kwargs):
     import numpy as np
 
     return [float(1.0 - np.asarray(s, np.float32).mean()) for s in images]
+
+
+# Ranges, for the group filter's thresholds (rewards/registry.py `reward_range`): all in [0, 1]
+# except the grey std, which is at most 0.5.
+for _fn in (letter_fraction, closeness, brightness, perfect, darkness):
+    _fn.reward_range = (0.0, 1.0)
+noise_paying.reward_range = (0.0, 0.5)
+smoothness.reward_range = (-0.5, 0.0)

@@ -14,8 +14,11 @@ would load at the wrong strength. With the metadata, diffusers builds `LoraConfi
 (`utils/peft_utils.py: _create_lora_config`). The adapter's name is not part of the file, so one
 trained under any name loads the same.
 
-Inference fuses the adapter into the UNet's weights and removes the LoRA layers: the UNet then runs
-as fast as the base one, and fp16/bf16 pipelines fuse in their own dtype.
+An adapter is trained on one stage (`config.stage` in its info, e.g. final) with the stages before
+it made by the base weights, so inference applies it to that stage alone: the LoRA layers stay and
+the restorer turns them on for that stage only (DiffusionStages). An adapter without a stage (made
+elsewhere) applies to every stage: it is fused into the UNet's weights and its LoRA layers removed,
+so the UNet runs as fast as the base one (fp16/bf16 pipelines fuse in their own dtype).
 """
 
 from __future__ import annotations
@@ -123,10 +126,20 @@ def check_adapter_folder(folder: str | Path) -> Path:
     return weights
 
 
-def load_restorer_adapter(pipe, folder: str | Path) -> dict:
-    """Load the adapter in `folder` into `pipe.unet`, fuse it and drop the LoRA layers.
+def adapter_stage(folder: str | Path) -> str | None:
+    """The stage the adapter was trained on (its info's config.stage), or None."""
+    from ..cot import STAGES
 
-    Returns {path, sha256} (12 hex digits of the weights file) for describe() and the sidecar.
+    config = read_info(folder).get("config")
+    stage = config.get("stage") if isinstance(config, dict) else None
+    return stage if stage in STAGES else None
+
+
+def load_restorer_adapter(pipe, folder: str | Path) -> dict:
+    """Load the adapter in `folder` into `pipe.unet` as ADAPTER_NAME; one without a stage is fused
+    and its LoRA layers dropped (module doc).
+
+    Returns {path, sha256, stage} (12 hex digits of the weights file) for describe() and the sidecar.
     Call it before the pipeline is moved or cast: the LoRA tensors take the UNet's dtype and
     device when they are injected, and the fusing happens there."""
     from peft.utils import get_peft_model_state_dict
@@ -151,9 +164,12 @@ def load_restorer_adapter(pipe, folder: str | Path) -> dict:
                 pipe.unload_lora_weights()  # leave the pipeline as it was
         raise CorruptWeightsError(f"restorer adapter {folder}: does not fit this upscaler's UNet "
                                   f"({_line(e)})") from e
+    stage = adapter_stage(folder)
+    if stage is not None:  # the restorer turns it on for that stage (DiffusionStages._weights_for)
+        return {"path": str(folder), "sha256": sha256, "stage": stage}
     pipe.fuse_lora(components=["unet"], lora_scale=1.0, adapter_names=[ADAPTER_NAME])
     # fuse_lora merges each LoRA delta into its base layer's weight in place (peft `LoraLayer.merge`);
     # unload_lora_weights → `ModelMixin.unload_lora` → `recurse_remove_peft_layers` then puts each
     # base layer (`get_base_layer()`), fused weights and all, back in place of its LoRA wrapper.
     pipe.unload_lora_weights()
-    return {"path": str(folder), "sha256": sha256}
+    return {"path": str(folder), "sha256": sha256, "stage": None}

@@ -58,7 +58,7 @@ def img2img_skip(steps: int, strength: float, order: int = 1) -> int:
 
 def initial_latents(sched, shape: tuple, gens: list[torch.Generator], steps: int, strength: float,
                     start: torch.Tensor | None, device, dtype, skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(latents, timesteps): pure noise, or `start` (1x4xhxw) noised to `strength` with the first
+    """(latents, timesteps): pure noise, or `start` (1x4xhxw, or one per sample) noised to `strength` with the first
     round(steps × (1 − strength)) steps skipped (or `skip` of them, when given)."""
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -70,7 +70,9 @@ def initial_latents(sched, shape: tuple, gens: list[torch.Generator], steps: int
     timesteps = sched.timesteps[skip:]
     if hasattr(sched, "set_begin_index"):
         sched.set_begin_index(skip)
-    start = start.to(device, dtype).repeat(shape[0], 1, 1, 1)
+    start = start.to(device, dtype)
+    if start.shape[0] == 1:  # one start image for every sample, else one each
+        start = start.repeat(shape[0], 1, 1, 1)
     return sched.add_noise(start, noise, timesteps[:1].repeat(shape[0])), timesteps
 
 

@@ -137,7 +137,8 @@ class DiffusionStages:
         """Load the upscaler folder (and Real-ESRGAN x4plus for `rough="realesrgan"` unless
         `regression` gives the rough stage's LiteStages); options as __init__.
 
-        `adapter`: a UNet LoRA folder from training (adapter.py), fused into the UNet."""
+        `adapter`: a UNet LoRA folder from training (adapter.py): on for the stage it was trained
+        on, or fused into the UNet for every stage when it names none."""
         from diffusers import StableDiffusionUpscalePipeline
 
         if rough not in ROUGH_METHODS:
@@ -186,7 +187,7 @@ class DiffusionStages:
                 "rough": "realesrgan" if self.regression is not None else "diffusion",
                 **({"rough_restorer": self.regression.describe()} if self.regression is not None else {}),
                 **({"candidates": self.candidates, "chooser": self.chooser.describe()} if self.candidates > 1 else {}),
-                "adapter": getattr(self, "adapter", None)}  # {path, sha256} of a fused UNet LoRA, or None
+                "adapter": getattr(self, "adapter", None)}  # {path, sha256, stage} of a UNet LoRA, or None
 
     # one batch, text to images -----------------------------------------------------------------
     def _decode(self, latents: torch.Tensor) -> np.ndarray:
@@ -234,17 +235,28 @@ class DiffusionStages:
                 free_cached()
                 log.warning("out of GPU memory in the diffusion stage: retrying with latent tile %d", self.tile)
 
-    def _sample(self, cond: np.ndarray, init: np.ndarray | None, conditions: list[Condition], seed: int, preview):
+    def _sample(self, cond: np.ndarray, init: list[np.ndarray] | None, conditions: list[Condition], seed, preview):
         """Generator: encode the start image (if any), denoise, decode: Bx(4h)x(4w)x3 float32 images.
         The VAE calls sit outside the UNet's retry: their memory is the codec's business."""
-        start = None if init is None else self._encode(init, self.pipe._execution_device)
+        start = None if init is None else torch.cat([self._encode(i, self.pipe._execution_device) for i in init])
         latents = yield from self._fit(cond, start, conditions, seed, preview)
         return self._decode(latents)
 
+    def _weights_for(self, stage: str | None) -> None:
+        """Turn a stage's LoRA adapter on for its own stage and off for the others (adapter.py);
+        nothing to do for a fused adapter or none. Called under the lock: the UNet is shared."""
+        only = (getattr(self, "adapter", None) or {}).get("stage")
+        if only and stage is not None:
+            if stage == only:
+                self.pipe.unet.enable_adapters()
+            else:
+                self.pipe.unet.disable_adapters()
+
     def _run_stage(self, cond: np.ndarray, init: np.ndarray | None, conditions: list[Condition], seed: int,
-                   preview):
+                   preview, stage: str | None = None):
         """One stage with the fallbacks: smaller tiles on OOM, then fp32 (also tiled) on NaN."""
         with self._lock:
+            self._weights_for(stage)
             out = yield from self._sample(cond, init, conditions, seed, preview)
             if not np.isfinite(out).all() and self.dtype != torch.float32:
                 log.warning("diffusion stage produced NaNs in %s; retrying in fp32", self.precision)
@@ -288,16 +300,20 @@ class DiffusionStages:
         return best, {"mode": "auto", **facts, "candidates": rows, "allowed": [r["label"] for r in rows],
                       "winner": winner, "why": why, "seconds": round(time.perf_counter() - t, 4)}
 
-    def _diffuse(self, reference: np.ndarray, previous: np.ndarray | None, size: tuple[int, int],
-                 conditions: list[Condition], seed: int, preview=None):
-        """Generator: one diffusion stage of `size` for each condition; returns the images at `size`."""
+    def _diffuse(self, reference: np.ndarray, previous: np.ndarray | list | None, size: tuple[int, int],
+                 conditions: list[Condition], seed, preview=None, stage: str | None = None):
+        """Generator: one diffusion stage of `size` for each condition; returns the images at `size`.
+        `previous`: the image each sample starts from (one for all, or one per condition)."""
         tw, th = size
         lw, lh = max(1, round(tw / 4)), max(1, round(th / 4))
         ph, pw = -(-lh // PAD_MULTIPLE) * PAD_MULTIPLE, -(-lw // PAD_MULTIPLE) * PAD_MULTIPLE
         cond = _pad(resize(reference, (lw, lh)), ph, pw)
         starts_from_previous = previous is not None and self.strength < 1
-        init = _pad(resize(previous, (4 * lw, 4 * lh)), 4 * ph, 4 * pw) if starts_from_previous else None
-        out = yield from self._run_stage(cond, init, conditions, seed, self._previewer(preview, size, lh, lw))
+        init = None
+        if starts_from_previous:
+            many = previous if isinstance(previous, list) else [previous]
+            init = [_pad(resize(p, (4 * lw, 4 * lh)), 4 * ph, 4 * pw) for p in many]
+        out = yield from self._run_stage(cond, init, conditions, seed, self._previewer(preview, size, lh, lw), stage)
         return [resize(np.clip(o[: 4 * lh, : 4 * lw], 0, 1), size) for o in out]
 
     def _previewer(self, preview, size: tuple[int, int], lh: int, lw: int):
@@ -334,7 +350,7 @@ class DiffusionStages:
                 k = self.candidates if stage == "final" else 1
                 seeds = [seed + index + j * SEED_STRIDE for j in range(k)]
                 outs = yield from self._diffuse(reference, previous, size, [self._condition(plan, stage)] * k,
-                                                seeds, preview)
+                                                seeds, preview, stage)
                 outs = [color_fix(o, inp, self.color_fix, device=self.device) for o in outs]
                 best = 0
                 if k > 1:  # the chooser keeps one sample (module doc)
@@ -351,12 +367,15 @@ class DiffusionStages:
         return self.restore_stage_batch(rgb, plans, stage="final", scale=scale, seed=seed, batch_size=batch_size)
 
     def restore_stage_batch(self, rgb: np.ndarray, plans: list[Plan], *, stage: str = "final", scale: float = 4.0,
-                            seed: int = 0, batch_size: int | None = None) -> list[np.ndarray]:
+                            seed: int = 0, batch_size: int | None = None,
+                            previous: list[np.ndarray] | None = None) -> list[np.ndarray]:
         """One stage for many chains of thought about one image, in batched diffusion calls.
 
         For GRPO: each plan's text for `stage`, negative prompt and noise level condition one sample;
-        the reference (Real-ESRGAN rough, or the input) is computed once; no init image and no
-        previews. A Real-ESRGAN rough stage runs its experts once; each plan's reading picks their
+        the reference (Real-ESRGAN rough, or the input) is computed once; no previews. The stage's
+        seed is `seed` + its index, as stages() draws it. With `previous` (each plan's image of the
+        stage before, as reflective rollouts have it) each sample starts from it as inference does,
+        so a plan and seed give the image stages() gives; without it, from noise. A Real-ESRGAN rough stage runs its experts once; each plan's reading picks their
         mix (with several experts), and the later stages condition on that plan's mix.
         `batch_size` caps how many samples share one call (GPU memory).
         """
@@ -369,14 +388,17 @@ class DiffusionStages:
         # Plans whose readings picked the same rough mix share a reference and its batched calls.
         groups: dict[int, tuple[np.ndarray, list[int]]] = {}
         for i in range(len(plans)):
-            ref = inp if refs is None else refs[i][0]
-            groups.setdefault(id(ref), (ref, []))[1].append(i)
+            ref = inp if refs is None else resize(refs[i][0], stage_sizes(w, h, scale)["rough"])
+            groups.setdefault(id(refs[i][0]) if refs is not None else 0, (ref, []))[1].append(i)
         step = batch_size or max(1, len(plans))
         out: list[np.ndarray | None] = [None] * len(plans)
+        stage_seed = seed + STAGES.index(stage)
         for reference, rows in groups.values():
             for j in range(0, len(rows), step):
                 chunk = rows[j:j + step]
-                done = drain(self._diffuse(reference, None, size, [self._condition(plans[i], stage) for i in chunk], seed))
+                starts = None if previous is None else [to_float(previous[i]) for i in chunk]
+                done = drain(self._diffuse(reference, starts, size, [self._condition(plans[i], stage) for i in chunk],
+                                           stage_seed, stage=stage))
                 for i, o in zip(chunk, done):
                     out[i] = color_fix(o, inp, self.color_fix, device=self.device)
         return out

@@ -252,8 +252,9 @@ class LiteStages:
         return self.restore_stage_batch(rgb, plans, stage="final", scale=scale)
 
     def restore_stage_batch(self, rgb: np.ndarray, plans: list[Plan], *, stage: str = "final", scale: float = 4.0,
-                            seed: int = 0, batch_size: int | None = None) -> list[np.ndarray]:
-        """A stage's image for each plan: the chosen mix of the experts' ×scale outputs, resampled."""
+                            seed: int = 0, batch_size: int | None = None, previous=None) -> list[np.ndarray]:
+        """A stage's image for each plan: the chosen mix of the experts' ×scale outputs, resampled,
+        as stages() makes it (every stage is that mix, so `previous` stage images change nothing)."""
         return [img for img, _ in self.choose_batch(rgb, plans, stage=stage, scale=scale)]
 
     def choose_batch(self, rgb: np.ndarray, plans: list[Plan], *, stage: str = "final",

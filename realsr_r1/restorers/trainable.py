@@ -1,10 +1,12 @@
 """The upscaler's UNet as RL trains it: the current model, an "old" model kept as its EMA, and the
-reference (the base model) for the optional KL term.
+reference (the starting weights) for the optional KL term.
 
 LoRA (the default, as OARS trains it on the base model): two PEFT adapters on the one UNet, added
 with diffusers' `ModelMixin.add_adapter` (loaders/peft.py): "default" is trained, "old" follows it
-by EMA, and the reference is the UNet with adapters disabled (`disable_adapters`). DiffusionNFT's
-code keeps its old model the same way. Switching adapters goes through PEFT's
+by EMA, and the reference is the UNet with adapters disabled (`disable_adapters`): the base model.
+A run that continues another (`init_adapter`) starts from that adapter, so its reference is a third,
+frozen adapter "reference" holding it: the KL term pulls towards where the run started, not back to
+the base model. DiffusionNFT's code keeps its old model the same way. Switching adapters goes through PEFT's
 `BaseTunerLayer.set_adapter`, which also sets `requires_grad` (True for the active adapter, False
 for the rest; peft/tuners/tuners_utils.py), so the old and reference predictions are made first and
 "default" is active again before the current prediction and its backward.
@@ -64,6 +66,8 @@ class TrainableUpscaler:
         self.pipe = pipe
         self.unet = pipe.unet
         self.lora = lora
+        self.ref_adapter = False  # a frozen "reference" adapter (LoRA runs that continue another, with KL)
+        self._views: list[str] = []  # use()'s nesting
         self.unet.requires_grad_(False)
         if lora is not None:
             cfg = lora_config(lora)
@@ -72,6 +76,9 @@ class TrainableUpscaler:
             with warnings.catch_warnings():  # PEFT warns that a second adapter is added: that is the point
                 warnings.filterwarnings("ignore", message=".*multiple adapters.*")
                 self.unet.add_adapter(copy.deepcopy(cfg), adapter_name="old")
+                if init_adapter and kl:
+                    self.unet.add_adapter(copy.deepcopy(cfg), adapter_name="reference")
+            self.ref_adapter = bool(init_adapter and kl)
             if init_adapter:
                 self._load_lora(init_adapter)
             self.unet.set_adapter("default")
@@ -150,39 +157,42 @@ class TrainableUpscaler:
         from peft.utils import set_peft_model_state_dict
 
         state = read_lora_state(folder)
-        for adapter in ("default", "old"):
+        for adapter in ("default", "old", "reference") if self.ref_adapter else ("default", "old"):
             result = set_peft_model_state_dict(self.unet, state, adapter_name=adapter)
             if getattr(result, "unexpected_keys", None):
                 raise ValueError(f"init_adapter {folder}: its keys do not match this UNet's LoRA "
                                  f"({result.unexpected_keys[0]}…); train with the same lora settings")
 
     # views -------------------------------------------------------------------------------------
+    def _show(self, which: str):
+        """Make the pipeline's UNet the `which` model; returns it."""
+        if self.lora is not None:
+            adapter = {"current": "default", "old": "old"}.get(which)
+            if which == "reference" and self.ref_adapter:
+                adapter = "reference"
+            if adapter is None:  # the base model: "base", or the reference of a run from scratch
+                self.unet.disable_adapters()
+            else:
+                self.unet.enable_adapters()
+                self.unet.set_adapter(adapter)  # PEFT: requires_grad on this adapter alone
+            return self.unet
+        other = {"current": self.unet, "old": self.old_unet, "reference": self.ref_unet}.get(which)
+        if other is None:
+            raise ValueError("no reference model: full fine-tuning keeps one only with nft.kl_beta > 0"
+                             if which == "reference" else f"full fine-tuning keeps no {which} model")
+        self.pipe.unet = other  # the pipeline's denoising loop reads pipe.unet
+        return other
+
     @contextlib.contextmanager
     def use(self, which: str):
-        """The pipeline's UNet as the `which` model ("current", "old", "reference") for a while."""
-        if which == "current":
-            yield self.unet
-            return
-        if self.lora is not None:
-            if which == "old":
-                self.unet.set_adapter("old")
-            else:
-                self.unet.disable_adapters()
-            try:
-                yield self.unet
-            finally:
-                if which != "old":
-                    self.unet.enable_adapters()
-                self.unet.set_adapter("default")  # requires_grad back on the trained adapter
-            return
-        other = self.old_unet if which == "old" else self.ref_unet
-        if other is None:
-            raise ValueError("no reference model: full fine-tuning keeps one only with nft.kl_beta > 0")
-        self.pipe.unet = other  # the pipeline's denoising loop reads pipe.unet
+        """The pipeline's UNet as the `which` model ("current", "old", "reference", and with LoRA
+        "base", the adapters off) for a while; views nest, and the one outside comes back after."""
+        self._views.append(which)
         try:
-            yield other
+            yield self._show(which)
         finally:
-            self.pipe.unet = self.unet
+            self._views.pop()
+            self._show(self._views[-1] if self._views else "current")
 
     def save(self, folder: Path, info: dict) -> Path:
         """The trained result: a LoRA adapter folder (`infer --restorer-adapter`), or with full

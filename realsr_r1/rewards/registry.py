@@ -26,6 +26,18 @@ from . import text, visual
 
 REWARD_NAMES = ("format", "degradation", "understanding", "generation", "compass", "irpo_general", "niqe")
 IMAGE_REWARDS = ("generation", "compass", "irpo_general", "niqe")
+UNIT_RANGE = (0.0, 1.0)  # every reward here but COMPASS scores in [0, 1]
+
+
+def reward_range(name: str, options: dict, fn: Callable | None = None) -> tuple[float, float] | None:
+    """(lowest, highest) value of a reward; a `module:function` reward's own `reward_range`
+    attribute, else None (unknown)."""
+    if ":" in name:
+        found = getattr(fn, "reward_range", None)
+        return None if found is None else (float(found[0]), float(found[1]))
+    if name == "compass":
+        return text.compass_range(float(options.get("gamma", 7.0)))
+    return UNIT_RANGE
 
 
 def _spec(value) -> tuple[float, dict]:
@@ -73,7 +85,10 @@ def _weighted(spec: dict, make: Callable[[str, dict], Callable]) -> tuple[list[C
         weight, o = _spec(value)
         if weight == 0:
             continue
-        funcs.append(_named(make(name, o), name.rpartition(":")[2]))
+        fn = make(name, o)
+        named = _named(fn, name.rpartition(":")[2])
+        named.reward_range = reward_range(name, o, fn)  # the group filter's thresholds are on it
+        funcs.append(named)
         weights.append(weight)
     if not funcs:
         raise ValueError("no reward with a non-zero weight in the config")
@@ -119,7 +134,12 @@ def build_image_rewards(spec: dict, *, device: str = "cpu") -> tuple[list[Callab
     def make(name: str, o: dict) -> Callable:
         if ":" in name:
             custom = _import(name, o)
-            return lambda sr, lq, hr: custom(images=sr, lq=lq, hr=hr)
+
+            def called(sr, lq, hr):
+                return custom(images=sr, lq=lq, hr=hr)
+
+            called.reward_range = getattr(custom, "reward_range", None)
+            return called
         return image_score(name, o, device)
 
     return _weighted(spec, make)

@@ -254,6 +254,17 @@ def make_understanding_reward(similarity_model: str | None = None, weight: float
 
 
 # --- COMPASS (OARS) ---------------------------------------------------------------------------------
+def compass_range(gamma: float = 7.0) -> tuple[float, float]:
+    """(lowest, highest) COMPASS reward attainable at this γ: over F ∈ [0, 1] and Q_LR, Q_SR ∈ [1, 5]
+    (R is linear in Q_SR, so its ends are at Q_SR = 1 or 5)."""
+    import numpy as np
+
+    f = np.linspace(0, 1, 401)[:, None]
+    q = np.linspace(1, 5, 161)[None, :]
+    values = [f * q + f ** (q / gamma) * (s - q) for s in (1.0, 5.0)]
+    return float(min(v.min() for v in values)), float(max(v.max() for v in values))
+
+
 def compass_reward_value(fidelity: float, q_lr: float, q_sr: float, gamma: float = 7.0) -> float:
     """OARS COMPASS: R = F·Q_LR + F^(Q_LR/γ)·(Q_SR − Q_LR), F clipped to [0, 1], Q to [1, 5].
 
