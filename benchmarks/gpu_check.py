@@ -18,7 +18,7 @@ needs CUDA and say so; they check the script itself end to end.
 - vae-slicing: GRPO's batched final stage (G = 8) with and without VAE slicing: the same images,
   less decode memory.
 - full-profile: benchmarks/gpu_full_profile.py's end-to-end timings (VLM + three stages).
-- restorer-rl: RL of the upscaler (train_restorer.py) at real size: K = 8 samples, 6 sampler steps,
+- restorer-rl: RL of the upscaler (training/restorer_rl.py) at real size: K = 8 samples, 6 sampler steps,
   final 512² from the middle stage, LoRA r 32, bf16 autocast, gradient checkpointing: seconds per
   NFT step, rollout samples/s batched against one by one, peak memory (benchmarks/restorer_rl_speed.py).
 """

@@ -38,7 +38,7 @@ def step_times(root: Path, steps: int) -> list[float]:
     from conftest import photo, weights_env
 
     from realsr_r1 import train
-    from realsr_r1.data import build_dataset
+    from realsr_r1.training.data import build_dataset
     from realsr_r1.tiny import build_tiny_upscaler, build_tiny_vlm
 
     weights, hr = root / "weights", root / "hr"

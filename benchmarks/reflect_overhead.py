@@ -47,8 +47,8 @@ def grpo(args) -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     from PIL import Image
 
-    from realsr_r1 import train
-    from realsr_r1.data import build_dataset
+    from realsr_r1.training import grpo
+    from realsr_r1.training.data import build_dataset
     from realsr_r1.profiles import load_config
     from realsr_r1.tiny import ScriptedChain
 
@@ -70,8 +70,8 @@ def grpo(args) -> None:
                                                     "generation.max_new_tokens=2000",
                                                     f"trainer.max_steps={args.steps + 1}", "trainer.save_steps=1000"])
             out.mkdir()
-            (out / "realsr_decoding.json").write_text(json.dumps(train.decoding(cfg).to_dict()))
-            trainer = train.build_trainer(cfg, out)
+            (out / "realsr_decoding.json").write_text(json.dumps(grpo.decoding(cfg).to_dict()))
+            trainer = grpo.build_trainer(cfg, out)
             trainer.logits_processors = [ScriptedChain(trainer._tokenizer, segments, trainer.eos_token_ids[0])]
             times = []
             plain_step = trainer.training_step

@@ -1,4 +1,4 @@
-"""Speed and memory of RL of the restorer (train_restorer.py): seconds per NFT step, samples per
+"""Speed and memory of RL of the restorer (training/restorer_rl.py): seconds per NFT step, samples per
 second of the rollouts batched against one by one, peak memory. Random weights, real code paths.
 
     python benchmarks/restorer_rl_speed.py                        # tiny upscaler, CPU
@@ -45,9 +45,9 @@ def measure(model: Path, *, samples: int, sampling_steps: int, hr: int, steps: i
     import torch
     from PIL import Image
 
-    from realsr_r1.data import build_dataset
-    from realsr_r1.restorer_rollouts import sample_stage
-    from realsr_r1.train_restorer import RestorerRL
+    from realsr_r1.training.data import build_dataset
+    from realsr_r1.training.restorer_rollouts import sample_stage
+    from realsr_r1.training.restorer_rl import RestorerRL
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     src = workdir / "hr"

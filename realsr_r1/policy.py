@@ -205,7 +205,7 @@ def _with_adapter(model, adapter: str):
 
 
 def _trained_decoding(folder: str) -> tuple[Decoding | None, tuple[str, ...]]:
-    """The decoding train.py recorded beside a trained model or adapter (None if there is none), and
+    """The decoding GRPO training (training/grpo.py) recorded beside a trained model or adapter (None if there is none), and
     the stage images its rollouts were shown (none: trained one-pass, or recorded before that was)."""
     import json
 

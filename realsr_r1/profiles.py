@@ -112,7 +112,7 @@ def _build_esrgan(section: dict, kw: dict, device: str):
     pair), sharing the other keys; a chooser from the rewards registry when there are several."""
     import logging
 
-    from .restorers.lite import DEFAULT_EXPERTS, LiteStages, parse_fidelity
+    from .restorers.lite import DEFAULT_EXPERTS, parse_fidelity
     from .weights import MODELS, WeightsNotFoundError
 
     load, stages = _esrgan_parts()

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from conftest import photo
-from realsr_r1 import cot, data, degrade
+from realsr_r1 import cot, degrade
+from realsr_r1.training import data
 from realsr_r1.imageio import read_image
 
 CAPTION = "A photo of a brown dog lying on the green grass; the dog's fur is wet, 2 ears."

@@ -597,7 +597,7 @@ def test_a_stage_batch_from_the_previous_stage_is_the_inference_stage(tiny_path,
     with other plans or not. The trainer's stage_images passes the previous images on."""
     from types import SimpleNamespace
 
-    from realsr_r1 import train
+    from realsr_r1.training import grpo
 
     r = DiffusionStages.from_pretrained(tiny_path, device="cpu", rough="diffusion", num_inference_steps=4,
                                         strength=0.5, guidance_scale=guidance, preview_every=0)
@@ -607,7 +607,7 @@ def test_a_stage_batch_from_the_previous_stage_is_the_inference_stage(tiny_path,
     (rough, _) = r.restore_stage_batch(image.rgb, [plan, other], stage="rough", seed=3)
     np.testing.assert_allclose(rough, made["rough"].rgb, atol=1e-5)
     restorations = SimpleNamespace(restorer=r, scale=4.0, seed=3, batch_size=None, calls=0)
-    _, options = train.reflective_trainer({"reflect_stages": ["rough", "middle"]}, {}, lambda: restorations)
+    _, options = grpo.reflective_trainer({"reflect_stages": ["rough", "middle"]}, {}, lambda: restorations)
     middle, other_middle = options["stage_images"](image.rgb, "middle", [plan, other], [rough, rough])
     np.testing.assert_allclose(middle, made["middle"].rgb, atol=1e-5)
     assert np.abs(other_middle - middle).max() > 1e-4  # its own text

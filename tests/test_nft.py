@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from realsr_r1 import nft
+from realsr_r1.training import nft
 
 A = 0.64  # ᾱ: √ᾱ = 0.8, √(1−ᾱ) = 0.6
 X0 = [1.0, 0.0]

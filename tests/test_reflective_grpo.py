@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO, weights_env
-from realsr_r1 import train
+from realsr_r1.training import grpo
 from realsr_r1.cot import matches_format
 from realsr_r1.reflect import stage_image_tokens
 from realsr_r1.tiny import ScriptedChain
@@ -27,16 +27,16 @@ def trainer(setup, tmp_path):  # noqa: F811
 
     cfg = load_config(CONFIG, [f"data={setup / 'data'}", f"output_dir={tmp_path}", "generation.max_new_tokens=120",
                                "trainer.max_steps=1"])
-    (tmp_path / "realsr_decoding.json").write_text(json.dumps(train.decoding(cfg).to_dict()))  # as train() does
+    (tmp_path / "realsr_decoding.json").write_text(json.dumps(grpo.decoding(cfg).to_dict()))  # as train() does
     with weights_env(setup / "weights"):
-        trainer = train.build_trainer(cfg, tmp_path)
+        trainer = grpo.build_trainer(cfg, tmp_path)
         eos = trainer.eos_token_ids[0]
         trainer.logits_processors = [ScriptedChain(trainer._tokenizer, SCRIPTS, eos)]
         yield trainer
 
 
 def test_reflective_rollouts_put_the_rough_image_in_the_forward_pass_and_out_of_the_loss(trainer, monkeypatch):
-    from realsr_r1.reflective_grpo import ReflectiveGRPOTrainer
+    from realsr_r1.training.reflective_grpo import ReflectiveGRPOTrainer
 
     assert isinstance(trainer, ReflectiveGRPOTrainer)
     forwards, losses = [], []
@@ -103,7 +103,7 @@ def test_reflect_stages_are_checked(setup, tmp_path):  # noqa: F811
         cfg = load_config(CONFIG, [f"data={setup / 'data'}", f"reflect_stages={stages}"])
         with pytest.raises(ConfigError, match="reflect_stages"):
             with weights_env(setup / "weights"):
-                train.build_trainer(cfg, tmp_path)
+                grpo.build_trainer(cfg, tmp_path)
 
 
 class _MergingTokenizer:
@@ -127,7 +127,7 @@ def test_tag_tokens_spelled_anew_are_out_of_the_loss():
     """trim_at_tag drops a token that completes the tag and carries more (`></`) and spells the tag's
     end with its own tokens: the policy never sampled those, so their loss mask is 0."""
     from realsr_r1.reflect import trim_at_tag
-    from realsr_r1.reflective_grpo import written_mask
+    from realsr_r1.training.reflective_grpo import written_mask
 
     tok = _MergingTokenizer()
     generated = tok("a <rough_image></")["input_ids"]

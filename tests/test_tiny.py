@@ -30,14 +30,14 @@ def test_infer_tiny_profile_from_an_empty_weights_folder(tmp_path, capsys):
 
 def test_smoke_training_config_resolves_its_models_from_an_empty_weights_folder(tmp_path):
     """What `python -m realsr_r1.train --config configs/grpo-tiny.yaml` resolves before training:
-    the policy folder (train.model_path) and the reward restorer (train.restorations_factory)."""
-    from realsr_r1 import train
+    the policy folder (grpo.model_path) and the reward restorer (grpo.restorations_factory)."""
+    from realsr_r1.training import grpo
 
     cfg = profiles.load_config(str(REPO / "configs" / "grpo-tiny.yaml"), [f"data={tmp_path / 'data'}"])
     with weights_env(tmp_path / "weights") as weights:
-        assert train.model_path(cfg) == weights / "tiny-vlm"
+        assert grpo.model_path(cfg) == weights / "tiny-vlm"
         assert (weights / "tiny-vlm" / "config.json").is_file()
-        restorations = train.restorations_factory(cfg, "cpu")()
+        restorations = grpo.restorations_factory(cfg, "cpu")()
         assert (weights / "tiny-upscaler" / "model_index.json").is_file()
         assert restorations is not None
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, photo, weights_env
 from realsr_r1 import infer, train
+from realsr_r1.training import common, grpo
 from realsr_r1.tiny import build_tiny_upscaler
 from realsr_r1.tiny import build_tiny_vlm
 
@@ -23,7 +24,7 @@ REWARDS = ("format", "degradation", "understanding", "generation", "letter_fract
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from realsr_r1.data import build_dataset
+    from realsr_r1.training.data import build_dataset
 
     root = tmp_path_factory.mktemp("grpo")
     weights = root / "weights"
@@ -103,7 +104,7 @@ def test_irpo_keeps_the_hardest_inputs(setup, capsys):
     assert run(setup, None, "--keep", "0.5", "--out", str(out), command=("filter",)) == 0, capsys.readouterr().err
     scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert sorted(s["index"] for s in scores) == [0, 1, 2]
-    from realsr_r1.data import load_dataset
+    from realsr_r1.training.data import load_dataset
 
     kept = load_dataset(out)
     assert len(kept) == math.ceil(0.5 * 3)
@@ -121,7 +122,7 @@ def test_qlora_trains_on_a_4bit_base(setup, capsys):
 
     cfg = load_config(CONFIG, ["load_in_4bit=true"])
     with weights_env(setup / "weights"):
-        model, _ = train.load_policy_model(cfg, "cpu")
+        model, _ = grpo.load_policy_model(cfg, "cpu")
         assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
         del model
     out = setup / "qlora"
@@ -218,21 +219,21 @@ def test_lora_run_says_adapter_and_records_its_decoding(setup):
     assert recorded["max_new_tokens"] == 16 and recorded["top_k"] == 0 and recorded["repetition_penalty"] == 1.0
     for checkpoint in ("checkpoint-1", "checkpoint-2"):  # `--adapter DIR/checkpoint-N` samples alike
         assert json.loads((out / checkpoint / TRAINED_DECODING_FILE).read_text()) == recorded
-    assert train.saved_message({"lora": {"r": 4}}, out).startswith(f"adapter saved in {out}")
+    assert grpo.saved_message({"lora": {"r": 4}}, out).startswith(f"adapter saved in {out}")
 
 
 def test_rollouts_sample_with_the_one_decoding(setup, tmp_path):
     from realsr_r1.profiles import ConfigError, load_config
 
     cfg = load_config(CONFIG, ["generation.top_p=0.8"])
-    args = train.grpo_args(cfg, tmp_path, [1.0])
+    args = grpo.grpo_args(cfg, tmp_path, [1.0])
     assert (args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.max_completion_length) == \
         (1.0, 0.8, 0, 1.0, 16)
     with pytest.raises(ConfigError, match=r"trainer\.temperature: decoding is set in `generation:`"):
-        train.grpo_args(load_config(CONFIG, ["trainer.temperature=0.5"]), tmp_path, [1.0])
+        grpo.grpo_args(load_config(CONFIG, ["trainer.temperature=0.5"]), tmp_path, [1.0])
     with pytest.raises(ConfigError, match="GRPO, which samples"):
-        train.grpo_args(load_config(CONFIG, ["generation.do_sample=false"]), tmp_path, [1.0])
-    args = train.grpo_args(load_config(CONFIG, ["generation.min_new_tokens=4"]), tmp_path, [1.0])
+        grpo.grpo_args(load_config(CONFIG, ["generation.do_sample=false"]), tmp_path, [1.0])
+    args = grpo.grpo_args(load_config(CONFIG, ["generation.min_new_tokens=4"]), tmp_path, [1.0])
     assert args.generation_kwargs == {"min_new_tokens": 4}  # GRPOConfig has no field of its own
     from realsr_r1.decoding import Decoding
 
@@ -255,7 +256,7 @@ def _shown_over_steps(install: bool, steps: int = 5) -> list[str]:
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("default")
         if install:
-            train.show_library_warnings_once()
+            common.show_library_warnings_once()
         for _ in range(steps):
             library()
             ours()
@@ -281,7 +282,7 @@ ON_POLICY = SimpleNamespace(num_iterations=1, beta=0.0, use_vllm=False, steps_pe
 
 def test_a_zero_loss_on_policy_is_explained_once():
     lines = []
-    callback = train._callbacks(Path("/dev/null"), Path("/dev/null"), say=lines.append)[0]
+    callback = grpo._callbacks(Path("/dev/null"), Path("/dev/null"), say=lines.append)[0]
     for step, loss in enumerate([-0.07, 0.0, 0.0, -0.4, 0.0], start=1):
         state = SimpleNamespace(is_world_process_zero=True, global_step=step)
         callback.on_log(ON_POLICY, state, None, logs={"loss": loss, "grad_norm": 0.18})
@@ -294,12 +295,12 @@ def test_a_zero_loss_on_policy_is_explained_once():
                                     {"use_vllm": True}])
 def test_a_zero_loss_off_policy_gets_no_note(change):
     args = SimpleNamespace(**{**vars(ON_POLICY), **change})
-    assert train.ZeroLossNotes().check(args, 1, {"loss": 0.0, "grad_norm": 0.18}) == []
+    assert grpo.ZeroLossNotes().check(args, 1, {"loss": 0.0, "grad_norm": 0.18}) == []
 
 
 def test_a_zero_gradient_is_not_called_expected_on_policy():
     """Tiny random models often score every completion of a group alike: then the gradient is zero too."""
-    notes = train.ZeroLossNotes()
+    notes = grpo.ZeroLossNotes()
     said = [n for step in (1, 2, 3) for n in notes.check(ON_POLICY, step, {"loss": 0.0, "grad_norm": 0.0,
                                                                            "frac_reward_zero_std": 1.0})]
     assert len(said) == 1 and said[0].startswith("loss 0.0 and grad_norm 0.0 at step 1: no completion")
@@ -309,7 +310,7 @@ def test_a_zero_gradient_is_not_called_expected_on_policy():
 def test_group_mean_uses_only_the_rewards_present():
     import torch
 
-    from realsr_r1.group_filter import group_drop
+    from realsr_r1.training.group_filter import group_drop
 
     nan = float("nan")
     # rewards [1, None] with weights [1, 1]: the mean is 1, not 0.5, so the flat group goes
@@ -322,7 +323,7 @@ def test_group_mean_uses_only_the_rewards_present():
 
 
 def test_trl_version_guard():
-    from realsr_r1.group_filter import check_trl
+    from realsr_r1.training.filtered_grpo import check_trl
 
     check_trl()  # the installed TRL is one the overrides were written for
     with pytest.raises(ValueError, match="TRL 1.18.0 is installed"):
@@ -340,12 +341,12 @@ def test_trl_version_guard():
 
 @pytest.fixture(scope="module")
 def filtered_trainer(setup, tmp_path_factory):
-    from realsr_r1.group_filter import GroupFilteredGRPOTrainer
+    from realsr_r1.training.filtered_grpo import GroupFilteredGRPOTrainer
     from realsr_r1.profiles import load_config
 
     cfg = load_config(CONFIG, [f"data={setup / 'data'}", f"output_dir={tmp_path_factory.mktemp('gf')}"])
     with weights_env(setup / "weights"):
-        trainer = train.build_trainer(cfg, tmp_path_factory.mktemp("gf_out"))
+        trainer = grpo.build_trainer(cfg, tmp_path_factory.mktemp("gf_out"))
     assert isinstance(trainer, GroupFilteredGRPOTrainer)
     return trainer
 
@@ -405,7 +406,8 @@ def test_on_policy_loss_is_zero_and_its_gradient_is_not(filtered_trainer, monkey
 def test_partial_drop_leaves_the_kept_groups_loss_unchanged(filtered_trainer, loss_type, monkeypatch):
     """Two groups of four, the second dropped, split into four shuffled micro-batches: the loss is
     that of the first group alone, wherever the shuffle puts the dropped rows."""
-    from realsr_r1.group_filter import SCALE, kept_scale
+    from realsr_r1.training.filtered_grpo import SCALE
+    from realsr_r1.training.group_filter import kept_scale
 
     import torch
 
@@ -424,7 +426,8 @@ def test_partial_drop_leaves_the_kept_groups_loss_unchanged(filtered_trainer, lo
 
 def test_a_group_filter_batch_keeps_token_normalised_losses(filtered_trainer, monkeypatch):
     """bnpo divides by the tokens still in the mask: without a scale its kept loss is unchanged."""
-    from realsr_r1.group_filter import SCALE, kept_scale
+    from realsr_r1.training.filtered_grpo import SCALE
+    from realsr_r1.training.group_filter import kept_scale
 
     import torch
 
@@ -434,3 +437,36 @@ def test_a_group_filter_batch_keeps_token_normalised_losses(filtered_trainer, mo
     batch[SCALE] = kept_scale(torch.tensor([False, False, True, True]))
     kept = {k: v[:2] for k, v in batch.items() if k not in (SCALE, "num_items_in_batch")}
     assert torch.allclose(_loss(trainer, batch, 1, monkeypatch), _loss(trainer, kept, 1, monkeypatch), atol=1e-6)
+
+
+def test_the_training_package_imports_in_no_circle():
+    """realsr_r1/training: one module per idea, the shared helpers in common.py, and no module that
+    imports (at the top or inside a function) one that imports it back, directly or not."""
+    import ast
+
+    root = REPO / "realsr_r1"
+    graph = {}
+    for path in [*sorted((root / "training").glob("*.py")), root / "train.py", root / "data.py"]:
+        name = "realsr_r1." + ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+                found |= {f"{target}.{a.name}" for a in node.names} | {target}
+        graph[name] = {t for t in found if t.startswith("realsr_r1.training") or t in ("realsr_r1.train", "realsr_r1.data")}
+    graph = {k: {t for t in v if t in graph and t != k} for k, v in graph.items()}
+
+    def cycle_from(node, path):
+        for nxt in graph[node]:
+            if nxt in path:
+                return path[path.index(nxt):] + [nxt]
+            found = cycle_from(nxt, path + [nxt])
+            if found:
+                return found
+        return None
+
+    for start in graph:
+        assert cycle_from(start, [start]) is None, " → ".join(cycle_from(start, [start]))
+    assert "realsr_r1.training.common" in graph["realsr_r1.training.restorer_rl"]  # shared helpers, not grpo's

@@ -20,7 +20,7 @@ CONFIG = str(REPO / "configs" / "restorer-tiny.yaml")
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from realsr_r1.data import build_dataset
+    from realsr_r1.training.data import build_dataset
 
     root = tmp_path_factory.mktemp("restorer-rl")
     weights = root / "weights"
@@ -105,7 +105,7 @@ def test_lora_changes_the_old_model_follows_by_ema_and_resume_continues(setup, t
 def test_the_ema_step_mixes_old_and_current_by_the_decay(setup):
     from diffusers import StableDiffusionUpscalePipeline
 
-    from realsr_r1.restorers.trainable import TrainableUpscaler
+    from realsr_r1.training.trainable import TrainableUpscaler
 
     pipe = StableDiffusionUpscalePipeline.from_pretrained(str(setup / "weights" / "tiny-upscaler"))
     model = TrainableUpscaler(pipe, lora={"r": 4, "alpha": 8})
@@ -216,7 +216,7 @@ def test_init_adapter_starts_both_adapters_from_a_trained_one(setup, tmp_path):
     """restorer-nr continues restorer-fr: the current and the old adapter start as the saved one."""
     from diffusers import StableDiffusionUpscalePipeline
 
-    from realsr_r1.restorers.trainable import TrainableUpscaler, read_lora_state
+    from realsr_r1.training.trainable import TrainableUpscaler, read_lora_state
 
     out = tmp_path / "fr"
     assert run(setup, out, "rewards={tiny_rewards:brightness: 1.0}", "max_steps=1", "eval.steps=0",
@@ -240,7 +240,7 @@ def test_the_kl_reference_of_a_continued_run_is_where_it_started(setup, tmp_path
     prediction is the saved adapter's, not the base UNet's."""
     from diffusers import StableDiffusionUpscalePipeline
 
-    from realsr_r1.restorers.trainable import TrainableUpscaler
+    from realsr_r1.training.trainable import TrainableUpscaler
 
     fr = tmp_path / "fr"
     assert run(setup, fr, "rewards={tiny_rewards:brightness: 1.0}", "max_steps=1", "eval.steps=0",
@@ -269,8 +269,8 @@ def test_the_kl_reference_of_a_continued_run_is_where_it_started(setup, tmp_path
 
 
 def test_conditioning_by_caption_and_by_a_cached_policy(setup, tmp_path, monkeypatch):
-    from realsr_r1 import restorer_rollouts as R
-    from realsr_r1.data import load_dataset
+    from realsr_r1.training import restorer_rollouts as R
+    from realsr_r1.training.data import load_dataset
     from realsr_r1.tiny import build_tiny_vlm
 
     row = load_dataset(setup / "data")[0]
@@ -297,7 +297,7 @@ def test_conditioning_by_caption_and_by_a_cached_policy(setup, tmp_path, monkeyp
 def test_the_shipped_configs_are_valid():
     from realsr_r1.profiles import load_config
     from realsr_r1.rewards.registry import build_image_rewards
-    from realsr_r1.train_restorer import _section, resolve_config
+    from realsr_r1.training.restorer_rl import _section, resolve_config
 
     for name in ("restorer-fr", "restorer-nr", "restorer-tiny"):
         cfg = resolve_config({**load_config(name), "data": "somewhere"})
@@ -327,7 +327,7 @@ def test_compass_without_hr_scores_fidelity_against_the_input():
 
 def test_inputs_of_different_sizes_share_a_step(setup, tmp_path):
     """Each input's samples are trained in their own micro-batches: latents of two sizes in one step."""
-    from realsr_r1.data import build_dataset
+    from realsr_r1.training.data import build_dataset
 
     hr = tmp_path / "hr"
     hr.mkdir()
@@ -345,7 +345,7 @@ def test_inputs_of_different_sizes_share_a_step(setup, tmp_path):
 
 
 def test_joint_training_alternates_and_each_side_uses_the_others_current_weights(setup, tmp_path, monkeypatch):
-    from realsr_r1 import train_joint, train_restorer
+    from realsr_r1.training import joint as train_joint, restorer_rl as train_restorer
     from realsr_r1.rewards.visual import Restorations
     from realsr_r1.tiny import build_tiny_vlm
 
@@ -432,9 +432,9 @@ def test_two_processes_train_as_one_with_their_inputs_together(setup, tmp_path):
 def test_an_img2img_rollout_starts_where_inference_starts(setup):
     """Fewer sampler steps at the same strength would start at a lower noise level (DDIM's 3-step grid
     at 0.5 starts at 334, its 4-step grid at 501): the rollout's grid is made finer instead."""
-    from realsr_r1.data import load_dataset
+    from realsr_r1.training.data import load_dataset
     from realsr_r1.profiles import build_restorer, load_config
-    from realsr_r1.restorer_rollouts import analyser_plan, rollout_schedule, sample_stage
+    from realsr_r1.training.restorer_rollouts import analyser_plan, rollout_schedule, sample_stage
     from realsr_r1.restorers.denoise import img2img_skip
 
     with weights_env(setup / "weights"):
@@ -457,7 +457,7 @@ def test_an_img2img_rollout_starts_where_inference_starts(setup):
 def test_trained_and_old_weights_stay_fp32_over_a_bf16_base(setup):
     from diffusers import StableDiffusionUpscalePipeline
 
-    from realsr_r1.restorers.trainable import TrainableUpscaler
+    from realsr_r1.training.trainable import TrainableUpscaler
 
     pipe = StableDiffusionUpscalePipeline.from_pretrained(str(setup / "weights" / "tiny-upscaler")).to(dtype=torch.bfloat16)
     model = TrainableUpscaler(pipe, lora={"r": 4, "alpha": 8})
@@ -485,7 +485,7 @@ def test_combinations_that_cannot_train_are_one_line(setup, tmp_path, capsys, se
 
 
 def test_a_sample_that_diverged_is_left_out(setup, tmp_path, monkeypatch):
-    from realsr_r1 import restorer_rollouts
+    from realsr_r1.training import restorer_rollouts
 
     real = restorer_rollouts.sample_stage
 
@@ -516,7 +516,7 @@ def fresh_accelerator():
 
 def _restorer_rl(setup, out, *sets):
     from realsr_r1.profiles import load_config
-    from realsr_r1.train_restorer import RestorerRL
+    from realsr_r1.training.restorer_rl import RestorerRL
 
     return RestorerRL(load_config(CONFIG, [f"data={setup / 'data'}", f"output_dir={out}", *sets]))
 
@@ -565,7 +565,7 @@ def test_rollouts_sample_with_the_prediction_the_loss_takes_as_p_old(setup, tmp_
     timestep and inputs, is what the NFT loss takes as p_old: the old model's conditional prediction
     on the rollout's stored image, embeddings and noise level. (Guided rollouts, or rollouts with the
     current model, which differs from the old one here, fail it.)"""
-    from realsr_r1 import restorer_rollouts as R
+    from realsr_r1.training import restorer_rollouts as R
 
     with weights_env(setup / "weights"):
         rl = _restorer_rl(setup, tmp_path / "g", "rewards={tiny_rewards:brightness: 1.0}", "eval.steps=0",
@@ -654,7 +654,7 @@ def test_out_of_memory_halves_the_rollout_batch_and_the_micro_batch(setup, tmp_p
     ({"compass": {"quality": "analyser", "fidelity": "input"}, "tiny_rewards:brightness": 1.0}, set(), "psnr"),
 ])
 def test_the_guard_never_watches_a_metric_inside_the_reward(rewards, inside, first):
-    from realsr_r1.reward_guard import check_guard_metric, default_metrics, metrics_in
+    from realsr_r1.training.reward_guard import check_guard_metric, default_metrics, metrics_in
 
     assert metrics_in(rewards) == inside
     outside = default_metrics(rewards)
@@ -675,7 +675,7 @@ def test_group_filter_thresholds_are_on_the_reward_s_range():
     """COMPASS spans about −0.45 … 5 at γ 7, the others 0 … 1: `mean_above: 0.9` is 90 % of the way up
     either range (so a COMPASS group at 0.95 is not "high"); thresholds outside [0, 1], or a reward
     without a known range, are one-line errors."""
-    from realsr_r1.group_filter import thresholds
+    from realsr_r1.training.group_filter import thresholds
     from realsr_r1.rewards.registry import build_image_rewards
     from realsr_r1.rewards.text import compass_range, compass_reward_value
 

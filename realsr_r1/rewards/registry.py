@@ -13,7 +13,7 @@
 `build_rewards` returns TRL's `reward_funcs` and `reward_weights`, in the config's order. Image
 rewards share one `Restorations` (made on first need by `restorations`), so they render once.
 `build_image_rewards` returns the image rewards alone as functions of images, `(sr, lq, hr) →
-values`, for the restorer's RL (train_restorer.py), where there is no text to score; a custom
+values`, for the restorer's RL (training/restorer_rl.py), where there is no text to score; a custom
 `module:function` there is called as `function(images=sr, lq=lq, hr=hr)`.
 """
 

@@ -227,7 +227,7 @@ def make_understanding_reward(similarity_model: str | None = None, weight: float
         raise ValueError(f"similarity weight must be in [0, 1], got {weight!r}")
     if encoder is None and similarity_model:
         # Loaded now, when the config is built: a missing package fails before training starts,
-        # and under DeepSpeed ZeRO-3 a model loaded after GRPOConfig would be partitioned (train.py).
+        # and under DeepSpeed ZeRO-3 a model loaded after GRPOConfig would be partitioned (training/grpo.py).
         encoder = _load_encoder(str(similarity_model))
 
     def understanding(prompts, completions, tags=None, caption=None, **kwargs):

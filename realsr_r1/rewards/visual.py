@@ -338,7 +338,7 @@ def _mos(scorer, values: list) -> list[float | None]:
 
 # --- Rewards -------------------------------------------------------------------------------------
 # Each reward is first a function of images, `score(sr, lq, hr) -> list[float | None]` (what the
-# restorer's RL scores its samples with, train_restorer.py), then wrapped for TRL (`over_restorations`):
+# restorer's RL scores its samples with, training/restorer_rl.py), then wrapped for TRL (`over_restorations`):
 # GRPO's completions are rendered to their final images first.
 def generation_score(expert):
     """RealSR-R1's generation reward: the expert's score of the final image, in [0, 1]."""

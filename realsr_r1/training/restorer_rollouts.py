@@ -31,13 +31,13 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from .cot import STAGES, Plan, parse_cot
-from .imageio import LoadedImage, atomic_write_text, to_float
-from .pipeline import StageImage, stage_sizes
-from .restorers.color import color_fix
-from .restorers.denoise import denoise, initial_latents, model_inputs
-from .restorers.diffusion import PAD_MULTIPLE, _pad, drain
-from .restorers.lite import resize
+from ..cot import STAGES, Plan, parse_cot
+from ..imageio import LoadedImage, atomic_write_text, to_float
+from ..pipeline import StageImage, stage_sizes
+from ..restorers.color import color_fix
+from ..restorers.denoise import denoise, initial_latents, model_inputs
+from ..restorers.diffusion import PAD_MULTIPLE, _pad, drain
+from ..restorers.lite import resize
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def rollout_schedule(sched, inference_steps: int, strength: float, sampling_step
     scheduler's own grids of `sampling_steps` to 4× as many steps, the one with a timestep nearest
     that start (and enough steps below it) is used, the fewest steps within START_TOLERANCE: 751
     itself with 8 steps; 778 with 9 for 40-step inference's 776."""
-    from .restorers.denoise import img2img_skip
+    from ..restorers.denoise import img2img_skip
 
     sched.set_timesteps(int(inference_steps))
     t_start = int(sched.timesteps[img2img_skip(int(inference_steps), strength, sched.order)])
@@ -159,7 +159,7 @@ def caption_plan(caption: str) -> Plan:
 
 
 def analyser_plan(rgb: np.ndarray) -> Plan:
-    from .analyze import analyze
+    from ..analyze import analyze
 
     return Plan(degradation=[i for i in analyze(to_float(rgb)).items if i.type != "downsample"])
 
@@ -184,10 +184,10 @@ class PolicyTexts:
     def text(self, name: str, rgb: np.ndarray, seed: int) -> str:
         if name not in self.texts:
             if self._policy is None:
-                from .profiles import build_policy
+                from ..profiles import build_policy
 
                 self._policy = build_policy(self.section, device=self.device)
-            from .analyze import analyze
+            from ..analyze import analyze
 
             rgb_f = to_float(rgb)
             self.texts[name] = "".join(self._policy.stream(LoadedImage(rgb=rgb), analyze(rgb_f), seed=seed))

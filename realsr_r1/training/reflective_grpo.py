@@ -15,7 +15,7 @@ is not empty, it runs the image processor over every sample's images in order an
 `mm_token_type_ids` from the full ids) and `tool_mask` (`loss_mask = completion_mask * tool_mask`).
 So this class overrides only `_generate` (same return contract as 1.16's) and makes `self.tools`
 truthy for the scoring pass of a batch that holds stage images. Both are private: `check_trl`
-(group_filter.py) pins the tested TRL version.
+(filtered_grpo.py) pins the tested TRL version.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import copy
 
 import torch
 
-from .cot import STAGES, parse_cot
-from .group_filter import GroupFilteredGRPOTrainer
-from .imageio import to_pil
-from .reflect import opens_image_tag, stage_image_tokens, trim_at_tag
-from .rewards.visual import as_rgb, image_key
+from ..cot import STAGES, parse_cot
+from .filtered_grpo import GroupFilteredGRPOTrainer
+from ..imageio import to_pil
+from ..reflect import opens_image_tag, stage_image_tokens, trim_at_tag
+from ..rewards.visual import as_rgb, image_key
 
 
 def written_mask(generated: list[int], kept: list[int]) -> list[int]:

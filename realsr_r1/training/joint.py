@@ -3,8 +3,8 @@
     python -m realsr_r1.train joint --config configs/joint-tiny.yaml [--resume] [--set key=value ...]
 
 RealSR-R1's one model gets this for free: the text and the pixels learn from the same rewards. With
-a separate policy and restorer, each GRPO step of the policy (train.py) is followed by
-`restorer_steps` NFT steps of the restorer (train_restorer.py), over the same data, and each side's
+a separate policy and restorer, each GRPO step of the policy (grpo.py) is followed by
+`restorer_steps` NFT steps of the restorer (restorer_rl.py), over the same data, and each side's
 rollouts use the other's current weights:
 - the policy's image rewards are rendered by the restorer being trained (the same UNet, its current
   adapter), instead of the GRPO config's `restorer`;
@@ -24,8 +24,8 @@ import json
 import sys
 from pathlib import Path
 
-from .imageio import atomic_write_text
-from .profiles import ConfigError, load_config
+from ..imageio import atomic_write_text
+from ..profiles import ConfigError, load_config
 
 JOINT_KEYS = {"data": None, "output_dir": "runs/joint", "policy": None, "restorer": None, "restorer_steps": 1}
 JOINT_FILE = "joint.jsonl"
@@ -50,8 +50,8 @@ def expand(cfg: dict) -> dict:
 
 def resolve(cfg: dict) -> tuple[dict, dict, dict]:
     """(joint settings, GRPO config, restorer RL config), each checked before anything loads."""
-    from . import train, train_restorer
-    from .profiles import _hint
+    from . import grpo, restorer_rl
+    from ..profiles import _hint
 
     for key in cfg:
         if key not in JOINT_KEYS:
@@ -71,8 +71,8 @@ def resolve(cfg: dict) -> tuple[dict, dict, dict]:
     # the policy's image rewards come from the restorer being trained, rendered at its scale
     render = {k: v for k, v in (restorer.get("restorer") or {}).items() if k in ("scale", "seed")}
     policy["restorer"] = {**{k: v for k, v in (policy.get("restorer") or {}).items() if k == "batch_size"}, **render}
-    train.check_config(policy)
-    restorer = train_restorer.resolve_config(restorer)
+    grpo.check_config(policy)
+    restorer = restorer_rl.resolve_config(restorer)
     mixed = "bf16" if (policy.get("trainer") or {}).get("bf16") else "fp16" if (policy.get("trainer") or {}).get("fp16") else "no"
     if restorer["mixed_precision"] != mixed:  # both sides share accelerate's one process state
         raise ConfigError(f"restorer.mixed_precision: {restorer['mixed_precision']} differs from the policy trainer's "
@@ -91,9 +91,9 @@ class LivePolicyTexts:
     def text(self, name: str, rgb, seed: int) -> str:
         import torch
 
-        from .analyze import analyze
-        from .imageio import LoadedImage, to_float
-        from .policy import VLMPolicy
+        from ..analyze import analyze
+        from ..imageio import LoadedImage, to_float
+        from ..policy import VLMPolicy
 
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
         was_training = model.training
@@ -173,8 +173,8 @@ def write_table(out: Path) -> None:
 
 
 def train(cfg: dict, *, resume: bool = False) -> tuple[Path, Path]:
-    from . import train as grpo
-    from .train_restorer import RestorerRL
+    from . import grpo
+    from .restorer_rl import RestorerRL
 
     joint, policy_cfg, restorer_cfg = resolve(cfg)
     out = Path(joint["output_dir"])

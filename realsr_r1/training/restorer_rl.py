@@ -35,21 +35,20 @@ import logging
 import math
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..imageio import atomic_write_text, new_temp_dir
+from ..profiles import ConfigError
+from ..restorers.memory import OutOfMemoryError
+from .common import LOG_FILE, say
 from .group_filter import DEFAULTS as GROUP_FILTER
-from .imageio import atomic_write_text, new_temp_dir
-from .profiles import ConfigError
-from .restorers.memory import OutOfMemoryError
 
 log = logging.getLogger(__name__)
 
-LOG_FILE = "log.jsonl"
 EVAL_FILE = "eval.jsonl"
 # Every key of a restorer RL config and its default (configs/restorer-*.yaml set what they choose).
 DEFAULTS = {
@@ -86,7 +85,7 @@ SECTIONS = ("nft", "optimizer", "eval", "group_filter")
 # --- Config --------------------------------------------------------------------------------------
 def resolve_config(cfg: dict) -> dict:
     """The config over DEFAULTS (sections merged key by key), every key checked: one-line errors."""
-    from .profiles import _hint
+    from ..profiles import _hint
 
     for key in cfg:
         if key not in DEFAULTS:
@@ -111,9 +110,9 @@ def resolve_config(cfg: dict) -> dict:
         raise ConfigError("data: not set (a folder from `python -m realsr_r1.data build`; --set data=DIR)")
     if not out.get("rewards"):
         raise ConfigError("rewards: not set (image rewards: generation, compass, irpo_general, niqe)")
-    from .cot import STAGES
+    from ..cot import STAGES
     from .restorer_rollouts import CONDITIONING
-    from .rewards.registry import check_image_rewards
+    from ..rewards.registry import check_image_rewards
 
     try:
         check_image_rewards(out["rewards"])
@@ -150,8 +149,8 @@ def resolve_config(cfg: dict) -> dict:
 
 
 def _section(cfg: dict, key: str) -> tuple[dict, dict]:
-    """A `profile:`-based section (restorer, policy) and its rendering keys (train.profile_section)."""
-    from .train import profile_section
+    """A `profile:`-based section (restorer, policy) and its rendering keys (common.profile_section)."""
+    from .common import profile_section
 
     return profile_section(cfg, key)
 
@@ -198,10 +197,10 @@ class RestorerRL:
         from accelerate import Accelerator
 
         from .nft import PREDICTION_TYPES
-        from .profiles import build_restorer
+        from ..profiles import build_restorer
         from .restorer_rollouts import PolicyTexts
-        from .restorers.trainable import TrainableUpscaler
-        from .rewards.registry import build_image_rewards
+        from .trainable import TrainableUpscaler
+        from ..rewards.registry import build_image_rewards
 
         from accelerate.utils import set_seed
 
@@ -341,7 +340,7 @@ class RestorerRL:
 
     def _rollout(self, row: dict, seeds: list[int], index: int, which: str = "old"):
         from .restorer_rollouts import sample_stage
-        from .rewards.visual import as_rgb
+        from ..rewards.visual import as_rgb
 
         rgb = np.asarray(row["image"].convert("RGB")) if hasattr(row["image"], "convert") else as_rgb(row["image"])
         plan = self._plan(row, rgb)
@@ -368,7 +367,7 @@ class RestorerRL:
 
     def _score(self, images: list[np.ndarray], rgb: np.ndarray, hr_path) -> torch.Tensor:
         """Rewards (samples × funcs, NaN where a reward cannot judge)."""
-        from .rewards.visual import reference_for, to_float
+        from ..rewards.visual import reference_for, to_float
 
         lq = [to_float(rgb)] * len(images)
         hr = [reference_for(hr_path, s) for s in images]
@@ -422,7 +421,7 @@ class RestorerRL:
 
     def _halve(self, key: str, value: int) -> int:
         """Half of `value` after an out-of-memory error, said once per key; raises at 1."""
-        from .restorers.memory import free_cached
+        from ..restorers.memory import free_cached
 
         if value <= 1:
             raise OutOfMemoryError(f"out of memory with {key} 1: nothing left to halve (try a smaller "
@@ -555,7 +554,7 @@ class RestorerRL:
         """The held-out inputs with fixed seeds, the current model: mean reward and guard metrics."""
         from .group_filter import weighted_total
         from .reward_guard import mean_of, score_image
-        from .rewards.visual import reference_for
+        from ..rewards.visual import reference_for
 
         ev = self.cfg["eval"]
         totals, metrics = [], {m: [] for m in self.metric_names}
@@ -609,7 +608,7 @@ class RestorerRL:
 
     def _say(self, message: str) -> None:
         if self.accelerator.is_main_process:
-            _say(message)
+            say(message)
 
     def _info(self, best: bool = False) -> dict:
         info = {"step": self.step, "base": str(self.cfg["restorer"]), "config": self.cfg, "prediction_type": self.prediction_type}
@@ -669,10 +668,6 @@ class RestorerRL:
 
 def _fmt(v) -> str:
     return "–" if v is None else f"{v:.4f}"
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def train(cfg: dict, *, resume: bool = False) -> Path:

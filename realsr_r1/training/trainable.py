@@ -127,7 +127,7 @@ class TrainableUpscaler:
             o.copy_(c.to(o.dtype))
 
     def ema_step(self, decay: float) -> None:
-        from ..nft import ema_update
+        from .nft import ema_update
 
         pairs = self._pairs()
         ema_update([o for o, _ in pairs], [c for _, c in pairs], decay)
@@ -198,7 +198,7 @@ class TrainableUpscaler:
         """The trained result: a LoRA adapter folder (`infer --restorer-adapter`), or with full
         fine-tuning a whole pipeline folder (`--set restorer.model=DIR`)."""
         if self.lora is not None:
-            from .adapter import save_restorer_adapter
+            from ..restorers.adapter import save_restorer_adapter
 
             return save_restorer_adapter(self.unet, folder, adapter_name="default", info=info)
         from ..imageio import new_temp_dir

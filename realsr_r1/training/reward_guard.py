@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics as M
-from .imageio import atomic_write_bytes, atomic_write_text
+from .. import metrics as M
+from ..imageio import atomic_write_bytes, atomic_write_text
 
 GUARD_METRICS = {"psnr": True, "ssim": True, "niqe": False, "piqe": False}  # name → higher is better
 # What each visual expert of the rewards registry measures, as guard metrics.
@@ -76,14 +76,14 @@ def score_image(sr: np.ndarray, hr: np.ndarray | None, names: list[str]) -> dict
             fn = M.psnr if name == "psnr" else M.ssim
             out[name] = float(fn(M.as_batch(sr), M.as_batch(hr))[0])
         elif name == "niqe":
-            from .niqe import niqe
+            from ..niqe import niqe
 
             try:
                 out[name] = float(niqe(sr))
             except ValueError:  # under 96x96 or flat: NIQE cannot judge it
                 out[name] = None
         elif name == "piqe":
-            from .piqe import piqe
+            from ..piqe import piqe
 
             try:
                 out[name] = float(piqe(sr))
