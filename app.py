@@ -1,5 +1,10 @@
-"""`python app.py`: the Gradio demo. It lays out what `realsr_r1.demo` derives from the pipeline's
-event stream; no restoration logic lives here.
+"""The realsr-r1 demo in your browser: upload a photo, watch the chain of thought stream in and each
+stage's image appear, see the candidates the reward chose from, compare before and after, and
+download the result with its JSON record. Open the address it prints (http://127.0.0.1:7860 by
+default).
+
+The page is laid out here; what it shows comes from `realsr_r1.demo`, which turns the pipeline's
+event stream into views (no restoration logic lives in this file).
 
     python app.py [--host 127.0.0.1] [--port 7860] [--profile auto] [--max-size PIXELS] [--concurrency 1]
 
@@ -163,11 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-size", type=int, default=16, metavar="N",
                    help="requests waiting beyond that are turned away")
     p.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda, cuda:1, …")
+    p.add_argument("--verbose", action="store_true", help="also show the libraries' logs and warnings")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from realsr_r1 import quiet
+
+    quiet.configure(args.verbose)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         profiles, default, warning = start_profiles(args.profile)
@@ -182,9 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     demo = build_app(session, default, warning)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
     theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=SYSTEM_MONO)
+    logging.getLogger("app").info("serving on http://%s:%d (Ctrl-C stops it)", args.host, args.port)
     try:
         demo.launch(server_name=args.host, server_port=args.port, theme=theme, footer_links=[],
-                    allowed_paths=[str(session.out_root), str(HERE / "examples")], show_error=True)
+                    allowed_paths=[str(session.out_root), str(HERE / "examples")], show_error=True,
+                    quiet=not args.verbose)
     except KeyboardInterrupt:  # stopped while starting: no traceback, and the temp folder still goes
         # launch() can be interrupted after its server and queue started but before block_thread(),
         # whose own KeyboardInterrupt handler closes the server; close them here, or interpreter exit

@@ -3,8 +3,8 @@ resolves it; PyTorch fp32 and bf16; OpenVINO fp32, bf16 and INT8; our ncnn backe
 plain pip `ncnn` runtime running the very same .param/.bin, in one run, with PSNR against the HR and
 against PyTorch fp32. bf16 rows run only where the CPU has bf16 units.
 
-Inputs: for size s, an HR mosaic of g×g real photos (g = s // 256, at least 1; RealSRSet from
-../shared, else the repo's examples/), each centre-cropped square and Lanczos-resized to 4s/g
+Inputs: for size s, an HR mosaic of g×g real photos (g = s // 256, at least 1; $REALSR_R1_PHOTOS,
+e.g. RealSRSet, else the repo's examples/), each centre-cropped square and Lanczos-resized to 4s/g
 pixels; the input is that mosaic downscaled ×4 with PIL bicubic (antialiased). The mosaic is the
 reference for PSNR (RGB, 8-bit outputs). Since the photos are small, the HR is upsampled content and
 PSNR values are low in absolute terms; what matters is the difference between precisions.
@@ -41,7 +41,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-PHOTO_DIRS = [REPO.parent / "shared" / "realworld" / "RealSRSet", REPO / "examples"]
+# Real low-quality photos to time on: $REALSR_R1_PHOTOS (e.g. the full RealSRSet), else the examples
+PHOTO_DIRS = [Path(p) for p in [os.environ.get("REALSR_R1_PHOTOS")] if p] + [REPO / "examples"]
 # most wanted first: partial logs of long runs still help
 RUNTIMES = ("auto", "torch-fp32", "torch-bf16", "openvino-fp32", "openvino-bf16", "openvino-int8", "ours-ncnn", "ncnn")
 OURS = {"auto": ("auto", "auto"), "torch-fp32": ("torch", "fp32"), "torch-bf16": ("torch", "bf16"),
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
             vs = f"{r[rt]['seconds'] / n:.2f}" if n else "–"
             print(f"| {size}² | {rt} | {r[rt]['precision']} | {r[rt]['seconds']:.2f} | {vs} "
                   f"| {r[rt]['rss_mb']:.0f} | {q[rt][0]:.3f} | {cross} |")
-    print("\nTargets (issue 13):")
+    print("\nTargets :")
     for size, r, q in rows:
         if "auto" in r and "ncnn" in r:
             ratio = r["auto"]["seconds"] / r["ncnn"]["seconds"]

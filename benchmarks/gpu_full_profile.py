@@ -9,7 +9,7 @@ so it always writes `--tokens` tokens (`min_new_tokens`), like a long real chain
 
 Reported per input size: VLM seconds and tokens/s, restorer seconds per stage, end-to-end seconds
 (analysis included, model loading excluded, after one warm-up run) and peak GPU memory.
-Target (issue 4): 128² → 512² in ≤ 5 s on an H100 at 20 steps per stage.
+Target: 128² → 512² in ≤ 5 s on an H100 at 20 steps per stage.
 
     python benchmarks/gpu_full_profile.py --workdir /tmp/realsr-bench [--sizes 128,512] [--steps 20]
     python benchmarks/gpu_full_profile.py --tiny --device cpu     # a smoke run of the script itself

@@ -6,7 +6,7 @@ reward against scoring the G completions one by one.
    (the first step, which pays one-off costs, is left out).
 2. Generation reward: G different final texts about one image rendered by the diffusion upscaler
    (rough by Real-ESRGAN, as the full profile does) and scored (fidelity) in one batched call,
-   against G single calls, best of --repeats. Target (issue 5): speed-up ≥ 0.7 × G. On a GPU,
+   against G single calls, best of --repeats. Target: speed-up ≥ 0.7 × G. On a GPU,
    `--device cuda --real-size` times the real x4-upscaler architecture (random weights).
 
     python benchmarks/grpo_speed.py [--steps 6] [--g 8] [--size 32] [--repeats 3] [--rough diffusion]

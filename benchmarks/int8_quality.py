@@ -1,12 +1,12 @@
 """What the lite profile's reduced precisions cost in quality: OpenVINO INT8 (and bf16) against fp32.
 
-Ground truth: the photos of ../shared/realworld/RealSRSet (real low-quality photos; else the repo's
+Ground truth: the photos of $REALSR_R1_PHOTOS (e.g. RealSRSet, real low-quality photos; else the repo's
 examples/), each trimmed to a multiple of 4, are the HR; the LQ is the project's own degradation
 (degrade.degrade, seed = the photo's index). Each precision restores every LQ through the product
 path (ESRGANRestorer.from_pretrained(backend="openvino"), default tiling, 8-bit output) and is scored
 against the HR with Y-PSNR and SSIM (crop 4, metrics.py: the published tables' definitions). The
 table gives the mean change against fp32 and the worst photo's, over all photos and over those not
-in the default calibration set (the crops of examples/ are calibration data). The bar (issue 13):
+in the default calibration set (the crops of examples/ are calibration data). The bar:
 mean ≤ 0.05 dB Y-PSNR and ≤ 0.002 SSIM below fp32.
 
 --keep-float replaces openvino_backend.INT8_KEEP_FLOAT for x4plus (regexes over the IR's node names,
@@ -27,7 +27,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from esrgan_speed import PHOTO_DIRS, cap_isa, photos  # noqa: E402  (RealSRSet from ../shared, else examples/)
+from esrgan_speed import PHOTO_DIRS, cap_isa, photos  # noqa: E402  ($REALSR_R1_PHOTOS, else examples/)
 PSNR_BAR, SSIM_BAR = 0.05, 0.002
 
 

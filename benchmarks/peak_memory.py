@@ -3,7 +3,7 @@
 
 Each configuration runs `realsr_r1.infer.main` (what `python -m realsr_r1.infer` runs: loading,
 analyser, tiled model, blending, PNG encoding, sidecar) in a fresh process on one --size² photo
-(RealSRSet from ../shared, else the repo's examples/, centre-cropped and Lanczos-resized), and
+($REALSR_R1_PHOTOS, e.g. RealSRSet, else the repo's examples/, centre-cropped and Lanczos-resized), and
 reports that process's own peak RSS (VmHWM, in MiB; not ru_maxrss, which Linux carries over fork
 and exec). A warm-up run on a 32² image first fills the weights and OpenVINO caches, so conversion
 and INT8 calibration (which import PyTorch) are not counted, as on a user's second run.
@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from esrgan_speed import photos  # noqa: E402  (RealSRSet from ../shared, else examples/)
+from esrgan_speed import photos  # noqa: E402  ($REALSR_R1_PHOTOS, else examples/)
 
 BAR_MIB = 1.5e9 / 2**20  # 1.5 GB
 # name → (what runs, CLI flags)

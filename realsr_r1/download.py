@@ -108,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m realsr_r1.download", description=__doc__.split("\n\n")[0])
     p.add_argument("profile", choices=["lite", "full"])
     p.add_argument("--weights-dir", help="default: $REALSR_R1_WEIGHTS, else the repository's weights/")
+    p.add_argument("--verbose", action="store_true", help="also show the libraries' logs and warnings")
     args = p.parse_args(argv)
+    from . import quiet
+
+    quiet.configure(args.verbose)
     try:
         download(args.profile, Path(args.weights_dir) if args.weights_dir else None,
                  log=lambda m: print(m, file=sys.stderr))

@@ -365,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--quiet", "-q", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="also show the libraries' logs and warnings")
     return p
 
 
@@ -415,6 +416,9 @@ def _grid_plan(args, pred_dirs: list[Path], gt_dir: Path | None, lq_dir: Path | 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from . import quiet
+
+    quiet.configure(args.verbose)
     from .device import resolve_device
 
     pred_dirs = [Path(p) for p in args.pred]

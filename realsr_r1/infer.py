@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a LoRA adapter folder from python -m realsr_r1.train (profiles with a VLM policy; "
                    "default none)")
     p.add_argument("--restorer-adapter", default=None, metavar="DIR",
-                   help="a LoRA adapter folder of the diffusion upscaler's UNet from training, fused into it "
+                   help="a LoRA adapter folder of the diffusion upscaler's UNet from training, on for the stage it was trained on "
                    "(profiles with the diffusion restorer; sets restorer.adapter; default none)")
     p.add_argument("--scale", type=float, default=None,
                    help="final stage scale (default: the profile's, 4)")
@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse inputs larger than this many pixels (default {DEFAULT_MAX_PIXELS:,})")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    p.add_argument("--debug", action="store_true", help="print tracebacks for failures")
+    p.add_argument("--debug", action="store_true", help="print tracebacks for failures (and --verbose)")
+    p.add_argument("--verbose", action="store_true", help="also show the libraries' logs and warnings")
     return p
 
 
@@ -152,7 +153,7 @@ def profile_config(args: argparse.Namespace) -> tuple[str, str, dict, list[str]]
         profile, reason = choose_profile(args.profile)
         cfg = load_config(profile, args.overrides)
     check_profile(cfg)
-    scale = args.outscale or args.scale
+    scale = args.outscale if args.outscale is not None else args.scale
     if scale is not None:
         if not 0 < scale <= 16:
             raise ConfigError(f"--scale/--outscale must be in (0, 16], got {scale}")
@@ -209,6 +210,10 @@ def profile_config(args: argparse.Namespace) -> tuple[str, str, dict, list[str]]
     if args.seed is not None and not any(p.seeded for p in parts):
         notes.append(f"--seed has no effect on the {profile} profile: its {policy_type} policy and "
                      f"{restorer_type} restorer are deterministic")
+    from .tiny import note_for
+
+    if note_for(cfg):
+        notes.append(note_for(cfg))
     return profile, reason, cfg, notes
 
 
@@ -244,8 +249,9 @@ class _Folder:
     one line per failure."""
 
     def __init__(self, pipeline, args: argparse.Namespace, files: list[Path], layout: Layout, reason: str,
-                 settings: dict):
+                 settings: dict, model_note: str | None = None):
         self.pipeline = pipeline
+        self.model_note = model_note  # what every sidecar says of the models (the tiny ones' random weights)
         self.args = args
         self.layout = layout
         self.reason = reason
@@ -304,7 +310,7 @@ class _Folder:
         sidecar_path = layout.sidecar(path)
         old = read_sidecar(sidecar_path) if sidecar_path.exists() else None
         ext, change = _output_ext(layout.ext, path, result.alpha is not None, loaded.bit_depth)
-        notes = [n for n in [*loaded.notes, self.pipeline.policy.note] if n]
+        notes = [n for n in [self.model_note, *loaded.notes, self.pipeline.policy.note] if n]
         if change:
             notes.append(change)
             if change not in self.format_notes:
@@ -345,8 +351,8 @@ class Counts:
         self.failed += more.failed
         self.other += more.other
 
-    def summary(self, out_dir: Path) -> str:
-        lines = [f"restored {self.restored}, skipped {self.skipped} (already done), failed {self.failed} → {out_dir}"]
+    def summary(self, target: Path) -> str:
+        lines = [f"restored {self.restored}, skipped {self.skipped} (already done), failed {self.failed} → {target}"]
         if self.other:
             reasons = sorted({why for _, why in self.other})
             names = ", ".join(name for name, _ in self.other[:5]) + (", …" if len(self.other) > 5 else "")
@@ -450,18 +456,23 @@ def run(args: argparse.Namespace) -> int:
             print(f"profile: {profile} ({reason}); device {desc.get('device')}, precision {desc.get('precision')}"
                   + (f"; {world} processes" if world > 1 else ""), file=sys.stderr)
     settings = _settings(profile, cfg, layout, pipeline, args, seeded(cfg))
-    folder = _Folder(pipeline, args, files, layout, reason, settings)
+    from .tiny import note_for
+
+    folder = _Folder(pipeline, args, files, layout, reason, settings, note_for(cfg))
     counts = _restore_all(folder, list(enumerate(files))[rank::world], args.quiet or rank > 0)
     total = _gather(counts, world)
     if total is not None:
         shard = f"[process {rank}/{world}] " if total is counts and world > 1 else ""
-        print("\n".join(shard + line for line in total.summary(layout.out_dir).splitlines()), file=sys.stderr)
+        print("\n".join(shard + line for line in total.summary(layout.target).splitlines()), file=sys.stderr)
     incomplete = any(c is not None and (c.failed or c.other) for c in (counts, total))
     return 1 if incomplete else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from . import quiet
+
+    quiet.configure(args.verbose or args.debug)
     try:
         return run(args)
     except KeyboardInterrupt:

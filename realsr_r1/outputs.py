@@ -63,6 +63,12 @@ class Layout:
     out_dir: Path
     names: dict[Path, str]
     ext: str  # auto, png, jpg, webp
+    single: Path | None = None  # `--output NAME.png`: the one file the run writes
+
+    @property
+    def target(self) -> Path:
+        """What a run's summary names: the file of a single-file run, else the folder."""
+        return self.single or self.out_dir
 
     def sidecar(self, src: Path) -> Path:
         return self.out_dir / f"{self.names[src]}.json"
@@ -110,7 +116,7 @@ def plan_layout(src: Path, output: Path, files: list[Path], *, suffix: str, ext:
             raise UsageError(f"--ext {ext} contradicts --output {output.name}: give one of them")
         if suffix:
             raise UsageError(f"--suffix does not apply when --output names the file ({output.name})")
-        return Layout(output.parent, {src: output.stem}, out_ext)
+        return Layout(output.parent, {src: output.stem}, out_ext, single=output)
     root = src if src.is_dir() else src.parent
     return Layout(output, _stems(files, root, suffix), ext)
 

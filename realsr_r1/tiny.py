@@ -311,6 +311,14 @@ class ScriptedChain:
 
 
 BUILDERS = {"tiny-vlm": build_tiny_vlm, "tiny-upscaler": build_tiny_upscaler}
+NOTE = ("tiny models with random weights (for tests and smoke runs): the chain of thought is gibberish "
+        "and the images are noise, not restorations")
+
+
+def note_for(cfg: dict) -> str | None:
+    """NOTE when a profile config runs one of the tiny models, else None."""
+    sections = (cfg.get("policy") or {}, cfg.get("restorer") or {})
+    return NOTE if any(str(s.get("model")) in BUILDERS for s in sections) else None
 
 
 @contextlib.contextmanager

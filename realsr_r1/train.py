@@ -35,14 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help=config_help)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set trainer.learning_rate=1e-5 (repeatable)")
+    p.add_argument("--verbose", action="store_true", help="also show the libraries' logs and warnings")
     if command == "filter":
         p.add_argument("--keep", type=float, default=0.3, help="fraction of inputs to keep (IRPO: 0.3)")
         p.add_argument("--out", help="output folder (default: DATA-hardestNN)")
     else:
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
     args = p.parse_args(argv)
+    from . import quiet
     from .training.common import main_process, show_library_warnings_once
 
+    quiet.configure(args.verbose)
     show_library_warnings_once()
     try:
         if command == "joint":  # its sides are configs by name: expanded first, so --set policy.x=… reaches them
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             module.filter_dataset(cfg, args.keep, Path(args.out) if args.out else None,
                                   log=lambda m: print(m, file=sys.stderr))
         elif command == "joint":
-            message = module.main_message(*module.train(cfg, resume=args.resume))
+            message = module.main_message(cfg, *module.train(cfg, resume=args.resume))
             if main_process():
                 print(message, file=sys.stderr)
         else:

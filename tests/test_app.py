@@ -224,7 +224,7 @@ def test_help_shows_every_default():
                           env={**os.environ, "COLUMNS": "200"})
     assert done.returncode == 0
     options = re.split(r"\n  (?=-)", done.stdout.split("options:")[1].split("\n\n")[0])[1:]  # one per option
-    assert len(options) == 8 and all("(default: " in o for o in options if not o.startswith("-h")), done.stdout
+    assert len(options) == 9 and all("(default: " in o for o in options if not o.startswith("-h")), done.stdout
     for shown in ("(default: 7860)", "(default: 127.0.0.1)", "(default: auto)", "auto, lite, full, tiny",
                   f"(default: {DEFAULT_MAX_PIXELS})", "SIGTERM"):
         assert shown in done.stdout

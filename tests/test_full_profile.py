@@ -64,6 +64,7 @@ def test_infer_with_the_full_code_path(tiny_weights, tmp_path, capsys):
     assert 1 <= side["reason_tokens"] <= 24  # tiny.yaml's max_new_tokens
     assert side["rough"] == "diffusion" and side["strength"] == 0.5 and side["tile"] == 32
     assert side["policy_output"] and isinstance(side["plan"]["problems"], list)
+    assert any("random weights" in n and "noise" in n for n in side["notes"])  # says what a tiny result is
     assert read_image(tmp_path / "o" / "a.png").size == (48, 40)
     assert read_image(tmp_path / "o" / "g.png").mode == "L"
     assert (tmp_path / "o" / "a_middle.png").exists()

@@ -132,6 +132,16 @@ def test_usage_errors_are_one_line(tmp_path, capsys):
     photo((8, 8)).save(tmp_path / "one.png")
     rc, err = run_cli(capsys, "-i", tmp_path / "one.png", "-o", tmp_path / "o", "--profile", "nope")
     assert rc == 2 and "unknown profile 'nope'" in err
+    for scale in ("0", "-2", "17"):  # 0 is no scale, not the default
+        rc, err = run_cli(capsys, "-i", tmp_path / "one.png", "-o", tmp_path / "o", "--outscale", scale)
+        assert rc == 2 and err.strip().count("\n") == 0 and f"got {float(scale)}" in err, (scale, err)
+
+
+def test_a_single_file_run_names_the_file_it_wrote(tmp_path, capsys, weights_dir):
+    photo((12, 10)).save(tmp_path / "one.png")
+    rc, err = run_cli(capsys, "-i", tmp_path / "one.png", "-o", tmp_path / "scratch" / "big.png", "--fidelity", "0")
+    assert rc == 0 and (tmp_path / "scratch" / "big.png").is_file()
+    assert err.strip().splitlines()[-1].endswith(f"→ {tmp_path / 'scratch' / 'big.png'}"), err
 
 
 def test_plan_is_parsed_as_the_text_arrives(lite):

@@ -66,6 +66,8 @@ def test_train_resume_and_use_the_adapter(setup, tmp_path, capsys):
         assert 0 <= r["rewards/generation/mean"] <= 1
     assert (out / "checkpoint-1" / "optimizer.pt").is_file() and (out / "checkpoint-2" / "trainer_state.json").is_file()
 
+    card = (out / "README.md").read_text(encoding="utf-8")  # TRL's model card names the base model
+    assert "fine-tuned version of `tiny-vlm`" in card and "huggingface.co/None" not in card
     adapter = load_file(out / "adapter_model.safetensors")
     assert adapter and not any("visual" in k for k in adapter)  # the vision tower stays frozen
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())  # B starts at 0: it learned
@@ -470,3 +472,17 @@ def test_the_training_package_imports_in_no_circle():
     for start in graph:
         assert cycle_from(start, [start]) is None, " → ".join(cycle_from(start, [start]))
     assert "realsr_r1.training.common" in graph["realsr_r1.training.restorer_rl"]  # shared helpers, not grpo's
+
+
+def test_the_saved_messages_name_the_profile_that_uses_the_result():
+    """The hint at the end of a run restores with the profile the result was trained for: the tiny
+    configs' results work with the tiny profile, the real ones' with full."""
+    from realsr_r1.profiles import load_config
+    from realsr_r1.training import joint
+
+    tiny = load_config(str(REPO / "configs" / "grpo-tiny.yaml"))
+    assert "--profile tiny --adapter runs/x " in grpo.saved_message(tiny, Path("runs/x"))
+    assert "--profile full --adapter runs/x " in grpo.saved_message(load_config(str(REPO / "configs" / "grpo.yaml")),
+                                                                     Path("runs/x"))
+    cfg = joint.expand(load_config(str(REPO / "configs" / "joint-tiny.yaml")))
+    assert "--profile tiny --adapter p --restorer-adapter r " in joint.main_message(cfg, Path("p"), Path("r"))

@@ -308,13 +308,18 @@ class OpenVINONet:
     def _quantize(ov, fp32_dir: Path, tiles: list[np.ndarray], keep, dest: Path) -> None:
         import nncf
 
+        from ..quiet import hushed, settle
+
+        settle("nncf")  # it sets its logger to INFO when imported: a line per operation it leaves in float
+
         log.warning("calibrating INT8 on %d tiles: once, about 1.5 min on 2 cores, cached in %s "
                     "(--precision bf16 or fp32 runs without it)", len(tiles), dest.parent)
         ir = ov.Core().read_model(str(fp32_dir / "model.xml"))
-        q = nncf.quantize(ir, nncf.Dataset(tiles), subset_size=len(tiles), preset=nncf.QuantizationPreset.MIXED,
-                          ignored_scope=nncf.IgnoredScope(patterns=list(keep), validate=False),
-                          advanced_parameters=nncf.AdvancedQuantizationParameters(
-                              disable_bias_correction=not INT8_BIAS_CORRECTION))
+        with hushed():  # its progress bars go to stdout, where a run's output may be piped
+            q = nncf.quantize(ir, nncf.Dataset(tiles), subset_size=len(tiles), preset=nncf.QuantizationPreset.MIXED,
+                              ignored_scope=nncf.IgnoredScope(patterns=list(keep), validate=False),
+                              advanced_parameters=nncf.AdvancedQuantizationParameters(
+                                  disable_bias_correction=not INT8_BIAS_CORRECTION))
         ov.save_model(q, str(dest / "model.xml"))
         shutil.copyfile(fp32_dir / META, dest / META)
 

@@ -68,3 +68,9 @@ def say(note: str) -> None:
 def main_process() -> bool:
     """Whether this is the process that speaks for a multi-process (torchrun / accelerate launch) run."""
     return int(os.environ.get("RANK", 0)) == 0
+
+
+def inference_profile(cfg: dict) -> str:
+    """The profile to restore with a training result: the one its `restorer:` section builds on
+    (tiny for the tiny configs), else full."""
+    return (cfg.get("restorer") or {}).get("profile") or "full"

@@ -225,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--scale", type=int, default=4, help="downsampling factor HR → LQ (default 4)")
     b.add_argument("--seed", type=int, default=0, help="base seed; per image it is mixed with the file name")
     b.add_argument("--overwrite", action="store_true", help="degrade again images that have a record")
+    b.add_argument("--verbose", action="store_true", help="also show the libraries' logs and warnings")
     args = p.parse_args(argv)
+    from .. import quiet
+
+    quiet.configure(args.verbose)
     try:
         target, failed = _build(args.hr, args.out, args.captions, args.tags, args.scale, args.seed,
                                 args.overwrite, log=_stderr, err=_stderr)

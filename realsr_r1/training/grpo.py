@@ -24,7 +24,7 @@ from pathlib import Path
 from ..decoding import TRAINED_DECODING_FILE
 from ..imageio import atomic_write_text
 from ..profiles import ConfigError
-from .common import LOG_FILE, profile_section, say
+from .common import LOG_FILE, inference_profile, profile_section, say
 
 
 class ZeroLossNotes:
@@ -352,7 +352,24 @@ def build_trainer(cfg: dict, output_dir: Path, *, restorer=None, callbacks=()):
                   peft_config=lora_config(cfg),
                   callbacks=_callbacks(output_dir / LOG_FILE, output_dir / TRAINED_DECODING_FILE) + list(callbacks), **options)
     keep_trainable_fp32(trainer, cfg)
+    _name_the_base_model(trainer, str(cfg.get("model") or model_path(cfg).name))
     return trainer
+
+
+def _name_the_base_model(trainer, name: str) -> None:
+    """TRL's model card links the base model by its hub id, which a model loaded from a local folder
+    does not have: it wrote "fine-tuned version of [None](https://huggingface.co/None)". The card
+    names the config's model instead."""
+    make = trainer.create_model_card
+
+    def create(*args, **kwargs):
+        make(*args, **kwargs)
+        card = Path(trainer.args.output_dir) / "README.md"
+        unnamed = "[None](https://huggingface.co/None)"
+        if card.is_file() and unnamed in (text := card.read_text(encoding="utf-8")):
+            atomic_write_text(card, text.replace(unnamed, f"`{name}`"))
+
+    trainer.create_model_card = create
 
 
 def data_dir(cfg: dict) -> Path:
@@ -390,8 +407,9 @@ def train(cfg: dict, *, resume: bool = False, restorer=None, callbacks=()) -> Pa
 
 
 def saved_message(cfg: dict, out: Path) -> str:
+    profile = inference_profile(cfg)
     if full_finetune(cfg):
-        return f"model saved in {out} (use: python -m realsr_r1.infer --profile full --set policy.model={out} …)"
-    return f"adapter saved in {out} (use: python -m realsr_r1.infer --adapter {out} …)"
+        return f"model saved in {out} (use: python -m realsr_r1.infer --profile {profile} --set policy.model={out} …)"
+    return f"adapter saved in {out} (use: python -m realsr_r1.infer --profile {profile} --adapter {out} …)"
 
 

@@ -194,9 +194,13 @@ def train(cfg: dict, *, resume: bool = False) -> tuple[Path, Path]:
     return policy_out, rl.result
 
 
-def main_message(policy_out: Path, restorer_out: Path) -> str:
+def main_message(cfg: dict, policy_out: Path, restorer_out: Path) -> str:
+    """Where the two results went and how inference uses them, on the restorer config's profile."""
+    from .common import inference_profile
+
+    profile = inference_profile(cfg.get("restorer") or {})
     return (f"policy adapter saved in {policy_out}, restorer adapter in {restorer_out} (use: python -m realsr_r1.infer "
-            f"--profile full --adapter {policy_out} --restorer-adapter {restorer_out} …)")
+            f"--profile {profile} --adapter {policy_out} --restorer-adapter {restorer_out} …)")
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m realsr_r1.train joint` is the entry point

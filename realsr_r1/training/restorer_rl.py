@@ -44,7 +44,7 @@ import torch
 from ..imageio import atomic_write_text, new_temp_dir
 from ..profiles import ConfigError
 from ..restorers.memory import OutOfMemoryError
-from .common import LOG_FILE, say
+from .common import LOG_FILE, inference_profile, say
 from .group_filter import DEFAULTS as GROUP_FILTER
 
 log = logging.getLogger(__name__)
@@ -675,7 +675,7 @@ def train(cfg: dict, *, resume: bool = False) -> Path:
 
 
 def saved_message(cfg: dict, out: Path) -> str:
-    profile = (cfg.get("restorer") or {}).get("profile") or "full"
+    profile = inference_profile(cfg)
     if out.name == "model":
         return f"model saved in {out} (use: python -m realsr_r1.infer --profile {profile} --set restorer.model={out} …)"
     return f"adapter saved in {out} (use: python -m realsr_r1.infer --profile {profile} --restorer-adapter {out} …)"

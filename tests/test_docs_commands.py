@@ -1,0 +1,91 @@
+"""Every command block of the README and docs/ runs as written, in order, in a fresh copy of the
+repository, with the environment the README's install command makes (its Python first on PATH, as
+`source .venv/bin/activate` puts it). A block that cannot run here says why, in an HTML comment on
+the line before it: `<!-- not run: REASON -->` (the install, a server, a GPU, the model hub)."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from test_quiet import _foreign
+
+MARK = re.compile(r"^<!-- not run: (.+\S) -->$")
+# README first, then the pages in the order its documentation table lists them
+PAGES = ["README.md"] + re.findall(r"^\| \[(docs/[\w.-]+\.md)\]", (REPO / "README.md").read_text(encoding="utf-8"), re.M)
+PLACEHOLDERS = re.compile(r"photos/|HR_DIR|LQ_DIR|\[--|\bDIR\b|runs/restorer-nr|configs/grpo\.yaml")
+
+
+def command_blocks() -> list[tuple[str, int, str, str | None]]:
+    """(page, line, script, why it is not run or None) for each ```bash block, in reading order."""
+    found = []
+    for page in PAGES:
+        text = (REPO / page).read_text(encoding="utf-8")
+        for m in re.finditer(r"^```bash\n(.*?)^```", text, re.S | re.M):
+            line = text.count("\n", 0, m.start()) + 1
+            before = text[:m.start()].rstrip("\n").rsplit("\n", 1)[-1].strip()
+            mark = MARK.match(before)
+            found.append((page, line, m.group(1), mark.group(1) if mark else None))
+    return found
+
+
+def test_every_page_is_listed_and_every_block_runs_or_says_why():
+    """The README lists every page of docs/; a block that is run has no placeholder (photos/,
+    HR_DIR, [--optional]) and calls no bare python3 or .venv path (the environment is active)."""
+    assert sorted(PAGES[1:]) == sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md"))
+    blocks = command_blocks()
+    assert len(blocks) > 10
+    for page, line, script, why in blocks:
+        if why is None:
+            assert not PLACEHOLDERS.search(script), f"{page}:{line}: a placeholder in a block that runs"
+            assert ".venv/bin" not in script, f"{page}:{line}: the docs' commands run in the active environment"
+
+
+def _copy_of_the_repository(dest: Path) -> None:
+    """What a clone has: the tracked files (and untracked ones git does not ignore), no outputs."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        src = REPO / name
+        if src.is_file() or src.is_symlink():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            if src.is_symlink():
+                os.symlink(os.readlink(src), dest / name)
+            else:
+                shutil.copy2(src, dest / name)
+
+
+def test_the_documented_commands_run_as_written(tmp_path, weights_dir):
+    clone = tmp_path / "clone"
+    _copy_of_the_repository(clone)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "HF_HUB_OFFLINE": "1", "REALSR_R1_WEIGHTS": str(weights_dir)}  # converted weights: shared, not hub
+    ran = 0
+    for page, line, script, why in command_blocks():
+        if why is not None:
+            continue
+        r = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", script], cwd=clone, env=env, capture_output=True,
+                           text=True, timeout=900)
+        assert r.returncode == 0, f"{page}:{line} failed ({r.returncode}):\n{script}\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}"
+        commands = [c for c in script.splitlines() if c.strip() and not c.lstrip().startswith("#")]
+        if all(c.startswith("python -m realsr_r1.infer ") for c in commands):  # quiet by default (test_quiet.py)
+            lines = [x.strip() for x in re.split(r"[\r\n]", r.stdout + r.stderr) if x.strip()]
+            assert not _foreign(lines), f"{page}:{line}: lines from the libraries: {_foreign(lines)[:5]}"
+        ran += 1
+    assert ran >= 8
+
+
+def test_the_cli_page_documents_every_option():
+    """docs/cli.md names every option `python -m realsr_r1.infer --help` lists."""
+    from realsr_r1.infer import build_parser
+
+    page = (REPO / "docs" / "cli.md").read_text(encoding="utf-8")
+    missing = [a.option_strings[0] for a in build_parser()._actions
+               if a.option_strings and a.option_strings[0] != "-h"
+               and not any(f"`{o}" in page for o in a.option_strings)]
+    assert not missing, f"not in docs/cli.md: {missing}"
