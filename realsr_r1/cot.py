@@ -143,6 +143,8 @@ _LEVEL_SYNONYMS = {
 }
 # Words around a level that add nothing the four levels can say ("very heavy", "medium level").
 _LEVEL_FILLERS = {"very", "quite", "fairly", "rather", "relatively", "somewhat", "level"}
+# Words of an item written as a sentence ("The noise is heavy."), which say nothing of type or level
+_SENTENCE_WORDS = {"the", "a", "an", "is", "are", "seems", "appears", "looks", "there"}
 _LEVEL_RANGE = re.compile(r"\s*(?:-|–|—|/|\bto\b|\bor\b)\s*")
 _FACTOR_RE = re.compile(r"^(?:x|×)\s*(\d+(?:\.\d+)?)$|^(\d+(?:\.\d+)?)\s*(?:x|×)$|^(\d+(?:\.\d+)?)$")
 _PARAM_RE = re.compile(r"([a-z_]+)\s*[=:]?\s*(-?\d+(?:\.\d+)?)")
@@ -165,8 +167,20 @@ def _group_end(text: str, start: int) -> int:
                 stop)
 
 
+_NEXT_SENTENCE = re.compile(r"[ \t]*(?:[A-Za-z*_`]|\d{1,2}[.)]\s)")  # a word, markdown, or "2. " numbering
+
+
+def _ends_sentence(text: str, i: int, cur: list[str]) -> bool:
+    """A full stop (or ! ?) at `i` that ends an item written as a sentence ("Noise: heavy. Blur:
+    none."): a letter follows (after any spaces), and the item so far has letters, so neither a
+    decimal ("sigma 1.8") nor list numbering ("1. blur") splits."""
+    decimal = 0 < i < len(text) - 1 and text[i - 1].isdigit() and text[i + 1].isdigit()
+    return text[i] in ".!?" and not decimal and bool(_NEXT_SENTENCE.match(text, i + 1)) and any(c.isalpha() for c in cur)
+
+
 def _split_items(text: str) -> list[str]:
-    """Split on ; , or newlines that are not inside parentheses (an unclosed one ends early)."""
+    """Split on ; , newlines or full stops that end a sentence, outside parentheses (an unclosed
+    one ends early)."""
     parts, cur, i = [], [], 0
     while i < len(text):
         ch = text[i]
@@ -175,7 +189,7 @@ def _split_items(text: str) -> list[str]:
             cur.append(text[i:end])
             i = end
             continue
-        if ch in ";,\n":
+        if ch in ";,\n" or _ends_sentence(text, i, cur):
             parts.append("".join(cur))
             cur = []
         else:
@@ -234,7 +248,7 @@ def _type_and_level_words(body: str) -> tuple[str | None, str | None, str]:
         head, _, tail = body.partition(":")
         return (*_read_type(head.split()), tail)
     words = [w.strip(".,:=!-–—") for w in body.split()]  # "blur - medium": a dash between is no word
-    words = [w for w in words if w]
+    words = [w for w in words if w and w not in _SENTENCE_WORDS]
     named = [w for w in words if w in _TYPE_SYNONYMS or w in _TYPE_MODIFIERS]
     kind, note = _read_type(named)
     return kind, note, " ".join(w for w in words if w not in named)

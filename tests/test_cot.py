@@ -309,3 +309,56 @@ def test_matches_format_modes():
         assert matches_format(text, "released")  # the released regex's lazy .*? spans them
     with pytest.raises(ValueError, match="strict"):
         matches_format(good, "lenient")
+
+
+# Degradation items written as sentences: full stops between items, one item per line without
+# bullets, any letter case. The parser reads them; the format reward stays strict.
+SENTENCES = [
+    ("Noise: HEAVY. Blur: None.", [("noise", "heavy"), ("blur", "none")], []),
+    ("noise: light. blur: medium. jpeg: none. downsample: x4.",
+     [("noise", "light"), ("blur", "medium"), ("jpeg", "none"), ("downsample", "x4")], []),
+    ("NOISE: MEDIUM\nBLUR: LIGHT\nJPEG: NONE", [("noise", "medium"), ("blur", "light"), ("jpeg", "none")], []),
+    ("Blur: Light.\nNoise: Medium.\n", [("blur", "light"), ("noise", "medium")], []),
+    ("Noise: heavy (sigma 25.3). Blur: light (sigma 0.8).",
+     [("noise", "heavy", {"sigma": 25.3}), ("blur", "light", {"sigma": 0.8})], []),
+    ("Downsample: X4. Noise: None.", [("downsample", "x4"), ("noise", "none")], []),
+    ("downsample: x2.5. noise: none", [("downsample", "x2.5"), ("noise", "none")], []),  # a decimal is no stop
+    ("JPEG: Medium. JPEG: Light.", [("jpeg", "medium")], ["repeated degradation type 'jpeg' (kept the first)"]),
+    ("Noise: Heavy.Blur: none", [("noise", "heavy"), ("blur", "none")], []),
+    ("noise:heavy.blur:none", [("noise", "heavy"), ("blur", "none")], []),
+    ("Noise: Heavy; Blur: None.", [("noise", "heavy"), ("blur", "none")], []),
+    ("Noise - Heavy. Blur - Light.", [("noise", "heavy"), ("blur", "light")], []),
+    ("Noise: heavy.\n\nBlur: light.", [("noise", "heavy"), ("blur", "light")], []),
+    ("Noise: Moderate. Blur: Slight.", [("noise", "medium"), ("blur", "light")], []),
+    ("Blur: None. Noise: None. JPEG: None. Downsample: x2.",
+     [("blur", "none"), ("noise", "none"), ("jpeg", "none"), ("downsample", "x2")], []),
+    ("Noise: Light To Medium.", [("noise", "medium")], [rng("light to medium", "medium")]),
+    ("Noise: Heavy! Blur: None", [("noise", "heavy"), ("blur", "none")], []),
+    ("Noise: Heavy? Blur: None", [("noise", "heavy"), ("blur", "none")], []),
+    ("JPEG Compression: High. Gaussian Noise: Low.", [("jpeg", "heavy"), ("noise", "light")],
+     [typ("jpeg compression", "jpeg"), typ("gaussian noise", "noise")]),
+    ("Downsample: 4X.", [("downsample", "x4")], []),
+    ("Blur: medium (sigma 1.5).Noise: light", [("blur", "medium", {"sigma": 1.5}), ("noise", "light")], []),
+    ("The noise is heavy. The blur is light.", [("noise", "heavy"), ("blur", "light")], []),
+    ("Heavy noise. Light blur.", [("noise", "heavy"), ("blur", "light")], []),
+    ("Noise: HEAVY\r\nBlur: NONE", [("noise", "heavy"), ("blur", "none")], []),
+    ("1. Noise: heavy. 2. Blur: light.", [("noise", "heavy"), ("blur", "light")],
+     [md("1. Noise: heavy"), md("2. Blur: light.")]),
+    ("**Noise**: Heavy. **Blur**: None.", [("noise", "heavy"), ("blur", "none")],
+     [md("**Noise**: Heavy"), md("**Blur**: None.")]),
+    ("Noise: heavy. Rain: heavy.", [("noise", "heavy")], ["unknown degradation item 'Rain: heavy.'"]),
+]
+
+
+@pytest.mark.parametrize("body, items, problems", SENTENCES, ids=[repr(b[:40]) for b, _, _ in SENTENCES])
+def test_parse_items_written_as_sentences(body, items, problems):
+    plan = parse_cot(render_cot(body))
+    assert _items(plan) == items and plan.problems == problems
+    assert parse_degradation(body) == (plan.degradation, problems)
+
+
+def test_sentence_forms_are_many_and_the_format_reward_stays_strict():
+    assert len(SENTENCES) >= 20
+    sentences = render_cot("Noise: HEAVY. Blur: None.")
+    assert parse_cot(sentences).degradation and matches_format(sentences)  # the tags are what it checks
+    assert not matches_format(sentences.replace("</degradation>", ""))

@@ -26,7 +26,7 @@ def command_blocks() -> list[tuple[str, int, str, str | None]]:
     found = []
     for page in PAGES:
         text = (REPO / page).read_text(encoding="utf-8")
-        for m in re.finditer(r"^```bash\n(.*?)^```", text, re.S | re.M):
+        for m in re.finditer(r"^[ \t]*```bash\n(.*?)^[ \t]*```", text, re.S | re.M):
             line = text.count("\n", 0, m.start()) + 1
             before = text[:m.start()].rstrip("\n").rsplit("\n", 1)[-1].strip()
             mark = MARK.match(before)

@@ -20,7 +20,7 @@ def test_full_offline_fails_within_seconds_saying_what_to_fetch(tmp_path, capsys
     assert time.monotonic() - t < 10
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0
-    for model in download.FULL_MODELS:
+    for model in download.full_models():
         assert model.repo_id in err and str(tmp_path / model.folder) in err
     assert not download.full_profile_present(tmp_path)
 
@@ -35,7 +35,7 @@ def test_unreachable_hub_fails_fast(tmp_path, capsys, monkeypatch):
 
 
 def test_present_models_are_not_fetched_again(tmp_path, monkeypatch):
-    for m in download.FULL_MODELS:
+    for m in download.full_models():
         (tmp_path / m.folder).mkdir()
         (tmp_path / m.folder / m.marker).write_text("{}")
     monkeypatch.setattr(download, "fetch", lambda *a, **k: (_ for _ in ()).throw(AssertionError("fetched")))
@@ -51,9 +51,69 @@ def test_the_manual_command_in_the_hint_is_one_the_installed_hub_accepts(tmp_pat
     import sys
     from pathlib import Path
 
-    hint = download.manual_hint(download.FULL_MODELS, tmp_path)
+    hint = download.manual_hint(download.full_models(), tmp_path)
     command = re.search(r"`([^`]+)`", hint).group(1).split()
     exe = shutil.which(command[0], path=str(Path(sys.executable).parent)) or shutil.which(command[0])
     assert exe, f"{command[0]} is not installed"
     run = subprocess.run([exe, command[1], "--help"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and "--local-dir" in run.stdout, run.stdout + run.stderr
+
+
+class _Hub:
+    """A stand-in hub: model_info 404s for the ids in `gone`; snapshot_download writes the marker."""
+
+    def __init__(self, monkeypatch, gone=()):
+        import huggingface_hub
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        self.fetched = []
+        gone = set(gone)
+
+        def model_info(api, repo_id, **kw):
+            if repo_id in gone:  # what the hub answers for a removed repository
+                import httpx
+
+                url = f"https://huggingface.co/api/models/{repo_id}"
+                raise RepositoryNotFoundError(f"404 {repo_id}", response=httpx.Response(404, request=httpx.Request("GET", url)))
+            return {"id": repo_id}
+
+        def snapshot_download(repo_id, local_dir, **kw):
+            self.fetched.append(repo_id)
+            from pathlib import Path
+
+            Path(local_dir).mkdir(parents=True, exist_ok=True)
+            for m in download.full_models():
+                (Path(local_dir) / m.marker).write_text("{}")
+            return local_dir
+
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+
+def test_a_repository_gone_from_the_hub_is_fetched_from_the_profile_s_mirror(tmp_path, capsys, monkeypatch):
+    """The upscaler's configured id 404s (Stability AI removed it): the profile's mirror is fetched,
+    and the run says which; with --hub the given id is used; when every source fails, the one-line
+    error names them all."""
+    models = {m.kind: m for m in download.full_models()}
+    up = models["restorer"]
+    assert up.repo_id == "stabilityai/stable-diffusion-x4-upscaler"
+    assert up.mirrors == ("sd2-community/stable-diffusion-x4-upscaler",)
+    hub = _Hub(monkeypatch, gone={up.repo_id})
+    assert download.main(["full", "--weights-dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert hub.fetched == [models["policy"].repo_id, up.mirrors[0]]
+    assert f"fetched the mirror {up.mirrors[0]}" in err and "not on the hub" in err, err
+    assert download.full_profile_present(tmp_path)
+
+    hub = _Hub(monkeypatch, gone={up.repo_id, *up.mirrors})
+    assert download.main(["full", "--weights-dir", str(tmp_path / "b"), "--hub", "restorer=me/my-upscaler"]) == 0
+    assert hub.fetched == [models["policy"].repo_id, "me/my-upscaler"]
+    capsys.readouterr()
+
+    _Hub(monkeypatch, gone={up.repo_id, *up.mirrors})
+    assert download.main(["full", "--weights-dir", str(tmp_path / "c")]) == 2
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert up.repo_id in err and up.mirrors[0] in err and "not on the hub" in err
+    assert download.main(["full", "--hub", "my-upscaler"]) == 2
+    assert "expected restorer=ID or policy=ID" in capsys.readouterr().err
