@@ -206,12 +206,12 @@ class LiteStages:
         out_dtype = np.uint16 if image.bit_depth == 16 else np.uint8
         mode = self._mode()
         choice, thumbs, textures = None, None, {}
+        allowed, because = self._allowed(plan) if mode == "auto" else (None, "")
         if len(self.experts) == 1:
             outs = self._outputs(image.rgb, image.alpha, sizes["final"], out_dtype, [True])
             cand = blend.Candidate(self.esrgan.name, (1.0,))
-        elif mode == "auto" and self._allowed(plan)[0] is not None:
+        elif allowed is not None:
             # The reading leaves the first expert alone: the others need not run, nor the chooser.
-            allowed, because = self._allowed(plan)
             cand = self.candidates[allowed[0]]
             outs = self._outputs(image.rgb, image.alpha, sizes["final"], out_dtype, [i == 0 for i in range(len(self.experts))])
             q_lr, source = self.chooser.input_quality(plan, [])
