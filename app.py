@@ -70,11 +70,15 @@ def build_app(session: DemoSession, default_profile: str = "auto", warning: str 
                     scale = gr.Slider(1, 8, value=4, step=0.5, label="Scale")
                     seed = gr.Number(0, precision=0, label="Seed")
                 with gr.Accordion("Natural or faithful (lite profile)", open=True):
-                    auto_fidelity = gr.Checkbox(True, label="Auto: the chooser scores the candidates and picks one",
+                    auto_fidelity = gr.Checkbox(True, label="Auto: the chooser picks a position per region of the photo",
                                                 elem_id="fidelity-auto")
                     fidelity = gr.Slider(0, 1, value=0.5, step=0.05, interactive=False, elem_id="fidelity",
                                          label="Fidelity: 0 natural-looking … 1 faithful to the input",
-                                         info="A fixed mix of the two restorers, used when auto is off")
+                                         info="A fixed position on the ladder x4plus → region blends → DF2K, "
+                                              "used when auto is off")
+                    fidelity_map = gr.File(label="Fidelity map (optional): a grey image painting the position, "
+                                                 "white = faithful; replaces the two above",
+                                           file_types=["image"], type="filepath", elem_id="fidelity-map")
                 with gr.Accordion("Diffusion options (full profile)", open=False):
                     steps = gr.Slider(1, 50, value=20, step=1, label="Steps per stage")
                     color_fix = gr.Radio(["wavelet", "adain", "none"], value="wavelet", label="Colour fix")
@@ -101,13 +105,15 @@ def build_app(session: DemoSession, default_profile: str = "auto", warning: str 
         def strip_update(items):  # shown only when there are candidates
             return gr.update(value=list(items) or None, visible=bool(items))
 
-        def restore(path, profile_label, scale_value, steps_value, seed_value, color, auto, fidelity_value):
+        def restore(path, profile_label, scale_value, steps_value, seed_value, color, auto, fidelity_value,
+                    map_path=None):
             sent: list = [object()] * len(outputs)
             # The restorer takes the options it declares (demo.with_options): fidelity for lite,
             # steps and colour fix for diffusion. Auto keeps the profile's own setting.
             for view in session.restore(path, profile_label, scale=scale_value, seed=int(seed_value or 0),
                                         steps=int(steps_value), color_fix=color,
-                                        fidelity=None if auto else float(fidelity_value)):
+                                        fidelity=None if auto else float(fidelity_value),
+                                        fidelity_map=map_path or None):
                 values = [view.status, view.reasoning, view.degradation, view.understanding, view.stages["rough"],
                           view.stages["middle"], view.stages["final"], view.compare, view.files or None,
                           view.candidates, view.choice]
@@ -120,7 +126,7 @@ def build_app(session: DemoSession, default_profile: str = "auto", warning: str 
         # The slider means something only when auto is off.
         auto_fidelity.change(lambda auto: gr.update(interactive=not auto), [auto_fidelity], [fidelity], queue=False,
                              api_visibility="private")
-        run.click(restore, [image, profile, scale, steps, seed, color_fix, auto_fidelity, fidelity], outputs,
+        run.click(restore, [image, profile, scale, steps, seed, color_fix, auto_fidelity, fidelity, fidelity_map], outputs,
                   api_name="restore")
     return demo
 

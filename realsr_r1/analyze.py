@@ -520,6 +520,11 @@ class MeasuredItem(DegradationItem):
 
 
 CONFIDENCES = ("high", "low", "unknown")
+# The number a "low" noise or JPEG reading carries in its item (`confidence 0.5`), and a JPEG level
+# read from the file's tables whose blocks the pixels do not show: the lite restorer scales the
+# reading's effect by it (restorers/ladder.py), so an unsure reading restricts less than a sure one.
+LOW_CONFIDENCE = 0.5
+UNSEEN_BLOCKS = 0.25
 
 
 @dataclass
@@ -563,20 +568,81 @@ def analyze(rgb: np.ndarray, jpeg_quality_from_file: int | None = None) -> Analy
     blur = estimate_blur_detail(rgb, noise.sigma)
     if jpeg_quality_from_file is not None:
         quality, source, jpeg_conf, jpeg_reason = int(jpeg_quality_from_file), "file", "high", ""
+        if level_for("jpeg", quality) != "none" and estimate_jpeg_detail(rgb)[0] is None:
+            # The tables say how it was saved, not whether blocks show: resampled or mild, they may not.
+            jpeg_conf, jpeg_reason = "low", f"the file's tables say quality {quality}, but no block lattice shows in the pixels"
     else:
         quality, jpeg_conf, jpeg_reason = estimate_jpeg_detail(rgb)
         source = "pixels" if quality is not None else None
     confidence = {"blur": blur.confidence, "noise": noise.confidence, "jpeg": jpeg_conf}
     reasons = {k: r for k, r in (("blur", blur.reason), ("noise", noise.reason), ("jpeg", jpeg_reason))
                if confidence[k] != "high" and r}
-    noise_note = f"uncertain: {noise.flat_patches} flat patches" if noise.confidence == "unknown" else ""
+    noise_note = (f"uncertain: {noise.flat_patches} flat patches" if noise.confidence == "unknown"
+                  else f"confidence {LOW_CONFIDENCE}" if noise.confidence == "low" and level_for("noise", noise.sigma) != "none"
+                  else "")
+    jpeg_note = ""
+    if jpeg_conf == "low" and quality is not None:
+        jpeg_note = f"confidence {UNSEEN_BLOCKS if source == 'file' else LOW_CONFIDENCE}"
     blur_note = f"uncertain: {blur.edge_points} edge points" if blur.confidence == "unknown" else ""
     items = [
         MeasuredItem("blur", level_for("blur", blur.sigma), {"sigma": blur.sigma}, note=blur_note),
         MeasuredItem("noise", level_for("noise", noise.sigma), {"sigma": noise.sigma}, note=noise_note),
-        MeasuredItem("jpeg", level_for("jpeg", quality), {"quality": quality} if quality else {}),
+        MeasuredItem("jpeg", level_for("jpeg", quality), {"quality": quality} if quality else {}, note=jpeg_note),
     ]
     return Analysis(noise.sigma, blur.sigma, quality, source, items, confidence, reasons, noise, blur)
+
+
+# --- Regions, in words ---------------------------------------------------------------------------
+# What the lite restorer's choice sees, said before it runs: local contrast of the input (the luma's
+# standard deviation over REGION_BLOCK² blocks), as flat, textured or edges. The thresholds sit where
+# the region blends' gates do on the output (blend.py: 0.04 … 0.16).
+REGION_BLOCK = 4
+REGION_CLASSES = (("flat", 0.0, 0.04), ("textured", 0.04, 0.16), ("edges", 0.16, 2.0))
+PARTS = (("top", "middle", "bottom"), ("left", "centre", "right"))
+
+
+def part_name(r: int, c: int) -> str:
+    """The name of ninth (r, c) of an image (rows top → bottom, columns left → right)."""
+    rows, cols = PARTS
+    if (r, c) == (1, 1):
+        return "centre"
+    if r == 1:
+        return cols[c]
+    return rows[r] if c == 1 else f"{rows[r]} {cols[c]}"
+
+
+def region_words(rgb: np.ndarray) -> dict[str, str]:
+    """Plain-words `rough` and `middle` understanding of an HxWx3 float image: the share and place of
+    flat, textured and edge regions (rough), and the dominant kind in each ninth of it (middle)."""
+    y = np.asarray(rgb, np.float32)[..., :3] @ LUMA.astype(np.float32)
+    b = REGION_BLOCK
+    h, w = (y.shape[0] // b) * b, (y.shape[1] // b) * b
+    if h == 0 or w == 0:
+        return {"rough": "too small to describe", "middle": "too small to describe"}
+    std = y[:h, :w].reshape(h // b, b, w // b, b).std(axis=(1, 3))
+    kind = np.digitize(std, [hi for _, _, hi in REGION_CLASSES[:-1]])
+    total = kind.size
+    rows3 = np.array_split(np.arange(kind.shape[0]), 3)
+    cols3 = np.array_split(np.arange(kind.shape[1]), 3)
+    parts = [[kind[np.ix_(rr, cc)] for cc in cols3] for rr in rows3]
+    rough = []
+    for k, (name, _, _) in enumerate(REGION_CLASSES):
+        share = (kind == k).sum() / total
+        if share < 0.005:
+            continue
+        shares = [[(p == k).mean() if p.size else 0.0 for p in row] for row in parts]
+        r, c = np.unravel_index(int(np.argmax(shares)), (3, 3))
+        rough.append(f"{name} {100 * share:.0f} % (most in the {part_name(r, c)})")
+    middle = []
+    for r in range(3):
+        for c in range(3):
+            p = parts[r][c]
+            if not p.size:
+                continue
+            counts = np.bincount(p.ravel(), minlength=3) / p.size
+            main = [REGION_CLASSES[k][0] for k in np.argsort(-counts) if counts[k] >= 0.25]
+            middle.append(f"{part_name(r, c)}: {' and '.join(main[:2])}")
+    return {"rough": "; ".join(rough), "middle": "; ".join(middle)}
 
 
 # --- CLI ------------------------------------------------------------------------------------------

@@ -119,12 +119,36 @@ def candidate_caption(row: dict, winner: str | None) -> str:
     return f"{star}{reward} — {row['label']}" + (f" ({', '.join(parts)})" if parts else "")
 
 
-def candidate_strip(choice: dict | None, looks: list | None) -> tuple[tuple[np.ndarray, str], ...]:
-    """(image, caption) per candidate the chooser scored; empty for a fixed mix or a single restorer."""
+MAP_SIDE = 384  # pixels a side, at most, of the position map shown over the result
+
+
+def position_overlay(final: np.ndarray, positions) -> np.ndarray:
+    """The result, small, tinted by the ladder position chosen per region (blue natural … orange
+    faithful), the regions' positions interpolated as the restorer blends them."""
+    img = to_display(final)[..., :3]
+    h, w = img.shape[:2]
+    k = min(1.0, MAP_SIDE / max(h, w))
+    size = (max(1, round(w * k)), max(1, round(h * k)))
+    small = resize(img, size).astype(np.float32) / 255
+    pos = resize(np.asarray(positions, np.float32), size)[..., None]  # bilinear-ish between region centres
+    tint = (1 - pos) * np.array([0.15, 0.35, 0.95], np.float32) + pos * np.array([0.95, 0.55, 0.1], np.float32)
+    grey = small.mean(axis=2, keepdims=True)
+    return (np.clip(0.5 * grey + 0.5 * tint, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def candidate_strip(choice: dict | None, looks: list | None, final: np.ndarray | None = None
+                    ) -> tuple[tuple[np.ndarray, str], ...]:
+    """(image, caption) per candidate the chooser scored, after the map of the positions it chose
+    per region over the result; empty for a fixed mix or a single restorer."""
     if not choice or choice.get("mode") != "auto" or not looks:
         return ()
-    return tuple((to_display(look), candidate_caption(row, choice.get("winner")))
-                 for row, look in zip(choice.get("candidates", []), looks))
+    strip = tuple((to_display(look), candidate_caption(row, choice.get("winner")))
+                  for row, look in zip(choice.get("candidates", []), looks))
+    if final is not None and choice.get("positions"):
+        grid = "×".join(str(n) for n in choice.get("grid", []))
+        strip = ((position_overlay(final, choice["positions"]),
+                  f"position per region ({grid}): blue natural … orange faithful"),) + strip
+    return strip
 
 
 def choice_text(choice: dict | None) -> str:
@@ -134,11 +158,11 @@ def choice_text(choice: dict | None) -> str:
     if choice.get("mode") == "auto":
         took = f"; scored in {choice['seconds']:.1f} s" if choice.get("seconds") is not None else ""
         return f"**Chosen: {choice.get('winner')}** — {choice.get('why', '')}{took}."
-    weights = " / ".join(f"{w:g}" for w in choice.get("weights", []))
-    dial = choice.get("fidelity")
-    dial = f"{dial:g}" if isinstance(dial, (int, float)) else dial
-    return (f"**Fidelity {dial}** (set, not chosen): a fixed mix of the experts, "
-            f"natural → faithful weights {weights}; no candidates were scored.")
+    if choice.get("mode") == "fidelity map":
+        return (f"**Fidelity map** (painted, not chosen): mean position {choice.get('position')} on the ladder; "
+                f"no candidates were scored.")
+    return (f"**Fidelity {choice.get('fidelity')}** (set, not chosen): {choice.get('label')}, a fixed "
+            f"position on the ladder; no candidates were scored.")
 
 
 def understanding_text(plan) -> str:
@@ -210,9 +234,11 @@ class DemoSession:
                 shutil.rmtree(run, ignore_errors=True)
 
     def restore(self, path: str | None, profile: str = "auto", *, scale: float = 4.0, steps: int | None = None,
-                seed: int = 0, color_fix: str | None = None, fidelity: float | str | None = None) -> Iterator[View]:
-        """Views of one restoration. `steps`, `color_fix` and `fidelity` (auto or 0 natural … 1
-        faithful) apply to restorers that declare them; None keeps the profile's own setting."""
+                seed: int = 0, color_fix: str | None = None, fidelity: float | str | None = None,
+                fidelity_map: str | None = None) -> Iterator[View]:
+        """Views of one restoration. `steps`, `color_fix`, `fidelity` (auto, auto±X or a ladder
+        position, 0 natural … 1 faithful) and `fidelity_map` (a grey image painting the position)
+        apply to restorers that declare them; None keeps the profile's own setting."""
         view = View(status="Loading…")
         if not path:
             yield replace(view, status="Upload an image or pick an example first.", error="no image")
@@ -225,7 +251,8 @@ class DemoSession:
                 raise ImageReadError(f"{name}: {' '.join(str(e).split())}") from None
             yield view
             pipe, reason = self.pipeline(profile)
-            restorer = with_options(pipe.restorer, steps=steps, color_fix=color_fix, fidelity=fidelity)
+            restorer = with_options(pipe.restorer, steps=steps, color_fix=color_fix, fidelity=fidelity,
+                                    fidelity_map=fidelity_map)
         except (ImageReadError, ConfigError, OSError, ValueError, RuntimeError) as e:
             msg = " ".join(str(e).split())
             yield replace(view, status=f"**Error:** {msg}", error=msg)
@@ -267,7 +294,7 @@ class DemoSession:
             elif isinstance(event, StageImage):
                 view.stages = {**view.stages, event.stage: to_display(event.rgb, event.alpha)}
                 if event.choice is not None:
-                    view.candidates = candidate_strip(event.choice, event.candidates)
+                    view.candidates = candidate_strip(event.choice, event.candidates, event.rgb)
                     view.choice = choice_text(event.choice)
             elif isinstance(event, ImageInContext):  # reflect mode: the text that follows is written seeing it
                 view.reasoning += f"\n[looking at the {event.stage} image, {event.size[0]}×{event.size[1]}]\n"
@@ -294,12 +321,13 @@ class DemoSession:
 
 
 def with_options(restorer, *, steps: int | None = None, color_fix: str | None = None,
-                 fidelity: float | str | None = None):
+                 fidelity: float | str | None = None, fidelity_map: str | None = None):
     """A per-request view of a shared restorer (same models) with its own steps / colour fix /
     fidelity, for the options the restorer declares (`request_options`); others are left alone.
-    A fidelity other than auto or a number in [0, 1] is a ValueError."""
+    A fidelity other than auto, auto±X or a number in [0, 1], or a map that cannot be read, is a
+    ValueError."""
     allowed = getattr(restorer, "request_options", ())
-    given = (("steps", steps), ("color_fix", color_fix), ("fidelity", fidelity))
+    given = (("steps", steps), ("color_fix", color_fix), ("fidelity", fidelity), ("fidelity_map", fidelity_map))
     changes = {k: v for k, v in given if v is not None and k in allowed}
     if not changes:
         return restorer

@@ -50,10 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one expert for the lite profile instead of its chooser: x4plus (photos, clean), df2k (photos, "
                    "faithful) or animevideov3 (anime, fast); sets restorer.path (default: the profile's experts, "
                    "x4plus and df2k)")
-    p.add_argument("--fidelity", default=None, metavar="auto|0..1",
-                   help="the lite profile's dial between its experts: 0 = the most natural-looking (x4plus "
-                   "alone), 1 = the most faithful (DF2K alone), a number between = that blend; auto = a "
-                   "reward picks per image, reading the degradation (restorer.fidelity; default auto)")
+    p.add_argument("--fidelity", default=None, metavar="auto|auto+X|0..1",
+                   help="a position on the lite profile's fidelity ladder: 0 = the most natural-looking (x4plus "
+                   "alone), 1 = the most faithful (DF2K alone), between = region blends of the two; auto = a "
+                   "reward picks per region, reading the degradation; auto+0.2 / auto-0.2 = auto's positions "
+                   "moved towards faithful / natural (restorer.fidelity; default auto)")
+    p.add_argument("--fidelity-map", default=None, metavar="FILE",
+                   help="a grey image painting the ladder position per pixel (white = faithful, black = "
+                   "natural), resized to each input; replaces --fidelity (restorer.fidelity_map)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set restorer.tile_pad=32 (repeatable)")
     p.add_argument("--adapter", default=None,
@@ -188,9 +192,14 @@ def profile_config(args: argparse.Namespace) -> tuple[str, str, dict, list[str]]
             raise ConfigError(f"--fidelity does not apply to the {profile} profile: it dials between the lite "
                               f"profile's experts ({profile}'s restorer is the {restorer_type} one)")
         try:
-            restorer["fidelity"] = parse_fidelity(args.fidelity)
+            restorer["fidelity"] = str(parse_fidelity(args.fidelity))
         except ValueError as e:
             raise ConfigError(f"--{e}") from None
+    if args.fidelity_map is not None:
+        if "fidelity_map" not in valid_keys(parts[1]):
+            raise ConfigError(f"--fidelity-map does not apply to the {profile} profile: it paints positions on the "
+                              f"lite profile's ladder ({profile}'s restorer is the {restorer_type} one)")
+        restorer["fidelity_map"] = str(Path(args.fidelity_map))
     if args.adapter:
         if "adapter" not in valid_keys(parts[0]):
             raise ConfigError(f"--adapter does not apply to the {profile} profile: it needs a profile with a "

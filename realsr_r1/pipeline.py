@@ -187,6 +187,11 @@ class RestorationPipeline:
             if missing:
                 raise RuntimeError(f"restorer produced no image for stage(s) {', '.join(missing)}")
             final = stages["final"]
+            summary = (final.choice or {}).get("summary")
+            if summary and not plan.understanding.get("final"):
+                # A policy that wrote no final understanding (the lite analyser): what the choice did.
+                plan.understanding["final"] = summary
+                cot = cot.replace("<final_understand></final_understand>", f"<final_understand>{summary}</final_understand>", 1)
             info = {"profile": self.profile, "policy": self.policy.name, **self.restorer.describe(),
                     "policy_info": self.policy.describe()}
             for name in STAGES:  # how a restorer chose among candidates: `choice` (final), `rough_choice`, ...

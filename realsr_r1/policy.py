@@ -13,10 +13,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
-from .analyze import Analysis
+from .analyze import Analysis, region_words
 from .cot import DegradationItem, level_for, render_cot
 from .decoding import Decoding
-from .imageio import LoadedImage
+from .imageio import LoadedImage, to_float
 from .vlm import PolicyLoadError, TokenStream, _line, load_vlm
 
 # One generation at a time per process: sampling is seeded through torch's global RNG.
@@ -25,7 +25,8 @@ _GENERATE_LOCK = threading.Lock()
 _GENERATE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="realsr-generate")
 
 REFLECT_STAGES = ("rough", "middle")  # the stage images a reflective chain can see (the final one ends it)
-NO_VLM_NOTE = "no VLM ran (lite profile): understanding tags are empty; <degradation> is the classical analyser's"
+NO_VLM_NOTE = ("no VLM ran (lite profile): <degradation> is the classical analyser's, and the understanding tags "
+               "say in plain words what the region choice saw (rough, middle) and chose (final)")
 
 
 class AnalyserPolicy:
@@ -41,7 +42,9 @@ class AnalyserPolicy:
     def stream(self, image: LoadedImage, analysis: Analysis, *, seed: int = 0, scale: float = 4.0) -> Iterator[str]:
         items = [i for i in analysis.items if i.type != "downsample"]
         items.append(DegradationItem("downsample", level_for("downsample", scale)))
-        text = render_cot(items)
+        # rough and middle: the regions the choice will see; final: what it chose (the pipeline fills
+        # it from the restorer's record, since it is known only after the restorer ran).
+        text = render_cot(items, region_words(to_float(image.rgb)))
         # One line per tag, so a streaming view fills in the way a VLM's would.
         lines = text.split("\n")
         for i, line in enumerate(lines):

@@ -112,7 +112,7 @@ def _build_esrgan(section: dict, kw: dict, device: str):
     pair), sharing the other keys; a chooser from the rewards registry when there are several."""
     import logging
 
-    from .restorers.lite import DEFAULT_EXPERTS, parse_fidelity
+    from .restorers.lite import DEFAULT_EXPERTS, DEFAULT_GATES, parse_fidelity
     from .weights import MODELS, WeightsNotFoundError
 
     load, stages = _esrgan_parts()
@@ -129,15 +129,17 @@ def _build_esrgan(section: dict, kw: dict, device: str):
         raise ConfigError(f"restorer.{e}") from None
     path = kw.pop("path", None)
     names = list(experts) if experts is not None else [path] if path is not None else list(DEFAULT_EXPERTS)
-    if own["fidelity"] != "auto" and len(names) > 1:
-        # A fixed point on the dial mixes at most two neighbours: load only those (`--fidelity 0`
-        # starts as fast as one expert did), at the same point between them.
-        from .restorers.blend import dial
+    if not own["fidelity"].auto and own.get("fidelity_map") is None and len(names) > 1:
+        # A fixed position that one expert makes alone loads only that one (`--fidelity 0` starts
+        # as fast as one expert did); a position between experts needs them all.
+        from .restorers.ladder import Ladder
 
-        weights = dial(len(names), own["fidelity"])
-        keep = [i for i, w in enumerate(weights) if w > 0]
-        own["fidelity"] = weights[keep[-1]] if len(keep) == 2 else 0.0
-        names = [names[i] for i in keep]
+        try:
+            need = Ladder(names, own.get("gates", DEFAULT_GATES)).experts_for(own["fidelity"].value, own["fidelity"].value)
+        except ValueError as e:
+            raise ConfigError(' '.join(str(e).split())) from None
+        if sum(need) == 1:
+            names = [names[need.index(True)]]
     loaded = []
     for i, name in enumerate(names):
         try:
@@ -147,7 +149,7 @@ def _build_esrgan(section: dict, kw: dict, device: str):
                 raise
             # The default second expert comes from its own data wheel: without it, today's one expert.
             logging.getLogger(__name__).warning("note: %s; restoring with %s alone", e, names[0])
-    chooser = _chooser(section) if len(loaded) > 1 and own.get("fidelity", "auto") == "auto" else None
+    chooser = _chooser(section) if len(loaded) > 1 and own["fidelity"].auto and own.get("fidelity_map") is None else None
     try:
         return stages(loaded, chooser, **own)
     except ValueError as e:
@@ -185,8 +187,8 @@ COMPONENTS = {
                          precision="dtype", seeded=True),
     },
     "restorer": {
-        # Keys: ESRGANRestorer.from_pretrained's, shared by every expert, and LiteStages' (blends,
-        # fidelity); `experts` lists the experts, `chooser` names the reward that picks (chooser.py).
+        # Keys: ESRGANRestorer.from_pretrained's, shared by every expert, and LiteStages' (gates,
+        # fidelity, fidelity_map); `experts` lists the experts, `chooser` names the reward that picks.
         "realesrgan": Component(_esrgan_parts, _build_esrgan, extra=("experts", "chooser"),
                                 internal=("chooser",), precision="precision",
                                 flags={"tile": "tile", "tile_pad": "tile_pad"}),

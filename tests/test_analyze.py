@@ -114,8 +114,14 @@ def test_analysis_fields_and_file_quality_wins(colour_photo):
     assert a.items[2].level == "heavy"
     d = json.loads(json.dumps(a.to_dict()))
     assert set(d) >= {"noise_sigma", "blur_sigma", "jpeg_quality", "jpeg_source", "items"}
+    # The file's tables win for the quality; when the pixels show no blocks the reading says so
+    # (a lower confidence: the lite restorer then lets it restrict less).
     f = analyze(colour_photo, jpeg_quality_from_file=80)
-    assert (f.jpeg_quality, f.jpeg_source, f.items[2].render()) == (80, "file", "jpeg: light (quality 80)")
+    assert (f.jpeg_quality, f.jpeg_source) == (80, "file")
+    assert f.items[2].render() == "jpeg: light (quality 80, confidence 0.25)" and f.confidence["jpeg"] == "low"
+    assert "no block lattice" in f.confidence_reasons["jpeg"]
+    seen = analyze(jpeg_compress(colour_photo, 40), jpeg_quality_from_file=40)
+    assert seen.items[2].render() == "jpeg: heavy (quality 40)" and seen.confidence["jpeg"] == "high"
     clean = analyze(colour_photo)
     assert clean.jpeg_quality is None and clean.jpeg_source is None and clean.items[2].level == "none"
 
@@ -223,7 +229,7 @@ def test_confident_where_the_noise_is_measurable(photo, colour_photo):
     flat = analyze(np.full((64, 64, 3), 0.5, np.float32))  # noise-free and flat: a settled "none"
     assert flat.items[1].level == "none" and flat.confidence["noise"] == "high"
     assert flat.confidence["blur"] == "unknown" and "uncertain: 0 edge points" in flat.items[0].render()
-    jpeg = analyze(colour_photo, jpeg_quality_from_file=80)
+    jpeg = analyze(jpeg_compress(colour_photo, 80), jpeg_quality_from_file=80)  # tables and blocks agree
     assert jpeg.confidence["jpeg"] == "high" and set(jpeg.confidence) == {"blur", "noise", "jpeg"}
 
 

@@ -236,7 +236,7 @@ def submit(url, path, profile="tiny", scale=4, steps=4, fidelity="auto"):
     client = Client(url, verbose=False)
     auto = fidelity == "auto"
     return client.submit(handle_file(str(path)), profile, scale, steps, 0, "wavelet", auto, 0.5 if auto else fidelity,
-                         api_name="/restore")
+                         None, api_name="/restore")
 
 
 OUTPUTS = ["status", "reasoning", "degradation", "understanding", "rough", "middle", "final", "compare", "files",
@@ -294,9 +294,11 @@ def test_lite_profile_and_degradation_labels(app, tmp_path):
     # Two experts: the chooser's candidates, each with its scores, the winner starred and said why.
     side = json.loads(Path(next(f for f in files if f.endswith(".json"))).read_text())
     rows = side["choice"]["candidates"]
-    captions = [item["caption"] for item in strip]  # Gallery over the API: [{"image", "caption"}]
+    captions = [item["caption"] for item in strip][1:]  # Gallery over the API: [{"image", "caption"}]; the map first
+    assert strip[0]["caption"].startswith("position per region")
     winner, labels = side["choice"]["winner"], [r["label"] for r in rows]
-    assert len(rows) == 1 + len(DEFAULT_GATES) and [c.split(" — ", 1)[1].split(" (")[0] for c in captions] == labels
+    assert 1 <= len(rows) <= 2 + len(DEFAULT_GATES) and len(captions) == len(labels)
+    assert all(c.split(" — ", 1)[1].startswith(label) for c, label in zip(captions, labels))
     starred = [c for c in captions if c.startswith("★")]
     assert starred == [captions[labels.index(winner)]]
     assert starred[0].startswith(f"★ reward {max(r['reward'] for r in rows):.2f} — {winner} (F ")
@@ -381,7 +383,7 @@ def test_in_a_real_browser(app, tmp_path):
         assert page.locator("#fidelity-auto input").is_checked() and page.locator("#fidelity input").first.is_disabled()
         assert page.locator("#candidates").is_visible() and "★" in page.locator("#candidates").inner_text()
         thumbs = page.locator("#candidates img")
-        n = 1 + len(DEFAULT_GATES)  # x4plus and its region blends with DF2K
+        n = 2 + len(DEFAULT_GATES)  # the position map, x4plus and its region blends with DF2K
         assert thumbs.count() == n and all(thumbs.nth(i).evaluate("i => i.complete && i.naturalWidth > 0")
                                            for i in range(n))
         assert page.locator("#choice").inner_text().startswith("Chosen:")
@@ -415,9 +417,10 @@ def test_request_options_do_not_touch_the_shared_restorer():
         request_options = ("fidelity",)
 
     lite = Lite()
-    assert with_options(lite, fidelity="0.25", steps=3).fidelity == 0.25 and lite.fidelity == "auto"
-    assert with_options(lite, fidelity="auto").fidelity == "auto" and with_options(shared, fidelity=0.5) is shared
-    with pytest.raises(ValueError, match="auto or a number in"):
+    assert with_options(lite, fidelity="0.25", steps=3).fidelity.value == 0.25 and lite.fidelity == "auto"
+    assert str(with_options(lite, fidelity="auto+0.1").fidelity) == "auto+0.1"
+    assert with_options(shared, fidelity=0.5) is shared
+    with pytest.raises(ValueError, match="auto, auto\\+X, auto-X or a number in"):
         with_options(lite, fidelity=1.5)
 
     rgb16 = np.full((2, 3, 3), 65535, np.uint16)
@@ -465,7 +468,7 @@ def test_a_model_failure_is_a_message_in_the_view(tmp_path, weights_dir):
 def toy_lite_session(tmp_path):
     """A session whose lite profile is two stand-in experts and a chooser that likes dark images
     (tests/test_chooser.py's), so the choice is known and nothing heavy runs."""
-    from test_chooser import BOTH, toy_experts
+    from test_chooser import toy_experts
 
     from realsr_r1.chooser import Chooser
     from realsr_r1.demo import DemoSession
@@ -473,13 +476,13 @@ def toy_lite_session(tmp_path):
     from realsr_r1.policy import AnalyserPolicy
     from realsr_r1.restorers.lite import LiteStages
 
-    stages = LiteStages(toy_experts(), Chooser({"tiny_rewards:darkness": {}}), alone=BOTH)
+    stages = LiteStages(toy_experts(), Chooser({"tiny_rewards:darkness": {}}))
     session = DemoSession({"lite": "lite"}, tmp_path / "out", device="cpu")
     session._pipelines["lite"] = (RestorationPipeline(AnalyserPolicy(), stages, profile="lite"), "lite: test")
-    # A smooth gradient: the analyser reads no noise or JPEG, so every candidate may win (a reading
-    # of either at medium or worse leaves the natural expert alone).
-    ramp = np.linspace(40, 215, 24, dtype=np.float32)[None, :, None] * np.ones((16, 1, 3), np.float32)
-    Image.fromarray(ramp.round().astype(np.uint8)).save(tmp_path / "a.png")
+    # Stripes: texture where the region blends let the dark expert in, and no noise or JPEG to read
+    # (a noisy reading would lower the ceiling towards the natural expert alone).
+    stripes = np.where(np.arange(24) % 2 == 0, 60, 200).astype(np.uint8)[None, :, None] * np.ones((16, 1, 3), np.uint8)
+    Image.fromarray(stripes).save(tmp_path / "a.png")
     return session, stages
 
 
@@ -491,16 +494,19 @@ def test_the_chooser_s_candidates_are_a_captioned_strip(tmp_path):
     assert all(v.candidates == () for v in views if v.stages["final"] is None)  # filled with the final image
     side = json.loads(Path(last.files[1]).read_text())
     labels = [r["label"] for r in side["choice"]["candidates"]]
-    assert labels[0] == "bright" and labels[-1] == "dark" and len(labels) == 5
-    looks = [look for look, _ in last.candidates]
-    captions = [caption for _, caption in last.candidates]
+    assert labels[0] == "bright" and labels[-1].startswith("dark where") and len(labels) == 4
+    overlay, *looks = [look for look, _ in last.candidates]
+    caption, *captions = [caption for _, caption in last.candidates]
+    assert caption.startswith("position per region (1×1)") and overlay.dtype == np.uint8 and overlay.shape[2] == 3
     assert all(look.dtype == np.uint8 and look.ndim == 3 and look.shape[2] == 3 for look in looks)
-    assert looks[0].mean() > looks[-1].mean()  # bright expert first, dark last, as the rows say
+    assert looks[0].mean() > looks[-1].mean()  # bright expert first, the most faithful blend last
     rows = side["choice"]["candidates"]
-    assert captions == [f"{'★ ' if r['label'] == 'dark' else ''}reward {r['reward']:.2f} — {r['label']}"
+    winner = side["choice"]["winner"]
+    assert captions == [f"{'★ ' if r['label'] == winner else ''}reward {r['reward']:.2f} — {r['label']}"
                         for r in rows]  # a reward without F and Q parts: the reward alone
-    assert max(rows, key=lambda r: r["reward"])["label"] == "dark"
-    assert last.choice.startswith("**Chosen: dark**") and "darkness reward" in last.choice
+    best = max(r["reward"] for r in rows)  # ties go to the lower (more natural) position
+    assert winner == next(r["label"] for r in rows if r["reward"] == best) != labels[0]
+    assert last.choice.startswith(f"**Chosen: {winner}**") and "darkness reward" in last.choice
 
 
 def test_fidelity_is_a_request_option_the_shared_restorer_never_sees(tmp_path):
@@ -509,9 +515,10 @@ def test_fidelity_is_a_request_option_the_shared_restorer_never_sees(tmp_path):
     last = views[-1]
     assert last.status.startswith("Done") and last.candidates == ()
     choice = json.loads(Path(last.files[1]).read_text())["choice"]
-    assert choice["mode"] == "fidelity" and choice["weights"] == [1.0, 0.0]
-    assert last.choice.startswith("**Fidelity 0** (set, not chosen)") and "1 / 0" in last.choice
-    assert stages.fidelity == "auto" and session._pipelines["lite"][0].restorer is stages
+    assert choice["mode"] == "fidelity" and choice["position"] == 0 and choice["label"] == "bright"
+    assert last.choice.startswith("**Fidelity 0** (set, not chosen)") and "bright" in last.choice
+    assert str(stages.fidelity) == "auto" and session._pipelines["lite"][0].restorer is stages
     assert list(session.restore(str(tmp_path / "a.png"), "lite"))[-1].candidates  # the next request: auto again
     bad = list(session.restore(str(tmp_path / "a.png"), "lite", fidelity="very"))[-1]
-    assert bad.error and "fidelity must be auto or a number in [0, 1]" in bad.status and session.running == 0
+    assert bad.error and "fidelity must be auto, auto+X, auto-X or a number in [0, 1]" in bad.status
+    assert session.running == 0

@@ -1,7 +1,6 @@
-"""The lite profile's experts, candidates and chooser: the reasoning reaches the pixels."""
+"""The lite profile's experts, the fidelity ladder and the region chooser: the reasoning reaches the pixels."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,14 +11,16 @@ from realsr_r1.chooser import Chooser
 from realsr_r1.cot import parse_cot
 from realsr_r1.imageio import LoadedImage, read_image
 from realsr_r1.pipeline import stage_sizes
-from realsr_r1.restorers import blend
+from realsr_r1.restorers import blend, regions
 from realsr_r1.restorers.esrgan import ESRGANRestorer
-from realsr_r1.restorers.lite import DEFAULT_GATES, LiteStages, parse_fidelity
+from realsr_r1.restorers.ladder import DEFAULT_GATES, Ladder, ceiling, parse_fidelity
+from realsr_r1.restorers.lite import LiteStages
 
 from conftest import EXAMPLES
 
 CLEAN = "<degradation>blur: none; noise: none; jpeg: none; downsample: x4</degradation>"
 HEAVY = "<degradation>blur: heavy; noise: heavy; jpeg: heavy; downsample: x4</degradation>"
+DARK = {"tiny_rewards:darkness": {}}
 
 
 class Nearest(torch.nn.Module):
@@ -35,167 +36,287 @@ class Nearest(torch.nn.Module):
         return F.interpolate(x, scale_factor=4, mode="nearest") * self.gain
 
 
-BOTH = ("bright", "dark")  # each toy expert alone is a candidate (the default offers the first alone)
+def toy_experts(tile: int = 0):
+    return [ESRGANRestorer(Nearest(1.0), "cpu", "fp32", tile=tile, tile_pad=4, name="bright"),
+            ESRGANRestorer(Nearest(0.5), "cpu", "fp32", tile=tile, tile_pad=4, name="dark")]
 
 
-def toy_experts():
-    return [ESRGANRestorer(Nearest(1.0), "cpu", "fp32", tile=0, name="bright"),
-            ESRGANRestorer(Nearest(0.5), "cpu", "fp32", tile=0, name="dark")]
-
-
-def run_stages(stages: LiteStages, rgb: np.ndarray, plan_text: str = CLEAN):
-    image = LoadedImage(rgb=rgb)
+def run_stages(stages: LiteStages, rgb: np.ndarray, plan_text: str = CLEAN, alpha=None, bit_depth: int = 8):
+    image = LoadedImage(rgb=rgb, alpha=alpha, bit_depth=bit_depth)
     events = list(stages.stages(image, parse_cot(plan_text), sizes=stage_sizes(*image.size, 4.0)))
     return events[-1]
 
 
-def test_candidates_span_the_experts_and_the_dial_reaches_both_ends():
-    cands = blend.candidates(["a", "b", "c"], [0.5])
-    assert [c.weights for c in cands] == [(1, 0, 0), (0.5, 0.5, 0), (0, 1, 0), (0, 0.5, 0.5), (0, 0, 1)]
-    assert all(abs(sum(c.weights) - 1) < 1e-9 for c in cands)
-    assert blend.dial(2, 0) == (1.0, 0.0) and blend.dial(2, 1) == (0.0, 1.0)
-    assert blend.dial(2, 0.3) == pytest.approx((0.7, 0.3))
-    assert blend.dial(3, 0.75) == pytest.approx((0.0, 0.5, 0.5))
-    with pytest.raises(ValueError, match="fidelity"):
-        blend.dial(2, 1.5)
-    assert parse_fidelity("auto") == "auto" and parse_fidelity("0.25") == 0.25
-    for bad in ("-0.1", "2", "natural"):
-        with pytest.raises(ValueError, match="auto or a number in"):
+def texture(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Fine structured texture (no noise: the analyser reads none in it), HxWx1 around 0.6."""
+    y, x = np.mgrid[0:h, 0:w]
+    return (0.6 + 0.25 * np.sin(x / 1.3 + seed) * np.sin(y / 1.7 + seed))[..., None].astype(np.float32)
+
+
+def half_textured(h: int = 256, w: int = 256, seed: int = 0) -> np.ndarray:
+    """Flat grey on the left half, strong texture on the right half."""
+    rgb = np.full((h, w, 3), 0.6, np.float32)
+    rgb[:, w // 2:] = texture(h, w - w // 2, seed)
+    return rgb
+
+
+# --- The ladder ------------------------------------------------------------------------------------
+def test_the_ladder_orders_the_mixes_and_parses_fidelity():
+    lad = Ladder(["a", "b"], DEFAULT_GATES)
+    assert [r.label for r in lad.rungs][0] == "a" and lad.rungs[-1].label == "b"
+    assert [r.gate for r in lad.rungs[1:-1]] == sorted(DEFAULT_GATES, reverse=True)  # high t → low t
+    assert lad.position(0) == 0 and lad.position(len(lad.rungs) - 1) == 1
+    assert lad.auto_top == pytest.approx(0.75)  # DF2K alone only on the dial
+    assert lad.experts_for(0, 0) == [True, False] and lad.experts_for(1, 1) == [False, True]
+    assert lad.experts_for(0.5, 0.5) == [True, True]
+    assert str(parse_fidelity("auto")) == "auto" and parse_fidelity("auto+0.2").value == pytest.approx(0.2)
+    assert parse_fidelity("AUTO - 0.1").value == pytest.approx(-0.1) and parse_fidelity("0.25").value == 0.25
+    for bad in ("-0.1", "2", "natural", "auto+2", "auto*0.1"):
+        with pytest.raises(ValueError, match="auto, auto\\+X, auto-X or a number in"):
             parse_fidelity(bad)
 
 
-def test_mix_rounds_integers_and_matches_the_float_blend():
-    rng = np.random.default_rng(0)
-    a, b = (rng.integers(0, 256, (600, 7, 3), dtype=np.uint8) for _ in range(2))  # > one 256-row chunk
-    got = blend.mix([a, b], (0.25, 0.75))
-    want = np.floor(0.25 * a.astype(float) + 0.75 * b + 0.5)
-    diff = np.abs(got.astype(float) - want)
-    assert got.dtype == np.uint8 and diff.max() <= 1 and (diff > 0).mean() < 0.01  # ties may round either way
-    assert blend.mix([a, b], (1.0, 0.0)) is a  # one expert: no copy
+def test_cells_cover_the_whole_image_evenly():
+    for length in (100, 128, 700, 1000, 4096):
+        b = blend.cells(length)
+        assert b[0] == 0 and b[-1] == length and all(80 <= y - x <= 200 for x, y in zip(b, b[1:])) or len(b) == 2
 
 
-def test_crop_boxes_cover_small_images_whole_and_spread_over_large_ones():
-    assert blend.crop_boxes(100, 80) == [(0, 0, 100, 80)]
-    boxes = blend.crop_boxes(1000, 700)
-    assert len(boxes) == 4 and all(x1 - x0 == 128 and y1 - y0 == 128 for x0, y0, x1, y1 in boxes)
-    assert all(0 <= x0 and x1 <= 1000 and 0 <= y0 and y1 <= 700 for x0, y0, x1, y1 in boxes)
-    assert min(b[0] for b in boxes) == 0 and max(b[2] for b in boxes) == 1000  # spread to both edges
+@pytest.mark.parametrize("tile", [0, 48])
+def test_fidelity_walks_the_ladder_monotonically_and_ends_at_the_experts(tile):
+    """0 is the natural expert, 1 the faithful one, and every step between moves towards faithful:
+    with a darker faithful expert, each position is at most as bright as the one before, pixel by pixel."""
+    rgb = half_textured(160, 200)
+    means, last = [], None
+    for p in np.linspace(0, 1, 11):
+        out = run_stages(LiteStages(toy_experts(tile), Chooser(DARK), fidelity=float(p)), rgb).rgb.astype(float)
+        if last is not None:
+            assert (out <= last + 1).all()
+        last = out
+        means.append(out.mean())
+    assert np.all(np.diff(means) <= 1e-9) and means[0] > means[-1]
+    up = np.repeat(np.repeat(rgb, 4, 0), 4, 1)
+    np.testing.assert_allclose(run_stages(LiteStages(toy_experts(tile), fidelity=0), rgb).rgb / 255, up, atol=1 / 255)
+    np.testing.assert_allclose(run_stages(LiteStages(toy_experts(tile), fidelity=1), rgb).rgb / 255, up * 0.5, atol=1 / 255)
+    # between rungs: halfway between the two neighbouring rungs' images
+    lad = LiteStages(toy_experts(tile), fidelity=0.5).ladder
+    mid = (lad.position(1) + lad.position(2)) / 2
+    a, b, m = (run_stages(LiteStages(toy_experts(tile), fidelity=p), rgb).rgb.astype(float)
+               for p in (lad.position(1), lad.position(2), mid))
+    assert np.abs(m - (a + b) / 2).max() <= 1.0
 
 
-def test_the_chooser_picks_what_its_reward_prefers():
-    """A fake reward that likes dark images: the darkest candidate (the dark expert alone) wins, and
-    the record lists every candidate with its score and says why."""
-    stages = LiteStages(toy_experts(), Chooser({"tiny_rewards:darkness": {}}), alone=BOTH)
-    rgb = np.full((20, 24, 3), 0.8, np.float32)
-    final = run_stages(stages, rgb)
-    assert final.choice["winner"] == "dark"
-    rewards = [c["reward"] for c in final.choice["candidates"]]
-    assert rewards == sorted(rewards)  # bright → dark: each blend darker than the one before
-    assert len(final.choice["candidates"]) == 5 and "darkness" in final.choice["why"]
-    np.testing.assert_allclose(final.rgb / 255.0, 0.4, atol=1 / 255)
-    assert len(final.candidates) == 5  # a look at each candidate, for the demo
+def test_streamed_composition_equals_the_whole_image_one():
+    """Rows stream through in bands (tiles of 48), yet the result is the whole-image region blend:
+    texture of the natural expert's whole output, gate map, bilinear weights."""
+    rgb = half_textured(200, 180, seed=3)
+    stages = LiteStages(toy_experts(48), fidelity=0.5)  # the t 0.08 rung
+    got = run_stages(stages, rgb).rgb
+    up = np.repeat(np.repeat(rgb, 4, 0), 4, 1)
+    a, b = np.round(up * 255) / 255, np.round(up * 0.5 * 255) / 255  # the experts hand over 8-bit rows
+    g = blend.gate_map(blend.texture(a), 0.08)
+    w = blend.upsample(g, (0, a.shape[0], 0), (0, a.shape[1], 0))[..., None]
+    want = np.clip(a + (b - a) * w, 0, 1) * 255
+    assert np.abs(got.astype(float) - want).max() <= 1.0
 
 
-def test_auto_offers_the_first_expert_alone_and_the_rest_through_blends():
-    """By default the faithful expert stands alone only on the dial (`--fidelity 1`): auto's
-    candidates are the first expert and the region blends. `alone` names the experts to add, and a
-    name that is not an expert, or a list without the first, is a one-line error."""
-    default = LiteStages(toy_experts(), Chooser({"tiny_rewards:darkness": {}}))
-    labels = [c.label for c in default.candidates]
-    assert labels[0] == "bright" and "dark" not in labels and len(labels) == 1 + len(DEFAULT_GATES)
-    both = LiteStages(toy_experts(), Chooser({"tiny_rewards:darkness": {}}), alone=BOTH)
-    assert [c.label for c in both.candidates] == labels + ["dark"]
-    for bad in (["dark"], ["bright", "grey"]):
-        with pytest.raises(ValueError, match=r"restorer\.alone: .*bright, dark"):
-            LiteStages(toy_experts(), Chooser({"tiny_rewards:darkness": {}}), alone=bad)
+# --- Regions ---------------------------------------------------------------------------------------
+def test_flat_and_textured_halves_get_different_positions():
+    """A reward that likes dark images: where the natural expert has texture the region blends let
+    the dark expert in, so the textured half climbs the ladder; on the flat half every rung is the
+    natural expert (a tie), and the lowest position stays."""
+    final = run_stages(LiteStages(toy_experts(), Chooser(DARK)), half_textured(256, 512))
+    pos = np.asarray(final.choice["positions"])
+    assert final.choice["grid"] == [2, 4]
+    # the left column is flat; the one beside the textured half sees the ramp of its gate map
+    assert (pos[:, 0] == 0).all() and np.allclose(pos[:, 2:], 0.75)
+    out = final.rgb.astype(float) / 255
+    assert out[:, :600].mean() == pytest.approx(0.6, abs=0.01) and out[:, 1400:].mean() < 0.55
+    # no seam: the weights ramp between the region centres
+    col = np.abs(np.diff(out[500, 900:1200, 0]))
+    assert col.max() < 0.6
 
 
-@pytest.mark.parametrize("fidelity, gain", [(0, 1.0), (1, 0.5), (0.5, 0.75)])
-def test_fidelity_dial_picks_the_ends_and_runs_only_the_experts_it_mixes(fidelity, gain, monkeypatch):
+def test_scored_regions_cover_the_centre_of_a_large_image(monkeypatch):
+    """Texture only in the middle of a 640² photo: the regions there are scored and climb, the flat
+    corners are not what decides."""
+    rgb = np.full((640, 640, 3), 0.6, np.float32)
+    rgb[256:384, 256:384] = texture(128, 128)
+    seen = []
+    real = Chooser.measure
+    monkeypatch.setattr(Chooser, "measure", lambda self, imgs, lqs: seen.append(lqs[0].std()) or real(self, imgs, lqs))
+    final = run_stages(LiteStages(toy_experts(), Chooser(DARK)), rgb)
+    pos = np.asarray(final.choice["positions"])
+    assert pos.shape == (5, 5) and len(seen) == 25 and max(seen) > 0.1
+    assert pos[2, 2] == pytest.approx(0.75) and pos[0, 0] == 0
+
+
+def test_unjudgeable_regions_take_a_neighbours_position(monkeypatch):
+    """NIQE cannot judge a flat region: it takes its judged neighbour's position."""
+    rgb = half_textured(128, 256)
+    final = run_stages(LiteStages(toy_experts(), Chooser(DARK)), rgb)
+    assert final.choice["judged"] == 2
+    calls = {"n": 0}
+    real = Chooser.rewards
+
+    def blind_left(self, parts, q_lr):
+        calls["n"] += 1
+        values = real(self, parts, q_lr)
+        return [None] * len(values) if calls["n"] == 1 else values  # the first (left) region: no verdict
+
+    monkeypatch.setattr(Chooser, "rewards", blind_left)
+    final = run_stages(LiteStages(toy_experts(), Chooser(DARK)), rgb)
+    assert final.choice["judged"] == 1
+    assert final.choice["positions"][0][0] == final.choice["positions"][0][1] == pytest.approx(0.75)
+
+
+def test_fidelity_map_paints_each_half(tmp_path):
+    from PIL import Image
+
+    rgb = half_textured(120, 160)
+    m = np.zeros((30, 40), np.uint8)  # another size than the photo: resized
+    m[:, 20:] = 255
+    Image.fromarray(m).save(tmp_path / "map.png")
+    final = run_stages(LiteStages(toy_experts(), Chooser(DARK), fidelity_map=str(tmp_path / "map.png")), rgb)
+    out = final.rgb.astype(float) / 255
+    up = np.repeat(np.repeat(rgb, 4, 0), 4, 1)
+    np.testing.assert_allclose(out[:, :200], up[:, :200], atol=1 / 255)  # black: natural
+    np.testing.assert_allclose(out[:, -200:], up[:, -200:] * 0.5, atol=1 / 255)  # white: faithful
+    assert final.choice["mode"] == "fidelity map" and final.choice["map"] == "map.png"
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="bad.png") as e:
+        LiteStages(toy_experts(), fidelity_map=str(tmp_path / "bad.png"))
+    assert "\n" not in str(e.value)
+
+
+def test_auto_offset_moves_the_chosen_positions():
+    rgb = half_textured(128, 256)
+    base = run_stages(LiteStages(toy_experts(), Chooser(DARK)), rgb).choice
+    moved = run_stages(LiteStages(toy_experts(), Chooser(DARK), fidelity="auto+0.2"), rgb).choice
+    np.testing.assert_allclose(np.asarray(moved["positions"]), np.clip(np.asarray(base["positions"]) + 0.2, 0, 1))
+    assert moved["fidelity"] == "auto+0.2" and "auto+0.2" in moved["why"]
+
+
+def test_streaming_never_holds_two_full_outputs(monkeypatch):
+    """The experts hand over rows; neither restore() (a full output) is called in auto, and the rows
+    kept of each expert stay a few regions' worth on a tall image."""
+    experts = toy_experts(tile=32)
+    for e in experts:
+        monkeypatch.setattr(e, "restore", lambda *a, **k: pytest.fail("a full-size expert output"))
+    kept = []
+    real = regions._Rows.pull
+
+    def pull(self):
+        ok = real(self)
+        kept.append(self.end - self.start)
+        return ok
+
+    monkeypatch.setattr(regions._Rows, "pull", pull)
+    rgb = np.tile(half_textured(64, 128), (12, 1, 1))  # 768 x 128: 6 region rows
+    final = run_stages(LiteStages(experts, Chooser(DARK)), rgb)
+    assert final.rgb.shape == (3072, 512, 3)
+    assert max(kept) <= 3 * 128 * 4 and max(kept) < 3072 / 2
+
+
+def test_alpha_and_16_bit_go_through_a_region_blend():
+    rgb = half_textured(128, 256)
+    alpha = np.linspace(0, 1, 256, dtype=np.float32)[None].repeat(128, 0)
+    rgb16 = (rgb * 65535 + 0.5).astype(np.uint16)
+    a16 = (alpha * 65535 + 0.5).astype(np.uint16)
+    final = run_stages(LiteStages(toy_experts(), Chooser(DARK)), rgb16, alpha=a16, bit_depth=16)
+    assert final.rgb.dtype == np.uint16 and final.alpha.dtype == np.uint16 and final.alpha.shape == (512, 1024)
+    assert final.choice["positions"][0][1] == pytest.approx(0.75)  # the textured half climbed
+    out = final.rgb.astype(float) / 65535
+    assert out[:, :300].mean() == pytest.approx(0.6, abs=0.01) and out[:, 800:].mean() < 0.55
+    a = final.alpha.astype(float) / 65535
+    assert np.abs(a - np.repeat(np.repeat(alpha, 4, 0), 4, 1) * np.where(np.arange(1024) > 700, 0.5, 1)[None]).max() < 0.6
+    assert a[:, 1000:].mean() < 0.95  # the dark expert's alpha came through where it was chosen
+
+
+# --- The reading -----------------------------------------------------------------------------------
+def test_the_reading_lowers_the_ceiling_continuously_and_by_its_confidence():
+    def top(text):
+        return ceiling(parse_cot(f"<degradation>{text}</degradation>"), 0.75)[0]
+
+    sigmas = [top(f"noise: light (sigma {s})") for s in (4, 6.5, 8, 9.5, 11, 13)]
+    assert sigmas[0] == 0.75 and sigmas[-1] == 0 and all(a >= b for a, b in zip(sigmas, sigmas[1:]))
+    assert 0 < top("noise: medium (sigma 8)") < top("noise: light (sigma 7.9)") + 0.05  # no cliff at 8
+    assert top("noise: medium (sigma 11, uncertain: 40)") > top("noise: medium (sigma 11)")
+    assert top("noise: medium (sigma 11, confidence 0.5)") == pytest.approx(0.75 * (1 - 0.5 * 5 / 6))
+    qualities = [top(f"jpeg: medium (quality {q})") for q in (95, 80, 70, 60)]
+    assert qualities[0] == 0.75 and qualities[-1] == 0 and all(a > b for a, b in zip(qualities, qualities[1:]))
+    assert top("blur: heavy (sigma 3)") == 0.75  # blur enters through Q_LR, not the ceiling
+
+
+@pytest.mark.parametrize("field, readings", [
+    ("noise", ("noise: none (sigma 1.2)", "noise: heavy (sigma 19.5)")),
+    ("jpeg", ("jpeg: none", "jpeg: heavy (quality 40)")),
+    ("blur", ("blur: none (sigma 0.3)", "blur: heavy (sigma 2.6)")),
+])
+def test_each_degradation_field_changes_the_choice(field, readings, monkeypatch):
+    """Noise and JPEG move the ceiling, blur moves Q_LR: over each one's range the choice changes.
+    (downsample is not used by the lite restorer: --outscale sets the size.)"""
+    stages = LiteStages(toy_experts(), Chooser())
+    # natural-looking = bright (high Q_SR), faithful = dark (high F), as real experts trade them
+    # positions in ladder order: each more faithful (F) and less natural-looking (Q_SR) than the last
+    monkeypatch.setattr(stages.chooser, "measure", lambda imgs, lqs: [
+        {"fidelity": 0.80 + 0.05 * i, "q_sr": 4.6 - 0.24 * i} for i in range(len(imgs))])
+    rgb = np.repeat(texture(128, 128, 2), 3, axis=2)
+    pos = [run_stages(stages, rgb, f"<degradation>{r}</degradation>").choice["position"] for r in readings]
+    assert pos[0] != pos[1], (field, pos)
+
+
+def test_a_heavy_noise_reading_runs_the_natural_expert_alone(monkeypatch):
     experts = toy_experts()
-    stages = LiteStages(experts, Chooser({"tiny_rewards:darkness": {}}), fidelity=fidelity)
     calls = []
     for e in experts:
-        monkeypatch.setattr(e, "restore", _spy(e.restore, calls, e.name))
-    final = run_stages(stages, np.full((20, 24, 3), 0.8, np.float32))
-    np.testing.assert_allclose(final.rgb / 255.0, 0.8 * gain, atol=1 / 255)
-    assert final.choice["mode"] == "fidelity" and "candidates" not in final.choice
-    assert calls == {0: ["bright"], 1: ["dark"], 0.5: ["bright", "dark"]}[fidelity]
+        real = e.stream
+        monkeypatch.setattr(e, "stream", lambda *a, _r=real, _n=e.name, **k: calls.append(_n) or _r(*a, **k))
+        real_restore = e.restore
+        monkeypatch.setattr(e, "restore", lambda *a, _r=real_restore, _n=e.name, **k: calls.append(_n + " whole") or _r(*a, **k))
+    final = run_stages(LiteStages(experts, Chooser(DARK)), half_textured(128, 128),
+                       "<degradation>noise: heavy (sigma 20)</degradation>")
+    assert calls == ["bright whole"] and final.choice["candidates"] == []
+    assert final.choice["reading"]["moved"]["noise"]["severity"] == 1.0 and "noise" in final.choice["why"]
 
 
-def _spy(fn, calls, name):
-    def wrapped(*a, **k):
-        calls.append(name)
-        return fn(*a, **k)
-    return wrapped
+# --- One reward ------------------------------------------------------------------------------------
+def test_the_chooser_and_the_training_reward_give_the_same_number():
+    """The same image, the same reading: the chooser's reward for its winner equals COMPASS as
+    training computes it (registry, q_lr from the recorded degradation)."""
+    from realsr_r1.rewards.registry import image_score
+    from realsr_r1.rewards.visual import q_lr_for
+
+    rgb = np.ascontiguousarray(read_image(EXAMPLES / "building.png").rgb[40:140, 60:160])
+    stages = LiteStages(toy_experts(), Chooser())
+    plan = parse_cot(CLEAN)
+    ((img, record),) = stages.choose_batch(rgb, [plan])
+    row = next(c for c in record["candidates"] if c["label"] == record["winner"])
+    training = image_score("compass", {})([img], [rgb], [None], q_lr=[q_lr_for([i.to_dict() for i in plan.degradation])])
+    assert row["reward"] == pytest.approx(training[0], abs=1e-4)
+    assert record["q_lr_source"] == "degradation reading"
 
 
-def test_compass_chooser_reads_the_degradation(monkeypatch):
-    """Default reward (COMPASS): Q_LR comes from the plan's degradation reading. A clean reading makes
-    fidelity count five times as much as a heavy one, so the two readings pick different candidates
-    when the faithful candidate looks worse: two plans, two images."""
-    import realsr_r1.rewards.visual as visual
-
-    chooser = Chooser()
-    assert chooser.describe() == {"reward": "compass", "quality": "niqe", "fidelity": "input", "gamma": 7.0}
-    # Stand-in measurements: candidate 0 natural-looking (high Q_SR) but less faithful, 4 the reverse.
-    measured = [{"fidelity": 0.80 + 0.05 * i, "q_sr": 4.6 - 0.15 * i} for i in range(5)]
-    lq = [np.zeros((16, 16, 3), np.float32)]
-    clean, _, facts_clean = chooser.choose(measured, parse_cot(CLEAN), lq)
-    heavy, _, facts_heavy = chooser.choose(measured, parse_cot(HEAVY), lq)
-    assert facts_clean["q_lr"] == 5.0 and facts_heavy["q_lr"] == 1.0
-    assert facts_clean["q_lr_source"] == "degradation reading"
-    assert clean == 4 and heavy == 0
-    # The values are COMPASS's own formula, through the registry's function
-    _, rewards, _ = chooser.choose(measured, parse_cot(CLEAN), lq)
-    from realsr_r1.rewards.text import compass_reward_value
-    assert rewards[2] == pytest.approx(compass_reward_value(0.9, 5.0, 4.3, 7.0))
-    # Without a reading, Q_LR is measured on the input by the reward's quality (NIQE)
-    called = []
-    monkeypatch.setattr(visual.NiqeQuality, "__call__", lambda self, sr, lq, hr: called.append(len(sr)) or [3.0] * len(sr))
-    _, _, facts = chooser.choose(measured, parse_cot(""), lq)
-    assert facts == {"q_lr": 3.0, "q_lr_source": "measured on the input"} and called
+def test_a_reward_that_needs_the_hr_is_a_one_line_error():
+    with pytest.raises(ValueError, match="HR image"):
+        Chooser({"compass": {"fidelity": "hr"}})
+    with pytest.raises(ValueError, match="one reward"):
+        Chooser({"compass": {}, "niqe": {}})
 
 
 def test_restore_final_batch_gives_each_reading_its_own_image(monkeypatch):
-    """GRPO's image rewards render completions with restore_final_batch: the experts run once per
-    image, and completions that read the degradation differently get different images."""
     experts = toy_experts()
-    stages = LiteStages(experts, Chooser(), alone=BOTH)
+    stages = LiteStages(experts, Chooser(DARK))
     calls = []
     for e in experts:
-        monkeypatch.setattr(e, "restore", _spy(e.restore, calls, e.name))
-    # natural-looking = bright (high Q_SR), faithful = dark (high F), as in the test above
-    monkeypatch.setattr(stages.chooser, "measure", lambda crops, lq: [
-        {"fidelity": 0.80 + 0.05 * i, "q_sr": 4.6 - 0.15 * i} for i in range(len(crops))])
-    rgb = np.full((20, 24, 3), 0.8, np.float32)
-    out = stages.restore_final_batch(rgb, [parse_cot(CLEAN), parse_cot(HEAVY), parse_cot(CLEAN)])
-    assert calls == ["bright", "dark"]
-    assert out[0].shape == (80, 96, 3)
-    np.testing.assert_allclose(out[0], 0.4, atol=1e-6)  # clean reading: the faithful end
-    np.testing.assert_allclose(out[1], 0.8, atol=1e-6)  # heavy reading: the natural-looking end
-    assert out[2] is out[0]
-
-
-def test_region_blend_takes_the_next_expert_where_the_first_has_texture():
-    """A gated candidate: the faithful expert where the natural one's output has contrast above the
-    threshold, the natural one where it is flat, a smooth ramp between, and a box of it equals the
-    same box of the whole."""
-    rng = np.random.default_rng(0)
-    natural = np.full((64, 96, 3), 0.5, np.float32)
-    natural[:, :40] = np.clip(0.5 + 0.2 * rng.standard_normal((64, 40, 1)), 0, 1)  # textured left part
-    faithful = np.full_like(natural, 0.9)
-    tex = blend.texture(natural)
-    assert tex.shape == (8, 12) and tex[:, :5].min() > 0.1 and tex[:, 6:].max() == 0
-    cand = blend.Candidate("gated", (1.0, 0.0), gate=0.04, base=0)
-    out = blend.compose([natural, faithful], cand, np.float32, {0: tex})
-    np.testing.assert_allclose(out[:, :24], 0.9, atol=1e-6)  # deep in the texture: the faithful expert
-    np.testing.assert_allclose(out[:, 64:], 0.5, atol=1e-6)  # flat: the natural one, untouched
-    weight = (out - natural) / (faithful - natural)  # the faithful expert's share per pixel
-    assert np.abs(np.diff(weight[32, 20:64, 0])).max() < 0.1  # a ramp, not a cut
-    box = (10, 5, 70, 40)
-    np.testing.assert_array_equal(blend.compose([natural, faithful], cand, np.float32, {0: tex}, box), out[5:40, 10:70])
-    assert blend.compose([natural, faithful], cand, np.uint8, {0: tex}).dtype == np.uint8
+        real = e.stream
+        monkeypatch.setattr(e, "stream", lambda *a, _r=real, _n=e.name, **k: calls.append(_n) or _r(*a, **k))
+    rgb = half_textured(64, 64)
+    light = "<degradation>noise: light (sigma 3)</degradation>"
+    noisy = "<degradation>noise: heavy (sigma 20)</degradation>"
+    out = stages.restore_final_batch(rgb, [parse_cot(light), parse_cot(noisy), parse_cot(light)])
+    assert calls == ["bright", "dark"]  # once for all three plans
+    assert out[0].mean() < out[1].mean() and out[2] is out[0]
 
 
 # --- The real experts, through the users' paths -------------------------------------------------------
@@ -219,14 +340,15 @@ def test_sidecar_records_every_candidate_and_why(tmp_path, capsys, weights_dir):
     choice = side["choice"]
     assert choice["mode"] == "auto" and choice["q_lr_source"] == "degradation reading"
     labels = [c["label"] for c in choice["candidates"]]
-    assert labels[0] == "realesrgan-x4plus" and len(labels) == 1 + len(DEFAULT_GATES)
-    assert all(lab.startswith("realsr-df2k where") for lab in labels[1:])  # DF2K through region blends
+    assert labels[0] == "realesrgan-x4plus" and len(labels) <= 1 + len(DEFAULT_GATES)
+    assert all(lab.startswith("realsr-df2k where") or " × (" in lab for lab in labels[1:])  # DF2K through region blends
+    assert side["ladder"][0] == "realesrgan-x4plus" and side["ladder"][-1] == "realsr-df2k"
     for c in choice["candidates"]:
-        assert set(c) == {"label", "weights", "gate", "fidelity", "q_sr", "reward"}
+        assert set(c) == {"label", "position", "fidelity", "q_sr", "reward", "regions"}
         assert 0 <= c["fidelity"] <= 1 and 1 <= c["q_sr"] <= 5 and c["reward"] is not None
-    allowed = [c for c in choice["candidates"] if c["label"] in choice["allowed"]]
-    best = max(allowed, key=lambda c: c["reward"])
-    assert choice["winner"] == best["label"] and f"({best['reward']})" in choice["why"]
+    assert choice["grid"] == [1, 1] and choice["judged"] == 1
+    best = max(choice["candidates"], key=lambda c: c["reward"])
+    assert choice["positions"] == [[best["position"]]] and choice["winner"] == best["label"]
     plan = parse_cot(side["chain_of_thought"])
     noisy = plan.level("noise") in ("medium", "heavy") or plan.level("jpeg") in ("medium", "heavy")
     assert not noisy  # this crop reads clean enough for the chooser (the noisy path: the test below)
@@ -275,7 +397,8 @@ def test_without_the_df2k_wheel_it_says_so_and_runs_x4plus_alone(monkeypatch, tm
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--fidelity", "2"], "--fidelity must be auto or a number in [0, 1], got '2'"),
+    (["--fidelity", "2"], "--fidelity must be auto, auto+X, auto-X or a number in [0, 1], got '2'"),
+    (["--fidelity-map", "nowhere.png"], "fidelity map nowhere.png"),
     (["--set", "restorer.experts=realesrgan-x4plus"], "restorer.experts: expected a list"),
     (["--set", "restorer.gates=[2]"], "restorer.gates: contrast thresholds strictly between 0 and 1"),
     (["--set", "restorer.chooser={nope: {}}"], "restorer.chooser: unknown reward(s) nope"),
@@ -293,59 +416,17 @@ def test_bad_choosing_settings_are_one_line_errors(args, message, tmp_path, caps
     assert rc == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
-def test_grpo_image_reward_tells_two_readings_apart(monkeypatch):
-    """Lite under GRPO: two completions that read the degradation differently render two images
-    (restore_final_batch through the rewards' shared Restorations) and get two rewards."""
-    from realsr_r1.rewards import registry
-    from realsr_r1.rewards.visual import Restorations
-
-    stages = LiteStages(toy_experts(), Chooser(), alone=BOTH)
-    monkeypatch.setattr(stages.chooser, "measure", lambda crops, lq: [
-        {"fidelity": 0.80 + 0.05 * i, "q_sr": 4.6 - 0.15 * i} for i in range(len(crops))])
-    spec = {"compass": {"quality": "niqe", "fidelity": "input"}}  # the no-HR reward GRPO can train with
-    (reward,), _ = registry.build_rewards(spec, restorations=lambda: Restorations(stages))
-    image = (_crop(100) * 255).astype(np.uint8)  # NIQE judges the input too: at least 96²
-    completions = [CLEAN + "<rough_understand>a building</rough_understand>",
-                   HEAVY + "<rough_understand>a building</rough_understand>"]
-    values = reward(prompts=["p", "p"], completions=completions, image=[image, image])
-    assert None not in values and values[0] != values[1]
 
 
-def test_in_place_composition_equals_a_fresh_one():
-    rng = np.random.default_rng(1)
-    a, b = (rng.integers(0, 256, (600, 40, 3), dtype=np.uint8) for _ in range(2))
-    tex = {0: blend.texture(a)}
-    for cand in (blend.Candidate("g", (1.0, 0.0), gate=0.05, base=0), blend.Candidate("m", (0.3, 0.7))):
-        fresh = blend.compose([a, b], cand, np.uint8, tex)
-        a2 = a.copy()
-        inplace = blend.compose([a2, b], cand, np.uint8, tex, in_place=True)
-        assert inplace is a2 and np.array_equal(inplace, fresh)
-
-
-def test_a_reading_of_noise_or_jpeg_leaves_the_natural_expert_alone(monkeypatch):
-    """DF2K keeps noise and JPEG blocks, and both F and NIQE pay it for that: a reading of noise or
-    JPEG at medium or worse leaves x4plus alone, even where the reward prefers another candidate; the
-    other experts then do not run, nor does the chooser. GRPO's batched call scores every plan's
-    choice over all experts, and the rule holds there too."""
-    experts = toy_experts()
-    stages = LiteStages(experts, Chooser(), alone=BOTH)
-    scored = []
-    monkeypatch.setattr(stages.chooser, "measure", lambda crops, lq: scored.append(len(crops)) or [
-        {"fidelity": 0.80 + 0.05 * i, "q_sr": 4.6 + 0.1 * i} for i in range(len(crops))])  # the faithful end wins
-    calls = []
-    for e in experts:
-        monkeypatch.setattr(e, "restore", _spy(e.restore, calls, e.name))
-    rgb = np.full((20, 24, 3), 0.8, np.float32)
-    light = "<degradation>blur: none; noise: light; jpeg: light; downsample: x4</degradation>"
-    jpeg = "<degradation>blur: none; noise: none; jpeg: medium; downsample: x4</degradation>"
-    assert run_stages(stages, rgb, light).choice["winner"] == "dark"
-    assert calls == ["bright", "dark"] and scored == [5]
-    calls.clear()
-    final = run_stages(stages, rgb, jpeg)
-    chosen = final.choice
-    assert chosen["winner"] == "bright" and chosen["allowed"] == ["bright"] and "jpeg: medium" in chosen["why"]
-    assert calls == ["bright"] and scored == [5] and chosen["candidates"] == []
-    np.testing.assert_allclose(final.rgb / 255.0, 0.8, atol=1 / 255)
-    batch = stages.restore_final_batch(rgb, [parse_cot(light), parse_cot(jpeg)])
-    np.testing.assert_allclose(batch[0], 0.4, atol=1e-6)
-    np.testing.assert_allclose(batch[1], 0.8, atol=1e-6)
+def test_a_noisy_region_lowers_its_own_ceiling():
+    """One reading for the whole photo (clean), but the left half is noisy: that region measures its
+    own noise and keeps the natural expert, while the clean textured half climbs. A region never
+    climbs above the reading's ceiling."""
+    rgb = np.repeat(texture(128, 256), 3, axis=2)
+    rgb[:, :128] = np.clip(0.6 + np.random.default_rng(0).normal(0, 15 / 255, (128, 128, 1)), 0, 1)
+    choice = run_stages(LiteStages(toy_experts(), Chooser(DARK)), rgb).choice
+    assert choice["ceilings"][0][0] < 0.1 and choice["ceilings"][0][1] == pytest.approx(0.75)
+    assert choice["positions"][0][0] == 0 and choice["positions"][0][1] == pytest.approx(0.75)
+    capped = run_stages(LiteStages(toy_experts(), Chooser(DARK)), rgb,
+                        "<degradation>noise: medium (sigma 9)</degradation>").choice
+    assert max(max(row) for row in capped["ceilings"]) <= capped["reading"]["ceiling"] + 1e-9

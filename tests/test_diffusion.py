@@ -525,15 +525,16 @@ def test_rough_stage_experts_follow_the_degradation_reading(tiny_path, image, mo
     """With several regression experts, the plan's reading picks the rough mix (as in lite): a clean
     reading the faithful (dark) expert, a heavy one the natural (bright) one. The record goes into
     the rough stage's `choice`, and GRPO's batched call conditions each plan on its own mix."""
-    from test_chooser import BOTH, CLEAN, HEAVY, toy_experts
+    from test_chooser import CLEAN, HEAVY, toy_experts
 
     from realsr_r1.chooser import Chooser
     from realsr_r1.restorers.lite import LiteStages
 
-    lite = LiteStages(toy_experts(), Chooser(), alone=BOTH)
-    # natural-looking = bright (high Q_SR), faithful = dark (high F), as test_chooser's stand-in
-    monkeypatch.setattr(lite.chooser, "measure", lambda crops, lq: [
-        {"fidelity": 0.80 + 0.05 * i, "q_sr": 4.6 - 0.15 * i} for i in range(len(crops))])
+    lite = LiteStages(toy_experts(), Chooser())
+    # natural-looking = bright (high Q_SR), faithful = dark (high F), as test_chooser's stand-in:
+    # positions in ladder order, each more faithful and less natural than the last
+    monkeypatch.setattr(lite.chooser, "measure", lambda images, lqs: [
+        {"fidelity": 0.80 + 0.05 * i, "q_sr": 4.6 - 0.15 * i} for i in range(len(images))])
     r = DiffusionStages.from_pretrained(tiny_path, device="cpu", regression=lite, num_inference_steps=2,
                                         strength=1.0, color_fix="none")
     assert r.describe()["rough_restorer"]["experts"][1]["name"] == "dark"
@@ -541,17 +542,18 @@ def test_rough_stage_experts_follow_the_degradation_reading(tiny_path, image, mo
     for text in (CLEAN, HEAVY):
         stage = finals(run(r, image, parse_cot(text)))["rough"]
         rough[text] = stage
-    assert rough[CLEAN].choice["winner"] == "dark" and rough[HEAVY].choice["winner"] == "bright"
+    assert rough[CLEAN].choice["position"] > 0 and rough[HEAVY].choice["position"] == 0
+    assert rough[HEAVY].choice["winner"] == "bright"
     up = image.rgb.repeat(4, axis=0).repeat(4, axis=1)  # the toy experts: nearest ×4, times their gain
-    np.testing.assert_allclose(rough[CLEAN].rgb, resize(up * 0.5, (16, 12)), atol=1e-5)
     np.testing.assert_allclose(rough[HEAVY].rgb, resize(up, (16, 12)), atol=1e-5)
+    assert rough[CLEAN].rgb.mean() < rough[HEAVY].rgb.mean()  # the dark expert came in
 
     refs = []
     real = r._diffuse
     monkeypatch.setattr(r, "_diffuse", lambda ref, *a, **k: refs.append((ref, len(a[2]))) or real(ref, *a, **k))
     out = r.restore_stage_batch(image.rgb, [parse_cot(t) for t in (CLEAN, HEAVY, CLEAN)], stage="final")
     assert [n for _, n in refs] == [2, 1]  # the two clean plans share one batched call
-    assert refs[0][0].mean() == pytest.approx(refs[1][0].mean() * 0.5, rel=1e-3)
+    assert refs[0][0].mean() < refs[1][0].mean()
     np.testing.assert_allclose(out[0], out[2], atol=1e-5)
     assert not np.allclose(out[0], out[1], atol=1e-3)
     rough_batch = r.restore_stage_batch(image.rgb, [parse_cot(CLEAN), parse_cot(HEAVY)], stage="rough")

@@ -70,7 +70,10 @@ def test_every_awkward_input(bad_inputs, tmp_path, capsys, weights_dir):
         plan = parse_cot(side["chain_of_thought"])
         assert plan.problems == [] and matches_format(side["chain_of_thought"])
         assert [i.type for i in plan.degradation] == ["blur", "noise", "jpeg", "downsample"]
-        assert plan.understanding == {"rough": "", "middle": "", "final": ""}
+        # lite: the region analysis in plain words (rough, middle), what the choice did (final)
+        assert all(plan.understanding[s] for s in ("rough", "middle", "final")), plan.understanding
+        assert any(k in plan.understanding["rough"] for k in ("flat", "textured", "edges", "too small"))
+        assert plan.understanding["final"] == (side.get("choice") or {}).get("summary", plan.understanding["final"])
         assert any("no VLM ran" in n for n in side["notes"])
         assert side["profile"] == "lite" and side["precision"] == choose_backend("cpu")[1]  # bf16 or fp32
         assert side["stages"]["final"]["size"] == [w, h]
@@ -204,7 +207,9 @@ def test_pipeline_failure_is_an_event(lite, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")
 
-    monkeypatch.setattr(lite.restorer.esrgan, "restore", broken)
+    for expert in lite.restorer.experts:  # one expert alone restores whole; several stream their rows
+        monkeypatch.setattr(expert, "restore", broken)
+        monkeypatch.setattr(expert, "stream", broken)
     events = list(lite.run(img))
     assert isinstance(events[-1], Failed) and "out of memory" in events[-1].message
     assert not any(isinstance(e, Done) for e in events)

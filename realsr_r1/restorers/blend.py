@@ -1,79 +1,30 @@
-"""Candidates from several experts' outputs: which mixes to make, the fidelity dial, pixel blends,
-and the crops a chooser scores them on (chooser.py picks among them by a reward).
+"""Pixel blends of several experts' outputs by per-block weights, and the regions a chooser scores.
 
-Pixel blends, not weight blends: the experts were trained apart, so interpolating their weights
-(DNI) is not clean, while a blend of outputs moves evenly between their looks.
-
-Region blends (`gates`): the faithful expert (DF2K) keeps the camera's noise, which shows in flat
-regions and costs there in every no-reference metric, while in textured regions it restores
-texture the natural-looking expert (x4plus) smooths away. So a gated candidate takes the next
+Region blends (ladder.py's gated rungs): the faithful expert (DF2K) keeps the camera's noise, which
+shows in flat regions and costs there in every no-reference metric, while in textured regions it
+restores texture the natural-looking expert (x4plus) smooths away. So a gated rung takes the next
 expert where the first one's output has local contrast (the luma's standard deviation over
-GATE_BLOCK² blocks) above a threshold t, ramping in over t … 2.5·t, and keeps the first one where
-it is flat. On the 93 DRealSR pairs, gates took most of DF2K's PSNR gain while keeping x4plus's
-NIQE; a global 50 % blend gained as much PSNR but lost 1.8 NIQE points (README, "Choosing").
+GATE_BLOCK² blocks) above a threshold t, ramping in over t … (1 + GATE_RAMP)·t, and keeps the first
+one where it is flat. Weights live on that block grid and are upsampled bilinearly between block
+centres to pixels, so a blend has no block edges, and a position map that changes from region to
+region changes the weights as smoothly.
+
+Regions (`cells`): a grid sized to the image, cells of about SCORE_CELL input pixels a side (512²
+outputs at ×4, NIQE's sweet spot), covering the whole image: the cost of scoring is bounded per
+megapixel, and the centre of a photo counts as much as its corners.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import numpy as np
+from PIL import Image
 
 from ..imageio import to_float
 
-SCORE_CROP = 128  # input pixels a side per scored crop: 512² outputs at ×4, NIQE's sweet spot
-SCORE_CROPS = 4
+SCORE_CELL = 128  # input pixels a side per scored region (about: the grid divides the image evenly)
 GATE_BLOCK = 8  # output pixels a side of the blocks whose contrast gates a region blend
 GATE_RAMP = 1.5  # the next expert's weight ramps from 0 at contrast t to 1 at (1 + GATE_RAMP)·t
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One mix of the experts' outputs: weights (summing to 1) in expert order, and its label; with
-    `gate` t, a region blend of expert `base` and the next one (module doc) instead."""
-
-    label: str
-    weights: tuple[float, ...]
-    gate: float | None = None
-    base: int = 0
-
-
-def candidates(experts: list[str], blends: list[float], gates: list[float] = (),
-               alone: set[int] | None = None) -> list[Candidate]:
-    """Each expert alone (those at positions in `alone`, default all), then between each expert and
-    the next: region blends at `gates` thresholds (high to low: more of the next expert), then pixel
-    blends at `blends` weights (w of the next)."""
-    n = len(experts)
-    out = []
-    for i in range(n):
-        w = [0.0] * n
-        w[i] = 1.0
-        if alone is None or i in alone:
-            out.append(Candidate(experts[i], tuple(w)))
-        if i + 1 < n:
-            for t in sorted(gates, reverse=True):
-                out.append(Candidate(f"{experts[i + 1]} where {experts[i]} has texture, t {t:g}", tuple(w), t, i))
-            for b in blends:
-                if 0 < b < 1:
-                    w = [0.0] * n
-                    w[i], w[i + 1] = 1 - b, b
-                    out.append(Candidate(f"{experts[i]} {1 - b:.2f} + {experts[i + 1]} {b:.2f}", tuple(w)))
-    return out
-
-
-def dial(n_experts: int, fidelity: float) -> tuple[float, ...]:
-    """The weights the fidelity dial means: 0 = the first (most natural-looking) expert, 1 = the last
-    (most faithful), in between a linear path along the experts in their order."""
-    if not 0 <= fidelity <= 1:
-        raise ValueError(f"fidelity must be auto or a number in [0, 1], got {fidelity}")
-    pos = fidelity * (n_experts - 1)
-    i = min(int(math.floor(pos)), n_experts - 2) if n_experts > 1 else 0
-    w = [0.0] * n_experts
-    if n_experts == 1:
-        return (1.0,)
-    w[i], w[i + 1] = 1 - (pos - i), pos - i
-    return tuple(w)
+LUMA = np.asarray((0.299, 0.587, 0.114), np.float32)
 
 
 def texture(rgb: np.ndarray) -> np.ndarray:
@@ -82,9 +33,8 @@ def texture(rgb: np.ndarray) -> np.ndarray:
     h, w = rgb.shape[:2]
     b = GATE_BLOCK
     out = np.empty((-(-h // b), -(-w // b)), np.float32)
-    luma = np.asarray((0.299, 0.587, 0.114), np.float32)
     for r in range(0, h, 32 * b):
-        y = to_float(rgb[r:r + 32 * b])[..., :3] @ luma
+        y = to_float(rgb[r:r + 32 * b])[..., :3] @ LUMA
         rows = -(-y.shape[0] // b)
         pad = np.pad(y, ((0, rows * b - y.shape[0]), (0, out.shape[1] * b - w)), mode="edge")
         blocks = pad.reshape(rows, b, out.shape[1], b)
@@ -100,88 +50,69 @@ def gate_map(tex: np.ndarray, t: float) -> np.ndarray:
     return sum(p[i:i + g.shape[0], j:j + g.shape[1]] for i in range(3) for j in range(3)) / 9
 
 
-def _upsample(gmap: np.ndarray, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-    """Rows r0..r1, columns c0..c1 of the block map bilinearly upsampled to pixels (block centres)."""
-    def axis(a0, a1, n):
-        u = np.clip((np.arange(a0, a1) + 0.5) / GATE_BLOCK - 0.5, 0, n - 1)
-        i = np.minimum(u.astype(int), n - 2) if n > 1 else np.zeros(a1 - a0, int)
-        return i, (u - i).astype(np.float32) if n > 1 else np.zeros(a1 - a0, np.float32)
+def block_axis(a0: int, a1: int, first: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """For pixels a0..a1 of one axis: (index of the block centre at or before each, relative to block
+    `first`; the fraction towards the next), over `n` blocks from `first` (clamped at the ends)."""
+    u = np.clip((np.arange(a0, a1) + 0.5) / GATE_BLOCK - 0.5, first, first + n - 1) - first
+    if n == 1:
+        return np.zeros(a1 - a0, int), np.zeros(a1 - a0, np.float32)
+    i = np.minimum(u.astype(int), n - 2)
+    return i, (u - i).astype(np.float32)
 
-    yi, yf = axis(r0, r1, gmap.shape[0])
-    xi, xf = axis(c0, c1, gmap.shape[1])
-    y1, x1 = np.minimum(yi + 1, gmap.shape[0] - 1), np.minimum(xi + 1, gmap.shape[1] - 1)
-    top = gmap[yi][:, xi] * (1 - xf) + gmap[yi][:, x1] * xf
-    bottom = gmap[y1][:, xi] * (1 - xf) + gmap[y1][:, x1] * xf
+
+def upsample(blocks: np.ndarray, rows: tuple[int, int, int], cols: tuple[int, int, int]) -> np.ndarray:
+    """A (…, bh, bw) block map, whose block (0, 0) is block (rows[2], cols[2]) of the image, bilinearly
+    upsampled to pixel rows rows[0]..rows[1] and columns cols[0]..cols[1] (block centres)."""
+    yi, yf = block_axis(rows[0], rows[1], rows[2], blocks.shape[-2])
+    xi, xf = block_axis(cols[0], cols[1], cols[2], blocks.shape[-1])
+    y1, x1 = np.minimum(yi + 1, blocks.shape[-2] - 1), np.minimum(xi + 1, blocks.shape[-1] - 1)
+    top = blocks[..., yi, :][..., xi] * (1 - xf) + blocks[..., yi, :][..., x1] * xf
+    bottom = blocks[..., y1, :][..., xi] * (1 - xf) + blocks[..., y1, :][..., x1] * xf
     return (top * (1 - yf[:, None]) + bottom * yf[:, None]).astype(np.float32)
 
 
-def compose(images: list[np.ndarray], cand: Candidate, out_dtype=None, textures: dict | None = None,
-            box: tuple[int, int, int, int] | None = None, in_place: bool = False) -> np.ndarray:
-    """The candidate's image (or its `box` (x0, y0, x1, y1) in output pixels), in `out_dtype`. A
-    region blend reads `textures[base]`, texture() of the base expert's whole output. `in_place`
-    writes over an expert's output of that dtype (each row chunk is read before it is written): a
-    large image then needs no third output-sized array beside the two experts'."""
-    if cand.gate is None:
-        if box is not None:
-            x0, y0, x1, y1 = box
-            images = [None if im is None else im[y0:y1, x0:x1] for im in images]
-        return mix(images, cand.weights, out_dtype, in_place)
-    a, b = images[cand.base], images[cand.base + 1]
-    gmap = gate_map(textures[cand.base], cand.gate)
-    x0, y0, x1, y1 = box or (0, 0, a.shape[1], a.shape[0])
-    out_dtype = np.dtype(out_dtype or a.dtype)
-    if in_place and box is None and a.dtype == out_dtype:
-        out = a
-    else:
-        out = np.empty((y1 - y0, x1 - x0) + a.shape[2:], out_dtype)
-    for r in range(y0, y1, 256):
-        r1 = min(y1, r + 256)
-        m = _upsample(gmap, r, r1, x0, x1)
-        m = m[..., None] if a.ndim == 3 else m
-        fa, fb = to_float(a[r:r1, x0:x1]), to_float(b[r:r1, x0:x1])
-        _store(out, r - y0, fa + (fb - fa) * m, out_dtype)
+def compose(images: list[np.ndarray | None], weights: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Σ weights[i] · images[i] into `out` (its dtype; integers rounded), all HxW(xC) and pixel
+    weights (n, H, W); an image whose weight is zero everywhere may be None."""
+    acc = None
+    for im, w in zip(images, weights):
+        if im is None or not w.any():
+            continue
+        term = to_float(im) * (w[..., None] if im.ndim == 3 else w)
+        acc = term if acc is None else acc + term
+    if acc is None:
+        raise ValueError("every expert's weight is zero")
+    store(out, acc)
     return out
 
 
-def _store(out: np.ndarray, r: int, acc: np.ndarray, out_dtype: np.dtype) -> None:
-    if out_dtype.kind == "f":
-        out[r:r + acc.shape[0]] = acc
+def store(out: np.ndarray, acc: np.ndarray) -> None:
+    """Float in [0, 1] into `out`, rounded to its integer range when it has one."""
+    if out.dtype.kind == "f":
+        out[...] = acc
     else:
-        out[r:r + acc.shape[0]] = np.clip(acc, 0, 1) * np.iinfo(out_dtype).max + 0.5
+        out[...] = np.clip(acc, 0, 1) * np.iinfo(out.dtype).max + 0.5
 
 
-def mix(images: list[np.ndarray], weights: tuple[float, ...], out_dtype=None, in_place: bool = False) -> np.ndarray:
-    """The weighted sum of equally shaped images, in `out_dtype` (default: the first's; integers rounded).
-    Works in row chunks, so a large output needs no float copy of its own size; `in_place` writes
-    over the first image used when it has that dtype."""
-    used = [(im, w) for im, w in zip(images, weights) if w != 0]
-    out_dtype = np.dtype(out_dtype or used[0][0].dtype)
-    if len(used) == 1 and used[0][1] == 1 and used[0][0].dtype == out_dtype:
-        return used[0][0]
-    out = used[0][0] if in_place and used[0][0].dtype == out_dtype else np.empty(used[0][0].shape, out_dtype)
-    for r in range(0, out.shape[0], 256):
-        _store(out, r, sum(to_float(im[r:r + 256]) * np.float32(w) for im, w in used), out_dtype)
-    return out
+def cells(length: int, cell: int = SCORE_CELL) -> list[int]:
+    """Cell boundaries along one axis of `length` input pixels: about `cell` apart, evenly spread."""
+    n = max(1, round(length / cell))
+    return [round(i * length / n) for i in range(n + 1)]
 
 
-def crop_boxes(width: int, height: int, crop: int = SCORE_CROP, count: int = SCORE_CROPS) -> list[tuple[int, int, int, int]]:
-    """Input-pixel boxes (x0, y0, x1, y1) to score on: the whole image when it fits one crop, else up
-    to `count` crops spread evenly over a grid (deterministic: the same image is scored the same way)."""
-    cw, ch = min(crop, width), min(crop, height)
-    nx = min(max(1, math.ceil(width / crop)), max(1, round(math.sqrt(count))))
-    ny = min(max(1, math.ceil(height / crop)), max(1, count // nx))
-
-    def starts(length: int, size: int, n: int) -> list[int]:
-        return [round(i * (length - size) / (n - 1)) if n > 1 else (length - size) // 2 for i in range(n)]
-
-    return [(x, y, x + cw, y + ch) for y in starts(height, ch, ny) for x in starts(width, cw, nx)]
-
-
-def scored_crops(lq: np.ndarray, out_size: tuple[int, int]) -> tuple[list[np.ndarray], list[tuple[int, int, int, int]]]:
-    """(the input's crops as float, the same boxes in an output of `out_size` (w, h)) to score
-    candidates on: crop_boxes over the input, scaled to the output."""
-    h, w = lq.shape[:2]
-    boxes = crop_boxes(w, h)
-    sx, sy = out_size[0] / w, out_size[1] / h
-    return ([to_float(lq[y0:y1, x0:x1]) for x0, y0, x1, y1 in boxes],
-            [(round(x0 * sx), round(y0 * sy), round(x1 * sx), round(y1 * sy)) for x0, y0, x1, y1 in boxes])
+def resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Lanczos resize of an HxW or HxWx3 array (uint8 stays uint8; others go through float)."""
+    w, h = size
+    if arr.shape[1] == w and arr.shape[0] == h:
+        return arr
+    if arr.dtype == np.uint8:
+        mode = "L" if arr.ndim == 2 else "RGB"
+        return np.asarray(Image.fromarray(arr, mode).resize((w, h), Image.LANCZOS))
+    f = to_float(arr)
+    chans = [f] if f.ndim == 2 else [f[..., c] for c in range(f.shape[2])]
+    out = [np.asarray(Image.fromarray(np.ascontiguousarray(c), "F").resize((w, h), Image.LANCZOS)) for c in chans]
+    res = out[0] if f.ndim == 2 else np.stack(out, axis=2)
+    res = np.clip(res, 0, 1)
+    if arr.dtype == np.uint16:
+        return (res * 65535 + 0.5).astype(np.uint16)
+    return res.astype(np.float32)

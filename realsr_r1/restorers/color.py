@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..imageio import to_float
-from .lite import resize
+from .blend import resize
 
 COLOR_FIXES = ("wavelet", "adain", "none")
 

@@ -58,7 +58,7 @@ from ..pipeline import StageImage, StagePreview, StageStarted, stage_sizes
 from .color import COLOR_FIXES, color_fix
 from .conditioning import DEFAULT_NEGATIVE, Condition, condition_for
 from .denoise import denoise, initial_latents, model_inputs
-from .lite import resize
+from .blend import resize
 from .memory import OutOfMemoryError, free_cached
 from .vae import LatentCodec
 
@@ -280,13 +280,10 @@ class DiffusionStages:
     def _choose_sample(self, images: list[np.ndarray], inp: np.ndarray, plan: Plan | None,
                        seeds: list[int]) -> tuple[int, dict]:
         """(the chooser's pick among the final stage's samples, the record of its choice)."""
-        from . import blend
-
         t = time.perf_counter()
-        lq_crops, boxes = blend.scored_crops(inp, (images[0].shape[1], images[0].shape[0]))
-        crops = [[im[y0:y1, x0:x1] for x0, y0, x1, y1 in boxes] for im in images]
-        measured = self.chooser.measure(crops, lq_crops)
-        best, rewards, facts = self.chooser.choose(measured, plan, lq_crops)
+        lq = to_float(inp)
+        measured = self.chooser.measure(images, [lq] * len(images))  # whole images: every region counts
+        best, rewards, facts = self.chooser.choose(measured, plan, lq)
         rows = [{"label": f"sample {k + 1} (seed {s})", "seed": s,
                  **{key: None if v is None else round(float(v), 4) for key, v in m.items()},
                  "reward": None if r is None else round(float(r), 4)}

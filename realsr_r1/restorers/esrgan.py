@@ -263,7 +263,26 @@ class ESRGANRestorer:
                 log.warning("out of GPU memory: retrying with tile %d", self.tile)
 
     def _tiled(self, img: np.ndarray, out: np.ndarray, gray: bool) -> None:
+        for r, rows in self._bands(img, out.dtype, gray):
+            out[r:r + rows.shape[0]] = rows
+
+    def stream(self, img: np.ndarray, out_dtype=np.uint8, gray: bool = False):
+        """The ×4 output of an HxWx3 image as (first row, rows) chunks from top to bottom, equal to
+        `upscale` but never whole: a caller that composes several experts row by row (regions.py)
+        holds a few bands of each instead of their full outputs. The runtime's buffers are given back
+        at the end for a large image, as `upscale` does (giving them back after every band, so that
+        experts taking turns would share them, kept RSS where it was on OpenVINO: 1.32 against 1.18 GB
+        for two experts at 320², so it is not done)."""
+        img = _to_float(_check_rgb(img)) if not gray else img
+        h, w = img.shape[:2]
+        yield from self._bands(img, out_dtype, gray)
+        if self.net is not None and hasattr(self.net, "release") and h * w >= RELEASE_AREA:
+            self.net.release()
+
+    def _bands(self, img: np.ndarray, out_dtype, gray: bool):
+        """Generator of (first output row, finished rows in `out_dtype`), top to bottom (module doc)."""
         s = self.scale
+        width, chans = img.shape[1] * s, 1 if gray else 3
         ys = _spans(img.shape[0], self.tile, self.tile_pad, s)
         xs = _spans(img.shape[1], self.tile, self.tile_pad, s)
         if hasattr(self.net, "fix_shape"):  # every window of the image has this one shape
@@ -271,7 +290,7 @@ class ESRGANRestorer:
             self.net.fix_shape(shape if len(ys) * len(xs) >= STATIC_TILES else None)
         carry = None  # rows of the previous band that this band still blends into
         for i, y in enumerate(ys):
-            band = np.zeros((y.out1 - y.out0, out.shape[1], out.shape[2]), np.float32)
+            band = np.zeros((y.out1 - y.out0, width, chans), np.float32)
             if carry is not None:
                 band[: len(carry)] = carry
             for x in xs:
@@ -279,10 +298,10 @@ class ESRGANRestorer:
                 pred = pred[y.out0 - s * y.ctx0:y.out1 - s * y.ctx0, x.out0 - s * x.ctx0:x.out1 - s * x.ctx0]
                 band[:, x.out0:x.out1] += pred * (y.weight[:, None, None] * x.weight[None, :, None])
             done = band.shape[0] if i == len(ys) - 1 else ys[i + 1].out0 - y.out0
+            carry = band[done:].copy()
             for r in range(0, done, FINALIZE_ROWS):  # in chunks: no band-sized temporary
                 r1 = min(done, r + FINALIZE_ROWS)
-                out[y.out0 + r:y.out0 + r1] = _quantize(band[r:r1], out.dtype)
-            carry = band[done:].copy()
+                yield y.out0 + r, _quantize(band[r:r1], out_dtype)
             del band  # before the next band is allocated: one band alive at a time
 
     def _forward(self, tile: np.ndarray, gray: bool) -> np.ndarray:

@@ -1,115 +1,76 @@
-"""Stage images for the lite profile: one pass of each expert, a chosen mix, stages by resampling it.
+"""Stage images for the lite profile: one pass of each expert, a mix chosen region by region, stages by resampling it.
 
 The experts are ×4 regression networks (Real-ESRGAN x4plus, RealSR DF2K, or any converted file), so
 rough (input size), middle (×2) and final (×scale) are the chosen mix resampled with Lanczos: one
 pass per expert instead of three, and the stages agree with each other exactly as the contract's
 coarse-to-fine reading expects.
 
-Which mix: with `fidelity: auto` a chooser (chooser.py, given by profiles.py) scores every candidate
-(restorers/blend.py) with a reward and the plan's degradation reading, so the chain of thought
-changes the pixels; a number from 0 (the first expert: the most natural-looking) to 1 (the last: the
-most faithful) is a fixed point on the dial, and runs only the experts it mixes.
+Which mix: every mix is a position on the fidelity ladder (ladder.py: x4plus, region blends,
+DF2K). With `fidelity: auto` a chooser (chooser.py, given by profiles.py) scores the positions the
+degradation reading allows in every region of the photo and keeps the best per region
+(regions.py), so the chain of thought changes the pixels; `auto+0.2` moves those positions towards
+faithful. A number from 0 (the first expert) to 1 (the last) is one fixed position, and
+`fidelity_map` a painted one per pixel (a grey image, white = 1); a fixed position runs only the
+experts it mixes.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from PIL import Image
 
 from ..cot import Plan
 from ..imageio import LoadedImage, to_float
 from ..pipeline import StageImage, StageStarted, stage_sizes
-from . import blend
+from .blend import resize
 from .esrgan import ESRGANRestorer
+from .ladder import DEFAULT_GATES, Fidelity, Ladder, ceiling, parse_fidelity
+from .regions import PlanChoice, RegionComposer
 
-DEFAULT_EXPERTS = ("realesrgan-x4plus", "realsr-df2k")  # natural → faithful: the dial's order
-# Region blends' contrast thresholds (blend.py): on DRealSR the three took DF2K's look into 0.35,
-# 0.6 and 0.8 of the pixels. Global pixel blends are off by default: they carry DF2K's noise
-# into flat regions (a 50 % blend: +1.9 NIQE, +50 % PIQE against x4plus).
-DEFAULT_GATES = (0.16, 0.08, 0.04)
-DEFAULT_BLENDS = ()
-# Which experts stand alone as auto's candidates (names; None: the first). DF2K alone adds to its
-# t 0.04 region blend only the noise of flat regions, which the chooser's NIQE can take for texture:
-# on DRealSR, offering it cost +1.6 PIQE points and 0.13 dB for −0.10 NIQE. `--fidelity 1` still
-# gives it.
-DEFAULT_ALONE = None
-# Degradations the faithful experts carry into their output: DF2K keeps the camera's noise and JPEG
-# blocks, and both the input consistency and NIQE reward it for that (on RealSRSet's noisy photos
-# they picked DF2K alone 7 times in 8). A reading that names one at this level or worse leaves the
-# first expert alone as the candidate; on DRealSR that touched 12 of 93 pairs, −0.16 dB.
-KEPT_BY_FAITHFUL = ("noise", "jpeg")
-KEPT_LEVEL = "medium"
+DEFAULT_EXPERTS = ("realesrgan-x4plus", "realsr-df2k")  # natural → faithful: the ladder's order
+
+__all__ = ["DEFAULT_EXPERTS", "DEFAULT_GATES", "LiteStages", "parse_fidelity", "read_fidelity_map", "resize"]
 
 
-def resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Lanczos resize of an HxW or HxWx3 array (uint8 stays uint8; others go through float)."""
-    w, h = size
-    if arr.shape[1] == w and arr.shape[0] == h:
-        return arr
-    if arr.dtype == np.uint8:
-        mode = "L" if arr.ndim == 2 else "RGB"
-        return np.asarray(Image.fromarray(arr, mode).resize((w, h), Image.LANCZOS))
-    f = to_float(arr)
-    chans = [f] if f.ndim == 2 else [f[..., c] for c in range(f.shape[2])]
-    out = [np.asarray(Image.fromarray(np.ascontiguousarray(c), "F").resize((w, h), Image.LANCZOS)) for c in chans]
-    res = out[0] if f.ndim == 2 else np.stack(out, axis=2)
-    res = np.clip(res, 0, 1)
-    if arr.dtype == np.uint16:
-        return (res * 65535 + 0.5).astype(np.uint16)
-    return res.astype(np.float32)
+def read_fidelity_map(path) -> np.ndarray:
+    """A grey image as positions in [0, 1] (white = faithful), any size (it is resized to each
+    photo); ValueError naming the file when it cannot be read."""
+    from ..imageio import read_image
 
-
-def parse_fidelity(value) -> float | str:
-    """`auto` or a number in [0, 1] (a string from the command line or YAML); ValueError otherwise."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
     try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"fidelity must be auto or a number in [0, 1], got {value!r}") from None
-    if not 0 <= f <= 1:
-        raise ValueError(f"fidelity must be auto or a number in [0, 1], got {value!r}")
-    return f
-
-
-@dataclass
-class Outputs:
-    """The experts' outputs for one image at the final size (None for an expert the mix leaves out)."""
-
-    rgb: list[np.ndarray | None]
-    alpha: list[np.ndarray | None]
+        image = read_image(Path(path))
+    except Exception as e:  # noqa: BLE001 - one line that names the file, whatever went wrong
+        raise ValueError(f"fidelity map {path}: {' '.join(str(e).split()) or type(e).__name__}") from None
+    return np.asarray(to_float(image.rgb)[..., :3].mean(axis=2), np.float32)
 
 
 class LiteStages:
     """StageRestorer over one or more ESRGANRestorer experts (module doc)."""
 
-    request_options = ("fidelity",)  # what the demo may change per request (demo.with_options)
+    request_options = ("fidelity", "fidelity_map")  # what the demo may change per request (demo.with_options)
 
     def __init__(self, experts: ESRGANRestorer | list[ESRGANRestorer], chooser=None, *,
-                 gates: list | tuple = DEFAULT_GATES, blends: list | tuple = DEFAULT_BLENDS,
-                 fidelity: str | float = "auto", alone: list | tuple | None = DEFAULT_ALONE):
+                 gates: list | tuple = DEFAULT_GATES, fidelity: str | float = "auto",
+                 fidelity_map: str | Path | np.ndarray | None = None):
         self.experts = [experts] if isinstance(experts, ESRGANRestorer) else list(experts)
         if not self.experts:
             raise ValueError("the lite restorer needs at least one expert")
         self.chooser = chooser if len(self.experts) > 1 else None
-        self.blends = [float(b) for b in blends]
-        if any(not 0 < b < 1 for b in self.blends):
-            raise ValueError(f"restorer.blends: weights strictly between 0 and 1, got {list(blends)}")
-        self.gates = [float(t) for t in gates]
-        if any(not 0 < t < 1 for t in self.gates):
-            raise ValueError(f"restorer.gates: contrast thresholds strictly between 0 and 1, got {list(gates)}")
+        self.ladder = Ladder([e.name for e in self.experts], gates)
         self.fidelity = parse_fidelity(fidelity)
-        names = [e.name for e in self.experts]
-        alone = [names[0]] if alone is None else list(alone)
-        unknown = [a for a in alone if a not in names]
-        if unknown or names[0] not in alone:
-            raise ValueError(f"restorer.alone: names among the experts ({', '.join(names)}), the first "
-                             f"included (a noise or JPEG reading falls back on it), got {alone}")
-        self.candidates = blend.candidates(names, self.blends, self.gates, {names.index(a) for a in alone})
+        self.fidelity_map = fidelity_map
+
+    @property
+    def fidelity_map(self) -> np.ndarray | None:
+        return self._map
+
+    @fidelity_map.setter
+    def fidelity_map(self, value) -> None:
+        self._map_name = None if value is None or isinstance(value, np.ndarray) else Path(value).name
+        self._map = read_fidelity_map(value) if isinstance(value, (str, Path)) else value
 
     @property
     def esrgan(self) -> ESRGANRestorer:
@@ -127,111 +88,126 @@ class LiteStages:
                "backend": e.backend, "precision": e.precision, "tile": e.tile}
         if len(self.experts) > 1:
             out["experts"] = [{"name": x.name, **(x.weights() or {})} for x in self.experts]
-            out["fidelity"] = self.fidelity
+            out["fidelity"] = str(self.fidelity)
+            out["ladder"] = [r.label for r in self.ladder.rungs]
             if self.chooser is not None:
                 out["chooser"] = self.chooser.describe()
         return out
 
-    def _mode(self) -> float | str:
-        """auto, or the dial's number; auto without a chooser is the first expert alone."""
-        return self.fidelity if self.fidelity != "auto" or self.chooser is not None else 0.0
-
-    def _outputs(self, rgb: np.ndarray, alpha, size: tuple[int, int], out_dtype, needed: list[bool]) -> Outputs:
-        w, h = size
-        outscale = w / rgb.shape[1]
-        outs, alphas = [], []
-        for expert, need in zip(self.experts, needed):
-            if not need:
-                outs.append(None)
-                alphas.append(None)
-                continue
-            o, a = expert.restore(rgb, alpha, outscale=outscale, out_dtype=out_dtype)
-            if o.shape[1] != w or o.shape[0] != h:  # rounding of outscale
-                o = resize(o, (w, h))
-                a = None if a is None else resize(a, (w, h))
-            outs.append(o)
-            alphas.append(a)
-        return Outputs(outs, alphas)
-
-    def _textures(self, outs: Outputs) -> dict[int, np.ndarray]:
-        """texture() of each expert a region blend is based on (blend.py)."""
-        return {c.base: blend.texture(outs.rgb[c.base]) for c in self.candidates if c.gate is not None}
-
-    def _measure(self, lq: np.ndarray, outs: Outputs, textures: dict):
-        """(each candidate's plan-free scores, the LQ crops, each candidate's first crop) for the chooser."""
-        fh, fw = outs.rgb[0].shape[:2]
-        lq_crops, out_boxes = blend.scored_crops(lq, (fw, fh))
-        crops = [[blend.compose(outs.rgb, cand, np.float32, textures, box) for box in out_boxes]
-                 for cand in self.candidates]
-        return self.chooser.measure(crops, lq_crops), lq_crops, [c[0] for c in crops]
-
-    def _allowed(self, plan: Plan | None) -> tuple[list[int] | None, str]:
-        """The candidates a degradation reading leaves (None: all) and why."""
-        from ..cot import LEVELS
-
-        kept = [f"{k}: {plan.level(k)}" for k in KEPT_BY_FAITHFUL
-                if plan is not None and plan.level(k) in LEVELS and LEVELS.index(plan.level(k)) >= LEVELS.index(KEPT_LEVEL)]
-        if not kept:
-            return None, ""
-        first = [i for i, c in enumerate(self.candidates) if c.gate is None and c.weights[0] == 1]
-        return first, (f"the reading says {', '.join(kept)}, which the faithful experts keep: only "
-                       f"{self.candidates[first[0]].label} was allowed; ")
-
-    def _choose(self, plan: Plan | None, measured, lq_crops) -> tuple[blend.Candidate, dict]:
-        allowed, because = self._allowed(plan)
-        best, rewards, facts = self.chooser.choose(measured, plan, lq_crops, allowed)
-        rows = [{"label": c.label, "weights": [round(x, 4) for x in c.weights], "gate": c.gate,
-                 **{k: None if v is None else round(float(v), 4) for k, v in m.items()},
-                 "reward": None if r is None else round(float(r), 4)} for c, m, r in zip(self.candidates, measured, rewards)]
-        winner = self.candidates[best]
-        if rows[best]["reward"] is None:  # e.g. NIQE cannot judge images under 96² pixels
-            why = f"no candidate could be scored by {self.chooser.name} (image too small): kept {winner.label}"
+    # --- the choice ----------------------------------------------------------------------------
+    def _plan_choice(self, plan: Plan | None) -> tuple[PlanChoice, dict]:
+        """What this plan asks of the experts, and the record's fixed part."""
+        f: Fidelity = self.fidelity
+        if len(self.experts) == 1:
+            return PlanChoice(plan, fixed=0.0), {}
+        if self._map is not None:
+            return PlanChoice(plan, fixed=self._map), {
+                "mode": "fidelity map", "map": self._map_name, "position": round(float(self._map.mean()), 4),
+                "why": "a painted position per pixel (white = faithful), no chooser"}
+        if not f.auto or self.chooser is None:
+            pos = f.value if not f.auto else float(np.clip(f.value, 0, 1))
+            return PlanChoice(plan, fixed=pos), {
+                "mode": "fidelity", "fidelity": str(f), "position": pos, "label": self.ladder.label(pos),
+                "why": f"--fidelity {f}: a fixed position on the ladder, no chooser"}
+        top, moved = ceiling(plan, self.ladder.auto_top)
+        cands = [self.ladder.position(k) for k in range(len(self.ladder.rungs))
+                 if self.ladder.position(k) <= top + 1e-9]
+        if top - cands[-1] > 1e-6:
+            cands.append(round(top, 6))  # the ceiling itself, between two rungs
+        if plan is not None and plan.degradation:
+            q_lr, source = self.chooser.input_quality(plan, None)
         else:
-            why = (f"{because}highest {self.chooser.name} reward ({rows[best]['reward']}) of "
-                   f"{len(allowed) if allowed else len(rows)} candidates; input quality Q_LR {facts['q_lr']} "
-                   f"from the {facts['q_lr_source']}")
-        labels = [self.candidates[i].label for i in (allowed if allowed is not None else range(len(rows)))]
-        return winner, {"mode": "auto", **facts, "candidates": rows, "allowed": labels, "winner": winner.label,
-                        "why": why}
+            q_lr, source = None, "measured on the input" if self.chooser.reward.uses_q_lr else "unused"
+        record = {"mode": "auto", "fidelity": str(f), "q_lr": None if q_lr is None else round(q_lr, 4),
+                  "q_lr_source": source, "reading": {"ceiling": round(top, 4), "moved": moved},
+                  "allowed": [self.ladder.label(p) for p in cands]}
+        if cands == [0.0]:  # the reading leaves the first expert alone: nothing to score
+            pos = float(np.clip(f.value, 0, 1))
+            return PlanChoice(plan, fixed=pos), {
+                **record, "candidates": [], "position": pos, "winner": self.ladder.label(pos),
+                "why": f"the reading ({', '.join(moved)}) leaves only {self.ladder.rungs[0].label}: "
+                       f"no other expert ran"}
+        return PlanChoice(plan, cands, offset=f.value, top=self.ladder.auto_top, ceiling=top, reading=moved,
+                          q_lr=q_lr, q_lr_source=source), record
 
-    def _fixed(self, fidelity: float) -> tuple[blend.Candidate, dict]:
-        weights = blend.dial(len(self.experts), fidelity)
-        return blend.Candidate(f"fidelity {fidelity:g}", weights), {
-            "mode": "fidelity", "fidelity": fidelity, "weights": [round(x, 4) for x in weights],
-            "why": f"--fidelity {fidelity:g}: a fixed mix, no chooser"}
+    def _summary(self, positions: np.ndarray) -> str:
+        """Plain words for the final understanding: which position each part of the image took."""
+        from ..analyze import part_name
 
+        flat = np.round(positions, 3)
+        parts = []
+        for p in sorted(set(flat.ravel().tolist())):
+            hit = flat == p
+            rows = np.array_split(np.arange(hit.shape[0]), 3)
+            cols = np.array_split(np.arange(hit.shape[1]), 3)
+            shares = [[hit[np.ix_(r, c)].mean() if r.size and c.size else 0.0 for c in cols] for r in rows]
+            r, c = np.unravel_index(int(np.argmax(shares)), (3, 3))
+            where = "" if hit.all() else f", most in the {part_name(r, c)}"
+            parts.append(f"{self.ladder.label(p)} in {100 * hit.mean():.0f} % of the regions{where}")
+        return "; ".join(parts)
+
+    def _finish(self, record: dict, regions: dict, seconds: float | None) -> dict | None:
+        if not record:
+            return None
+        if not regions:
+            if record["mode"] == "auto":
+                summary = f"{record['winner']} everywhere: the degradation reading allows nothing more faithful"
+            elif record["mode"] == "fidelity map":
+                summary = f"a painted position map, mean position {record['position']:g}"
+            else:
+                summary = f"{record['label']} everywhere (a fixed position, {record['position']:g})"
+            return {**record, "summary": summary, "seconds": seconds}
+        positions = np.asarray(regions["positions"], np.float64)
+        winner = self.ladder.label(float(np.median(positions)))
+        n = positions.size
+        if regions["judged"] == 0:
+            why = (f"no region could be scored by {self.chooser.name} (flat or too small): kept "
+                   f"{self.ladder.label(float(positions.flat[0]))}")
+        else:
+            why = (f"per region, the highest {self.chooser.name} reward of {len(regions['candidates'])} positions up to "
+                   f"{record['reading']['ceiling']:g} ({regions['judged']} of {n} regions judged, the rest took a "
+                   f"neighbour's); input quality Q_LR {record['q_lr']} from the {record['q_lr_source']}")
+            if record["fidelity"] != "auto":
+                why += f"; moved by {record['fidelity'][4:]} ({record['fidelity']})"
+        summary = (f"{self._summary(positions)}; per region the highest {self.chooser.name} reward up to "
+                   f"position {record['reading']['ceiling']:g}")
+        return {**record, **regions, "winner": winner, "why": why, "summary": summary, "seconds": seconds}
+
+    def _render(self, rgb: np.ndarray, alpha, plans: list[Plan | None], size: tuple[int, int], out_dtype):
+        """(rgb, alpha, record, candidates' look) per plan at `size` (w, h): the experts run once."""
+        t = time.perf_counter()
+        made = [self._plan_choice(p) for p in plans]
+        choices = [c for c, _ in made]
+        w, h = size
+        exact = (h, w) == (rgb.shape[0] * self.esrgan.scale, rgb.shape[1] * self.esrgan.scale)
+        composer = RegionComposer(self.experts, self.ladder, self.chooser, rgb, alpha, choices,
+                                  out_dtype if exact or np.dtype(out_dtype).kind == "f" else np.uint16)
+        need = composer.needed()
+        if sum(need) == 1:  # one expert alone: its own output, no composition
+            expert = self.experts[need.index(True)]
+            o, a = expert.restore(rgb, alpha, outscale=w / rgb.shape[1], out_dtype=out_dtype)
+            if o.shape[:2] != (h, w):  # rounding of outscale
+                o, a = resize(o, (w, h)), None if a is None else resize(a, (w, h))
+            results = [(o, a, {})] * len(plans)
+            thumbs = None
+        else:
+            results = []
+            for o, a, regions in composer.run():
+                a = None if a is None else a[..., 0]
+                if not exact:
+                    o = _convert(resize(o, (w, h)), out_dtype)
+                    a = None if a is None else _convert(resize(a, (w, h)), out_dtype)
+                results.append((o, a, regions))
+            thumbs = composer.thumbs
+        seconds = round(time.perf_counter() - t, 4)
+        return [(o, a, self._finish(rec, regions, seconds), thumbs) for (o, a, regions), (_, rec) in zip(results, made)]
+
+    # --- the StageRestorer protocol ------------------------------------------------------------
     def stages(self, image: LoadedImage, plan: Plan, *, sizes, seed: int = 0) -> Iterator:
         t = time.perf_counter()
         yield StageStarted("rough", sizes["rough"])
         out_dtype = np.uint16 if image.bit_depth == 16 else np.uint8
-        mode = self._mode()
-        choice, thumbs, textures = None, None, {}
-        allowed, because = self._allowed(plan) if mode == "auto" else (None, "")
-        if len(self.experts) == 1:
-            outs = self._outputs(image.rgb, image.alpha, sizes["final"], out_dtype, [True])
-            cand = blend.Candidate(self.esrgan.name, (1.0,))
-        elif allowed is not None:
-            # The reading leaves the first expert alone: the others need not run, nor the chooser.
-            cand = self.candidates[allowed[0]]
-            outs = self._outputs(image.rgb, image.alpha, sizes["final"], out_dtype, [i == 0 for i in range(len(self.experts))])
-            q_lr, source = self.chooser.input_quality(plan, [])
-            choice = {"mode": "auto", "q_lr": None if q_lr is None else round(q_lr, 4), "q_lr_source": source,
-                      "candidates": [], "allowed": [cand.label],
-                      "winner": cand.label, "why": f"{because}the other experts did not run", "seconds": None}
-        elif mode == "auto":
-            outs = self._outputs(image.rgb, image.alpha, sizes["final"], out_dtype, [True] * len(self.experts))
-            t_score = time.perf_counter()
-            textures = self._textures(outs)
-            measured, lq_crops, thumbs = self._measure(image.rgb, outs, textures)
-            cand, choice = self._choose(plan, measured, lq_crops)
-            choice["seconds"] = round(time.perf_counter() - t_score, 4)
-        else:
-            cand, choice = self._fixed(mode)
-            outs = self._outputs(image.rgb, image.alpha, sizes["final"], out_dtype, [w != 0 for w in cand.weights])
-        # Over the experts' outputs: a 2048² photo's three 8192² arrays would take 0.6 GB, two 0.4.
-        rgb = blend.compose(outs.rgb, cand, out_dtype, textures, in_place=True)
-        alpha = None if image.alpha is None else blend.compose(outs.alpha, cand, out_dtype, textures, in_place=True)
-        del outs
+        ((rgb, alpha, choice, thumbs),) = self._render(image.rgb, image.alpha, [plan], sizes["final"], out_dtype)
         network_seconds = time.perf_counter() - t
         for stage in ("rough", "middle"):
             t = time.perf_counter()
@@ -248,7 +224,7 @@ class LiteStages:
     def restore_final_batch(self, rgb: np.ndarray, plans: list[Plan], *, scale: float = 4.0, seed: int = 0,
                             batch_size: int | None = None) -> list[np.ndarray]:
         """The final image for each plan. The experts run once; each plan's degradation reading then
-        chooses its mix, so completions that read the degradation differently get different images."""
+        chooses its positions, so completions that read the degradation differently get different images."""
         return self.restore_stage_batch(rgb, plans, stage="final", scale=scale)
 
     def restore_stage_batch(self, rgb: np.ndarray, plans: list[Plan], *, stage: str = "final", scale: float = 4.0,
@@ -259,30 +235,27 @@ class LiteStages:
 
     def choose_batch(self, rgb: np.ndarray, plans: list[Plan], *, stage: str = "final",
                      scale: float = 4.0) -> list[tuple[np.ndarray, dict | None]]:
-        """(image, choice record) per plan: the experts run once at ×scale, each plan's reading picks
-        its mix, resampled to `stage`'s size; plans that pick the same mix share one array (the full
-        profile's rough stage groups them by it). The record is None with one expert."""
+        """(image, choice record) per plan, by the same pass as stages(): the experts run once at
+        ×scale, each plan's reading picks its positions, resampled to `stage`'s size; plans that
+        make the same choice share one array (the full profile's rough stage groups them by it).
+        The record is None with one expert."""
         h, w = rgb.shape[:2]
         sizes = stage_sizes(w, h, scale)
-        rgb = to_float(rgb)
-        mode = self._mode()
-        if mode == "auto" and len(self.experts) > 1:
-            outs = self._outputs(rgb, None, sizes["final"], np.float32, [True] * len(self.experts))
-            textures = self._textures(outs)
-            measured, lq_crops, _ = self._measure(rgb, outs, textures)
-            chosen: dict[blend.Candidate, np.ndarray] = {}
-            out = []
-            for plan in plans:
-                cand, record = self._choose(plan, measured, lq_crops)
-                if cand not in chosen:
-                    chosen[cand] = resize(blend.compose(outs.rgb, cand, np.float32, textures), sizes[stage])
-                out.append((chosen[cand], record))
-            return out
-        if len(self.experts) == 1:
-            weights, record = (1.0,), None
-        else:
-            cand, record = self._fixed(mode)
-            weights = cand.weights
-        outs = self._outputs(rgb, None, sizes["final"], np.float32, [x != 0 for x in weights])
-        img = resize(blend.mix(outs.rgb, weights, np.float32), sizes[stage])
-        return [(img, record)] * len(plans)
+        rendered = self._render(to_float(rgb), None, plans, sizes["final"], np.float32)
+        out, seen = [], {}
+        for o, _, record, _ in rendered:
+            key = repr(None if record is None else record.get("positions", record.get("position")))
+            if key not in seen:
+                seen[key] = resize(o, sizes[stage])
+            out.append((seen[key], record))
+        return out
+
+
+def _convert(arr: np.ndarray, dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    if arr.dtype == dtype:
+        return arr
+    f = to_float(arr)
+    if dtype.kind == "f":
+        return f.astype(dtype)
+    return (np.clip(f, 0, 1) * np.iinfo(dtype).max + 0.5).astype(dtype)

@@ -5,7 +5,7 @@
       degradation: {weight: 1.0, partial_credit: 0.5}
       understanding: {weight: 1.0, similarity_model: null}
       generation: {weight: 1.0, expert: fidelity}   # fidelity | nr-iqa | niqe | vlm-judge (+ model) | analyser
-      compass: {weight: 1.0, quality: analyser, gamma: 7}   # fidelity: hr (default) | input (no HR needed)
+      compass: {weight: 1.0, quality: niqe, fidelity: input, gamma: 7}   # the defaults; fidelity: hr scores against the HR
       irpo_general: 1.0
       niqe: 1.0                                     # offline no-reference NIQE, mapped to [0, 1]
       my_package.my_module:my_reward: 0.5          # any TRL-style reward function (options → its factory)
@@ -27,6 +27,10 @@ from . import text, visual
 REWARD_NAMES = ("format", "degradation", "understanding", "generation", "compass", "irpo_general", "niqe")
 IMAGE_REWARDS = ("generation", "compass", "irpo_general", "niqe")
 UNIT_RANGE = (0.0, 1.0)  # every reward here but COMPASS scores in [0, 1]
+# COMPASS's options when a config leaves them out, for training and the lite chooser alike: Q from
+# NIQE (offline, no weights) and F from consistency with the input, which needs no HR image, so the
+# reward that picks at inference is the one that trains.
+COMPASS_DEFAULTS = {"quality": "niqe", "fidelity": "input", "gamma": 7.0}
 
 
 def reward_range(name: str, options: dict, fn: Callable | None = None) -> tuple[float, float] | None:
@@ -36,7 +40,7 @@ def reward_range(name: str, options: dict, fn: Callable | None = None) -> tuple[
         found = getattr(fn, "reward_range", None)
         return None if found is None else (float(found[0]), float(found[1]))
     if name == "compass":
-        return text.compass_range(float(options.get("gamma", 7.0)))
+        return text.compass_range(float(options.get("gamma", COMPASS_DEFAULTS["gamma"])))
     return UNIT_RANGE
 
 
@@ -95,20 +99,29 @@ def _weighted(spec: dict, make: Callable[[str, dict], Callable]) -> tuple[list[C
     return funcs, weights
 
 
-def image_score(name: str, o: dict, device: str = "cpu") -> Callable:
-    """One image reward by name, as a function `(sr, lq, hr) → values` (options as in the doc)."""
+def image_score(name: str, o: dict, device: str = "cpu") -> visual.ImageReward:
+    """One image reward by name (options as in the doc; `module:function` too), as an ImageReward:
+    `(sr, lq, hr, q_lr=None) → values`, with its parts and combination."""
+    if ":" in name:
+        custom = _import(name, o)
+        reward = visual.single(name.rpartition(":")[2], lambda sr, lq, hr: custom(images=sr, lq=lq, hr=hr))
+        reward.reward_range = getattr(custom, "reward_range", None)
+        return reward
     if name == "generation":
         expert = visual.build_scorer(o.get("expert", "fidelity"), **_scorer_options(o, "expert", device))
         return visual.generation_score(expert)
     if name == "compass":
-        quality = visual.build_scorer(o.get("quality", "analyser"), **_scorer_options(o, "quality", device))
-        source = o.get("fidelity", "hr")
+        o = {**COMPASS_DEFAULTS, **o}
+        quality = visual.build_scorer(o["quality"], **_scorer_options(o, "quality", device))
+        source = o["fidelity"]
         if source not in visual.FIDELITY_SOURCES:
             raise ValueError(f"compass.fidelity: {source!r} is not one of {', '.join(visual.FIDELITY_SOURCES)}")
         fidelity = visual.InputConsistency() if source == "input" else None
-        return visual.compass_score(quality, fidelity, gamma=float(o.get("gamma", 7.0)), device=device)
+        return visual.compass_score(quality, fidelity, gamma=float(o["gamma"]), device=device)
     if name == "niqe":
-        return visual.generation_score(visual.NiqeQuality())
+        reward = visual.generation_score(visual.NiqeQuality())
+        reward.__name__ = reward.__qualname__ = "niqe"
+        return reward
     return visual.irpo_general_score(device=device)
 
 
@@ -131,18 +144,7 @@ def build_image_rewards(spec: dict, *, device: str = "cpu") -> tuple[list[Callab
     """The config's rewards as functions of images, for RL of the restorer (no text rewards there)."""
     check_image_rewards(spec)
 
-    def make(name: str, o: dict) -> Callable:
-        if ":" in name:
-            custom = _import(name, o)
-
-            def called(sr, lq, hr):
-                return custom(images=sr, lq=lq, hr=hr)
-
-            called.reward_range = getattr(custom, "reward_range", None)
-            return called
-        return image_score(name, o, device)
-
-    return _weighted(spec, make)
+    return _weighted(spec, lambda name, o: image_score(name, o, device))
 
 
 def _import(path: str, options: dict) -> Callable:

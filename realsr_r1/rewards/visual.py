@@ -38,7 +38,7 @@ import numpy as np
 from .. import metrics as M
 from ..cot import LEVELS, parse_cot
 from ..imageio import read_image, to_float
-from ..restorers.lite import resize
+from ..restorers.blend import resize
 from .text import compass_reward_value, completion_text
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ class InputConsistency:
 @lru_cache(maxsize=32)
 def _lanczos_matrix(src: int, dst: int) -> np.ndarray:
     """PIL's Lanczos resampling of one axis (src → dst samples) as a dst x src matrix: PIL's own
-    weights, taken by resizing the identity, so the product equals restorers.lite.resize's result."""
+    weights, taken by resizing the identity, so the product equals restorers.blend.resize's result."""
     from PIL import Image
 
     eye = np.eye(src, dtype=np.float32)
@@ -186,7 +186,7 @@ def _lanczos_matrix(src: int, dst: int) -> np.ndarray:
 
 
 def downscale(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """An HxWx3 float image Lanczos-resized to (h, w), clipped to [0, 1]: lite.resize's result as two
+    """An HxWx3 float image Lanczos-resized to (h, w), clipped to [0, 1]: blend.resize's result as two
     matrix products (about 10x faster at 512² → 128², which a chooser does for every candidate)."""
     h, w = size
     ry, rx = _lanczos_matrix(rgb.shape[0], h), _lanczos_matrix(rgb.shape[1], w)
@@ -337,25 +337,77 @@ def _mos(scorer, values: list) -> list[float | None]:
 
 
 # --- Rewards -------------------------------------------------------------------------------------
-# Each reward is first a function of images, `score(sr, lq, hr) -> list[float | None]` (what the
-# restorer's RL scores its samples with, training/restorer_rl.py), then wrapped for TRL (`over_restorations`):
-# GRPO's completions are rendered to their final images first.
-def generation_score(expert):
+class ImageReward:
+    """One image reward, in two steps: `parts(sr, lq, hr)` measures what does not depend on the
+    input's quality (COMPASS: F and Q_SR per image), `combine(parts, q_lr)` makes the rewards. The
+    lite chooser measures its candidates once and combines them under the reading; training calls
+    the whole, `reward(sr, lq, hr, q_lr=None)`. Both run these same two functions, so the same image
+    and the same Q_LR give the same number.
+
+    Q_LR is the input's quality on [1, 5] (rewards that do not use it ignore it): where a degradation
+    reading exists it comes from it (reading_quality: the chain of thought's at inference, the
+    dataset's recorded degradation in training, see `q_lr_for`), else `input_quality(lq)` measures it.
+    `needs_hr`: the reward scores nothing without an HR image (inference has none)."""
+
+    def __init__(self, name: str, parts, combine=None, input_quality=None, needs_hr: bool = False,
+                 uses_q_lr: bool = False):
+        self.__name__ = self.__qualname__ = name
+        self.parts = parts
+        self._combine = combine
+        self._input_quality = input_quality
+        self.needs_hr = needs_hr
+        self.uses_q_lr = uses_q_lr
+
+    def combine(self, parts: list[dict], q_lr: list[float | None]) -> list[float | None]:
+        if self._combine is None:
+            return [p.get("reward") for p in parts]
+        return self._combine(parts, q_lr)
+
+    def input_quality(self, lq: list) -> list[float | None]:
+        if not self.uses_q_lr or self._input_quality is None:
+            return [None] * len(lq)
+        return self._input_quality(lq)
+
+    def __call__(self, sr, lq, hr, q_lr=None) -> list[float | None]:
+        parts = self.parts(sr, lq, hr)
+        if not self.uses_q_lr:
+            return self.combine(parts, [None] * len(sr))
+        if q_lr is None:
+            q_lr = [None] * len(sr)
+        q_lr = list(q_lr)
+        missing = [i for i, q in enumerate(q_lr) if q is None]
+        if missing:
+            measured = self.input_quality([lq[i] for i in missing])
+            for i, q in zip(missing, measured):
+                q_lr[i] = q
+        return self.combine(parts, q_lr)
+
+
+def single(name: str, fn, needs_hr: bool = False) -> ImageReward:
+    """A plain `fn(sr, lq, hr) -> values` as an ImageReward (its one part is the reward)."""
+    return ImageReward(name, lambda sr, lq, hr: [{"reward": v} for v in fn(sr, lq, hr)], needs_hr=needs_hr)
+
+
+def q_lr_for(degradation) -> float | None:
+    """Q_LR from a degradation reading (items or their dicts, the dataset's `degradation` column);
+    None without one (the reward then measures the input)."""
+    from ..cot import DegradationItem
+
+    if not degradation:
+        return None
+    items = [DegradationItem.from_dict(d) if isinstance(d, dict) else d for d in degradation]
+    return reading_quality(items)
+
+
+def generation_score(expert) -> ImageReward:
     """RealSR-R1's generation reward: the expert's score of the final image, in [0, 1]."""
-    def generation(sr, lq, hr):
-        return _unit(expert, expert(sr, lq, hr))
-
-    return generation
+    return single("generation", lambda sr, lq, hr: _unit(expert, expert(sr, lq, hr)),
+                  needs_hr=isinstance(expert, FidelityScorer))
 
 
-def compass_score(quality, fidelity=None, gamma: float = 7.0, device: str = "cpu"):
-    """OARS COMPASS: F from a fidelity scorer (against the HR by default), Q_LR/Q_SR from `quality` on [1, 5].
-
-    `compass(sr, lq, hr, q_lr=None)`: `q_lr` gives the inputs' quality where it is known otherwise
-    (the chain of thought's degradation reading, reading_quality), else `quality` measures each input.
-    `compass.parts(sr, lq, hr)` gives the terms that do not depend on Q_LR (F and Q_SR per image), and
-    `compass.combine(parts, q_lr)` the rewards from them, so a chooser scoring one set of images under
-    several readings measures the images once."""
+def compass_score(quality, fidelity=None, gamma: float = 7.0, device: str = "cpu") -> ImageReward:
+    """OARS COMPASS: F from a fidelity scorer (against the HR by default), Q_LR/Q_SR from `quality` on [1, 5],
+    R = F·Q_LR + F^(Q_LR/γ)·(Q_SR − Q_LR) (ImageReward: parts F and Q_SR, combined with Q_LR)."""
     fidelity = fidelity or FidelityScorer(use_pyiqa=True, device=device)
     if gamma <= 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
@@ -375,14 +427,11 @@ def compass_score(quality, fidelity=None, gamma: float = 7.0, device: str = "cpu
         return [None if None in (m["fidelity"], q, m["q_sr"]) else compass_reward_value(m["fidelity"], q, m["q_sr"], gamma)
                 for m, q in zip(measured, q_lr)]
 
-    def compass(sr, lq, hr, q_lr=None):
-        return combine(parts(sr, lq, hr), input_quality(lq) if q_lr is None else list(q_lr))
-
-    compass.parts, compass.combine, compass.input_quality = parts, combine, input_quality
-    return compass
+    return ImageReward("compass", parts, combine, input_quality, needs_hr=isinstance(fidelity, FidelityScorer),
+                       uses_q_lr=True)
 
 
-def irpo_general_score(device: str = "cpu"):
+def irpo_general_score(device: str = "cpu") -> ImageReward:
     """IRPO's general reward from the fidelity metrics available here, in [0, 1]."""
     scorer = FidelityScorer(use_pyiqa=True, device=device)
     lpips = _optional_pyiqa("lpips", device)
@@ -399,14 +448,17 @@ def irpo_general_score(device: str = "cpu"):
             out.append(float(np.mean(list(parts.values()))))
         return out
 
-    return irpo_general
+    return single("irpo_general", irpo_general, needs_hr=True)
 
 
 def over_restorations(restorations: Restorations, score):
     """`score` as a TRL reward: each completion's final image (rendered once, shared) is scored."""
-    def reward(prompts, completions, image, hr_path=None, **kwargs):
+    def reward(prompts, completions, image, hr_path=None, degradation=None, **kwargs):
         sr, lq, hr = _inputs(restorations, completions, image, hr_path)
-        return score(sr, lq, hr)
+        # Q_LR from the row's recorded degradation, not from the completion's own reading: a
+        # completion must not raise its reward by reading the input as worse (ImageReward).
+        q_lr = [q_lr_for(d) for d in degradation] if degradation is not None else None
+        return score(sr, lq, hr, q_lr=q_lr)
 
     reward.__name__ = reward.__qualname__ = score.__name__
     return reward

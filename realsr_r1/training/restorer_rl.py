@@ -365,15 +365,18 @@ class RestorerRL:
                         "weights are fp32 again (rounded once to %s)", self.stages.precision, self.stages.precision)
         return rgb, out
 
-    def _score(self, images: list[np.ndarray], rgb: np.ndarray, hr_path) -> torch.Tensor:
-        """Rewards (samples × funcs, NaN where a reward cannot judge)."""
-        from ..rewards.visual import reference_for, to_float
+    def _score(self, images: list[np.ndarray], rgb: np.ndarray, row: dict) -> torch.Tensor:
+        """Rewards (samples × funcs, NaN where a reward cannot judge). Q_LR comes from the row's
+        recorded degradation where it has one, as the lite chooser takes it from the reading
+        (rewards.visual.ImageReward)."""
+        from ..rewards.visual import q_lr_for, reference_for, to_float
 
         lq = [to_float(rgb)] * len(images)
-        hr = [reference_for(hr_path, s) for s in images]
+        hr = [reference_for(row.get("hr_path"), s) for s in images]
+        q_lr = [q_lr_for(row.get("degradation"))] * len(images)
         cols = []
         for fn in self.funcs:
-            values = fn(images, lq, hr)
+            values = fn(images, lq, hr, q_lr=q_lr)
             cols.append([math.nan if v is None else float(v) for v in values])
         return torch.tensor(cols, dtype=torch.float32).T
 
@@ -401,7 +404,7 @@ class RestorerRL:
             rgb, ro = self._rollout(row, seeds, index)
             rollouts.append(ro)
             indices.append(index)
-            rewards.append(self._score(ro.images, rgb, row.get("hr_path")))
+            rewards.append(self._score(ro.images, rgb, row))
         t_rollout = time.perf_counter() - t0
         rewards = torch.cat(rewards)  # (inputs·K) × funcs
         total = weighted_total(rewards, self.weights)
@@ -561,7 +564,7 @@ class RestorerRL:
         for j, row in enumerate(self.eval_rows):
             seeds = [_seed(ev["seed"], j, s) for s in range(int(ev["samples"]))]
             rgb, ro = self._rollout(row, seeds, 1_000_000 + j, which="current")
-            totals += weighted_total(self._score(ro.images, rgb, row.get("hr_path")), self.weights).tolist()
+            totals += weighted_total(self._score(ro.images, rgb, row), self.weights).tolist()
             for img in ro.images:
                 for name, value in score_image(img, reference_for(row.get("hr_path"), img), self.metric_names).items():
                     metrics[name].append(value)

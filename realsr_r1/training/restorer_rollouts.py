@@ -37,7 +37,7 @@ from ..pipeline import StageImage, stage_sizes
 from ..restorers.color import color_fix
 from ..restorers.denoise import denoise, initial_latents, model_inputs
 from ..restorers.diffusion import PAD_MULTIPLE, _pad, drain
-from ..restorers.lite import resize
+from ..restorers.blend import resize
 
 log = logging.getLogger(__name__)
 
