@@ -142,8 +142,10 @@ def candidate_strip(choice: dict | None, looks: list | None, final: np.ndarray |
     per region over the result; empty for a fixed mix or a single restorer."""
     if not choice or choice.get("mode") != "auto" or not looks:
         return ()
-    strip = tuple((to_display(look), candidate_caption(row, choice.get("winner")))
-                  for row, look in zip(choice.get("candidates", []), looks))
+    rows = {row["label"]: row for row in choice.get("candidates", [])}
+    shown = choice.get("shown") or list(rows)
+    strip = tuple((to_display(look), candidate_caption(rows[label], choice.get("winner")))
+                  for label, look in zip(shown, looks) if label in rows)
     if final is not None and choice.get("positions"):
         grid = "×".join(str(n) for n in choice.get("grid", []))
         strip = ((position_overlay(final, choice["positions"]),

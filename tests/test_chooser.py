@@ -430,3 +430,51 @@ def test_a_noisy_region_lowers_its_own_ceiling():
     capped = run_stages(LiteStages(toy_experts(), Chooser(DARK)), rgb,
                         "<degradation>noise: medium (sigma 9)</degradation>").choice
     assert max(max(row) for row in capped["ceilings"]) <= capped["reading"]["ceiling"] + 1e-9
+
+
+@pytest.mark.parametrize("fidelity", ["auto-0.8", "auto+1", "auto-0.5", "auto+0.5"])
+def test_offsets_past_an_expert_and_three_experts_run(fidelity):
+    """An offset that moves every position onto one expert runs that expert alone and says so; with
+    three experts the experts the offset reaches run, and those the scoring needs too."""
+    rgb = half_textured(64, 96)
+    final = run_stages(LiteStages(toy_experts(), Chooser(DARK), fidelity=fidelity), rgb)
+    assert final.choice["winner"] and final.choice["fidelity"] == fidelity
+    three = toy_experts() + [ESRGANRestorer(Nearest(0.25), "cpu", "fp32", tile=0, name="darker")]
+    final = run_stages(LiteStages(three, Chooser(DARK), fidelity=fidelity), rgb)
+    assert final.rgb.shape == (256, 384, 3) and final.choice["winner"]
+
+
+def test_streams_run_to_their_ends_so_runtimes_give_buffers_back(monkeypatch):
+    """A runtime with buffers (OpenVINO's) gives them back once the image is done, in auto too."""
+    from realsr_r1.restorers import esrgan
+
+    monkeypatch.setattr(esrgan, "RELEASE_AREA", 1)
+    released = []
+
+    class Net:  # a runtime as esrgan.py drives OpenVINO's: numpy in, numpy out, release()
+        precision, scale = "fp32", 4
+
+        def __init__(self, gain, name):
+            self.gain, self.name = gain, name
+
+        def __call__(self, tile):
+            return np.repeat(np.repeat(tile, 4, 0), 4, 1) * self.gain
+
+        def release(self):
+            released.append(self.name)
+
+    experts = [ESRGANRestorer(None, net=Net(g, n), backend="openvino", tile=32, tile_pad=4, name=n)
+               for g, n in ((1.0, "bright"), (0.5, "dark"))]
+    final = run_stages(LiteStages(experts, Chooser(DARK)), half_textured(64, 96))
+    assert final.choice["mode"] == "auto" and sorted(released) == ["bright", "dark"]
+
+
+def test_the_demo_strip_captions_each_look_with_its_own_position():
+    """Regions with their own ceilings add positions the first region never scored: each look keeps
+    the label of the position it shows."""
+    rgb = np.repeat(texture(128, 256), 3, axis=2)
+    rgb[:, 128:] = np.clip(0.6 + np.random.default_rng(0).normal(0, 8 / 255, (128, 128, 1)), 0, 1)
+    final = run_stages(LiteStages(toy_experts(), Chooser(DARK)), rgb)
+    shown = final.choice["shown"]
+    assert len(shown) == len(final.candidates) and set(shown) <= {r["label"] for r in final.choice["candidates"]}
+    assert len(final.choice["candidates"]) > len(shown)  # the noisy region's own ceiling is not in the strip

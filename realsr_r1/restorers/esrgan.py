@@ -275,9 +275,34 @@ class ESRGANRestorer:
         for two experts at 320², so it is not done)."""
         img = _to_float(_check_rgb(img)) if not gray else img
         h, w = img.shape[:2]
-        yield from self._bands(img, out_dtype, gray)
+        sent = 0  # rows handed over: a retry with smaller tiles resumes after them
+        while True:
+            try:
+                for r, rows in self._bands(img, out_dtype, gray):
+                    if r + rows.shape[0] > sent:
+                        rows, r = rows[max(0, sent - r):], max(r, sent)
+                        yield r, rows
+                        sent = r + rows.shape[0]
+                break
+            except Exception as e:  # CUDA out of memory: halve the tile, as _run does
+                if self.net is not None or not self._halve_on_oom(e, max(h, w)):
+                    raise
         if self.net is not None and hasattr(self.net, "release") and h * w >= RELEASE_AREA:
             self.net.release()
+
+    def _halve_on_oom(self, error: Exception, side: int) -> bool:
+        """After an out-of-memory error on CUDA: a smaller tile for the retry (False: give up)."""
+        import torch
+
+        from .memory import OutOfMemoryError
+
+        tile = self.tile or side
+        if not isinstance(error, OutOfMemoryError) or self.device.type != "cuda" or tile <= MIN_TILE:
+            return False
+        self.tile = max(MIN_TILE, tile // 2)
+        torch.cuda.empty_cache()
+        log.warning("out of GPU memory: retrying with tile %d", self.tile)
+        return True
 
     def _bands(self, img: np.ndarray, out_dtype, gray: bool):
         """Generator of (first output row, finished rows in `out_dtype`), top to bottom (module doc)."""

@@ -123,10 +123,10 @@ class LiteStages:
                   "allowed": [self.ladder.label(p) for p in cands]}
         if cands == [0.0]:  # the reading leaves the first expert alone: nothing to score
             pos = float(np.clip(f.value, 0, 1))
+            moved_by = f", moved by {f.value:+g} ({f})" if pos > 0 else ": no other expert ran"
             return PlanChoice(plan, fixed=pos), {
                 **record, "candidates": [], "position": pos, "winner": self.ladder.label(pos),
-                "why": f"the reading ({', '.join(moved)}) leaves only {self.ladder.rungs[0].label}: "
-                       f"no other expert ran"}
+                "why": f"the reading ({', '.join(moved)}) leaves only {self.ladder.rungs[0].label}{moved_by}"}
         return PlanChoice(plan, cands, offset=f.value, top=self.ladder.auto_top, ceiling=top, reading=moved,
                           q_lr=q_lr, q_lr_source=source), record
 
@@ -151,7 +151,7 @@ class LiteStages:
             return None
         if not regions:
             if record["mode"] == "auto":
-                summary = f"{record['winner']} everywhere: the degradation reading allows nothing more faithful"
+                summary = f"{record['winner']} everywhere: {record['why']}"
             elif record["mode"] == "fidelity map":
                 summary = f"a painted position map, mean position {record['position']:g}"
             else:
@@ -164,7 +164,7 @@ class LiteStages:
             why = (f"no region could be scored by {self.chooser.name} (flat or too small): kept "
                    f"{self.ladder.label(float(positions.flat[0]))}")
         else:
-            why = (f"per region, the highest {self.chooser.name} reward of {len(regions['candidates'])} positions up to "
+            why = (f"per region, the highest {self.chooser.name} reward among the positions up to "
                    f"{record['reading']['ceiling']:g} ({regions['judged']} of {n} regions judged, the rest took a "
                    f"neighbour's); input quality Q_LR {record['q_lr']} from the {record['q_lr_source']}")
             if record["fidelity"] != "auto":
@@ -184,7 +184,14 @@ class LiteStages:
                                   out_dtype if exact or np.dtype(out_dtype).kind == "f" else np.uint16)
         need = composer.needed()
         if sum(need) == 1:  # one expert alone: its own output, no composition
-            expert = self.experts[need.index(True)]
+            alone = need.index(True)
+            expert = self.experts[alone]
+            pos = next(self.ladder.position(k) for k, r in enumerate(self.ladder.rungs)
+                       if r.expert == alone and r.gate is None)
+            made = [(c, rec if rec.get("mode") != "auto" or "winner" in rec else  # auto±X beyond one expert
+                     {**rec, "candidates": [], "position": pos, "winner": self.ladder.label(pos),
+                      "why": f"{rec['fidelity']} leaves only {self.ladder.label(pos)}: no other expert ran"})
+                    for c, rec in made]
             o, a = expert.restore(rgb, alpha, outscale=w / rgb.shape[1], out_dtype=out_dtype)
             if o.shape[:2] != (h, w):  # rounding of outscale
                 o, a = resize(o, (w, h)), None if a is None else resize(a, (w, h))
@@ -199,8 +206,17 @@ class LiteStages:
                     a = None if a is None else _convert(resize(a, (w, h)), out_dtype)
                 results.append((o, a, regions))
             thumbs = composer.thumbs
+        if thumbs is not None:  # the demo's strip: each look with its position's row of the record
+            labels = [self.ladder.label(p) for p, _ in thumbs]
+            thumbs = [img for _, img in thumbs]
         seconds = round(time.perf_counter() - t, 4)
-        return [(o, a, self._finish(rec, regions, seconds), thumbs) for (o, a, regions), (_, rec) in zip(results, made)]
+        out = []
+        for (o, a, regions), (_, rec) in zip(results, made):
+            record = self._finish(rec, regions, seconds)
+            if thumbs is not None and record is not None:
+                record["shown"] = labels  # which candidates the looks are, in order
+            out.append((o, a, record, thumbs))
+        return out
 
     # --- the StageRestorer protocol ------------------------------------------------------------
     def stages(self, image: LoadedImage, plan: Plan, *, sizes, seed: int = 0) -> Iterator:

@@ -100,19 +100,20 @@ class RegionComposer:
         self.BH, self.BW = -(-self.H // B), -(-self.W // B)
         self.auto = any(c.candidates for c in choices)
         self.cells: list[list[dict]] = [[] for _ in choices]  # per plan, per region: {position: (parts, reward)}
-        self.thumbs: list[np.ndarray] | None = None  # the first region's candidates, for the demo
+        self.thumbs: list[tuple[float, np.ndarray]] | None = None  # the first region's candidates, for the demo
+        self.fixed_maps = [self._map_blocks(c.fixed) for c in choices]  # what a fixed choice composes
 
     # --- what runs -----------------------------------------------------------------------------
     def needed(self) -> list[bool]:
         need = [False] * len(self.experts)
-        for c in self.choices:
-            if c.candidates:
-                lo = min(c.candidates) + c.offset
-                hi = max(c.candidates) + c.offset
-            elif isinstance(c.fixed, np.ndarray):
-                lo, hi = float(c.fixed.min()), float(c.fixed.max())
+        for c, fixed in zip(self.choices, self.fixed_maps):
+            if c.candidates:  # scored as they are, composed after the offset
+                lo = min(min(c.candidates), min(c.candidates) + c.offset)
+                hi = max(max(c.candidates), max(c.candidates) + c.offset)
+            elif isinstance(fixed, np.ndarray):
+                lo, hi = float(fixed.min()), float(fixed.max())
             else:
-                lo = hi = float(c.fixed)
+                lo = hi = float(fixed)
             for i, n in enumerate(self.ladder.experts_for(float(np.clip(lo, 0, 1)), float(np.clip(hi, 0, 1)))):
                 need[i] |= n
         return need
@@ -169,7 +170,7 @@ class RegionComposer:
         self.pos = [np.full((self.ny, self.nx), np.nan) for _ in self.choices]
         self.judged = [np.zeros((self.ny, self.nx), bool) for _ in self.choices]
         self.ceilings = [np.zeros((self.ny, self.nx)) for _ in self.choices]
-        fixed_maps = [self._map_blocks(c.fixed) for c in self.choices]
+        fixed_maps = self.fixed_maps
         outs = [np.empty((self.H, self.W, 3), self.out_dtype) for _ in self.choices]
         aouts = [None if self.alpha is None else np.empty((self.H, self.W, 1), self.out_dtype) for _ in self.choices]
         tex_done = received = composed = 0
@@ -210,6 +211,9 @@ class RegionComposer:
             low = min(composed, self.oys[decided] if decided < self.ny else composed)
             for st in list(self.rows.values()) + list(self.arows.values()):
                 st.drop(low)
+        for st in list(self.rows.values()) + list(self.arows.values()):
+            while st.pull():  # to the streams' ends: the runtimes give their buffers back there
+                pass
         return [(o, a, self._record(k)) for k, (o, a) in enumerate(zip(outs, aouts))]
 
     def _map_blocks(self, fixed):
@@ -265,7 +269,7 @@ class RegionComposer:
                                              for i in range(len(self.experts))], w, out))
             parts = dict(zip(positions, self.chooser.measure(images, [lq] * len(images))))
             if self.thumbs is None:
-                self.thumbs = images
+                self.thumbs = list(zip(positions, images))
             for k, (choice, cands) in enumerate(zip(self.choices, per_plan)):
                 if not cands:
                     continue
