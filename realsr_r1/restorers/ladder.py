@@ -172,8 +172,10 @@ def parse_fidelity(value) -> Fidelity:
 # first expert is left; likewise for JPEG quality. An item's confidence scales its effect: the
 # analyser marks readings it is unsure of (fine texture can read as noise), and a JPEG file whose
 # blocks do not show in the pixels (analyze.py).
-NOISE_RAMP = (6.0, 12.0)
-JPEG_RAMP = (85.0, 60.0)
+# Both ramps were chosen by cross-validation on real camera pairs (benchmarks/cross_validate.py, two
+# folds; docs/choosing.md has the held-out table).
+NOISE_RAMP = (6.0, 10.0)
+JPEG_RAMP = (90.0, 70.0)
 LEVEL_SEVERITY = {"none": 0.0, "light": 0.0, "medium": 0.6, "heavy": 1.0}  # a reading without numbers
 UNCERTAIN = 0.25  # confidence of an item the analyser could not measure (its note says "uncertain")
 
