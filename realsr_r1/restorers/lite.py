@@ -127,7 +127,7 @@ class LiteStages:
             return PlanChoice(plan, fixed=pos), {
                 **record, "candidates": [], "position": pos, "winner": self.ladder.label(pos),
                 "why": f"the reading ({', '.join(moved)}) leaves only {self.ladder.rungs[0].label}{moved_by}"}
-        return PlanChoice(plan, cands, offset=f.value, top=self.ladder.auto_top, ceiling=top, reading=moved,
+        return PlanChoice(plan, cands, offset=f.value, top=self.ladder.auto_top, ceiling=top,
                           q_lr=q_lr, q_lr_source=source), record
 
     def _summary(self, positions: np.ndarray) -> str:

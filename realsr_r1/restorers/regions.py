@@ -30,7 +30,7 @@ import numpy as np
 from ..cot import Plan
 from ..imageio import to_float
 from . import blend
-from .ladder import Ladder, ceiling, local_noise
+from .ladder import Ladder, local_noise
 
 B = blend.GATE_BLOCK
 
@@ -44,7 +44,6 @@ class PlanChoice:
     offset: float = 0.0
     top: float = 1.0  # the highest position auto offers before any reading
     ceiling: float = 1.0
-    reading: dict = field(default_factory=dict)  # what the reading moved (ladder.ceiling)
     fixed: float | np.ndarray | None = None  # a position, or a per-pixel map at the input size
     q_lr: float | None = None
     q_lr_source: str = "unused"
@@ -346,5 +345,3 @@ def _across(coords: np.ndarray, bounds: list[int]) -> tuple[np.ndarray, np.ndarr
 def _mean(values):
     return float(np.mean(values)) if values else None
 
-
-__all__ = ["PlanChoice", "RegionComposer", "ceiling"]
