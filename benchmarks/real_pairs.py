@@ -78,7 +78,8 @@ class ExpertCache:
         self.seconds.clear()
 
     def _wrap(self, expert, bands):
-        def cached(img, out_dtype, gray):
+        def cached(img, out_dtype, gray, skip=None, release=False):
+            # Computed whole (no skipped tiles): the replay may serve settings that need them all.
             arr = np.ascontiguousarray(img)
             key = (expert.name, hashlib.sha1(arr.tobytes()).hexdigest(), arr.shape, np.dtype(out_dtype).str, gray)
             if key in self.store:
@@ -88,7 +89,7 @@ class ExpertCache:
             # The region composer stops pulling once it has the last row (the generator is never
             # exhausted), so the output counts as complete when its last row has come.
             height = arr.shape[0] * expert.scale
-            chunks, gen, spent = [], bands(img, out_dtype, gray), 0.0
+            chunks, gen, spent = [], bands(img, out_dtype, gray, release=release), 0.0
             while True:
                 t = time.perf_counter()
                 try:

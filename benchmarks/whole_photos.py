@@ -128,7 +128,7 @@ def mosaic(args) -> None:
 
 
 # --- memory ---------------------------------------------------------------------------------------
-def make_input(photo: Path, size: int, path: Path) -> None:
+def make_input(photo: Path, size: int, path: Path, rgba16: bool = False) -> None:
     from PIL import Image
 
     src = np.asarray(Image.open(photo).convert("RGB"))
@@ -136,7 +136,14 @@ def make_input(photo: Path, size: int, path: Path) -> None:
     while tiled.shape[0] < size or tiled.shape[1] < size:  # reflect: the seams match
         tiled = np.pad(tiled, ((0, max(0, min(size - tiled.shape[0], tiled.shape[0]))),
                                (0, max(0, min(size - tiled.shape[1], tiled.shape[1]))), (0, 0)), mode="symmetric")
-    Image.fromarray(np.ascontiguousarray(tiled[:size, :size])).save(path)
+    tiled = np.ascontiguousarray(tiled[:size, :size])
+    if not rgba16:
+        Image.fromarray(tiled).save(path)
+        return
+    from realsr_r1.imageio import write_image  # 16-bit RGBA: the photo ×257, alpha a diagonal ramp
+
+    ramp = np.add.outer(np.arange(size), np.arange(size)) / max(1, 2 * size - 2)
+    write_image(path, tiled.astype(np.float32) / 255, alpha=ramp.astype(np.float32), bit_depth=16)
 
 
 def measure(cmd: list[str], env: dict) -> tuple[float | None, float | None, str | None]:
@@ -165,6 +172,31 @@ def measure(cmd: list[str], env: dict) -> tuple[float | None, float | None, str 
     return wall, rss, None
 
 
+# The child of `memory --stand-in`: the infer CLI with OpenVINO's inference replaced by nearest ×scale
+# (the models still load and compile; their intermediate buffers are never allocated).
+STAND_IN = ("import runpy, sys, numpy as np\n"
+            "from realsr_r1.restorers import openvino_backend as ob\n"
+            "ob.OpenVINONet.__call__ = lambda self, t: np.repeat(np.repeat(t, self.scale, 0), self.scale, 1)\n"
+            "sys.argv = ['realsr_r1.infer'] + sys.argv[1:]\n"
+            "runpy.run_module('realsr_r1.infer', run_name='__main__')\n")
+
+
+def runtime_buffers(precision: str | None) -> float:
+    """MB that one OpenVINO runtime's intermediate buffers add for the static window of a large image
+    (one x4plus inference on a 288² tile, RSS after against before): what a stand-in run leaves out."""
+    code = ("import resource, numpy as np\n"
+            "from realsr_r1.restorers.esrgan import ESRGANRestorer\n"
+            f"r = ESRGANRestorer.from_pretrained('realesrgan-x4plus', backend='openvino', precision={precision or 'auto'!r})\n"
+            "r.net.fix_shape((288, 288)); x = np.random.default_rng(0).random((288, 288, 3), np.float32)\n"
+            "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
+            "a = rss(); r.net(x); print('BUFFERS', rss() - a)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    m = re.search(r"BUFFERS ([\d.]+)", out.stdout)
+    if not m:
+        raise SystemExit(f"measuring the runtime's buffers failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+    return float(m.group(1))
+
+
 def memory(args) -> None:
     from realsr_r1.device import cpu_description
 
@@ -172,22 +204,27 @@ def memory(args) -> None:
     modes = {
         "auto": ["--fidelity", "auto"],
         "fidelity 0": ["--fidelity", "0"],
-        "ncnn x4plus (fidelity 0)": ["--set", "restorer.backend=ncnn", "--fidelity", "0"],
     }
+    if not args.stand_in:
+        modes["ncnn x4plus (fidelity 0)"] = ["--set", "restorer.backend=ncnn", "--fidelity", "0"]
     extra = ["--precision", args.precision] if args.precision else []
     env = dict(os.environ)
     rows = []
+    buffers = runtime_buffers(args.precision) if args.stand_in else 0.0
     with tempfile.TemporaryDirectory(prefix="whole_photos_") as tmp:
         tmp = Path(tmp)
         for size in sizes:
-            src = tmp / f"photo_{size}.png"
-            make_input(Path(args.photo), size, src)
+            src = tmp / f"photo_{size}.{'png' if not args.rgba16 else 'rgba16.png'}"
+            make_input(Path(args.photo), size, src, args.rgba16)
             got = {}
             for mode, flags in modes.items():
                 out = tmp / f"out_{size}_{mode.split()[0]}"
-                cmd = [sys.executable, "-m", "realsr_r1.infer", "--profile", "lite", "--input", str(src),
-                       "--output", str(out), "--quiet", "--overwrite"] + flags + extra
+                head = [sys.executable, "-c", STAND_IN] if args.stand_in else [sys.executable, "-m", "realsr_r1.infer"]
+                cmd = head + ["--profile", "lite", "--input", str(src),
+                              "--output", str(out), "--quiet", "--overwrite"] + flags + extra
                 wall, rss, err = measure(cmd, env)
+                if rss is not None:
+                    rss += buffers
                 got[mode] = rss if err is None else None
                 rows.append((size, mode, wall, rss, err))
                 print(f"{size}² {mode}: {wall:.1f} s, {rss if rss is None else round(rss)} MB"
@@ -223,6 +260,11 @@ def main() -> int:
     r.add_argument("--sizes", default="512,1024,2048", help="input sizes, comma-separated (default 512,1024,2048)")
     r.add_argument("--photo", default=str(REPO / "examples" / "dog.png"), help="the photo to reflect-tile")
     r.add_argument("--precision", default=None, help="--precision for the runs (default: the profile's auto)")
+    r.add_argument("--rgba16", action="store_true", help="16-bit RGBA inputs (alpha a ramp) instead of 8-bit RGB")
+    r.add_argument("--stand-in", action="store_true",
+                   help="OpenVINO's inference replaced by nearest ×4 (minutes, not hours, at 2048² and 4096²): "
+                        "RSS of everything else, plus one runtime's buffers measured apart (the experts take turns "
+                        "with one set); no ncnn row")
     args = ap.parse_args()
     if args.cmd == "mosaic":
         mosaic(args)

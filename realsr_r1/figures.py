@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .imageio import to_pil
-from .metrics import _Y_WEIGHTS
+from .fullref import Y_WEIGHTS
 
 PANEL_H = 192  # display height of every crop and of the thumbnail, pixels
 GAP, MARGIN = 6, 8
@@ -55,7 +55,7 @@ def check_crop(crop: tuple[int, int, int, int], size: tuple[int, int]) -> None:
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
     # The Y that PSNR and SSIM measure, so the crop shows what the numbers are about.
-    return rgb[..., :3].astype(np.float32) @ (np.asarray(_Y_WEIGHTS, np.float32))
+    return rgb[..., :3].astype(np.float32) @ (np.asarray(Y_WEIGHTS, np.float32))
 
 
 def default_crop_side(size: tuple[int, int]) -> int:

@@ -277,12 +277,17 @@ def encode_image_to(
     if ext == "jpeg":
         ext = "jpg"
     if bit_depth == 16 and ext == "png":
-        planes = (1 if mode == "L" else 3) + (alpha is not None)
-        base = to_uint(_gray(rgb), 16)[..., None] if mode == "L" else to_uint(rgb, 16)
-        arr = np.dstack([base, to_uint(alpha, 16)]) if alpha is not None else base
-        h, w = arr.shape[:2]
+        h, w = rgb.shape[:2]
+
+        def rows():  # converted and interleaved a few rows at a time: a 16384² RGBA is 2 GB whole
+            for r in range(0, h, 64):
+                part = rgb[r:r + 64]
+                base = to_uint(_gray(part), 16)[..., None] if mode == "L" else to_uint(part, 16)
+                arr = np.dstack([base, to_uint(alpha[r:r + 64], 16)]) if alpha is not None else base
+                yield from arr.reshape(arr.shape[0], -1)
+
         png.Writer(w, h, greyscale=mode == "L", alpha=alpha is not None, bitdepth=16,
-                   compression=PNG_COMPRESS_LEVEL).write(buf, arr.reshape(h, w * planes))
+                   compression=PNG_COMPRESS_LEVEL).write(buf, rows())
         return
     im = to_pil(rgb, alpha, mode)
     kwargs = {"icc_profile": icc_profile} if icc_profile else {}

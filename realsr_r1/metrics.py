@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-_Y_WEIGHTS = (65.481, 128.553, 24.966)
+from .fullref import SSIM_C1, SSIM_C2, SSIM_SIGMA, SSIM_WINDOW, Y_WEIGHTS
 
 
 def as_batch(img) -> torch.Tensor:
@@ -40,7 +40,7 @@ def rgb_to_y(x: torch.Tensor) -> torch.Tensor:
     """N x 3 x H x W in [0,1] → N x 1 x H x W, BT.601 luma on the 0-255 scale (16..235)."""
     if x.shape[1] == 1:
         return x * 255.0  # already one channel: treat as luma
-    w = torch.tensor(_Y_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    w = torch.tensor(Y_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return 16.0 + (x * w).sum(dim=1, keepdim=True)
 
 
@@ -66,7 +66,8 @@ def psnr(pred, gt, *, y_channel: bool = True, crop_border: int = 0) -> torch.Ten
     return 10.0 * torch.log10(255.0**2 / mse)  # mse 0 → +inf, as it should
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5, *, dtype=torch.float64, device=None) -> torch.Tensor:
+def _gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA, *, dtype=torch.float64,
+                     device=None) -> torch.Tensor:
     """The normalised 1-D Gaussian; SSIM's 2-D window is its outer product, applied as two passes."""
     coords = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))
@@ -81,18 +82,19 @@ def ssim(pred, gt, *, y_channel: bool = True, crop_border: int = 0) -> torch.Ten
     else:
         p, g = p * 255.0, g * 255.0
     n, c, h, w = p.shape
-    if min(h, w) < 11:
-        raise ValueError(f"SSIM needs images of at least 11x11 pixels, got {w}x{h}")
+    if min(h, w) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, got {w}x{h}")
     g1 = _gaussian_window(dtype=p.dtype, device=p.device)
     # The five local moments in one grouped convolution, the 11x11 window as 11x1 then 1x11 ('valid',
     # no padding): the same sums, 5x fewer multiplications; float64 has no fast 2-D kernel on CPU.
     stack = torch.cat([p, g, p * p, g * g, p * g], dim=1)
     k = 5 * c
-    moments = F.conv2d(F.conv2d(stack, g1.view(1, 1, 11, 1).expand(k, 1, 11, 1), groups=k),
-                       g1.view(1, 1, 1, 11).expand(k, 1, 1, 11), groups=k)
+    n1 = SSIM_WINDOW
+    moments = F.conv2d(F.conv2d(stack, g1.view(1, 1, n1, 1).expand(k, 1, n1, 1), groups=k),
+                       g1.view(1, 1, 1, n1).expand(k, 1, 1, n1), groups=k)
     mu_p, mu_g, pp, gg, pg = moments.split(c, dim=1)
 
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    c1, c2 = SSIM_C1, SSIM_C2
     var_p = pp - mu_p**2
     var_g = gg - mu_g**2
     cov = pg - mu_p * mu_g

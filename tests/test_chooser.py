@@ -445,29 +445,72 @@ def test_offsets_past_an_expert_and_three_experts_run(fidelity):
     assert final.rgb.shape == (256, 384, 3) and final.choice["winner"]
 
 
-def test_streams_run_to_their_ends_so_runtimes_give_buffers_back(monkeypatch):
-    """A runtime with buffers (OpenVINO's) gives them back once the image is done, in auto too."""
+class Runtime:
+    """A runtime as esrgan.py drives OpenVINO's: numpy in, numpy out, release(); logs both."""
+
+    precision, scale = "fp32", 4
+
+    def __init__(self, gain, name, events):
+        self.gain, self.name, self.events = gain, name, events
+
+    def __call__(self, tile):
+        self.events.append(("run", self.name))
+        return np.repeat(np.repeat(tile, 4, 0), 4, 1) * self.gain
+
+    def release(self):
+        self.events.append(("release", self.name))
+
+
+def runtime_experts(events, tile=32):
+    return [ESRGANRestorer(None, net=Runtime(g, n, events), backend="openvino", tile=tile, tile_pad=4, name=n)
+            for g, n in ((1.0, "bright"), (0.5, "dark"))]
+
+
+def test_experts_take_turns_with_one_set_of_runtime_buffers(monkeypatch):
+    """On a large image each runtime gives its buffers back after every band, so the two experts
+    never hold theirs at once; and both give them back at the end."""
     from realsr_r1.restorers import esrgan
 
     monkeypatch.setattr(esrgan, "RELEASE_AREA", 1)
-    released = []
+    events = []
+    final = run_stages(LiteStages(runtime_experts(events), Chooser(DARK)), half_textured(160, 96))
+    assert final.choice["mode"] == "auto"
+    holding = set()
+    for kind, name in events:
+        if kind == "run":
+            holding.add(name)
+            assert holding == {name}, events  # the other expert's buffers were given back first
+        else:
+            holding.discard(name)
+    assert holding == set() and {n for k, n in events if k == "release"} == {"bright", "dark"}
+    # one expert alone keeps its buffers for the whole image, then gives them back once
+    events.clear()
+    run_stages(LiteStages(runtime_experts(events), fidelity=0), half_textured(160, 96))
+    assert events.count(("release", "bright")) == 1 and events[-1] == ("release", "bright")
 
-    class Net:  # a runtime as esrgan.py drives OpenVINO's: numpy in, numpy out, release()
-        precision, scale = "fp32", 4
 
-        def __init__(self, gain, name):
-            self.gain, self.name = gain, name
-
-        def __call__(self, tile):
-            return np.repeat(np.repeat(tile, 4, 0), 4, 1) * self.gain
-
-        def release(self):
-            released.append(self.name)
-
-    experts = [ESRGANRestorer(None, net=Net(g, n), backend="openvino", tile=32, tile_pad=4, name=n)
-               for g, n in ((1.0, "bright"), (0.5, "dark"))]
-    final = run_stages(LiteStages(experts, Chooser(DARK)), half_textured(64, 96))
-    assert final.choice["mode"] == "auto" and sorted(released) == ["bright", "dark"]
+def test_flat_tiles_do_not_run_the_faithful_expert(monkeypatch):
+    """Where the natural expert's output is flat, no position up to the last region blend gives the
+    faithful expert any weight: those tiles of it do not run, and the image is the same as with
+    every tile run. A position that gives it weight everywhere runs all its tiles."""
+    rgb = np.full((192, 256, 3), 0.6, np.float32)
+    rgb[128:, 128:] = texture(64, 128)  # texture in the bottom right only
+    events = []
+    got = run_stages(LiteStages(runtime_experts(events), Chooser(DARK)), rgb)
+    dark, bright = events.count(("run", "dark")), events.count(("run", "bright"))
+    assert got.choice["skipped"] == {"expert": "dark", "tiles": bright - dark, "of": bright}
+    assert 0 < dark < bright / 2
+    monkeypatch.setattr(regions.RegionComposer, "_skipper", lambda self, need: None)
+    events.clear()
+    whole = run_stages(LiteStages(runtime_experts(events), Chooser(DARK)), rgb)
+    assert events.count(("run", "dark")) == events.count(("run", "bright"))
+    np.testing.assert_array_equal(got.rgb, whole.rgb)
+    assert got.choice["positions"] == whole.choice["positions"]
+    monkeypatch.undo()
+    for fidelity in (0.5, 0.9):  # a region blend skips the flat tiles; past the last one, nothing is flat
+        events.clear()
+        fixed = run_stages(LiteStages(runtime_experts(events), fidelity=fidelity), rgb)
+        assert (fixed.choice["skipped"]["tiles"] > 0) == (fidelity == 0.5)
 
 
 def test_the_demo_strip_captions_each_look_with_its_own_position():

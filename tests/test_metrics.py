@@ -104,3 +104,22 @@ def test_crop_border():
     pred2[:4] = 0  # damage only the top 4 rows
     assert psnr(pred2, gt, crop_border=4).item() == pytest.approx(
         psnr(pred[4:-4, 4:-4], gt[4:-4, 4:-4]).item())
+
+
+def test_the_numpy_versions_give_the_same_numbers():
+    from realsr_r1 import metrics as M
+    """fullref.py (what the lite chooser uses, without torch) against the torch metrics."""
+    from realsr_r1 import fullref
+
+    rng = np.random.default_rng(3)
+    a = rng.random((3, 40, 33, 3))
+    b = np.clip(a + rng.normal(0, 0.05, a.shape), 0, 1)
+    np.testing.assert_allclose(fullref.psnr_y(a, b), M.psnr(M.as_batch(torch.from_numpy(a).permute(0, 3, 1, 2)),
+                                                           M.as_batch(torch.from_numpy(b).permute(0, 3, 1, 2))).numpy(),
+                               rtol=1e-12)
+    np.testing.assert_allclose(fullref.ssim_y(a, b), M.ssim(M.as_batch(torch.from_numpy(a).permute(0, 3, 1, 2)),
+                                                           M.as_batch(torch.from_numpy(b).permute(0, 3, 1, 2))).numpy(),
+                               rtol=1e-10)
+    assert fullref.psnr_y(a, a)[0] == np.inf
+    with pytest.raises(ValueError, match="at least 11x11"):
+        fullref.ssim_y(a[:, :10], b[:, :10])

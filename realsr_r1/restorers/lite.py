@@ -213,6 +213,9 @@ class LiteStages:
         out = []
         for (o, a, regions), (_, rec) in zip(results, made):
             record = self._finish(rec, regions, seconds)
+            skipped, asked = getattr(composer, "skipped", (0, 0))
+            if record is not None and asked:  # tiles of the faithful expert that nothing would have used
+                record["skipped"] = {"expert": self.experts[-1].name, "tiles": int(skipped), "of": int(asked)}
             if thumbs is not None and record is not None:
                 record["shown"] = labels  # which candidates the looks are, in order
             out.append((o, a, record, thumbs))

@@ -159,36 +159,40 @@ class RegionComposer:
     def run(self) -> list[tuple[np.ndarray, np.ndarray | None, dict]]:
         need = self.needed()
         idx = [i for i, n in enumerate(need) if n]
-        self.rows = {i: _Rows(self.experts[i].stream(self.rgb, self.out_dtype)) for i in idx}
+        self.pos = [np.full((self.ny, self.nx), np.nan) for _ in self.choices]
+        self.judged = [np.zeros((self.ny, self.nx), bool) for _ in self.choices]
+        self.ceilings = self._ceilings()
+        bases = [i for i in idx if i + 1 < len(self.experts) and need[i + 1]]
+        self.textures = {i: np.zeros((self.BH, self.BW), np.float32) for i in bases}
+        self.tex_done = 0
+        skip, self.skipped = self._skipper(need), [0, 0]
+        last, turns = len(self.experts) - 1, len(idx) > 1
+        self.rows = {i: _Rows(self.experts[i].stream(self.rgb, self.out_dtype, turns=turns,
+                                                     skip=skip(True) if skip and i == last else None))
+                     for i in idx}
         self.arows = {}
         if self.alpha is not None:
             a3 = np.broadcast_to(to_float(self.alpha)[..., None], self.alpha.shape + (3,))
-            self.arows = {i: _Rows(self.experts[i].stream(a3, self.out_dtype, gray=True)) for i in idx}
-        bases = [i for i in idx if i + 1 < len(self.experts) and need[i + 1]]
-        self.textures = {i: np.zeros((self.BH, self.BW), np.float32) for i in bases}
-        self.pos = [np.full((self.ny, self.nx), np.nan) for _ in self.choices]
-        self.judged = [np.zeros((self.ny, self.nx), bool) for _ in self.choices]
-        self.ceilings = [np.zeros((self.ny, self.nx)) for _ in self.choices]
+            self.arows = {i: _Rows(self.experts[i].stream(a3, self.out_dtype, gray=True, turns=turns,
+                                                          skip=skip(False) if skip and i == last else None))
+                          for i in idx}
         fixed_maps = self.fixed_maps
         outs = [np.empty((self.H, self.W, 3), self.out_dtype) for _ in self.choices]
         aouts = [None if self.alpha is None else np.empty((self.H, self.W, 1), self.out_dtype) for _ in self.choices]
-        tex_done = received = composed = 0
+        received = composed = 0
         decided = 0 if self.auto else self.ny
         while composed < self.H:
             if received < self.H:
                 streams = list(self.rows.values()) + list(self.arows.values())
-                streams[0].pull()
-                target = streams[0].end
-                for st in streams[1:]:
+                behind = min(streams, key=lambda st: st.end)  # a skip may have pulled another one ahead
+                behind.pull()
+                target = behind.end  # fixed: a skip pulling its base on must not move it
+                for st in streams:
                     while st.end < target and st.pull():
                         pass
                 received = min(st.end for st in streams)
-            # texture of complete block rows
-            tex_to = self.BH if received >= self.H else received // B
-            if tex_to > tex_done:
-                for i, t in self.textures.items():
-                    t[tex_done:tex_to] = blend.texture(self.rows[i].rows(tex_done * B, min(self.H, tex_to * B)))
-                tex_done = tex_to
+            self._texture_to(received)
+            tex_done = self.tex_done
             # decide rows of regions
             while decided < self.ny:
                 bottom = self.oys[decided + 1]
@@ -214,6 +218,90 @@ class RegionComposer:
             while st.pull():  # to the streams' ends: the runtimes give their buffers back there
                 pass
         return [(o, a, self._record(k)) for k, (o, a) in enumerate(zip(outs, aouts))]
+
+    def _ceilings(self) -> list[np.ndarray]:
+        """Per auto plan, each region's ceiling: the plan's, lowered by the region's own noise
+        (ladder.local_noise, measured on the input, so known before any expert runs)."""
+        out = [np.zeros((self.ny, self.nx)) for _ in self.choices]
+        if not self.auto:
+            return out
+        noise = np.array([[local_noise(to_float(self.rgb[self.ys[r]:self.ys[r + 1], self.xs[c]:self.xs[c + 1]]))
+                           for c in range(self.nx)] for r in range(self.ny)])
+        for k, choice in enumerate(self.choices):
+            if choice.candidates:
+                out[k] = np.minimum(choice.top * (1 - noise), choice.ceiling)
+        return out
+
+    def _texture_to(self, rows: int, pull: bool = False) -> None:
+        """Texture of the block rows complete in the base experts' output up to output row `rows`
+        (pulling their streams that far when `pull`), or as far as they have come."""
+        bases = [self.rows[i] for i in self.textures]
+        if pull:
+            for st in bases:
+                while st.end < min(self.H, rows) and st.pull():
+                    pass
+        have = min([st.end for st in bases] or [rows])
+        to = self.BH if have >= self.H else have // B
+        if to > self.tex_done:
+            for i, t in self.textures.items():
+                t[self.tex_done:to] = blend.texture(self.rows[i].rows(self.tex_done * B, min(self.H, to * B)))
+            self.tex_done = to
+
+    def _bound_blocks(self) -> np.ndarray:
+        """The highest position any plan can give each block of the output: a fixed position or map
+        as it is; under auto, the ceiling of every region whose positions ramp into the block."""
+        bound = np.zeros((self.BH, self.BW), np.float32)
+        for k, c in enumerate(self.choices):
+            if not c.candidates:
+                np.maximum(bound, self.fixed_maps[k], out=bound)
+                continue
+            top = np.clip(self.ceilings[k] + max(c.offset, 0.0), 0, 1)  # scored as they are, then offset
+            for r in range(self.ny):
+                b0, b1 = max(0, (self.oys[r] - BORDER) // B), min(self.BH, -(-(self.oys[r + 1] + BORDER) // B))
+                for col in range(self.nx):
+                    c0, c1 = max(0, (self.oxs[col] - BORDER) // B), min(self.BW, -(-(self.oxs[col + 1] + BORDER) // B))
+                    np.maximum(bound[b0:b1, c0:c1], top[r, col], out=bound[b0:b1, c0:c1])
+        return bound
+
+    def _skipper(self, need: list[bool]):
+        """For the last (most faithful) expert, when the expert before it runs too: a factory of
+        `skip(rows, cols)` callbacks (esrgan.stream) that are true for a tile whose output no
+        position reachable there gives any weight. Below the first rung that involves the last
+        expert it has none; up to its last region blend it has none where the previous expert's
+        output is flat (contrast at or below the lowest gate over the 3x3 blocks a gate map smooths
+        over). So flat regions and regions held at x4plus by their ceiling do not run DF2K."""
+        j = len(self.experts) - 1
+        if j < 1 or not (need[j] and need[j - 1]):
+            return None
+        alone = next(k for k, r in enumerate(self.ladder.rungs) if r.expert == j - 1 and r.gate is None)
+        p_none = self.ladder.position(alone)  # at or below: no weight
+        p_gated = self.ladder.position(alone + len(self.ladder.gates))  # up to here: only where textured
+        t_min = min(self.ladder.gates) if self.ladder.gates else None
+        bound = self._bound_blocks()
+        eps = 1e-6
+
+        def skip(rows, cols) -> bool:
+            b0, b1 = max(0, rows[0] // B - 1), min(self.BH, (rows[1] - 1) // B + 2)  # blocks whose centres
+            c0, c1 = max(0, cols[0] // B - 1), min(self.BW, (cols[1] - 1) // B + 2)  # its pixels blend
+            bb = bound[b0:b1, c0:c1]
+            if (bb <= p_none + eps).all():
+                return True
+            if t_min is None or (bb > p_gated + eps).any():
+                return False
+            self._texture_to((b1 + 1) * B, pull=True)
+            near = np.pad(self.textures[j - 1], 1, mode="edge")[b0:b1 + 2, c0:c1 + 2]  # ±1 block, as gate_map
+            textured = np.lib.stride_tricks.sliding_window_view(near, (3, 3)).max(axis=(2, 3)) > t_min
+            return not (textured & (bb > p_none + eps)).any()
+
+        def factory(count: bool):
+            def counted(rows, cols) -> bool:
+                out = skip(rows, cols)
+                if count:
+                    self.skipped[0] += out
+                    self.skipped[1] += 1
+                return out
+            return counted
+        return factory
 
     def _map_blocks(self, fixed):
         """A per-pixel position map (input size) as block averages of the output grid."""
@@ -246,18 +334,16 @@ class RegionComposer:
             ox0, ox1 = self.oxs[c], self.oxs[c + 1]
             bc0, bc1 = self._block_span(ox0, ox1, self.BW)
             lq = to_float(self.rgb[self.ys[r]:self.ys[r + 1], self.xs[c]:self.xs[c + 1]])
-            noise = local_noise(lq)
             per_plan = []  # each plan's candidate positions in this region
-            for choice in self.choices:
+            for k, choice in enumerate(self.choices):
                 if not choice.candidates:  # a fixed position: nothing to score
                     per_plan.append([])
                     continue
-                top = min(choice.top * (1 - noise), choice.ceiling)
+                top = self.ceilings[k][r, c]
                 cands = [p for p in choice.candidates if p <= top + 1e-9]
                 if top - cands[-1] > 1e-6:
                     cands.append(round(top, 6))  # the region's own ceiling, between two rungs
                 per_plan.append(cands)
-                self.ceilings[len(per_plan) - 1][r, c] = top
             positions = sorted({p for cands in per_plan for p in cands})
             images = []
             for p in positions:
@@ -287,7 +373,7 @@ class RegionComposer:
 
     def _fill(self, k: int, r: int) -> None:
         """Unjudged regions of row r: the nearest judged one in the row, else the one above, else the
-        median of those judged so far, else 0."""
+        median of those judged so far, else 0; never above the region's own ceiling."""
         row, judged = self.pos[k][r], self.judged[k][r]
         cols = np.flatnonzero(judged)
         done = self.pos[k][:r + 1][self.judged[k][:r + 1]]
@@ -298,6 +384,7 @@ class RegionComposer:
                 row[c] = self.pos[k][r - 1, c]
             else:
                 row[c] = float(np.median(done)) if done.size else 0.0
+            row[c] = min(row[c], self.ceilings[k][r, c])
 
     def _record(self, k: int) -> dict:
         """The plan's region map (positions after the offset), and per candidate position its parts

@@ -35,7 +35,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .. import metrics as M
+from .. import fullref
 from ..cot import LEVELS, parse_cot
 from ..imageio import read_image, to_float
 from ..restorers.blend import resize
@@ -133,6 +133,8 @@ class FidelityScorer:
         self.dists = _optional_pyiqa("dists", device) if use_pyiqa else None
 
     def parts(self, sr: np.ndarray, hr: np.ndarray) -> dict[str, float]:
+        from .. import metrics as M
+
         p, g = M.as_batch(sr), M.as_batch(hr)
         psnr = float(M.psnr(p, g)[0])
         lo, hi = PSNR_RANGE
@@ -159,17 +161,15 @@ class InputConsistency:
         for i, q in enumerate(lq):
             groups.setdefault(q.shape[:2], []).append(i)
         lo, hi = PSNR_RANGE
-        import torch
-
         for (h, w), rows in groups.items():
             down = np.stack([downscale(to_float(sr[i]), (h, w)) for i in rows])
             ref = np.stack([to_float(lq[i])[..., :3] for i in rows])
-            p, g = (M.as_batch(torch.from_numpy(x).permute(0, 3, 1, 2)) for x in (down, ref))
-            psnr = np.clip((M.psnr(p, g).numpy() - lo) / (hi - lo), 0, 1)
-            if min(h, w) < 11:  # too small for SSIM's window: PSNR alone
+            # numpy, not metrics.py's torch: the lite process never imports torch for this
+            psnr = np.clip((fullref.psnr_y(down, ref) - lo) / (hi - lo), 0, 1)
+            if min(h, w) < fullref.SSIM_WINDOW:  # too small for SSIM's window: PSNR alone
                 out_rows = psnr
             else:
-                out_rows = (psnr + np.clip(M.ssim(p, g).numpy(), 0, 1)) / 2
+                out_rows = (psnr + np.clip(fullref.ssim_y(down, ref), 0, 1)) / 2
             for i, v in zip(rows, out_rows):
                 out[i] = float(v)
         return out
@@ -205,9 +205,13 @@ class NRIQAScorer:
     def __init__(self, device: str = "cpu"):
         import torch
 
+        from .. import metrics as M
+
         self.metrics = {name: M.PyiqaMetric(name, torch.device(device)) for name in NR_IQA}  # raises if unavailable
 
     def __call__(self, sr: list, lq: list, hr: list) -> list[float | None]:
+        from .. import metrics as M
+
         scores = []
         for s in sr:
             t = M.as_batch(s).float()
@@ -304,6 +308,8 @@ class VLMJudge:
 
 def _optional_pyiqa(name: str, device: str):
     import torch
+
+    from .. import metrics as M
 
     try:
         return M.PyiqaMetric(name, torch.device(device))
@@ -433,6 +439,8 @@ def compass_score(quality, fidelity=None, gamma: float = 7.0, device: str = "cpu
 
 def irpo_general_score(device: str = "cpu") -> ImageReward:
     """IRPO's general reward from the fidelity metrics available here, in [0, 1]."""
+    from .. import metrics as M
+
     scorer = FidelityScorer(use_pyiqa=True, device=device)
     lpips = _optional_pyiqa("lpips", device)
 
