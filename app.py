@@ -157,10 +157,12 @@ def _stop_on_signals() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python app.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                epilog="Exit status: 0 when stopped (Ctrl-C or SIGTERM), 2 for a usage error. "
-                                       "Either way the temp folder it made is deleted.")
+    from realsr_r1.cli import Parser
+
+    p = Parser(prog="python app.py", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+               epilog="Exit status: 0 when stopped (Ctrl-C or SIGTERM), 2 for a usage error. "
+                      "Either way the temp folder it made is deleted.")
     p.add_argument("--host", default="127.0.0.1", metavar="ADDRESS",
                    help="the address to serve on; 0.0.0.0 to serve your network")
     p.add_argument("--port", type=int, default=7860, metavar="N", help="the port to serve on")

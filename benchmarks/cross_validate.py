@@ -114,9 +114,9 @@ def choose(pair, setting, chooser) -> int:
     best, value = cands[0], None
     for j in cands:
         m = pair["rows"][j]["parts"]
-        if m["fidelity"] is None or m["q_sr"] is None:
+        if m["F"] is None or m["Q_SR"] is None:
             continue
-        r = compass_reward_value(m["fidelity"], q_lr, m["q_sr"], gamma)
+        r = compass_reward_value(m["F"], q_lr, m["Q_SR"], gamma)
         if value is None or r > value:
             best, value = j, r
     return best

@@ -21,9 +21,15 @@ separate process under `/usr/bin/time -v` (else a python wrapper that reports it
 ru_maxrss) for `--fidelity auto`, `--fidelity 0` and ncnn x4plus
 (`--set restorer.backend=ncnn --fidelity 0`). Table: size, mode, wall seconds, peak RSS of the
 child (MB), auto's RSS over `--fidelity 0`'s; a failed run shows its one-line error.
+`--rgba16` makes the inputs 16-bit RGBA. `--stand-in` replaces OpenVINO's inference by nearest ×4
+in the child (the models still load), so 2048² and 4096² take minutes on 2 cores instead of hours,
+and adds to each peak one runtime's buffers for a large image's window, measured apart: the experts
+take turns with one set of them (regions.py), so that is what the real run holds beside the rest.
 
     python benchmarks/whole_photos.py mosaic /path/to/drealsr --k 3 --limit 27
     python benchmarks/whole_photos.py memory --sizes 512,1024
+    python benchmarks/whole_photos.py memory --sizes 2048 --stand-in
+    python benchmarks/whole_photos.py memory --sizes 4096 --stand-in --rgba16
 """
 
 from __future__ import annotations
@@ -232,7 +238,10 @@ def memory(args) -> None:
             ratio = (got["auto"] / got["fidelity 0"]) if got.get("auto") and got.get("fidelity 0") else None
             rows.append((size, "ratio", ratio))
     print(f"\n### peak memory and time of one `python -m realsr_r1.infer` process; {cpu_description()}; "
-          f"input: {Path(args.photo).name} reflect-tiled to size²\n")
+          f"input: {Path(args.photo).name} reflect-tiled to size²"
+          + (" in 16-bit RGBA" if args.rgba16 else "")
+          + (f"; stand-in networks, one runtime's buffers ({buffers:.0f} MB, measured apart) added" if args.stand_in
+             else "") + "\n")
     print("| size | mode | seconds | peak RSS MB | auto RSS / fidelity 0 RSS |")
     print("|---|---|---|---|---|")
     for row in rows:

@@ -647,7 +647,9 @@ def region_words(rgb: np.ndarray) -> dict[str, str]:
 
 # --- CLI ------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from .cli import Parser
+
+    p = Parser(
         prog="python -m realsr_r1.analyze",
         description="Estimate noise sigma, blur sigma and JPEG quality of images without any model. "
         "Prints one JSON object per image.",

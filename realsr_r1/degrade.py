@@ -445,7 +445,9 @@ def one_line(e: BaseException) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from .cli import Parser
+
+    p = Parser(
         prog="python -m realsr_r1.degrade",
         description="Synthesise low-quality images from HR images with Real-ESRGAN's second-order "
         "degradation. Writes NAME.png per input and labels.jsonl (every drawn parameter and the "

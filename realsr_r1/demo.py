@@ -113,7 +113,7 @@ def start_profiles(requested: str) -> tuple[dict[str, str], str, str | None]:
 def candidate_caption(row: dict, winner: str | None) -> str:
     """e.g. `★ reward 4.84 — realsr-df2k (F 0.99, Q 4.86)`: F and Q where the reward has those parts.
     The score comes first: the strip cuts long captions (blends' labels) short."""
-    parts = [f"{short} {row[key]:.2f}" for key, short in (("fidelity", "F"), ("q_sr", "Q")) if row.get(key) is not None]
+    parts = [f"{short} {row[key]:.2f}" for key, short in (("F", "F"), ("Q_SR", "Q")) if row.get(key) is not None]
     reward = "no score" if row.get("reward") is None else f"reward {row['reward']:.2f}"
     star = "★ " if row["label"] == winner else ""
     return f"{star}{reward} — {row['label']}" + (f" ({', '.join(parts)})" if parts else "")

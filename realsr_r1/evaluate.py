@@ -336,7 +336,9 @@ def write_grids(out_dir: Path, gts: list[Path], pred_dirs: list[Path], results: 
 
 # --- CLI --------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m realsr_r1.evaluate", description=__doc__.split("\n\n")[0])
+    from .cli import Parser
+
+    p = Parser(prog="python -m realsr_r1.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--pred", action="append", required=True, help="folder of results (repeatable: one row each)")
     p.add_argument("--gt", help="folder of ground-truth HR images (without it: no-reference metrics only)")
     p.add_argument("--metrics", default=None,

@@ -31,7 +31,9 @@ EXIT_CODES = "exit status: 0 when every file succeeded, 1 when some failed (or w
 def build_parser() -> argparse.ArgumentParser:
     from .weights import SHORT_NAMES
 
-    p = argparse.ArgumentParser(
+    from .cli import Parser
+
+    p = Parser(
         prog="python -m realsr_r1.infer",
         description="Restore low-quality images: reason about the degradation (VLCoT), then restore "
         "coarse to fine. Writes NAME.png and NAME.json (the chain of thought) per input.",
@@ -361,7 +363,8 @@ class Counts:
         self.other += more.other
 
     def summary(self, target: Path) -> str:
-        lines = [f"restored {self.restored}, skipped {self.skipped} (already done), failed {self.failed} → {target}"]
+        where = f" → {target}" if self.restored or self.skipped else ""  # nothing written: no file to name
+        lines = [f"restored {self.restored}, skipped {self.skipped} (already done), failed {self.failed}{where}"]
         if self.other:
             reasons = sorted({why for _, why in self.other})
             names = ", ".join(name for name, _ in self.other[:5]) + (", …" if len(self.other) > 5 else "")

@@ -12,6 +12,7 @@ yields stage images. Profiles (configs/*.yaml) pick the implementations; `profil
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
@@ -188,12 +189,15 @@ class RestorationPipeline:
                 raise RuntimeError(f"restorer produced no image for stage(s) {', '.join(missing)}")
             final = stages["final"]
             summary = (final.choice or {}).get("summary")
-            if summary and not plan.understanding.get("final"):
+            if summary and not (plan.understanding.get("final") or "").strip():
                 # A policy that wrote no final understanding (the lite analyser): what the choice did.
                 plan.understanding["final"] = summary
-                cot = cot.replace("<final_understand></final_understand>", f"<final_understand>{summary}</final_understand>", 1)
+                cot = re.sub(r"<final_understand>\s*</final_understand>",
+                             lambda _: f"<final_understand>{summary}</final_understand>", cot, count=1)
             info = {"profile": self.profile, "policy": self.policy.name, **self.restorer.describe(),
                     "policy_info": self.policy.describe()}
+            if (final.choice or {}).get("restorer"):  # what ran for this image, of what was loaded
+                info["restorer"] = final.choice["restorer"]
             for name in STAGES:  # how a restorer chose among candidates: `choice` (final), `rough_choice`, ...
                 if stages[name].choice is not None:
                     info["choice" if name == "final" else f"{name}_choice"] = stages[name].choice

@@ -243,16 +243,20 @@ def choose_profile(requested: str) -> tuple[str, str]:
             raise ConfigError(f"unknown profile {requested!r}{_hint(requested, names, list_all=False)}: "
                               f"use {', '.join(names)} or a .yaml file")
         return requested, "requested"
+    from .device import gpu_possible
     from .download import full_profile_present
     from .weights import default_dir
 
-    if not full_profile_present():
-        return "lite", (f"auto: the full profile's weights are not in {default_dir()} "
-                        "(python -m realsr_r1.download full), using lite")
+    # The GPU first: where the full profile cannot run, its missing weights are no news.
+    if not gpu_possible():
+        return "lite", "auto: no CUDA GPU here, using lite"
     import torch
 
     if not torch.cuda.is_available():
-        return "lite", "auto: the full profile's weights are here but there is no CUDA GPU, using lite"
+        return "lite", "auto: no CUDA GPU here, using lite"
+    if not full_profile_present():
+        return "lite", (f"auto: a CUDA GPU but not the full profile's weights (not in {default_dir()}; "
+                        "python -m realsr_r1.download full fetches them, about 20 GB), using lite")
     return "full", "auto: full profile weights and a CUDA GPU are present"
 
 

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 from pathlib import Path
@@ -30,8 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     name, config_help = COMMANDS[command]
     module = importlib.import_module(f".training.{name}", __package__)
-    p = argparse.ArgumentParser(prog=f"python -m realsr_r1.train{'' if command == 'train' else ' ' + command}",
-                                description=module.__doc__.split("\n\n")[0])
+    from .cli import Parser
+
+    p = Parser(prog=f"python -m realsr_r1.train{'' if command == 'train' else ' ' + command}",
+               description=module.__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help=config_help)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set trainer.learning_rate=1e-5 (repeatable)")
@@ -40,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--keep", type=float, default=0.3, help="fraction of inputs to keep (IRPO: 0.3)")
         p.add_argument("--out", help="output folder (default: DATA-hardestNN)")
     else:
-        p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+        again = p.add_mutually_exclusive_group()
+        again.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+        again.add_argument("--overwrite", action="store_true",
+                           help="start again in output_dir, removing an earlier run's checkpoint-N folders")
     args = p.parse_args(argv)
     from . import quiet
     from .training.common import main_process, show_library_warnings_once
@@ -58,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
             module.filter_dataset(cfg, args.keep, Path(args.out) if args.out else None,
                                   log=lambda m: print(m, file=sys.stderr))
         elif command == "joint":
-            message = module.main_message(cfg, *module.train(cfg, resume=args.resume))
+            message = module.main_message(cfg, *module.train(cfg, resume=args.resume, overwrite=args.overwrite))
             if main_process():
                 print(message, file=sys.stderr)
         else:
-            out = module.train(cfg, resume=args.resume)
+            out = module.train(cfg, resume=args.resume, overwrite=args.overwrite)
             if main_process():
                 print(module.saved_message(cfg, out), file=sys.stderr)
     except (ConfigError, ValueError, FileNotFoundError, ImportError, PolicyLoadError) as e:

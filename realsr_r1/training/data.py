@@ -25,7 +25,6 @@ degraded again unless --overwrite; tags and captions are joined at the end and c
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
@@ -215,7 +214,9 @@ def load_dataset(data_dir):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m realsr_r1.data", description=__doc__.split("\n\n")[0])
+    from ..cli import Parser
+
+    p = Parser(prog="python -m realsr_r1.data", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="HR images → LQ images, labels.jsonl and DATA_DIR/dataset")
     b.add_argument("--hr", required=True, help="folder of HR images")

@@ -383,11 +383,16 @@ def last_checkpoint(output_dir: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
 
 
-def train(cfg: dict, *, resume: bool = False, restorer=None, callbacks=()) -> Path:
-    """GRPO of the policy; `restorer` and `callbacks` as build_trainer's (joint training)."""
+def train(cfg: dict, *, resume: bool = False, overwrite: bool = False, restorer=None, callbacks=()) -> Path:
+    """GRPO of the policy; `restorer` and `callbacks` as build_trainer's (joint training);
+    `overwrite` starts again over an earlier run's checkpoints."""
+    from .common import clear_checkpoints
+
     check_config(cfg)
     output_dir = Path(cfg.get("output_dir") or "runs/grpo")
-    checkpoint = last_checkpoint(output_dir) if output_dir.is_dir() else None
+    if overwrite:
+        clear_checkpoints(output_dir)
+    checkpoint = last_checkpoint(output_dir) if output_dir.is_dir() and not overwrite else None
     if resume and checkpoint is None:
         raise ConfigError(f"--resume: no checkpoint-N folder in {output_dir}")
     if checkpoint is not None and not resume:

@@ -172,24 +172,27 @@ def write_table(out: Path) -> None:
     atomic_write_text(out / "joint.md", "\n".join(lines) + "\n")
 
 
-def train(cfg: dict, *, resume: bool = False) -> tuple[Path, Path]:
+def train(cfg: dict, *, resume: bool = False, overwrite: bool = False) -> tuple[Path, Path]:
     from . import grpo
+    from .common import main_process
     from .restorer_rl import RestorerRL
 
     joint, policy_cfg, restorer_cfg = resolve(cfg)
     out = Path(joint["output_dir"])
-    if not resume and (out / JOINT_FILE).is_file():
+    if overwrite and (out / JOINT_FILE).is_file() and main_process():
+        (out / JOINT_FILE).unlink()  # its rows are made again, with both sides' checkpoints
+    if not resume and not overwrite and (out / JOINT_FILE).is_file():
         raise ConfigError(f"{out} already has a joint run: pass --resume to continue it, or choose another output_dir")
     out.mkdir(parents=True, exist_ok=True)
     texts = LivePolicyTexts(grpo.decoding(policy_cfg))
-    rl = RestorerRL(restorer_cfg, resume=resume, policy_texts=texts)
+    rl = RestorerRL(restorer_cfg, resume=resume, overwrite=overwrite, policy_texts=texts)
     rl.out.mkdir(parents=True, exist_ok=True)
     if resume and (out / JOINT_FILE).is_file():  # rows after the policy's checkpoint are made again
         step = rl.step // int(joint["restorer_steps"])
         kept = [line for line in (out / JOINT_FILE).read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line)["step"] <= step]
         atomic_write_text(out / JOINT_FILE, "".join(line + "\n" for line in kept))
-    policy_out = grpo.train(policy_cfg, resume=resume, restorer=rl.stages,
+    policy_out = grpo.train(policy_cfg, resume=resume, overwrite=overwrite, restorer=rl.stages,
                             callbacks=[_callback(rl, texts, int(joint["restorer_steps"]), out)])
     return policy_out, rl.result
 

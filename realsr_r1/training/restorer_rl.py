@@ -192,7 +192,7 @@ def _seed(*parts: int) -> int:
 class RestorerRL:
     """One training run (module doc)."""
 
-    def __init__(self, cfg: dict, *, resume: bool = False, policy_texts=None):
+    def __init__(self, cfg: dict, *, resume: bool = False, overwrite: bool = False, policy_texts=None):
         """`policy_texts` (joint training) writes each input's conditioning with the live policy."""
         from accelerate import Accelerator
 
@@ -269,7 +269,7 @@ class RestorerRL:
             self.metric_names = default_metrics(cfg["rewards"])
         if self.guard is not None and self.guard.metric not in self.metric_names:
             self.metric_names.append(self.guard.metric)
-        self._checkpoint_start(resume)
+        self._checkpoint_start(resume, overwrite)
 
     # checkpoints --------------------------------------------------------------------------------
     def _checkpoints(self) -> list[Path]:
@@ -277,8 +277,12 @@ class RestorerRL:
                  and (p / "state.pt").is_file()]
         return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
-    def _checkpoint_start(self, resume: bool) -> None:
-        found = self._checkpoints() if self.out.is_dir() else []
+    def _checkpoint_start(self, resume: bool, overwrite: bool = False) -> None:
+        from .common import clear_checkpoints
+
+        if overwrite:
+            clear_checkpoints(self.out, files=(LOG_FILE, EVAL_FILE), prefixes=("checkpoint", "best"))
+        found = self._checkpoints() if self.out.is_dir() and not overwrite else []
         if resume and not found:
             raise ConfigError(f"--resume: no checkpoint-N folder in {self.out}")
         if found and not resume:
@@ -673,8 +677,8 @@ def _fmt(v) -> str:
     return "–" if v is None else f"{v:.4f}"
 
 
-def train(cfg: dict, *, resume: bool = False) -> Path:
-    return RestorerRL(cfg, resume=resume).train()
+def train(cfg: dict, *, resume: bool = False, overwrite: bool = False) -> Path:
+    return RestorerRL(cfg, resume=resume, overwrite=overwrite).train()
 
 
 def saved_message(cfg: dict, out: Path) -> str:
