@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from . import quiet
 
-    quiet.configure(args.verbose)
+    quiet.configure(args.verbose, library_bars=True)  # the hub's transfer bars are this command's progress
     hub = {}
     for item in args.hub:
         kind, sep, repo_id = item.partition("=")

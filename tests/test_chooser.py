@@ -525,3 +525,21 @@ def test_the_demo_strip_captions_each_look_with_its_own_position():
     shown = final.choice["shown"]
     assert len(shown) == len(final.candidates) and set(shown) <= {r["label"] for r in final.choice["candidates"]}
     assert len(final.choice["candidates"]) > len(shown)  # the noisy region's own ceiling is not in the strip
+
+
+def test_large_resizes_work_in_strips_and_give_the_same_image(monkeypatch):
+    """Above STRIP_PIXELS the resize goes strip by strip (no whole-image PIL copy): the image is the
+    whole-image one, for 8-bit, 16-bit and float, shrinking and growing."""
+    rng = np.random.default_rng(1)
+    cases = [rng.integers(0, 256, (300, 200, 3), dtype=np.uint8),
+             rng.integers(0, 65536, (300, 200, 3), dtype=np.uint16), rng.random((300, 200), dtype=np.float32)]
+    for arr in cases:
+        for size in ((50, 75), (100, 150), (400, 600)):
+            whole = blend.resize(arr, size)
+            monkeypatch.setattr(blend, "STRIP_PIXELS", 1)
+            monkeypatch.setattr(blend, "STRIP_SOURCE", 4000)  # about 20 source rows per strip
+            strips = blend.resize(arr, size)
+            monkeypatch.undo()
+            assert strips.dtype == whole.dtype and strips.shape == whole.shape
+            tol = {np.uint8: 0, np.uint16: 2}.get(arr.dtype.type, 1e-5)
+            assert np.abs(strips.astype(float) - whole.astype(float)).max() <= tol, (arr.dtype, size)

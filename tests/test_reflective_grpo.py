@@ -106,6 +106,24 @@ def test_reflect_stages_are_checked(setup, tmp_path):  # noqa: F811
                 grpo.build_trainer(cfg, tmp_path)
 
 
+def test_the_documented_smoke_run_reflects_and_its_log_says_so(setup, tmp_path):  # noqa: F811
+    """docs/training.md's reflective smoke run, as written (its config's script makes the tiny VLM
+    write the tags): rollouts pause at <rough_image> and take the rough image in."""
+    from realsr_r1 import train
+    from realsr_r1.profiles import ConfigError, load_config
+
+    with weights_env(setup / "weights"):
+        rc = train.main(["--config", CONFIG, "--set", f"data={setup / 'data'}", "--set", f"output_dir={tmp_path}",
+                         "--set", "trainer.max_steps=1"])
+    assert rc == 0
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reflect/paused" in r]
+    assert steps and all(r["reflect/paused"] > 0 and r["reflect/stage_images"] > 0 for r in steps)
+    cfg = load_config(CONFIG, [f"data={setup / 'data'}", "model=Qwen/Qwen2.5-VL-3B-Instruct"])
+    with pytest.raises(ConfigError, match="script: only for a reflective smoke run of a tiny"):
+        grpo.check_config(cfg)
+
+
 class _MergingTokenizer:
     """A tokenizer with a merge across the tag's end (`></`), as real BPE vocabularies have."""
 

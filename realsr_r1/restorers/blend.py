@@ -100,17 +100,47 @@ def cells(length: int, cell: int = SCORE_CELL) -> list[int]:
     return [round(i * length / n) for i in range(n + 1)]
 
 
+# Source pixels from which resize works in horizontal strips: a whole 16384² output as one PIL image
+# (and as float32, a channel at a time for 16-bit) would add 1 GB or more beside the output itself.
+STRIP_PIXELS = 1 << 24
+STRIP_SOURCE = 1 << 22  # source pixels per strip
+
+
 def resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Lanczos resize of an HxW or HxWx3 array (uint8 stays uint8; others go through float)."""
     w, h = size
     if arr.shape[1] == w and arr.shape[0] == h:
         return arr
+    H, W = arr.shape[:2]
+    if H * W < STRIP_PIXELS:
+        return _resize(arr, size)
+    # In strips of output rows, each from its source rows and a margin beyond Lanczos's support
+    # (3 source pixels per output pixel when shrinking), placed by PIL's `box`: the same image as
+    # one resize (to within one 8-bit level where the scale is not a whole number).
+    sy = H / h
+    margin = int(np.ceil(3 * max(sy, 1.0))) + 2
+    rows = max(1, int(STRIP_SOURCE / (W * max(sy, 1.0))))
+    parts = []
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        y0, y1 = max(0, int(np.floor(r0 * sy)) - margin), min(H, int(np.ceil(r1 * sy)) + margin)
+        parts.append(_resize(arr[y0:y1], (w, r1 - r0), (0, r0 * sy - y0, W, r1 * sy - y0)))
+    out = np.empty((h, w) + parts[0].shape[2:], parts[0].dtype)
+    r = 0
+    for p in parts:
+        out[r:r + p.shape[0]] = p
+        r += p.shape[0]
+    return out
+
+
+def _resize(arr: np.ndarray, size: tuple[int, int], box=None) -> np.ndarray:
+    w, h = size
     if arr.dtype == np.uint8:
         mode = "L" if arr.ndim == 2 else "RGB"
-        return np.asarray(Image.fromarray(arr, mode).resize((w, h), Image.LANCZOS))
+        return np.asarray(Image.fromarray(np.ascontiguousarray(arr), mode).resize((w, h), Image.LANCZOS, box=box))
     chans = [arr] if arr.ndim == 2 else [arr[..., c] for c in range(arr.shape[2])]
-    # A channel at a time into float: a 16384² 16-bit RGB photo is 3.2 GB as float32 whole.
-    out = [np.asarray(Image.fromarray(np.ascontiguousarray(to_float(c)), "F").resize((w, h), Image.LANCZOS))
+    # A channel at a time into float: a 16-bit RGB photo is twice its size as float32 whole.
+    out = [np.asarray(Image.fromarray(np.ascontiguousarray(to_float(c)), "F").resize((w, h), Image.LANCZOS, box=box))
            for c in chans]
     res = out[0] if arr.ndim == 2 else np.stack(out, axis=2)
     res = np.clip(res, 0, 1)

@@ -141,6 +141,9 @@ class DiffusionStages:
         on, or fused into the UNet for every stage when it names none."""
         from diffusers import StableDiffusionUpscalePipeline
 
+        from ..quiet import settle
+
+        settle("diffusers")  # its loading bars, now that it is imported
         if rough not in ROUGH_METHODS:
             raise ValueError(f"unknown rough method {rough!r} (use {', '.join(ROUGH_METHODS)})")
         dev = resolve_device(device)

@@ -81,6 +81,39 @@ def clear_checkpoints(folder: Path, files=(LOG_FILE,), prefixes=("checkpoint",))
         (folder / name).unlink(missing_ok=True)
 
 
+def short_progress(trainer) -> None:
+    """transformers' progress callback writes every logged dict under the bar (TRL's GRPO logs 30
+    keys a step): keep the bar, and write one short line per logging step instead, unless verbose.
+    The whole dict goes to log.jsonl either way."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from .. import quiet
+
+    if quiet.verbose():
+        return
+
+    def line(state, logs) -> str | None:
+        keys = [k for k in ("reward", "loss", "kl", "learning_rate") if isinstance(logs.get(k), (int, float))]
+        return f"step {state.global_step}: " + ", ".join(f"{k} {logs[k]:.4g}" for k in keys) if keys else None
+
+    class Short(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            text = line(state, logs or {}) if state.is_world_process_zero else None
+            if text and self.training_bar is not None:
+                self.training_bar.write(text, file=sys.stderr)
+
+    class ShortPrinter(PrinterCallback):  # disable_tqdm: no bar, the short line alone
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            text = line(state, logs or {}) if state.is_world_process_zero else None
+            if text:
+                print(text, file=sys.stderr)
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(Short())
+    if trainer.pop_callback(PrinterCallback) is not None:
+        trainer.add_callback(ShortPrinter())
+
+
 def main_process() -> bool:
     """Whether this is the process that speaks for a multi-process (torchrun / accelerate launch) run."""
     return int(os.environ.get("RANK", 0)) == 0

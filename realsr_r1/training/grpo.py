@@ -24,7 +24,7 @@ from pathlib import Path
 from ..decoding import TRAINED_DECODING_FILE
 from ..imageio import atomic_write_text
 from ..profiles import ConfigError
-from .common import LOG_FILE, inference_profile, profile_section, say
+from .common import LOG_FILE, inference_profile, profile_section, say, short_progress
 
 
 class ZeroLossNotes:
@@ -79,7 +79,7 @@ def model_path(cfg: dict) -> Path:
 
 # The keys a training config may have (configs/grpo*.yaml); `trainer` is GRPOConfig's, checked by it.
 CONFIG_KEYS = ("model", "dtype", "load_in_4bit", "max_pixels", "data", "output_dir", "lora", "rewards", "restorer",
-               "group_filter", "generation", "trainer", "reflect_stages")
+               "group_filter", "generation", "trainer", "reflect_stages", "script")
 LORA_KEYS = ("r", "alpha", "dropout", "targets", "train_vision")
 SECTIONS = ("lora", "rewards", "restorer", "group_filter", "generation", "trainer")
 
@@ -112,6 +112,15 @@ def check_config(cfg: dict) -> None:
     if cfg.get("restorer"):
         restorer_section(cfg)  # checks the merged section's keys and types
     decoding(cfg)
+    script = cfg.get("script")
+    if script is not None:
+        from ..tiny import BUILDERS
+
+        if str(cfg.get("model")) not in BUILDERS or not cfg.get("reflect_stages"):
+            raise ConfigError("script: only for a reflective smoke run of a tiny random VLM "
+                              "(model: tiny-vlm and reflect_stages), which cannot write the tags itself")
+        if not isinstance(script, list) or not all(isinstance(s, (str, list)) for s in script):
+            raise ConfigError(f"script: expected a list of texts, one per rollout segment, got {script!r}")
 
 
 def restorer_section(cfg: dict) -> dict:
@@ -352,7 +361,12 @@ def build_trainer(cfg: dict, output_dir: Path, *, restorer=None, callbacks=()):
                   peft_config=lora_config(cfg),
                   callbacks=_callbacks(output_dir / LOG_FILE, output_dir / TRAINED_DECODING_FILE) + list(callbacks), **options)
     keep_trainable_fp32(trainer, cfg)
+    short_progress(trainer)
     _name_the_base_model(trainer, str(cfg.get("model") or model_path(cfg).name))
+    if cfg.get("script"):  # the tiny random VLM writes the given segments, so the smoke run reflects
+        from ..tiny import ScriptedChain
+
+        trainer.logits_processors = [ScriptedChain(trainer._tokenizer, cfg["script"], trainer.eos_token_ids[0])]
     return trainer
 
 
