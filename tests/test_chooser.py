@@ -16,7 +16,7 @@ from realsr_r1.restorers.esrgan import ESRGANRestorer
 from realsr_r1.restorers.ladder import DEFAULT_GATES, NOISE_RAMP, Ladder, ceiling, parse_fidelity
 from realsr_r1.restorers.lite import LiteStages
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, REPO
 
 CLEAN = "<degradation>blur: none; noise: none; jpeg: none; downsample: x4</degradation>"
 HEAVY = "<degradation>blur: heavy; noise: heavy; jpeg: heavy; downsample: x4</degradation>"
@@ -355,6 +355,14 @@ def test_sidecar_records_every_candidate_and_why(tmp_path, capsys, weights_dir):
     noisy = plan.level("noise") in ("medium", "heavy") or plan.level("jpeg") in ("medium", "heavy")
     assert not noisy  # this crop reads clean enough for the chooser (the noisy path: the test below)
     assert "<degradation>" in side["chain_of_thought"]  # the chain keeps its format
+    assert side["restorer"] == "realesrgan-x4plus+realsr-df2k"  # both ran here
+    rc = main(["-i", str(tmp_path / "in.png"), "-o", str(tmp_path / "zero"), "--quiet", "--fidelity", "0"])
+    assert rc == 0, capsys.readouterr().err
+    side = json.loads((tmp_path / "zero" / "in.json").read_text(encoding="utf-8"))
+    assert side["restorer"] == "realesrgan-x4plus" and side["choice"]["summary"]  # what ran, and why, in words
+    assert "<final_understand></final_understand>" not in side["chain_of_thought"]
+    page = (REPO / "docs" / "cli.md").read_text(encoding="utf-8")  # every word of the record explained
+    assert all(f"`{key}`" in page for key in ("restorer", "experts", "F", "Q_SR", "skipped", "positions"))
 
 
 def test_the_same_choice_on_every_fp32_backend(weights_dir):

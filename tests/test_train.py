@@ -77,6 +77,10 @@ def test_train_resume_and_use_the_adapter(setup, tmp_path, capsys):
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     assert [r["step"] for r in log_rows(out) if "reward" in r] == [1, 2, 3]  # continued, not restarted
+    # the linear schedule over the new length: step 3 of 3 learns at 1/3 of the rate, not at the 0
+    # the first run's schedule ended on
+    rate = {r["step"]: r["learning_rate"] for r in log_rows(out) if "learning_rate" in r}
+    assert rate[1] == pytest.approx(1e-2) and rate[3] == pytest.approx(1e-2 / 3)
     assert run(setup, out, "--overwrite") == 0, capsys.readouterr().err  # the same command again, from 0
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert [r["step"] for r in log_rows(out) if "reward" in r] == [1, 2]

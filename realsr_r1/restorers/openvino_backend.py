@@ -312,7 +312,7 @@ class OpenVINONet:
 
         settle("nncf")  # it sets its logger to INFO when imported: a line per operation it leaves in float
 
-        log.warning("calibrating INT8 on %d tiles: once, about 1.5 min on 2 cores, cached in %s "
+        log.warning("calibrating INT8 on %d tiles: once, 1.5-4 min on 2 cores, cached in %s "
                     "(--precision bf16 or fp32 runs without it)", len(tiles), dest.parent)
         ir = ov.Core().read_model(str(fp32_dir / "model.xml"))
         with hushed():  # its progress bars go to stdout, where a run's output may be piped

@@ -283,7 +283,23 @@ def _callbacks(log_path: Path, decoding_path: Path, say=_note):
             if state.is_world_process_zero and folder.is_dir():
                 shutil.copyfile(decoding_path, folder / decoding_path.name)
 
-    return [JsonlLog()]
+    class ResumedSchedule(TrainerCallback):
+        """A resumed run, often with a larger trainer.max_steps: transformers rebuilds the scheduler
+        for the new length but restores the optimizer's learning rate as the first run left it (0 at
+        the end of a linear schedule), so the first resumed step would learn nothing. The rate of
+        the step about to run, from the rebuilt schedule (Trainer._prepare_for_training loads both
+        before on_train_begin)."""
+
+        def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+            lambdas = getattr(lr_scheduler, "lr_lambdas", None)
+            if not state.global_step or optimizer is None or lambdas is None:
+                return
+            rates = [base * fn(lr_scheduler.last_epoch) for base, fn in zip(lr_scheduler.base_lrs, lambdas)]
+            for group, rate in zip(optimizer.param_groups, rates):
+                group["lr"] = rate
+            lr_scheduler._last_lr = rates
+
+    return [JsonlLog(), ResumedSchedule()]
 
 
 def trainer_and_options(group_filter: dict | None):
