@@ -289,7 +289,9 @@ class RegionComposer:
             if t_min is None or (bb > p_gated + eps).any():
                 return False
             self._texture_to((b1 + 1) * B, pull=True)
-            near = np.pad(self.textures[j - 1], 1, mode="edge")[b0:b1 + 2, c0:c1 + 2]  # ±1 block, as gate_map
+            ry = np.clip(np.arange(b0 - 1, b1 + 1), 0, self.BH - 1)  # ±1 block, edges repeated, as gate_map
+            rx = np.clip(np.arange(c0 - 1, c1 + 1), 0, self.BW - 1)
+            near = self.textures[j - 1][np.ix_(ry, rx)]
             textured = np.lib.stride_tricks.sliding_window_view(near, (3, 3)).max(axis=(2, 3)) > t_min
             return not (textured & (bb > p_none + eps)).any()
 
