@@ -31,7 +31,7 @@ class Parser(argparse.ArgumentParser):
         known = set(self.options())
         unknown = [t for t in getattr(self, "_given", []) if t.startswith("--") and t.split("=", 1)[0] not in known
                    and not any(o.startswith(t.split("=", 1)[0]) for o in known)]  # argparse takes prefixes
-        if unknown and not message.startswith(prefix):  # "required: --output" after a mistyped --ouput
+        if unknown and message.startswith("the following arguments are required"):  # after a mistyped --ouput
             message = prefix + " ".join(unknown)
         if message.startswith(prefix):
             parts = []

@@ -159,7 +159,8 @@ def check_no_collision(layout: Layout, files: list[Path], save_stages: bool) -> 
             if hit is None:
                 continue
             if layout.single is not None and hit == f:
-                raise UsageError(f"{hit}: --output names the input itself; choose another file name")
+                raise UsageError(f"{hit}: --output names the input itself, which the result would overwrite; "
+                                 "choose another file name")
             if layout.out_dir.resolve() == hit.parent.resolve() and hit == f:
                 raise UsageError(f"{hit}: its result would overwrite it (--output is the input's folder); "
                                  "choose another --output, or a --suffix")

@@ -72,6 +72,8 @@ def test_the_documented_commands_run_as_written(tmp_path, weights_dir):
     _copy_of_the_repository(clone)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "HF_HUB_OFFLINE": "1", "REALSR_R1_WEIGHTS": str(weights_dir)}  # converted weights: shared, not hub
+    for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        env.pop(var, None)  # set by an in-process quiet.configure of another test: the commands must set them
     ran = 0
     blocks = [b for b in command_blocks() if b[3] is None]
     train = [b for b in blocks if b[0] == "README.md" and "realsr_r1.train " in b[2]]

@@ -13,15 +13,16 @@ import pytest
 from conftest import REPO
 
 OURS = re.compile(r"^(profile: |note: |restored \d|warning: |error: |built the tiny|calibrating INT8|\d+ made with |"
-                  r"(eval )?step \d+: |adapter saved in |model saved in |wrote \d+ examples |policy: |restorer: )")
+                  r"(eval )?step \d+: |(policy )?adapter saved in |model saved in |wrote \d+ examples |resumed from |"
+                  r"policy: |restorer: )")
 PROGRESS = re.compile(r"\d+%\|.*\||it/s\]|s/it\]|\d+/\d+ \[")
 LIBRARY_BARS = re.compile(r"^(Loading |Fetching |Downloading |Map|Generating |Saving )")  # theirs, not ours
 
 
 def _run(args, cwd, weights, extra_env=None):
     env = {**os.environ, "REALSR_R1_WEIGHTS": str(weights), "HF_HUB_OFFLINE": "1", **(extra_env or {})}
-    env.pop("TRANSFORMERS_VERBOSITY", None)
-    env.pop("DIFFUSERS_VERBOSITY", None)
+    for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        env.pop(var, None)  # what quiet.configure sets: the child must set it itself
     r = subprocess.run([sys.executable, "-m", "realsr_r1.infer", *args], cwd=cwd, env=env, capture_output=True,
                        text=True, timeout=600)
     lines = [line.strip() for line in re.split(r"[\r\n]", r.stdout + r.stderr) if line.strip()]
@@ -53,8 +54,10 @@ def test_configure_quiets_the_libraries_and_verbose_leaves_them(monkeypatch):
 
     from realsr_r1 import quiet
 
-    for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):  # what configure sets, undone after
+    # what configure sets, undone after
+    for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(quiet, "_bars", True)
     for name in ("nncf", "bitsandbytes", "transformers"):
         monkeypatch.setattr(logging.getLogger(name), "level", logging.INFO)
     monkeypatch.setattr(quiet, "_verbose", False)
