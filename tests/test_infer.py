@@ -182,6 +182,33 @@ def test_plan_is_parsed_as_the_text_arrives(lite):
                     ("middle_understand", ["heavy", "light"], "a dog"), ("final_understand", ["heavy", "light"], "a dog")]
 
 
+def test_an_empty_final_understanding_is_filled_with_what_the_choice_did(lite):
+    """A policy that leaves <final_understand> blank (or only spaces): the chain says in words what
+    the restorer chose, in the tag where the format puts it."""
+    from realsr_r1.pipeline import RestorationPipeline
+
+    class Blank:
+        name, last_stats = "blank", None
+
+        def describe(self):
+            return {}
+
+        def stream(self, image, analysis, *, seed, scale):
+            yield ("<degradation>noise: none</degradation><rough_understand></rough_understand><rough_image>"
+                   "</rough_image><middle_understand></middle_understand><middle_image></middle_image>"
+                   "<final_understand>  </final_understand><final_image></final_image>")
+
+    img = read_image(REPO / "examples" / "chip.png")
+    img.rgb = img.rgb[:16, :16]
+    events = list(RestorationPipeline(Blank(), lite.restorer, profile="test").run(img))
+    done = [e for e in events if isinstance(e, Done)]
+    assert done, events[-1]
+    done = done[0]
+    summary = done.result.info["choice"]["summary"]
+    assert summary and f"<final_understand>{summary}</final_understand>" in done.result.cot
+    assert parse_cot(done.result.cot).understanding["final"] == summary
+
+
 def test_pipeline_events_in_order(lite):
     img = read_image(REPO / "examples" / "chip.png")
     img.rgb = img.rgb[:16, :20]

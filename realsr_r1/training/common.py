@@ -5,10 +5,10 @@ that speaks for a multi-process run)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import re
 import sys
 import warnings
+from pathlib import Path
 
 from ..profiles import load_config
 
