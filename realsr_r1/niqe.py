@@ -151,8 +151,8 @@ def _block_features(blocks: np.ndarray) -> np.ndarray:
 def correlate_nearest(img: np.ndarray, win: np.ndarray) -> np.ndarray:
     """scipy.ndimage.correlate(img, win, mode="nearest") of a 2-D array by an odd square window that
     is mirror-symmetric on both axes (as a Gaussian is): the edge pixels repeated, and each pair of
-    mirrored taps summed before it is weighted, so a 7x7 window costs 26 passes rather than 98
-    (the same numbers to rounding: tests/test_niqe.py checks them against scipy)."""
+    mirrored taps summed before it is weighted, so a 7x7 window takes 16 weighted sums rather than
+    49 (the same numbers to rounding: tests/test_niqe.py checks them against scipy)."""
     r = win.shape[0] // 2
     if not (np.array_equal(win, win[::-1]) and np.array_equal(win, win[:, ::-1])):
         raise ValueError("correlate_nearest needs a mirror-symmetric window")

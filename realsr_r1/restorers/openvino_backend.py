@@ -79,9 +79,10 @@ CACHE_FORMAT = 1
 # SSIM of fp32 on real camera pairs, on every fold (benchmarks/int8_quality.py --pairs, the 93 DRealSR
 # test pairs, none of them used for calibration or for choosing the recipe). DF2K does: +0.037 and
 # −0.018 dB, −0.0017 SSIM on each of two folds. x4plus does not: −0.23 dB and −0.0034 SSIM (−0.30
-# and −0.16 dB on the two folds, one image −4.5 dB), and neither calibration crops picked for colour and texture (−0.22 dB), nor
-# ranges over every tile rather than their mean (−0.46 dB), nor wider or narrower ranges, nor any one
-# block kept in float brought it near; its trunk (92 % of the work) would have to stay in float.
+# and −0.16 dB on the two folds, one image −4.5 dB). Neither calibration crops picked for colour and
+# texture (−0.22 dB), nor ranges over every tile rather than their mean (−0.46 dB), nor wider or
+# narrower ranges, nor any one block kept in float brought it near: the loss is spread over its
+# trunk (92 % of the work), which would have to stay in float.
 # Where the CPU has bf16 units bf16 is the default for both (within 0.02 dB of fp32 on the pairs).
 INT8_BY_DEFAULT = frozenset({"realsr-df2k"})
 
