@@ -72,7 +72,12 @@ def own_temp_env(tmp_path: Path) -> dict:
 def app(tmp_path_factory, weights_dir):
     """The demo on 127.0.0.1 with the lite profile and the tiny full profile (configs/tiny.yaml).
     Its weights folder shares the session's compiled models (the INT8 calibration runs once)."""
+    from realsr_r1.restorers.esrgan import ESRGANRestorer
+
     root = tmp_path_factory.mktemp("app")
+    # Where the CPU has no bf16 units DF2K runs in INT8 by default: calibrated here, once (minutes on
+    # 2 cores), not inside the first page's wait for its result.
+    ESRGANRestorer.from_pretrained("realsr-df2k", device="cpu")
     (weights_dir / "compiled").mkdir(exist_ok=True)
     (root / "weights").mkdir()
     (root / "weights" / "compiled").symlink_to(weights_dir / "compiled", target_is_directory=True)
