@@ -64,7 +64,8 @@ def real_pairs(args) -> int:
     folds = np.arange(len(names)) % args.folds
 
     def scores(expert: str, precision: str) -> tuple[np.ndarray, np.ndarray]:
-        keep = cache / f"{expert}-{root.name}-{len(names)}.npz"
+        # keyed by the runtime too: another OpenVINO may round fp32 differently
+        keep = cache / f"{expert}-openvino-{openvino_backend.runtime_version()}-{root.name}-{len(names)}.npz"
         if precision == "fp32" and keep.is_file():
             out = np.load(keep)["out"]
         else:

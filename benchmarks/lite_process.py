@@ -39,8 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from esrgan_speed import cap_isa, photos  # noqa: E402  ($REALSR_R1_PHOTOS, else examples/)
 
-# name → flags of our CLI. The default is what the README's command runs: bf16 where the CPU has bf16
-# units, else INT8 where NNCF is installed to calibrate it (openvino_backend.auto_precision).
+# name → flags of our CLI. The default is what the README's command runs: both experts in bf16 where
+# the CPU has bf16 units, else x4plus in fp32 and DF2K in INT8 (openvino_backend.auto_precision).
 OURS = {
     "ours --fidelity 0 (x4plus alone)": ["--fidelity", "0"],
     "ours default": [],
@@ -158,8 +158,10 @@ def main() -> int:
 
     bf16 = openvino_backend.cpu_has_bf16(openvino_backend._openvino().Core())
     wanted = [n for n in [*OURS, "ncnn"] if n in args.only.split(",") and (bf16 or "bf16" not in n)]
-    print(f"lite profile, whole processes; {cpu_description()}; default precision here: "
-          f"{openvino_backend.auto_precision()}", flush=True)
+    from realsr_r1.restorers.lite import DEFAULT_EXPERTS
+
+    default = ", ".join(f"{m} {openvino_backend.auto_precision(m)}" for m in DEFAULT_EXPERTS)
+    print(f"lite profile, whole processes; {cpu_description()}; the default runs {default}", flush=True)
     for spec in args.sets.split(","):
         count, side = (int(x) for x in spec.split("x"))
         names = [n for n in wanted if n != "ncnn" or side <= NCNN_WHOLE]
