@@ -24,6 +24,7 @@ from realsr_r1.pipeline import (
     stage_sizes,
 )
 from realsr_r1.restorers.esrgan import choose_backend
+from realsr_r1.restorers.lite import DEFAULT_EXPERTS
 from realsr_r1.profiles import build_pipeline, load_config
 
 
@@ -75,7 +76,10 @@ def test_every_awkward_input(bad_inputs, tmp_path, capsys, weights_dir):
         assert any(k in plan.understanding["rough"] for k in ("flat", "textured", "edges", "too small"))
         assert plan.understanding["final"] == (side.get("choice") or {}).get("summary", plan.understanding["final"])
         assert any("no VLM ran" in n for n in side["notes"])
-        assert side["profile"] == "lite" and side["precision"] == choose_backend("cpu")[1]  # bf16 or fp32
+        # each expert's own default (bf16, or fp32 for x4plus and int8 for DF2K), one word when they agree
+        each = [choose_backend("cpu", model=m)[1] for m in DEFAULT_EXPERTS]
+        assert side["profile"] == "lite" and side["precision"] == (each[0] if len(set(each)) == 1 else "+".join(each))
+        assert [x["precision"] for x in side["experts"]] == each
         assert side["stages"]["final"]["size"] == [w, h]
         assert set(side["versions"]) >= {"realsr_r1", "torch", "numpy", "pillow"}
 

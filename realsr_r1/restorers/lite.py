@@ -84,8 +84,12 @@ class LiteStages:
 
     def describe(self) -> dict:
         e = self.esrgan
+        precisions = [x.precision for x in self.experts]
+        # one word when the experts agree, else each one's as the restorer's name joins them ("fp32+int8"):
+        # a run's resume settings and the sidecar then change when any expert's precision does
+        precision = precisions[0] if len(set(precisions)) == 1 else "+".join(precisions)
         out = {"restorer": self.name, "weights": e.weights(), "device": str(e.device),
-               "backend": e.backend, "precision": e.precision, "tile": e.tile}
+               "backend": e.backend, "precision": precision, "tile": e.tile}
         if len(self.experts) > 1:
             out["experts"] = [{"name": x.name, "precision": x.precision, **(x.weights() or {})} for x in self.experts]
             out["fidelity"] = str(self.fidelity)
