@@ -74,8 +74,8 @@ def build_app(session: DemoSession, default_profile: str = "auto", warning: str 
                                                 elem_id="fidelity-auto")
                     fidelity = gr.Slider(0, 1, value=0.5, step=0.05, interactive=False, elem_id="fidelity",
                                          label="Fidelity: 0 natural-looking … 1 faithful to the input",
-                                         info="A fixed position on the ladder x4plus → region blends → DF2K, "
-                                              "used when auto is off")
+                                         info="A fixed position on the ladder x4plus → DF2K's low frequencies → "
+                                              "region blends → DF2K, used when auto is off")
                     fidelity_map = gr.File(label="Fidelity map (optional): a grey image painting the position, "
                                                  "white = faithful; replaces the two above",
                                            file_types=["image"], type="filepath", elem_id="fidelity-map")

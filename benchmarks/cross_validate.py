@@ -1,10 +1,11 @@
 """Choose the lite chooser's constants by cross-validation on real LR/HR pairs, and report held-out folds.
 
-The constants: where a noise reading starts and stops lowering auto's ceiling (NOISE_RAMP, sigma),
-the same for JPEG quality (JPEG_RAMP), the highest rung auto may take (AUTO_BELOW_TOP) and COMPASS's
-gamma. Each pair's two expert outputs are computed once; every position on a 0.05 grid of the
-ladder is composed, scored by the chooser's reward (its parts, independent of the constants) and
-measured against the HR (Y-PSNR/SSIM, NIQE, PIQE). A setting of the constants then picks, per pair,
+The constants: the low/high split of the experts' difference (blend.DETAIL_SIGMA, `--sigmas`),
+where a noise reading starts and stops lowering auto's ceiling (NOISE_RAMP, sigma), the same for
+JPEG quality (JPEG_RAMP), the highest rung auto may take (AUTO_BELOW_TOP) and COMPASS's gamma. Each
+pair's two expert outputs are computed once; for each split, every position on a 0.05 grid of the
+ladder is composed, scored by the chooser's reward (its parts, independent of the other constants)
+and measured against the HR (Y-PSNR/SSIM, NIQE, PIQE). A setting of the constants then picks, per pair,
 what the real chooser would pick (the ceiling rounded down to the grid), so a grid of settings costs
 arithmetic only.
 
@@ -13,7 +14,7 @@ the other folds is reported on this one, beside x4plus alone on the same pairs. 
 2 per NIQE point and 0.2 per PIQE point above x4plus's on the same pairs (so perception may not pay
 for fidelity). The last table is the setting chosen on all pairs (the product's defaults).
 
-    python benchmarks/cross_validate.py DIR [--folds 2] [--limit N]
+    python benchmarks/cross_validate.py DIR [--folds 2] [--limit N] [--sigmas 1.5,2,3]
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class Cached:
     def _out(self, img):
         return self.store[hashlib.sha1(np.ascontiguousarray(img, np.float32).tobytes()).hexdigest()]
 
-    def stream(self, img, out_dtype=np.float32, gray=False):
+    def stream(self, img, out_dtype=np.float32, gray=False, **_):  # turns, skip: a replay needs neither
         from realsr_r1.restorers.esrgan import _quantize
 
         yield 0, _quantize(self._out(img), out_dtype)
@@ -62,8 +63,15 @@ class Cached:
         return None
 
 
-def measure_pairs(folder: Path, limit: int | None):
-    """Per pair: name, reading (plan), and for every grid position its chooser parts and metrics."""
+def split(sigma: float) -> None:
+    """Set the ladder's low/high split (blend.DETAIL_SIGMA and the halo that goes with it)."""
+    from realsr_r1.restorers import blend
+
+    blend.DETAIL_SIGMA, blend.HALO = sigma, int(np.ceil(3 * sigma))
+
+
+def measure_pairs(folder: Path, limit: int | None, sigmas: list[float]):
+    """Per pair: name, reading (plan), and per split and grid position its chooser parts and metrics."""
     from real_pairs import score
 
     from realsr_r1.analyze import analyze
@@ -86,24 +94,27 @@ def measure_pairs(folder: Path, limit: int | None):
         image = LoadedImage(rgb=lr)
         text = "".join(pipe.policy.stream(image, analyze(lr), seed=0, scale=4.0))
         plan = parse_cot(text)
-        rows = []
+        rows = {}
         cached = [Cached(e, {key: e.upscale(lr)}) for e in experts]
-        for p in GRID:
-            ((img, _),) = LiteStages(cached, None, fidelity=float(p)).choose_batch(lr, [plan])
-            parts = chooser.measure([img], [lr])[0]
-            rows.append({"parts": parts, **score(img, hr)})
+        for sigma in sigmas:
+            split(sigma)
+            rows[sigma] = []
+            for p in GRID:
+                ((img, _),) = LiteStages(cached, None, fidelity=float(p)).choose_batch(lr, [plan])
+                parts = chooser.measure([img], [lr])[0]
+                rows[sigma].append({"parts": parts, **score(img, hr)})
         pairs.append({"name": name, "plan": plan, "rows": rows})
         print(f"  {k + 1}/{len(names)} {name} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     return pairs, chooser
 
 
-def choose(pair, setting, chooser) -> int:
-    """The grid index the chooser picks for this pair under `setting`."""
+def choose(pair, setting, chooser) -> tuple[float, int]:
+    """(the split, the grid index) the chooser picks for this pair under `setting`."""
     from realsr_r1.restorers import ladder as L
     from realsr_r1.rewards.text import compass_reward_value
     from realsr_r1.rewards.visual import q_lr_for
 
-    noise, jpeg, below, gamma = setting
+    sigma, noise, jpeg, below, gamma = setting
     L.NOISE_RAMP, L.JPEG_RAMP = noise, jpeg
     lad = L.Ladder(["x4plus", "df2k"])
     top = lad.position(max(0, len(lad.rungs) - 1 - below))
@@ -113,18 +124,24 @@ def choose(pair, setting, chooser) -> int:
     q_lr = q_lr_for(pair["plan"].degradation) or 5.0
     best, value = cands[0], None
     for j in cands:
-        m = pair["rows"][j]["parts"]
+        m = pair["rows"][sigma][j]["parts"]
         if m["F"] is None or m["Q_SR"] is None:
             continue
         r = compass_reward_value(m["F"], q_lr, m["Q_SR"], gamma)
         if value is None or r > value:
             best, value = j, r
-    return best
+    return sigma, best
 
 
 def table(pairs, picks) -> dict:
+    """Mean metrics of each pair's pick, (split, grid index)."""
     keys = ("psnr", "ssim", "niqe", "piqe")
-    return {k: float(np.mean([p["rows"][j][k] for p, j in zip(pairs, picks)])) for k in keys}
+    return {k: float(np.mean([p["rows"][sigma][j][k] for p, (sigma, j) in zip(pairs, picks)])) for k in keys}
+
+
+def fixed(pairs, j: int) -> list[tuple[float, int]]:
+    """Grid index j for every pair (0 and the last: one expert alone, the same under every split)."""
+    return [(next(iter(p["rows"])), j) for p in pairs]
 
 
 def objective(m, base) -> float:
@@ -132,14 +149,14 @@ def objective(m, base) -> float:
 
 
 def best_setting(pairs, chooser, settings):
-    base = table(pairs, [0] * len(pairs))
+    base = table(pairs, fixed(pairs, 0))
     scored = [(objective(table(pairs, [choose(p, s, chooser) for p in pairs]), base), s) for s in settings]
     return max(scored, key=lambda x: x[0])[1]
 
 
 def fmt(s) -> str:
-    noise, jpeg, below, gamma = s
-    return f"noise {noise[0]:g}→{noise[1]:g}, jpeg {jpeg[0]:g}→{jpeg[1]:g}, top rung −{below}, γ {gamma:g}"
+    sigma, noise, jpeg, below, gamma = s
+    return f"split sigma {sigma:g}, noise {noise[0]:g}→{noise[1]:g}, jpeg {jpeg[0]:g}→{jpeg[1]:g}, top rung −{below}, γ {gamma:g}"
 
 
 def row(label, m, n) -> str:
@@ -151,13 +168,16 @@ def main() -> int:
     ap.add_argument("dir", type=Path)
     ap.add_argument("--folds", type=int, default=2)
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--sigmas", default="1.5,2,3", help="low/high splits to try (output pixels, comma-separated)")
     args = ap.parse_args()
     from realsr_r1.device import cpu_description
+    from realsr_r1.restorers import blend
     from realsr_r1.restorers import ladder as L
 
-    defaults = (L.NOISE_RAMP, L.JPEG_RAMP, L.AUTO_BELOW_TOP, 7.0)
-    pairs, chooser = measure_pairs(args.dir, args.limit)
-    settings = list(itertools.product(NOISE_RAMPS, JPEG_RAMPS, TOPS, GAMMAS))
+    defaults = (blend.DETAIL_SIGMA, L.NOISE_RAMP, L.JPEG_RAMP, L.AUTO_BELOW_TOP, 7.0)
+    sigmas = sorted({float(x) for x in args.sigmas.split(",")} | {blend.DETAIL_SIGMA})
+    pairs, chooser = measure_pairs(args.dir, args.limit, sigmas)
+    settings = list(itertools.product(sigmas, NOISE_RAMPS, JPEG_RAMPS, TOPS, GAMMAS))
     print(f"CPU: {cpu_description()}; {len(pairs)} pairs, {len(settings)} settings, {args.folds} folds\n")
     head = "| rows | pairs | PSNR | SSIM | NIQE ↓ | PIQE ↓ |\n|---|---|---|---|---|---|"
     held = []
@@ -168,14 +188,14 @@ def main() -> int:
         m = table(test, [choose(p, s, chooser) for p in test])
         held.append((test, [choose(p, s, chooser) for p in test]))
         print(f"Fold {f + 1} (held out), setting chosen on the other folds: {fmt(s)}\n\n{head}")
-        print(row("x4plus alone", table(test, [0] * len(test)), len(test)))
+        print(row("x4plus alone", table(test, fixed(test, 0)), len(test)))
         print(row("auto, product defaults", table(test, [choose(p, defaults, chooser) for p in test]), len(test)))
         print(row("auto, setting chosen on the other folds", m, len(test)) + "\n")
     allp = [p for t, _ in held for p in t]
-    allpicks = [j for _, js in held for j in js]
+    allpicks = [pick for _, picks in held for pick in picks]
     print(f"All folds, each pair scored by the setting chosen without it\n\n{head}")
-    print(row("x4plus alone", table(allp, [0] * len(allp)), len(allp)))
-    print(row("DF2K alone", table(allp, [len(GRID) - 1] * len(allp)), len(allp)))
+    print(row("x4plus alone", table(allp, fixed(allp, 0)), len(allp)))
+    print(row("DF2K alone", table(allp, fixed(allp, len(GRID) - 1)), len(allp)))
     print(row("auto, held-out settings", table(allp, allpicks), len(allp)) + "\n")
     s = best_setting(pairs, chooser, settings)
     print(f"Chosen on all pairs (for the defaults): {fmt(s)}; product defaults now: {fmt(defaults)}")

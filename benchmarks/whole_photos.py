@@ -7,12 +7,17 @@ same-named real camera pairs (DRealSR's test crops: 128² LR, 512² HR). In sort
 grouped k×k (the remainder dropped) and tiled row by row into one (128k)² LR mosaic and the matching
 (512k)² HR mosaic, so auto's region-by-region choice meets a photo with several different scenes.
 The lite pipeline (built once, as `python -m realsr_r1.infer --profile lite` builds it) runs auto
-(i) on each mosaic and (ii) on each crop one by one, and (iii) x4plus alone (`--fidelity 0`, a
-LiteStages over the same experts) on the crops. Each mosaic's output is cut back into its 512² tiles,
-and every tile is scored against its HR (real_pairs.score: Y-PSNR/SSIM, NIQE, PIQE). Table: the three
-rows, means over tiles, tile count, and auto's mean ladder position (the record's `position`).
-Each expert's output on a crop is computed once and replayed for x4plus alone (real_pairs.ExpertCache;
-the networks are deterministic, so that row is what `--fidelity 0` writes).
+(i) on each mosaic and (ii) on each crop one by one, and (iii) x4plus alone and DF2K alone
+(`--fidelity 0` and `1`, LiteStages over the same experts) on the mosaics and on the crops: those
+rows show what the mosaic costs the networks themselves, near the seams between photos, apart from
+the choice. Each mosaic's output is cut back into its 512² tiles, and every tile is scored against
+its HR (real_pairs.score: Y-PSNR/SSIM, NIQE, PIQE), and by Y-PSNR again away from the seams
+(`--margin`, default 64 output pixels left out on every side of every tile, crop or mosaic alike):
+near a seam DF2K sees an unrelated photo, and on DRealSR that alone costs it about 1 dB over whole
+tiles while its output away from the seams is the crop's. Table: the rows, means over tiles, tile
+count, and auto's mean ladder position (the record's `position`). Each expert's output on an input is
+computed once and replayed for the one-expert rows (real_pairs.ExpertCache; the networks are
+deterministic, so those rows are what `--fidelity 0` and `1` write).
 
 `memory [--sizes 512,1024,2048] [--photo FILE]`: for each size, a size² input made by
 reflect-tiling a real photo (examples/dog.png by default), saved to a temp folder, and
@@ -50,12 +55,25 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-METRICS = ("psnr", "ssim", "niqe", "piqe")
+METRICS = ("psnr", "ssim", "niqe", "piqe", "inner")
+
+
+def tile_score(rgb: np.ndarray, hr: np.ndarray, margin: int) -> dict[str, float]:
+    """real_pairs.score, and `inner`: Y-PSNR with `margin` pixels left out on every side."""
+    from real_pairs import score
+
+    out = score(rgb, hr)
+    if margin > 0:
+        out["inner"] = score(np.asarray(rgb)[margin:-margin, margin:-margin], hr[margin:-margin, margin:-margin],
+                             psnr_only=True)["psnr"]
+    else:
+        out["inner"] = out["psnr"]
+    return out
 
 
 # --- mosaic ---------------------------------------------------------------------------------------
 def mosaic(args) -> None:
-    from real_pairs import ExpertCache, build, run_auto, run_fixed, score
+    from real_pairs import ExpertCache, build, run_auto, run_fixed
 
     from realsr_r1.device import cpu_description
     from realsr_r1.imageio import LoadedImage, read_image, to_float
@@ -70,11 +88,12 @@ def mosaic(args) -> None:
     args.set = list(args.set)
     pipe, stages, fixed = build(args)
     cache = ExpertCache(stages.experts)
-    x4 = fixed[0.0]
-    tiles: dict[str, list] = {"auto on mosaics": [], "auto on crops one by one": [], "x4plus alone": []}
+    x4, df2k = fixed[0.0], fixed[1.0]
+    tiles: dict[str, list] = {"auto on mosaics": [], "auto on crops one by one": [], "x4plus alone on mosaics": [],
+                              "x4plus alone": [], "DF2K alone on mosaics": [], "DF2K alone": []}
     positions: dict[str, list] = {"auto on mosaics": [], "auto on crops one by one": []}
     regions: dict[str, list] = {"auto on mosaics": [], "auto on crops one by one": []}
-    seconds: dict[str, float] = {key: 0.0 for key in tiles}
+    seconds: dict[str, float] = {key: 0.0 for key in ("auto on mosaics", "auto on crops one by one", "x4plus alone")}
     t0 = time.perf_counter()
     for g, group in enumerate(groups):
         lrs = [to_float(read_image(folder / "LR" / n).rgb) for n in group]
@@ -95,9 +114,16 @@ def mosaic(args) -> None:
         sy, sx = out.shape[0] // k, out.shape[1] // k
         if (sy, sx) != (hh, hw):
             raise SystemExit(f"error: mosaic output {out.shape[:2]} does not cut into {k}×{k} tiles of {hh}×{hw}")
+        # each expert alone on the mosaic (its pass replayed): what the mosaic costs the networks themselves
+        mosaic_image = LoadedImage(np.ascontiguousarray(lr_m, np.float32), format="PNG")
+        alone = {"x4plus alone on mosaics": run_fixed(x4, mosaic_image),
+                 "DF2K alone on mosaics": run_fixed(df2k, mosaic_image)}
         for j in range(k * k):
             r, c = divmod(j, k)
-            tiles["auto on mosaics"].append(score(out[r * sy:(r + 1) * sy, c * sx:(c + 1) * sx], hrs[j]))
+            cut = (slice(r * sy, (r + 1) * sy), slice(c * sx, (c + 1) * sx))
+            tiles["auto on mosaics"].append(tile_score(out[cut], hrs[j], args.margin))
+            for label, img in alone.items():
+                tiles[label].append(tile_score(img[cut], hrs[j], args.margin))
         print(f"mosaic {g + 1}/{len(groups)}: {sec:.1f} s, position {positions['auto on mosaics'][-1]:.3f}, "
               f"regions {choice.get('grid')} {choice.get('positions')}", file=sys.stderr, flush=True)
         # (ii) auto on each crop, (iii) x4plus alone on each crop (its x4plus pass replayed)
@@ -109,28 +135,33 @@ def mosaic(args) -> None:
             choice = result.info.get("choice") or {}
             positions["auto on crops one by one"].append(float(choice.get("position", np.nan)))
             regions["auto on crops one by one"] += np.ravel(choice.get("positions", [])).tolist()
-            tiles["auto on crops one by one"].append(score(result.rgb, hrs[j]))
+            tiles["auto on crops one by one"].append(tile_score(result.rgb, hrs[j], args.margin))
             t = time.perf_counter()
-            tiles["x4plus alone"].append(score(run_fixed(x4, image), hrs[j]))
+            tiles["x4plus alone"].append(tile_score(run_fixed(x4, image), hrs[j], args.margin))
             seconds["x4plus alone"] += time.perf_counter() - t
+            tiles["DF2K alone"].append(tile_score(run_fixed(df2k, image), hrs[j], args.margin))
         print(f"  crops of mosaic {g + 1}: done ({time.perf_counter() - t0:.0f} s so far)", file=sys.stderr, flush=True)
     desc = stages.describe()
     print(f"\n### whole photos: {len(groups)} mosaics of {k}×{k} DRealSR pairs ({len(groups) * k * k} tiles); "
           f"{cpu_description()}; backend {desc['backend']}, precision {desc['precision']}\n")
-    print("| restorer | PSNR | SSIM | NIQE ↓ | PIQE ↓ | tiles | auto's mean position | s (total) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| restorer | PSNR | SSIM | NIQE ↓ | PIQE ↓ | PSNR {args.margin} px from the seams | tiles "
+          "| auto's mean position | s (total) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for label, vals in tiles.items():
         m = {key: float(np.mean([v[key] for v in vals])) for key in METRICS}
-        pos = f"{np.nanmean(positions[label]):.3f}" if label in positions else "0 (fixed)"
-        print(f"| {label} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['niqe']:.2f} | {m['piqe']:.2f} | {len(vals)} "
-              f"| {pos} | {seconds[label]:.0f} |")
+        pos = f"{np.nanmean(positions[label]):.3f}" if label in positions else ("1" if "DF2K" in label else "0")
+        secs = f"{seconds[label]:.0f}" if label in seconds else ""
+        print(f"| {label} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['niqe']:.2f} | {m['piqe']:.2f} | {m['inner']:.2f} "
+              f"| {len(vals)} "
+              f"| {pos} | {secs} |")
     print("\nper-region positions auto chose (count of regions at each):")
     for label, vals in regions.items():
         vals = np.round(np.asarray(vals, float), 3)
         hist = ", ".join(f"{p:g}: {int(np.sum(vals == p))}" for p in sorted(set(vals.tolist())))
         print(f"- {label}: {hist} ({vals.size} regions)")
-    print("\nx4plus alone's seconds: composition and scoring only (its network pass is the one auto on "
-          "the crops ran, replayed).")
+    print("\nOne expert alone: its network pass is the one auto ran on the same input, replayed (seconds: "
+          "composition and scoring only; blank where not timed). Its mosaic rows against its crop rows are "
+          "what the mosaic costs the networks themselves (each sees its neighbours' pixels near a seam).")
 
 
 # --- memory ---------------------------------------------------------------------------------------
@@ -265,6 +296,8 @@ def main() -> int:
     m.add_argument("--limit", type=int, default=None, help="the first N pairs (sorted)")
     m.add_argument("--precision", default=None, help="restorer.precision (default: the profile's auto)")
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a lite profile override")
+    m.add_argument("--margin", type=int, default=64, help="output pixels left out around each tile for the "
+                   "PSNR away from the seams (default 64)")
     r = sub.add_parser("memory", help="wall time and peak RSS of infer runs on big inputs")
     r.add_argument("--sizes", default="512,1024,2048", help="input sizes, comma-separated (default 512,1024,2048)")
     r.add_argument("--photo", default=str(REPO / "examples" / "dog.png"), help="the photo to reflect-tile")

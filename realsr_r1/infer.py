@@ -54,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "x4plus and df2k)")
     p.add_argument("--fidelity", default=None, metavar="auto|auto+X|0..1",
                    help="a position on the lite profile's fidelity ladder: 0 = the most natural-looking (x4plus "
-                   "alone), 1 = the most faithful (DF2K alone), between = region blends of the two; auto = a "
-                   "reward picks per region, reading the degradation; auto+0.2 / auto-0.2 = auto's positions "
-                   "moved towards faithful / natural (restorer.fidelity; default auto)")
+                   "alone), 1 = the most faithful (DF2K alone), between = DF2K's low frequencies, then its detail "
+                   "where x4plus has texture; auto = a reward picks per region, reading the degradation; auto+0.2 / "
+                   "auto-0.2 = auto's positions moved towards faithful / natural (restorer.fidelity; default auto)")
     p.add_argument("--fidelity-map", default=None, metavar="FILE",
                    help="a grey image painting the ladder position per pixel (white = faithful, black = "
                    "natural), resized to each input; replaces --fidelity (restorer.fidelity_map)")

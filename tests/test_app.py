@@ -388,7 +388,7 @@ def test_in_a_real_browser(app, tmp_path):
         assert page.locator("#fidelity-auto input").is_checked() and page.locator("#fidelity input").first.is_disabled()
         assert page.locator("#candidates").is_visible() and "★" in page.locator("#candidates").inner_text()
         thumbs = page.locator("#candidates img")
-        n = 2 + len(DEFAULT_GATES)  # the position map, x4plus and its region blends with DF2K
+        n = 3 + len(DEFAULT_GATES)  # the position map, x4plus, DF2K's low frequencies and its region blends
         assert thumbs.count() == n and all(thumbs.nth(i).evaluate("i => i.complete && i.naturalWidth > 0")
                                            for i in range(n))
         assert page.locator("#choice").inner_text().startswith("Chosen:")
@@ -499,7 +499,7 @@ def test_the_chooser_s_candidates_are_a_captioned_strip(tmp_path):
     assert all(v.candidates == () for v in views if v.stages["final"] is None)  # filled with the final image
     side = json.loads(Path(last.files[1]).read_text())
     labels = [r["label"] for r in side["choice"]["candidates"]]
-    assert labels[0] == "bright" and labels[-1].startswith("dark where") and len(labels) == 4
+    assert labels[0] == "bright" and labels[-1].startswith("dark where") and len(labels) == 2 + len(DEFAULT_GATES)
     overlay, *looks = [look for look, _ in last.candidates]
     caption, *captions = [caption for _, caption in last.candidates]
     assert caption.startswith("position per region (1×1)") and overlay.dtype == np.uint8 and overlay.shape[2] == 3

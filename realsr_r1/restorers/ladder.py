@@ -1,13 +1,14 @@
 """The fidelity ladder: one ordered path from the most natural-looking expert to the most faithful.
 
-Rungs, in order: the first expert alone (x4plus), then region blends towards the next expert from
-a high contrast threshold t to a low one (the next expert only where the first one's output has
-texture, blend.py), then the next expert alone (DF2K); with more experts the path goes on the same
-way. A position in [0, 1] is a point on that path: the rungs sit evenly spaced, 0 and 1 are the
-ends, and between two neighbouring rungs the per-pixel weights move linearly from one to the other.
-So every mix the tool makes, whether auto picks it, `--fidelity` fixes it or `--fidelity-map`
-paints it, is a position on this one ladder, and a position map (one position per pixel, smooth)
-is how positions vary over a photo.
+Rungs, in order: the first expert alone (x4plus); the next expert's low frequencies under the first
+one's detail (blend.lowpass: most of DF2K's fidelity, little of its grain); region blends that add
+the next expert's detail where the first one's output has texture, from a high contrast threshold t
+to a low one (blend.py), with its low frequencies elsewhere; then the next expert alone (DF2K); with
+more experts the path goes on the same way. A position in [0, 1] is a point on that path: the rungs
+sit evenly spaced, 0 and 1 are the ends, and between two neighbouring rungs the per-pixel weights
+move linearly from one to the other. So every mix the tool makes, whether auto picks it,
+`--fidelity` fixes it or `--fidelity-map` paints it, is a position on this one ladder, and a
+position map (one position per pixel, smooth) is how positions vary over a photo.
 
 Pixel blends, not weight blends: the experts were trained apart, so interpolating their weights
 (DNI) is not clean, while a blend of outputs moves evenly between their looks.
@@ -23,8 +24,8 @@ import numpy as np
 
 from . import blend
 
-# Region blends' contrast thresholds: on DRealSR the three took DF2K's look into 0.35, 0.6 and 0.8
-# of the pixels.
+# Region blends' contrast thresholds: on DRealSR the three took DF2K's detail into 0.35, 0.6 and
+# 0.8 of the pixels.
 DEFAULT_GATES = (0.16, 0.08, 0.04)
 # The highest position auto may choose, as a rung index from the top (1: below the last expert
 # alone). DF2K alone adds to its t 0.04 region blend only the noise of flat regions, which the
@@ -35,12 +36,13 @@ AUTO_BELOW_TOP = 1
 
 @dataclass(frozen=True)
 class Rung:
-    """One rung: expert `expert` alone (gate None), or a region blend of it and the next one at
-    contrast threshold `gate`."""
+    """One rung: expert `expert` alone; with `low`, under the next one's low frequencies; with a
+    `gate`, the next one's detail too where `expert` has contrast above it."""
 
     label: str
     expert: int
     gate: float | None = None
+    low: bool = False
 
 
 class Ladder:
@@ -55,7 +57,10 @@ class Ladder:
         for i, name in enumerate(self.experts):
             rungs.append(Rung(name, i))
             if i + 1 < len(self.experts):
-                rungs += [Rung(f"{self.experts[i + 1]} where {name} has texture, t {t:g}", i, t) for t in self.gates]
+                nxt = self.experts[i + 1]
+                rungs.append(Rung(f"{name}'s detail over {nxt}'s low frequencies", i, None, True))
+                rungs += [Rung(f"{nxt} where {name} has texture (t {t:g}), its low frequencies elsewhere", i, t, True)
+                          for t in self.gates]
         self.rungs = rungs
 
     def position(self, k: int) -> float:
@@ -91,17 +96,19 @@ class Ladder:
         for k in range(k0, k1 + (2 if f1 > 1e-9 else 1)):
             r = self.rungs[min(k, len(self.rungs) - 1)]
             need[r.expert] = True
-            if r.gate is not None:
+            if r.gate is not None or r.low:
                 need[r.expert + 1] = True
         return need
 
-    def weights(self, positions: np.ndarray, textures: dict[int, np.ndarray]) -> np.ndarray:
-        """Per-block weights of every expert, (n_experts, *positions.shape), for a block map of
-        positions. `textures[i]`: blend.texture() of expert i's output over the same blocks, one
-        block of margin on every side included (gate maps are smoothed over 3×3 blocks): so
-        positions has two rows and columns fewer than the textures."""
+    def weights(self, positions: np.ndarray, textures: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Per-block weights for a block map of positions: (every expert's, (n, *positions.shape);
+        each pair's low frequencies', (n - 1, …): the weight of lowpass(expert i+1 − expert i)).
+        `textures[i]`: blend.texture() of expert i's output over the same blocks, one block of margin
+        on every side included (gate maps are smoothed over 3×3 blocks): so positions has two rows
+        and columns fewer than the textures."""
         n = len(self.experts)
         out = np.zeros((n,) + positions.shape, np.float32)
+        low = np.zeros((max(0, n - 1),) + positions.shape, np.float32)
         x = np.clip(positions, 0, 1) * (len(self.rungs) - 1)
         below = np.minimum(np.floor(x).astype(int), max(0, len(self.rungs) - 2))
         frac = (x - below).astype(np.float32)
@@ -112,16 +119,17 @@ class Ladder:
                 share = np.ones_like(frac)
             if not share.any():
                 continue
-            if r.gate is None:
-                out[r.expert] += share
-                continue
-            key = (r.expert, r.gate)
-            if key not in gates:
-                gates[key] = blend.gate_map(textures[r.expert], r.gate)[1:-1, 1:-1]
-            g = gates[key]
+            g = 0.0
+            if r.gate is not None:
+                key = (r.expert, r.gate)
+                if key not in gates:
+                    gates[key] = blend.gate_map(textures[r.expert], r.gate)[1:-1, 1:-1]
+                g = gates[key]
+                out[r.expert + 1] += share * g
             out[r.expert] += share * (1 - g)
-            out[r.expert + 1] += share * g
-        return out
+            if r.low:  # the next expert's low frequencies where its own pixels are not taken
+                low[r.expert] += share * (1 - g)
+        return out, low
 
 
 # --- What --fidelity means ----------------------------------------------------------------------

@@ -5,13 +5,13 @@ rough (input size), middle (×2) and final (×scale) are the chosen mix resample
 pass per expert instead of three, and the stages agree with each other exactly as the contract's
 coarse-to-fine reading expects.
 
-Which mix: every mix is a position on the fidelity ladder (ladder.py: x4plus, region blends,
-DF2K). With `fidelity: auto` a chooser (chooser.py, given by profiles.py) scores the positions the
-degradation reading allows in every region of the photo and keeps the best per region
-(regions.py), so the chain of thought changes the pixels; `auto+0.2` moves those positions towards
-faithful. A number from 0 (the first expert) to 1 (the last) is one fixed position, and
-`fidelity_map` a painted one per pixel (a grey image, white = 1); a fixed position runs only the
-experts it mixes.
+Which mix: every mix is a position on the fidelity ladder (ladder.py: x4plus, DF2K's low
+frequencies, region blends, DF2K). With `fidelity: auto` a chooser (chooser.py, given by
+profiles.py) scores the positions the degradation reading allows in every region of the photo and
+keeps the best per region (regions.py), so the chain of thought changes the pixels; `auto+0.2`
+moves those positions towards faithful. A number from 0 (the first expert) to 1 (the last) is one
+fixed position, and `fidelity_map` a painted one per pixel (a grey image, white = 1); a fixed
+position runs only the experts it mixes.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ needed:
    far, else 0 (in flat regions every gated rung is the first expert anyway);
 3. the rows between the centres of the regions decided so far are composed: the region positions,
    interpolated bilinearly between region centres, give a smooth position per block, which the
-   ladder turns into per-block expert weights, upsampled to pixels (blend.py).
+   ladder turns into per-block expert weights, upsampled to pixels (blend.py); rungs that take the
+   next expert's low frequencies low-pass the experts' difference over the rows with blend.HALO
+   rows of context on each side, so a band is composed only once its context has arrived.
 
 So the experts' outputs live only for about one row of regions (plus a band of the tiling) and the
 output is the only full-size array, as with one expert; the decision is one function for
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -140,13 +143,34 @@ class RegionComposer:
         return np.pad(tex[rows], ((0, 0), (1, 1)), mode="edge")
 
     def _pixel_weights(self, blocks: np.ndarray, b0: int, r0: int, r1: int, c0: int = 0, c1: int | None = None,
-                       bc0: int = 0) -> np.ndarray:
-        """Expert weights (n, r1-r0, c1-c0) from positions over block rows b0.. (columns from bc0)."""
+                       bc0: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Expert weights (n, r1-r0, c1-c0) and low-frequency weights (n-1, …) from positions over
+        block rows b0.. (columns from bc0)."""
         c1 = self.W if c1 is None else c1
         bb1 = b0 + blocks.shape[0]
         tex = {i: self._tex_window(t, b0, bb1)[:, bc0:bc0 + blocks.shape[1] + 2] for i, t in self.textures.items()}
-        wb = self.ladder.weights(blocks, tex)
-        return blend.upsample(wb, (r0, r1, b0), (c0, c1, bc0))
+        wb, lb = self.ladder.weights(blocks, tex)
+        px = blend.upsample(np.concatenate([wb, lb]), (r0, r1, b0), (c0, c1, bc0))
+        return px[:len(self.experts)], px[len(self.experts):]
+
+    def _low_diffs(self, rows: dict, r0: int, r1: int, c0: int, c1: int) -> dict[int, np.ndarray]:
+        """lowpass(expert i+1 − expert i) over rows r0..r1 and columns c0..c1, from blend.HALO pixels of
+        context on each side (edges repeated at the image's borders), for each pair that streams."""
+        h0, h1 = max(0, r0 - blend.HALO), min(self.H, r1 + blend.HALO)
+        x0, x1 = max(0, c0 - blend.HALO), min(self.W, c1 + blend.HALO)
+        out = {}
+        for i in range(len(self.experts) - 1):
+            if i in rows and i + 1 in rows:
+                d = to_float(rows[i + 1].rows(h0, h1)[:, x0:x1]) - to_float(rows[i].rows(h0, h1)[:, x0:x1])
+                out[i] = blend.lowpass(d)[r0 - h0:r1 - h0, c0 - x0:c1 - x0]
+        return out
+
+    @staticmethod
+    def _lows(a: np.ndarray, diffs) -> list[tuple[np.ndarray, np.ndarray]]:
+        """compose()'s low-frequency terms: the pairs with weight somewhere (`diffs()`: their
+        low-passed differences, asked for only then)."""
+        used = [i for i in range(len(a)) if a[i].any()]
+        return [(a[i], diffs()[i]) for i in used] if used else []
 
     @staticmethod
     def _block_span(a0: int, a1: int, n: int) -> tuple[int, int]:
@@ -193,10 +217,10 @@ class RegionComposer:
                 received = min(st.end for st in streams)
             self._texture_to(received)
             tex_done = self.tex_done
-            # decide rows of regions
+            # decide rows of regions (each with blend.HALO rows below it for the low-passes)
             while decided < self.ny:
                 bottom = self.oys[decided + 1]
-                if received < bottom or (tex_done < min(self.BH, -(-bottom // B) + 2)):
+                if received < min(self.H, bottom + blend.HALO) or (tex_done < min(self.BH, -(-bottom // B) + 2)):
                     break
                 self._decide(decided)
                 decided += 1
@@ -206,12 +230,12 @@ class RegionComposer:
             else:
                 limit = max(composed, min((int(self.cy[decided - 1]) // B - 1) * B if decided else 0,
                                           (tex_done - 3) * B))
-            limit = min(limit, received)
-            for r0 in range(composed, limit, 256):
-                r1 = min(limit, r0 + 256)
+            limit = min(limit, received if received >= self.H else received - blend.HALO)
+            for r0 in range(composed, limit, COMPOSE_ROWS):
+                r1 = min(limit, r0 + COMPOSE_ROWS)
                 self._compose(r0, r1, outs, aouts, fixed_maps, decided)
             composed = max(composed, limit)
-            low = min(composed, self.oys[decided] if decided < self.ny else composed)
+            low = min(composed, self.oys[decided] if decided < self.ny else composed) - blend.HALO
             for st in list(self.rows.values()) + list(self.arows.values()):
                 st.drop(low)
         for st in list(self.rows.values()) + list(self.arows.values()):
@@ -232,14 +256,10 @@ class RegionComposer:
                 out[k] = np.minimum(choice.top * (1 - noise), choice.ceiling)
         return out
 
-    def _texture_to(self, rows: int, pull: bool = False) -> None:
-        """Texture of the block rows complete in the base experts' output up to output row `rows`
-        (pulling their streams that far when `pull`), or as far as they have come."""
+    def _texture_to(self, rows: int) -> None:
+        """Texture of the block rows complete in the base experts' output up to output row `rows`,
+        or as far as they have come."""
         bases = [self.rows[i] for i in self.textures]
-        if pull:
-            for st in bases:
-                while st.end < min(self.H, rows) and st.pull():
-                    pass
         have = min([st.end for st in bases] or [rows])
         to = self.BH if have >= self.H else have // B
         if to > self.tex_done:
@@ -266,34 +286,22 @@ class RegionComposer:
     def _skipper(self, need: list[bool]):
         """For the last (most faithful) expert, when the expert before it runs too: a factory of
         `skip(rows, cols)` callbacks (esrgan.stream) that are true for a tile whose output no
-        position reachable there gives any weight. Below the first rung that involves the last
-        expert it has none; up to its last region blend it has none where the previous expert's
-        output is flat (contrast at or below the lowest gate over the 3x3 blocks a gate map smooths
-        over). So flat regions and regions held at x4plus by their ceiling do not run DF2K."""
+        position reachable there uses: every block whose centre its pixels, or the blend.HALO around them
+        that low-passes read, blend from is at or below the previous expert alone (a region held
+        there by its ceiling, a fixed position or a map). Above it every rung takes the last
+        expert's low frequencies everywhere, so a flat region runs it too."""
         j = len(self.experts) - 1
         if j < 1 or not (need[j] and need[j - 1]):
             return None
-        alone = next(k for k, r in enumerate(self.ladder.rungs) if r.expert == j - 1 and r.gate is None)
+        alone = next(k for k, r in enumerate(self.ladder.rungs) if r.expert == j - 1 and r.gate is None and not r.low)
         p_none = self.ladder.position(alone)  # at or below: no weight
-        p_gated = self.ladder.position(alone + len(self.ladder.gates))  # up to here: only where textured
-        t_min = min(self.ladder.gates) if self.ladder.gates else None
         bound = self._bound_blocks()
-        eps = 1e-6
+        m = 1 + -(-blend.HALO // B)  # blocks of margin: the interpolation's one, and the halo's
 
         def skip(rows, cols) -> bool:
-            b0, b1 = max(0, rows[0] // B - 1), min(self.BH, (rows[1] - 1) // B + 2)  # blocks whose centres
-            c0, c1 = max(0, cols[0] // B - 1), min(self.BW, (cols[1] - 1) // B + 2)  # its pixels blend
-            bb = bound[b0:b1, c0:c1]
-            if (bb <= p_none + eps).all():
-                return True
-            if t_min is None or (bb > p_gated + eps).any():
-                return False
-            self._texture_to((b1 + 1) * B, pull=True)
-            ry = np.clip(np.arange(b0 - 1, b1 + 1), 0, self.BH - 1)  # ±1 block, edges repeated, as gate_map
-            rx = np.clip(np.arange(c0 - 1, c1 + 1), 0, self.BW - 1)
-            near = self.textures[j - 1][np.ix_(ry, rx)]
-            textured = np.lib.stride_tricks.sliding_window_view(near, (3, 3)).max(axis=(2, 3)) > t_min
-            return not (textured & (bb > p_none + eps)).any()
+            b0, b1 = max(0, rows[0] // B - m), min(self.BH, (rows[1] - 1) // B + 1 + m)
+            c0, c1 = max(0, cols[0] // B - m), min(self.BW, (cols[1] - 1) // B + 1 + m)
+            return bool((bound[b0:b1, c0:c1] <= p_none + 1e-6).all())
 
         def factory(count: bool):
             def counted(rows, cols) -> bool:
@@ -316,16 +324,21 @@ class RegionComposer:
         b0, b1 = self._block_span(r0, r1, self.BH)
         images = {i: self.rows[i].rows(r0, r1) for i in self.rows}
         alphas = {i: self.arows[i].rows(r0, r1) for i in self.arows}
+        # low-passed differences, computed once for the plans that use them
+        diffs = _once(partial(self._low_diffs, self.rows, r0, r1, 0, self.W))
+        adiffs = _once(partial(self._low_diffs, self.arows, r0, r1, 0, self.W))
         for k, c in enumerate(self.choices):
             if c.candidates:
                 blocks = self._cell_blocks(self.pos[k], decided, b0, b1)
                 blocks = np.clip(blocks + c.offset, 0, 1)
             else:
                 blocks = self._fixed_blocks(fixed_maps[k], b0, b1)
-            w = self._pixel_weights(blocks, b0, r0, r1)
-            blend.compose([images.get(i) for i in range(len(self.experts))], w, outs[k][r0:r1])
+            w, a = self._pixel_weights(blocks, b0, r0, r1)
+            lows = self._lows(a, diffs)
+            blend.compose([images.get(i) for i in range(len(self.experts))], w, outs[k][r0:r1], lows)
             if aouts[k] is not None:
-                blend.compose([alphas.get(i) for i in range(len(self.experts))], w, aouts[k][r0:r1])
+                alows = self._lows(a, adiffs)
+                blend.compose([alphas.get(i) for i in range(len(self.experts))], w, aouts[k][r0:r1], alows)
 
     def _decide(self, r: int) -> None:
         """Score region row r's candidates and fix each plan's positions there."""
@@ -347,13 +360,14 @@ class RegionComposer:
                     cands.append(round(top, 6))  # the region's own ceiling, between two rungs
                 per_plan.append(cands)
             positions = sorted({p for cands in per_plan for p in cands})
-            images = []
+            images, diffs = [], _once(partial(self._low_diffs, self.rows, oy0, oy1, ox0, ox1))
             for p in positions:
                 blocks = np.full((b1 - b0, bc1 - bc0), p, np.float32)
-                w = self._pixel_weights(blocks, b0, oy0, oy1, ox0, ox1, bc0)
+                w, a = self._pixel_weights(blocks, b0, oy0, oy1, ox0, ox1, bc0)
+                lows = self._lows(a, diffs)
                 out = np.empty((oy1 - oy0, ox1 - ox0, 3), np.float32)
                 images.append(blend.compose([strip[i][:, ox0:ox1] if i in strip else None
-                                             for i in range(len(self.experts))], w, out))
+                                             for i in range(len(self.experts))], w, out, lows))
             parts = dict(zip(positions, self.chooser.measure(images, [lq] * len(images))))
             if self.thumbs is None:
                 self.thumbs = list(zip(positions, images))
@@ -410,6 +424,9 @@ class RegionComposer:
                 "judged": int(self.judged[k].sum()), "candidates": rows, "position": round(float(pos.mean()), 4)}
 
 
+# Output rows composed at a time: each expert's rows, their low-passed difference and the sum live
+# as float32 for that many rows (at 8192 pixels wide, about 12 MB an array per 128 rows).
+COMPOSE_ROWS = 128
 BORDER = 64  # output pixels on each side of a border between regions over which their positions ramp
 
 
@@ -429,6 +446,17 @@ def _across(coords: np.ndarray, bounds: list[int]) -> tuple[np.ndarray, np.ndarr
     w = np.clip(0.5 - np.abs(coords - edge) / (2 * BORDER), 0, 0.5)
     w = np.where(other == cell, 0, w)
     return cell, other, w.astype(np.float32)
+
+
+def _once(fn):
+    """fn(), computed on the first call only."""
+    box = []
+
+    def get():
+        if not box:
+            box.append(fn())
+        return box[0]
+    return get
 
 
 def _mean(values):
