@@ -251,11 +251,11 @@ def test_the_reading_lowers_the_ceiling_continuously_and_by_its_confidence():
     def top(text):
         return ceiling(parse_cot(f"<degradation>{text}</degradation>"), 0.75)[0]
 
-    sigmas = [top(f"noise: light (sigma {s})") for s in (4, 6.5, 8, 9.5, 11, 13)]
+    lo, hi = NOISE_RAMP
+    sigmas = [top(f"noise: light (sigma {s})") for s in (lo - 2, lo + 0.5, lo + 2, (lo + hi) / 2, hi - 1, hi + 2)]
     assert sigmas[0] == 0.75 and sigmas[-1] == 0 and all(a >= b for a, b in zip(sigmas, sigmas[1:]))
     assert 0 < top("noise: medium (sigma 8)") < top("noise: light (sigma 7.9)") + 0.05  # no cliff at 8
     assert top("noise: medium (sigma 11, uncertain: 40)") > top("noise: medium (sigma 11)")
-    lo, hi = NOISE_RAMP
     assert top(f"noise: medium (sigma {(lo + hi) / 2}, confidence 0.5)") == pytest.approx(0.75 * (1 - 0.5 * 0.5))
     qualities = [top(f"jpeg: medium (quality {q})") for q in (95, 85, 75, 65)]
     assert qualities[0] == 0.75 and qualities[-1] == 0 and all(a > b for a, b in zip(qualities, qualities[1:]))
@@ -450,7 +450,7 @@ def test_a_noisy_region_lowers_its_own_ceiling():
     own noise and keeps the natural expert, while the clean textured half climbs. A region never
     climbs above the reading's ceiling."""
     rgb = np.repeat(texture(128, 256), 3, axis=2)
-    rgb[:, :128] = np.clip(0.6 + np.random.default_rng(0).normal(0, 15 / 255, (128, 128, 1)), 0, 1)
+    rgb[:, :128] = np.clip(0.6 + np.random.default_rng(0).normal(0, 20 / 255, (128, 128, 1)), 0, 1)
     choice = run_stages(LiteStages(toy_experts(), Chooser(SMOOTH)), rgb).choice
     assert choice["ceilings"][0][0] < 0.1 and choice["ceilings"][0][1] == pytest.approx(0.8)
     assert choice["positions"][0][0] == 0 and choice["positions"][0][1] == pytest.approx(0.8)
