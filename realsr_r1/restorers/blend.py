@@ -30,9 +30,9 @@ from ..imageio import to_float
 SCORE_CELL = 128  # input pixels a side per scored region (about: the grid divides the image evenly)
 GATE_BLOCK = 8  # output pixels a side of the blocks whose contrast gates a region blend
 GATE_RAMP = 1.5  # the next expert's weight ramps from 0 at contrast t to 1 at (1 + GATE_RAMP)·t
-# The low/high split of the two experts' difference, in output pixels. On DRealSR's 93 pairs (both
-# folds alike) x4plus plus DF2K's low frequencies gave +1.4 dB over x4plus alone and lower PIQE at
-# sigma 2; at sigma 1 it kept more of DF2K's grain (NIQE +1.1), at 3 it gave back 0.3 dB.
+# The low/high split of the two experts' difference, in output pixels. On DRealSR's 93 pairs, x4plus
+# plus DF2K's low frequencies gave +1.4 dB over x4plus alone (+1.2 and +1.5 on the two folds) and a
+# lower PIQE at sigma 2; at sigma 1 it kept more of DF2K's grain (NIQE +1.1), at 3 it gave back 0.3 dB.
 DETAIL_SIGMA = 2.0
 HALO = int(np.ceil(3 * DETAIL_SIGMA))  # rows or columns of context a low-pass needs on each side
 LUMA = np.asarray((0.299, 0.587, 0.114), np.float32)
