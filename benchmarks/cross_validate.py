@@ -67,7 +67,7 @@ def split(sigma: float) -> None:
     """Set the ladder's low/high split (blend.DETAIL_SIGMA and the halo that goes with it)."""
     from realsr_r1.restorers import blend
 
-    blend.DETAIL_SIGMA, blend.HALO = sigma, int(np.ceil(3 * sigma))
+    blend.DETAIL_SIGMA, blend.HALO = sigma, blend.halo(sigma)
 
 
 def measure_pairs(folder: Path, limit: int | None, sigmas: list[float]):

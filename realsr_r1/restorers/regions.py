@@ -208,9 +208,9 @@ class RegionComposer:
         while composed < self.H:
             if received < self.H:
                 streams = list(self.rows.values()) + list(self.arows.values())
-                behind = min(streams, key=lambda st: st.end)  # a skip may have pulled another one ahead
+                behind = min(streams, key=lambda st: st.end)  # keep the streams level: pull the last one on
                 behind.pull()
-                target = behind.end  # fixed: a skip pulling its base on must not move it
+                target = behind.end
                 for st in streams:
                     while st.end < target and st.pull():
                         pass
