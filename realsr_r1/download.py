@@ -9,11 +9,14 @@
   which one it used; `--hub restorer=ID` (or `policy=ID`) fetches from ID instead. Without network it
   fails within seconds, naming every source it tried, what to fetch and where to put it, instead of
   hanging in retries.
+- full --restorer onestep: the one-step restorer instead of the x4 upscaler: SD 2.1-base from the hub
+  (same rules) and OSEDiff's adapter file from the URL the profile gives (`adapter_url`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,17 +50,44 @@ FILES = {
 }
 
 
-def full_models(hub: dict[str, str] | None = None) -> list[HubModel]:
-    """The full profile's models: `hub` ({section: id}) replaces a section's id and its mirrors."""
+def full_models(hub: dict[str, str] | None = None, restorer: str | None = None) -> list[HubModel]:
+    """The full profile's models: `hub` ({section: id}) replaces a section's id and its mirrors;
+    `restorer` names one of the profile's alternative restorer types (e.g. onestep)."""
     from .profiles import load_config
 
-    cfg = load_config("full")
+    cfg = load_config("full", [f"restorer.type={restorer}"] if restorer else [])
     out = []
     for kind, (allow, marker, ignore) in FILES.items():
         section = cfg[kind]
         ids = [hub[kind]] if hub and kind in hub else [section["hub"], *(section.get("mirrors") or [])]
         out.append(HubModel(ids[0], section["model"], allow, marker, ignore, tuple(ids[1:]), kind))
     return out
+
+
+def full_adapter(restorer: str | None = None) -> tuple[str, str] | None:
+    """(file name under the weights folder, URL) of the full profile's restorer adapter, if it has one."""
+    from .profiles import load_config
+
+    section = load_config("full", [f"restorer.type={restorer}"] if restorer else [])["restorer"]
+    url = section.get("adapter_url")
+    return (str(section["adapter"]), str(url)) if section.get("adapter") and url else None
+
+
+def fetch_url(url: str, dest: Path, log=print) -> Path:
+    """Download `url` to `dest` (atomically: a partial download never sits at `dest`)."""
+    import urllib.request
+
+    from .imageio import atomic_write
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=PREFLIGHT_TIMEOUT_S) as r:
+            atomic_write(dest, lambda f: shutil.copyfileobj(r, f, 1 << 20))
+    except OSError as e:  # URLError, HTTPError, timeouts
+        raise DownloadError(f"cannot fetch {url} ({' '.join(str(getattr(e, 'reason', e)).split())}): fetch it on "
+                            f"a machine with network and copy it to {dest}") from None
+    log(f"full: {url} → {dest}")
+    return dest
 
 
 class DownloadError(RuntimeError):
@@ -74,6 +104,11 @@ def is_present(model: HubModel, weights_dir: Path | None = None) -> bool:
 
 def full_profile_present(weights_dir: Path | None = None) -> bool:
     return all(is_present(m, weights_dir) for m in full_models())
+
+
+def adapter_present(restorer: str | None, weights_dir: Path | None = None) -> bool:
+    adapter = full_adapter(restorer)
+    return adapter is None or (Path(weights_dir or weights.default_dir()) / adapter[0]).is_file()
 
 
 def manual_hint(models, weights_dir: Path | None = None) -> str:
@@ -120,8 +155,10 @@ def fetch(model: HubModel, weights_dir: Path | None = None, log=print) -> Path:
     raise DownloadError(f"cannot fetch {model.folder} from the hub, tried {'; '.join(tried)}")
 
 
-def download(profile: str, weights_dir: Path | None = None, log=print, hub: dict[str, str] | None = None) -> list[Path]:
-    """Put a profile's weights in place; `hub` ({policy|restorer: id}) fetches a section from another id."""
+def download(profile: str, weights_dir: Path | None = None, log=print, hub: dict[str, str] | None = None,
+             restorer: str | None = None) -> list[Path]:
+    """Put a profile's weights in place; `hub` ({policy|restorer: id}) fetches a section from another id;
+    `restorer` picks one of the full profile's alternative restorers (and fetches its adapter)."""
     if profile == "lite":
         from .restorers.lite import DEFAULT_EXPERTS
 
@@ -138,18 +175,34 @@ def download(profile: str, weights_dir: Path | None = None, log=print, hub: dict
         return done
     if profile != "full":
         raise ValueError(f"unknown profile {profile!r}: choose lite or full")
+    if restorer is not None:
+        from .profiles import load_config
+
+        cfg = load_config("full")
+        known = [cfg["restorer"]["type"], *((cfg.get("alternatives") or {}).get("restorer") or {})]
+        if restorer not in known:
+            raise DownloadError(f"--restorer {restorer}: the full profile's restorers are {', '.join(known)}")
     done = [weights.realesrgan_x4plus(weights_dir)]  # the full profile's rough stage may use it
-    models = full_models(hub)
+    models = full_models(hub, restorer)
     todo = [m for m in models if not is_present(m, weights_dir)]
     for m in models:
         if m not in todo:
             log(f"full: {m.folder} already in {model_dir(m, weights_dir)}")
+    adapter = full_adapter(restorer)
     for m in todo:
         try:
             done.append(fetch(m, weights_dir, log))
         except DownloadError as e:
-            raise DownloadError(f"{e}: {manual_hint(todo, weights_dir)}") from None
+            also = (f"; also {adapter[1]} into {Path(weights_dir or weights.default_dir()) / adapter[0]}"
+                    if adapter else "")
+            raise DownloadError(f"{e}: {manual_hint(todo, weights_dir)}{also}") from None
         log(f"full: {m.folder} → {model_dir(m, weights_dir)}")
+    if adapter is not None:
+        dest = Path(weights_dir or weights.default_dir()) / adapter[0]
+        if dest.is_file():
+            log(f"full: {adapter[0]} already in {dest}")
+        else:
+            done.append(fetch_url(adapter[1], dest, log))
     return done
 
 
@@ -162,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hub", action="append", default=[], metavar="SECTION=ID",
                    help="fetch the full profile's restorer (or policy) from this hub id instead of the "
                         "profile's and its mirrors, e.g. --hub restorer=sd2-community/stable-diffusion-x4-upscaler")
+    p.add_argument("--restorer", default=None, metavar="TYPE",
+                   help="the full profile's restorer to fetch, if not its default: onestep (SD 2.1-base and "
+                        "OSEDiff's adapter)")
     p.add_argument("--verbose", action="store_true", help="also show the libraries' logs and warnings")
     args = p.parse_args(argv)
     from . import quiet
@@ -176,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         hub[kind] = repo_id.strip()
     try:
         download(args.profile, Path(args.weights_dir) if args.weights_dir else None,
-                 log=lambda m: print(m, file=sys.stderr), hub=hub)
+                 log=lambda m: print(m, file=sys.stderr), hub=hub, restorer=args.restorer)
     except (DownloadError, weights.WeightsNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

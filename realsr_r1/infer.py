@@ -65,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None,
                    help="a LoRA adapter folder from python -m realsr_r1.train (profiles with a VLM policy; "
                    "default none)")
-    p.add_argument("--restorer-adapter", default=None, metavar="DIR",
-                   help="a LoRA adapter folder of the diffusion upscaler's UNet from training, on for the stage it was trained on "
-                   "(profiles with the diffusion restorer; sets restorer.adapter; default none)")
+    p.add_argument("--restorer-adapter", default=None, metavar="PATH",
+                   help="the diffusion restorer's adapter: the x4 upscaler's LoRA folder from training (on for the stage it "
+                   "was trained on), or the one-step restorer's OSEDiff-format file (sets restorer.adapter)")
     p.add_argument("--scale", type=float, default=None,
                    help="final stage scale (default: the profile's, 4)")
     p.add_argument("--outscale", type=float, default=None,
@@ -213,7 +213,7 @@ def profile_config(args: argparse.Namespace) -> tuple[str, str, dict, list[str]]
             raise ConfigError(f"--restorer-adapter does not apply to the {profile} profile: it needs a profile "
                               f"with the diffusion restorer ({profile}'s is the {restorer_type} one)")
         restorer["adapter"] = str(Path(args.restorer_adapter))
-    if restorer.get("adapter") and "adapter" in valid_keys(parts[1]):
+    if restorer.get("adapter") and restorer_type == "diffusion":
         from .restorers.adapter import check_adapter_folder
 
         check_adapter_folder(restorer["adapter"])  # a wrong folder is said before any model loads

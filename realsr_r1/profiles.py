@@ -30,7 +30,7 @@ from .pipeline import RestorationPipeline
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PROFILES = ("lite", "full", "tiny")
-TOP_KEYS = ("profile", "scale", "policy", "restorer")
+TOP_KEYS = ("profile", "scale", "policy", "restorer", "alternatives")
 DEFAULT_TYPE = {"policy": "analyser", "restorer": "realesrgan"}
 
 
@@ -97,6 +97,12 @@ def _diffusion_parts():
     from .restorers.diffusion import DiffusionStages
 
     return (DiffusionStages.from_pretrained, DiffusionStages)
+
+
+def _onestep_parts():
+    from .restorers.onestep import OneStepStages
+
+    return (OneStepStages.from_pretrained, OneStepStages)
 
 
 def _build_analyser(section: dict, kw: dict, device: str):
@@ -180,6 +186,25 @@ def _build_diffusion(section: dict, kw: dict, device: str):
     return _diffusion_parts()[0](_model_path(section, "restorer"), device=device, **kw)
 
 
+def _build_onestep(section: dict, kw: dict, device: str):
+    """SD 2.1-base with an OSEDiff-format adapter (`adapter`: a file, or a name under the weights
+    folder); its rough stage and candidates as the upscaler's."""
+    path = _model_path(section, "restorer")
+    if kw.get("adapter") is not None:  # before any model loads
+        kw["adapter"] = _adapter_path(section)
+    if kw.get("rough", "realesrgan") == "realesrgan":
+        precision = "fp32" if kw.get("dtype") == "fp32" else "auto"
+        kw["regression"] = _build_esrgan(section, {"precision": precision}, device)
+    if kw.get("candidates", 1) != 1:
+        kw["chooser"] = _chooser(section)
+    try:
+        return _onestep_parts()[0](path, device=device, **kw)
+    except ValueError as e:
+        if type(e) is not ValueError:
+            raise
+        raise ConfigError(f"restorer.{' '.join(str(e).split())}") from None
+
+
 COMPONENTS = {
     "policy": {
         "analyser": Component(_analyser_parts, _build_analyser),
@@ -199,6 +224,12 @@ COMPONENTS = {
                                internal=("regression", "chooser"),
                                precision="dtype",
                                flags={"tile": "tile", "tile_pad": "tile_overlap"}, seeded=True),
+        # One step of SD 2.1-base with an OSEDiff-format adapter (`adapter`, `adapter_url`: where
+        # `download full` fetches it); tile in latent pixels (input pixels × 4 / 8 at the final stage).
+        "onestep": Component(_onestep_parts, _build_onestep,
+                             extra=("model", "hub", "mirrors", "adapter_url", "experts", "chooser"),
+                             internal=("regression", "chooser"), precision="dtype",
+                             flags={"tile": "tile", "tile_pad": "tile_overlap"}, seeded=True),
     },
 }
 
@@ -219,8 +250,20 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> dict:
 
 
 def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
-    """`restorer.tile=128` style overrides; values are parsed as YAML scalars."""
+    """`restorer.tile=128` style overrides; values are parsed as YAML scalars.
+
+    `restorer.type=X` (or policy.type) where the profile lists X under `alternatives` puts that
+    alternative's section in place first, so the profile's settings for its own type do not leak
+    into another type's; the other overrides then apply over it, whatever their order."""
     cfg = copy.deepcopy(cfg)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        kind = key.strip().split(".")[0]
+        if sep and key.strip() in ("policy.type", "restorer.type"):
+            value = yaml.load(raw, Loader=YamlLoader) if raw.strip() else None
+            other = ((cfg.get("alternatives") or {}).get(kind) or {}).get(value) if isinstance(value, str) else None
+            if isinstance(other, dict) and (cfg.get(kind) or {}).get("type") != value:
+                cfg[kind] = {"type": value, **copy.deepcopy(other)}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -361,6 +404,15 @@ def check_profile(cfg) -> None:
         raise ConfigError(f"scale: expected a number in (0, 16], got {scale!r}")
     for kind in ("policy", "restorer"):
         check_section(kind, cfg[kind] if cfg.get(kind) is not None else {})
+    alternatives = cfg.get("alternatives") or {}
+    if not isinstance(alternatives, dict) or not set(alternatives) <= {"policy", "restorer"}:
+        raise ConfigError(f"alternatives: expected `restorer:` (or `policy:`) mapping types to their sections, "
+                          f"got {alternatives!r}")
+    for kind, types_ in alternatives.items():
+        if not isinstance(types_, dict):
+            raise ConfigError(f"alternatives.{kind}: expected a mapping of {kind} types to sections, got {types_!r}")
+        for type_, section in types_.items():
+            check_section(kind, {"type": type_, **(section or {})}, where=f"alternatives.{kind}.{type_}")
 
 
 def seeded(cfg: dict) -> bool:
@@ -385,6 +437,20 @@ def without_defaults(cfg: dict) -> dict:
 
 
 # --- Building --------------------------------------------------------------------------------------
+def _adapter_path(section: dict) -> Path:
+    """The restorer's adapter file: a path as given, else under the weights folder (a tiny model's
+    adapter is built with its model); a missing one is a one-line error saying where to get it."""
+    from .weights import WeightsNotFoundError, default_dir
+
+    name = Path(str(section["adapter"])).expanduser()
+    for path in (name, default_dir() / name):
+        if path.is_file():
+            return path
+    url = section.get("adapter_url")
+    where = f"`python -m realsr_r1.download full` fetches it from {url}" if url else "--restorer-adapter PATH names it"
+    raise WeightsNotFoundError(f"restorer adapter not found at {default_dir() / name} ({where})")
+
+
 def _model_path(section: dict, what: str) -> Path:
     """A model folder: a path as given, else a folder under the weights dir. The tiny random models
     (tiny.BUILDERS) are built there on first use; anything else missing is a one-line error."""

@@ -6,6 +6,8 @@ dummy components in `diffusers.utils.testing_utils`).
   template) saved with `save_pretrained`, so it loads back through the code users run.
 - `build_tiny_upscaler(path)`: a random StableDiffusionUpscalePipeline with the x4 upscaler's
   layout: tiny, or the real sizes (`real_size=True`, for benchmarks with random weights).
+- `build_tiny_sd21(path)`: a random SD 2.1-base (UNet, VAE, CLIP, scheduler) with a random
+  OSEDiff-format adapter, for the one-step restorer: tiny, or the real sizes.
 - `ensure(name, weights_dir)`: the model folder, built there on first use when a profile names it.
 """
 
@@ -272,6 +274,83 @@ def build_tiny_upscaler(path: str | Path, seed: int = 0, real_size: bool = False
     return Path(path)
 
 
+# stabilityai/stable-diffusion-2-1-base's architecture (for benchmarks with random weights); its text
+# encoder is the x4 upscaler's (OpenCLIP ViT-H), REAL_TEXT.
+REAL_SD21_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), norm_num_groups=32,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+)
+REAL_SD21_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    sample_size=512, scaling_factor=0.18215,
+)
+# Its scheduler_config.json: a PNDMScheduler config, which OSEDiff and we load as a DDPMScheduler;
+# its `clip_sample: false` (not a PNDM argument) keeps DDPM from clamping the x_0 latent.
+SD21_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      prediction_type="epsilon", set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+ONESTEP_ADAPTER = "osediff.pkl"  # the tiny one-step model's adapter file, inside its folder
+
+
+def build_tiny_sd21(path: str | Path, seed: int = 0, real_size: bool = False, device: str = "cpu", dtype=None,
+                    adapter_rank: int | None = 4) -> Path:
+    """Write a random SD 2.1-base-shaped pipeline (the hub's folder layout) to `path`, tiny or at real
+    sizes, and with `adapter_rank` a random OSEDiff-format adapter beside it (ONESTEP_ADAPTER)."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from .restorers.onestep_adapter import adapter_state, new_adapter, save_adapter
+
+    with tempfile.TemporaryDirectory() as tok_dir:
+        vocab_size = _write_tokenizer_files(Path(tok_dir))
+        tokenizer = CLIPTokenizer(f"{tok_dir}/vocab.json", f"{tok_dir}/merges.txt", model_max_length=77)
+    unet_cfg = REAL_SD21_UNET if real_size else dict(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=(2, 4),
+        use_linear_projection=True,
+    )
+    vae_cfg = REAL_SD21_VAE if real_size else dict(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(8, 8, 16, 16),
+        norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        scaling_factor=0.18215,  # 4 blocks: SD's factor 8
+    )
+    text_cfg = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2, projection_dim=16)
+    text_cfg.update(REAL_TEXT if real_size else {})
+    torch.manual_seed(seed)
+    old_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or torch.float32)
+    try:
+        with torch.device(device):
+            unet = UNet2DConditionModel(**unet_cfg)
+            vae = AutoencoderKL(**vae_cfg)
+            text_encoder = CLIPTextModel(CLIPTextConfig(
+                vocab_size=vocab_size, max_position_embeddings=77, **text_cfg,
+                bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+            ))
+    finally:
+        torch.set_default_dtype(old_dtype)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=PNDMScheduler(**SD21_SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(path))
+    config = Path(path) / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text(encoding="utf-8")), "clip_sample": False}, indent=2),
+                      encoding="utf-8")
+    if adapter_rank:
+        lists = new_adapter(unet, vae, adapter_rank)
+        with torch.no_grad():  # PEFT starts lora_B at zero: make the adapter change the output
+            for name, p in [*unet.named_parameters(), *vae.named_parameters()]:
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+        save_adapter(adapter_state(unet, vae, lists), Path(path) / ONESTEP_ADAPTER)
+    return Path(path)
+
+
 # The folder names profiles use (configs/tiny.yaml, configs/grpo-tiny.yaml) → their builders.
 class ScriptedChain:
     """A logits processor that makes a (tiny random) VLM write given text: each generate() call
@@ -310,7 +389,7 @@ class ScriptedChain:
         return forced
 
 
-BUILDERS = {"tiny-vlm": build_tiny_vlm, "tiny-upscaler": build_tiny_upscaler}
+BUILDERS = {"tiny-vlm": build_tiny_vlm, "tiny-upscaler": build_tiny_upscaler, "tiny-sd21": build_tiny_sd21}
 NOTE = ("tiny models with random weights (for tests and smoke runs): the chain of thought is gibberish "
         "and the images are noise, not restorations")
 

@@ -571,8 +571,11 @@ def test_final_candidates_keep_the_sample_the_chooser_prefers(tiny_path, image, 
     three = DiffusionStages.from_pretrained(tiny_path, candidates=3, chooser=Chooser({"tiny_rewards:darkness": {}}), **opts)
     assert three.describe()["candidates"] == 3 and three.describe()["chooser"]["reward"] == "tiny_rewards:darkness"
     seen = {}
-    real = three._choose_sample
-    monkeypatch.setattr(three, "_choose_sample", lambda images, *a: seen.setdefault("images", images) and real(images, *a))
+    import realsr_r1.restorers.diffusion as module
+
+    real = module.choose_sample
+    monkeypatch.setattr(module, "choose_sample",
+                        lambda chooser, images, *a: seen.setdefault("images", images) and real(chooser, images, *a))
     final = finals(run(three, image, parse_cot(COT), seed=7))["final"]
     images = seen["images"]
     assert len(images) == 3 and not np.allclose(images[0], images[1], atol=1e-3)

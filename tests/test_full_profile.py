@@ -88,3 +88,60 @@ def test_final_candidates_from_the_profile_reach_the_sidecar(tiny_weights, tmp_p
                      "--set", "restorer.candidates=0"])
     err = capsys.readouterr().err
     assert rc != 0 and "candidates must be a whole number" in err and "Traceback" not in err
+
+
+def test_the_one_step_restorer_from_the_tiny_profile(tiny_weights, tmp_path, capsys):
+    """`--set restorer.type=onestep` swaps in the profile's onestep section (tiny SD 2.1-base and its
+    adapter, built on first use), whatever the order of the other overrides; the sidecar names the
+    restorer, its adapter and the one UNet evaluation; `--fidelity` dials it; a broken adapter is one line."""
+    from realsr_r1.restorers.onestep_adapter import read_adapter, save_adapter
+
+    src = tmp_path / "in"
+    src.mkdir()
+    photo((12, 10)).save(src / "a.png")
+    rc = infer.main(["-i", str(src), "-o", str(tmp_path / "o"), "--profile", "tiny", "--quiet", "--seed", "3",
+                     "--set", "restorer.tile=4", "--set", "restorer.type=onestep", "--fidelity", "0.25"])
+    assert rc == 0, capsys.readouterr().err
+    side = json.loads((tmp_path / "o" / "a.json").read_text())
+    assert side["restorer"] == "onestep" and side["unet_evaluations_per_stage"] == 1 and side["tile"] == 4
+    assert side["fidelity"] == 0.25 and side["rough"] == "input"
+    assert side["adapter"]["path"].endswith("tiny-sd21/osediff.pkl") and side["base"].endswith("tiny-sd21")
+    assert side["settings"]["config"]["restorer"]["model"] == "tiny-sd21"
+    assert "steps" not in side["settings"]["config"]["restorer"]  # the upscaler's keys did not leak
+    assert read_image(tmp_path / "o" / "a.png").size == (48, 40)
+    data = read_adapter(tiny_weights / "tiny-sd21" / "osediff.pkl")
+    data["state_dict_unet"].pop(next(iter(data["state_dict_unet"])))
+    bad = save_adapter(data, tmp_path / "bad.pkl")
+    rc = infer.main(["-i", str(src), "-o", str(tmp_path / "o3"), "--profile", "tiny", "--quiet",
+                     "--set", "restorer.type=onestep", "--restorer-adapter", str(bad)])
+    err = capsys.readouterr().err
+    assert rc != 0 and "state_dict_unet has no" in err and "Traceback" not in err
+    rc = infer.main(["-i", str(src), "-o", str(tmp_path / "o4"), "--profile", "tiny", "--quiet",
+                     "--set", "restorer.type=onestep", "--restorer-adapter", str(tmp_path / "none.pkl")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "restorer adapter not found" in err and "--restorer-adapter" in err
+
+
+def test_the_full_profiles_alternatives_are_checked_and_fetchable(monkeypatch, tmp_path):
+    """full.yaml's onestep alternative passes the key check; a misspelt key inside an alternative is
+    named; `download full --restorer onestep` asks for SD 2.1-base and OSEDiff's adapter, offline in
+    one line naming both."""
+    from realsr_r1 import download
+    from realsr_r1.profiles import ConfigError, check_profile
+
+    cfg = load_config("full", ["restorer.type=onestep"])
+    check_profile(cfg)
+    assert cfg["restorer"]["type"] == "onestep" and cfg["restorer"]["model"] == "sd-2-1-base"
+    broken = load_config("full")
+    broken["alternatives"]["restorer"]["onestep"]["tiles"] = 3
+    with pytest.raises(ConfigError, match=r"alternatives\.restorer\.onestep\.tiles: unknown key .*tile"):
+        check_profile(broken)
+    models = download.full_models(restorer="onestep")
+    assert [m.folder for m in models] == ["qwen2.5-vl-3b-instruct", "sd-2-1-base"]
+    assert download.full_adapter("onestep")[0] == "osediff.pkl" and download.full_adapter() is None
+    monkeypatch.setattr(download.weights, "realesrgan_x4plus", lambda d=None: tmp_path / "x4plus")
+    with pytest.raises(download.DownloadError) as err:
+        download.download("full", tmp_path, log=lambda m: None, restorer="onestep")
+    assert "stable-diffusion-2-1-base" in str(err.value) and "osediff.pkl" in str(err.value)
+    with pytest.raises(download.DownloadError, match="restorers are diffusion, onestep"):
+        download.download("full", tmp_path, log=lambda m: None, restorer="sdxl")

@@ -280,26 +280,6 @@ class DiffusionStages:
             return None
         return self.regression.choose_batch(inp, plans, stage="rough", scale=4.0)
 
-    def _choose_sample(self, images: list[np.ndarray], inp: np.ndarray, plan: Plan | None,
-                       seeds: list[int]) -> tuple[int, dict]:
-        """(the chooser's pick among the final stage's samples, the record of its choice)."""
-        t = time.perf_counter()
-        lq = to_float(inp)
-        measured = self.chooser.measure(images, [lq] * len(images))  # whole images: every region counts
-        best, rewards, facts = self.chooser.choose(measured, plan, lq)
-        rows = [{"label": f"sample {k + 1} (seed {s})", "seed": s,
-                 **{key: None if v is None else round(float(v), 4) for key, v in m.items()},
-                 "reward": None if r is None else round(float(r), 4)}
-                for k, (s, m, r) in enumerate(zip(seeds, measured, rewards))]
-        winner = rows[best]["label"]
-        if rows[best]["reward"] is None:
-            why = f"no sample could be scored by {self.chooser.name} (image too small): kept {winner}"
-        else:
-            why = (f"highest {self.chooser.name} reward ({rows[best]['reward']}) of {len(rows)} samples; "
-                   f"input quality Q_LR {facts['q_lr']} from the {facts['q_lr_source']}")
-        return best, {"mode": "auto", **facts, "candidates": rows, "allowed": [r["label"] for r in rows],
-                      "winner": winner, "why": why, "seconds": round(time.perf_counter() - t, 4)}
-
     def _diffuse(self, reference: np.ndarray, previous: np.ndarray | list | None, size: tuple[int, int],
                  conditions: list[Condition], seed, preview=None, stage: str | None = None):
         """Generator: one diffusion stage of `size` for each condition; returns the images at `size`.
@@ -354,7 +334,7 @@ class DiffusionStages:
                 outs = [color_fix(o, inp, self.color_fix, device=self.device) for o in outs]
                 best = 0
                 if k > 1:  # the chooser keeps one sample (module doc)
-                    best, choice = self._choose_sample(outs, inp, plan, seeds)
+                    best, choice = choose_sample(self.chooser, outs, inp, plan, seeds)
                     looks = [resize(o, _fit_within(size, self.preview_size)) for o in outs]
                 rgb = outs[best]
             alpha = None if image.alpha is None else resize(to_float(image.alpha), size)
@@ -402,6 +382,28 @@ class DiffusionStages:
                 for i, o in zip(chunk, done):
                     out[i] = color_fix(o, inp, self.color_fix, device=self.device)
         return out
+
+
+def choose_sample(chooser, images: list[np.ndarray], inp: np.ndarray, plan: Plan | None,
+                  seeds: list[int | None]) -> tuple[int, dict]:
+    """(the chooser's pick among a stage's samples, the record of its choice); a seed of None is a
+    sample drawn without noise."""
+    t = time.perf_counter()
+    lq = to_float(inp)
+    measured = chooser.measure(images, [lq] * len(images))  # whole images: every region counts
+    best, rewards, facts = chooser.choose(measured, plan, lq)
+    rows = [{"label": f"sample {k + 1} ({'no noise' if s is None else f'seed {s}'})", "seed": s,
+             **{key: None if v is None else round(float(v), 4) for key, v in m.items()},
+             "reward": None if r is None else round(float(r), 4)}
+            for k, (s, m, r) in enumerate(zip(seeds, measured, rewards))]
+    winner = rows[best]["label"]
+    if rows[best]["reward"] is None:
+        why = f"no sample could be scored by {chooser.name} (image too small): kept {winner}"
+    else:
+        why = (f"highest {chooser.name} reward ({rows[best]['reward']}) of {len(rows)} samples; "
+               f"input quality Q_LR {facts['q_lr']} from the {facts['q_lr_source']}")
+    return best, {"mode": "auto", **facts, "candidates": rows, "allowed": [r["label"] for r in rows],
+                  "winner": winner, "why": why, "seconds": round(time.perf_counter() - t, 4)}
 
 
 def drain(gen):
