@@ -444,7 +444,7 @@ def _adapter_path(section: dict) -> Path:
 
     name = Path(str(section["adapter"])).expanduser()
     for path in (name, default_dir() / name):
-        if path.is_file():
+        if path.is_file() or path.is_dir():  # a folder: training's output, its osediff.pkl inside
             return path
     url = section.get("adapter_url")
     where = f"`python -m realsr_r1.download full` fetches it from {url}" if url else "--restorer-adapter PATH names it"

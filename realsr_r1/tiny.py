@@ -292,18 +292,17 @@ REAL_SD21_VAE = dict(
 # its `clip_sample: false` (not a PNDM argument) keeps DDPM from clamping the x_0 latent.
 SD21_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       prediction_type="epsilon", set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
-ONESTEP_ADAPTER = "osediff.pkl"  # the tiny one-step model's adapter file, inside its folder
 
 
 def build_tiny_sd21(path: str | Path, seed: int = 0, real_size: bool = False, device: str = "cpu", dtype=None,
                     adapter_rank: int | None = 4) -> Path:
     """Write a random SD 2.1-base-shaped pipeline (the hub's folder layout) to `path`, tiny or at real
-    sizes, and with `adapter_rank` a random OSEDiff-format adapter beside it (ONESTEP_ADAPTER)."""
+    sizes, and with `adapter_rank` a random OSEDiff-format adapter inside (onestep_adapter.ADAPTER_FILE)."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from .restorers.onestep_adapter import adapter_state, new_adapter, save_adapter
+    from .restorers.onestep_adapter import ADAPTER_FILE, adapter_state, new_adapter, save_adapter
 
     with tempfile.TemporaryDirectory() as tok_dir:
         vocab_size = _write_tokenizer_files(Path(tok_dir))
@@ -347,7 +346,7 @@ def build_tiny_sd21(path: str | Path, seed: int = 0, real_size: bool = False, de
             for name, p in [*unet.named_parameters(), *vae.named_parameters()]:
                 if "lora_B" in name:
                     p.normal_(0, 0.02)
-        save_adapter(adapter_state(unet, vae, lists), Path(path) / ONESTEP_ADAPTER)
+        save_adapter(adapter_state(unet, vae, lists), Path(path) / ADAPTER_FILE)
     return Path(path)
 
 

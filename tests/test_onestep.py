@@ -12,9 +12,10 @@ from realsr_r1.cot import parse_cot  # noqa: E402
 from realsr_r1.imageio import LoadedImage  # noqa: E402
 from realsr_r1.pipeline import StageImage, StagePreview, StageStarted  # noqa: E402
 from realsr_r1.restorers.onestep import OneStepStages, upscale  # noqa: E402
+from realsr_r1.restorers.onestep_adapter import ADAPTER_FILE as ONESTEP_ADAPTER  # noqa: E402
 from realsr_r1.restorers.onestep_adapter import (KEYS, adapter_state, load_adapter, new_adapter,  # noqa: E402
                                                  read_adapter, save_adapter, unet_targets, vae_targets)
-from realsr_r1.tiny import ONESTEP_ADAPTER, build_tiny_sd21  # noqa: E402
+from realsr_r1.tiny import build_tiny_sd21  # noqa: E402
 from realsr_r1.weights import CorruptWeightsError  # noqa: E402
 
 SIZES = {"rough": (16, 12), "middle": (32, 24), "final": (64, 48)}

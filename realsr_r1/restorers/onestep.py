@@ -316,6 +316,20 @@ class OneStepStages:
             return [(inp, None)] * len(plans)
         return self.regression.choose_batch(inp, plans, stage="rough", scale=4.0)
 
+    def start_image(self, inp: np.ndarray, plan: Plan | None, stage: str, sizes: dict) -> np.ndarray:
+        """The image `stage` (middle or final) starts from for one plan, as stages() makes it
+        (before the stage's bicubic resize): what RL's rollouts start from too."""
+        ((rough, _),) = self._rough(inp, [plan])
+        rough = resize(rough, tuple(sizes["rough"]))
+        if self.regression is not None:
+            rough = color_fix(rough, inp, self.color_fix, device=self.device)
+        if stage == "middle":
+            return rough
+        if not self.middle:
+            return resize(rough, tuple(sizes["middle"]))
+        (middle,) = drain(self.one_step(rough, tuple(sizes["middle"]), [stage_prompt(plan, "middle")], [None]))
+        return color_fix(middle, inp, self.color_fix, device=self.device)
+
     def stages(self, image: LoadedImage, plan: Plan, *, sizes, seed: int = 0) -> Iterator:
         inp = to_float(image.rgb)
         previous = None

@@ -33,6 +33,7 @@ from pathlib import Path
 from ..imageio import new_temp_file
 from ..weights import CorruptWeightsError, file_hash
 
+ADAPTER_FILE = "osediff.pkl"  # the file's name where a folder is given (OSEDiff's own name for it)
 LORA_ALPHA = 8  # PEFT's default, which OSEDiff's LoraConfig calls rely on (module doc)
 UNET_ADAPTERS = {"default_encoder": "unet_lora_encoder_modules", "default_decoder": "unet_lora_decoder_modules",
                  "default_others": "unet_lora_others_modules"}
@@ -125,11 +126,17 @@ def save_adapter(state: dict, path: str | Path) -> Path:
     return path
 
 
+def adapter_file(path: str | Path) -> Path:
+    """The adapter file itself: `path`, or ADAPTER_FILE inside it when it is a folder (training's output)."""
+    path = Path(path)
+    return path / ADAPTER_FILE if path.is_dir() else path
+
+
 def read_adapter(path: str | Path) -> dict:
     """The adapter dict, its keys and their types checked; a one-line CorruptWeightsError otherwise."""
     import torch
 
-    path = Path(path)
+    path = adapter_file(path)
     if not path.is_file():
         raise CorruptWeightsError(f"one-step adapter not found: {path}")
     try:
@@ -179,7 +186,7 @@ def load_adapter(unet, vae, path: str | Path) -> dict:
 
     Returns {path, sha256 (12 hex digits), rank_unet, rank_vae} for the sidecar. Any mismatch is a
     one-line CorruptWeightsError naming the key; the models are then unusable (load them again)."""
-    path = Path(path)
+    path = adapter_file(path)
     data = read_adapter(path)
     try:
         add_adapters(unet, vae, data["rank_unet"], data["rank_vae"], data)

@@ -24,7 +24,9 @@ def profile_section(cfg: dict, key: str = "restorer") -> tuple[dict, dict]:
 
     section = dict(cfg.get(key) or {})
     profile = section.pop("profile", None)
-    merged = dict(load_config(profile).get(key) or {}) if profile else {}
+    # a `type:` other than the profile's takes the profile's section for that type (its alternatives)
+    switch = [f"{key}.type={section['type']}"] if profile and isinstance(section.get("type"), str) else []
+    merged = dict(load_config(profile, switch).get(key) or {}) if profile else {}
     merged.update({k: v for k, v in section.items() if k not in RENDER_KEYS})
     check_section(key, merged)
     return merged, {k: v for k, v in section.items() if k in RENDER_KEYS}

@@ -175,7 +175,7 @@ def write_table(out: Path) -> None:
 def train(cfg: dict, *, resume: bool = False, overwrite: bool = False) -> tuple[Path, Path]:
     from . import grpo
     from .common import main_process
-    from .restorer_rl import RestorerRL
+    from .restorer_rl import trainer_for
 
     joint, policy_cfg, restorer_cfg = resolve(cfg)
     out = Path(joint["output_dir"])
@@ -185,7 +185,7 @@ def train(cfg: dict, *, resume: bool = False, overwrite: bool = False) -> tuple[
         raise ConfigError(f"{out} already has a joint run: pass --resume to continue it, or choose another output_dir")
     out.mkdir(parents=True, exist_ok=True)
     texts = LivePolicyTexts(grpo.decoding(policy_cfg))
-    rl = RestorerRL(restorer_cfg, resume=resume, overwrite=overwrite, policy_texts=texts)
+    rl = trainer_for(restorer_cfg)(restorer_cfg, resume=resume, overwrite=overwrite, policy_texts=texts)
     rl.out.mkdir(parents=True, exist_ok=True)
     if resume and (out / JOINT_FILE).is_file():  # rows after the policy's checkpoint are made again
         step = rl.step // int(joint["restorer_steps"])

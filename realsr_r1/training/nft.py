@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # the x4 upscaler's; "sample" is a one-step model's clean output
 MIN_WEIGHT = 1e-5  # the adaptive weight's floor, as in the published code
 ADVANTAGE_EPS = 1e-4  # added to the group std before dividing (the published code's)
 
@@ -40,7 +40,10 @@ def alpha_bar(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor)
 
 
 def clean_estimate(prediction: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """x0 implied by the model's prediction at x_t (ᾱ = a), as DDIMScheduler.step computes it."""
+    """x0 implied by the model's prediction at x_t (ᾱ = a), as DDIMScheduler.step computes it;
+    "sample": the prediction is x0 itself (x_t and a unused)."""
+    if prediction_type == "sample":
+        return prediction
     if prediction_type == "epsilon":
         return (x_t - (1 - a).sqrt() * prediction) / a.sqrt()
     if prediction_type == "v_prediction":
@@ -98,8 +101,9 @@ def nft_loss(current: torch.Tensor, old: torch.Tensor, x_t: torch.Tensor, x0: to
     x0 = x0.detach().float()
     positive_pred = beta * current + (1 - beta) * old
     negative_pred = (1 + beta) * old - beta * current
-    x0_pos = clean_estimate(positive_pred.float(), x_t.float(), a, prediction_type)
-    x0_neg = clean_estimate(negative_pred.float(), x_t.float(), a, prediction_type)
+    x_t = None if x_t is None else x_t.float()  # None for "sample"
+    x0_pos = clean_estimate(positive_pred.float(), x_t, a, prediction_type)
+    x0_neg = clean_estimate(negative_pred.float(), x_t, a, prediction_type)
     with torch.no_grad():
         w_pos = (x0_pos - x0).abs().mean(dim=dims, keepdim=True).clamp(min=MIN_WEIGHT)
         w_neg = (x0_neg - x0).abs().mean(dim=dims, keepdim=True).clamp(min=MIN_WEIGHT)

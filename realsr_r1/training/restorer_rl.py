@@ -77,9 +77,10 @@ DEFAULTS = {
     "guard": None,               # {metric: psnr | ssim | niqe, max_drop: …}
     "mixed_precision": "no",     # no | fp16 | bf16 (accelerate)
     "gradient_checkpointing": False,
+    "onestep": {"loss_space": "image", "train_vae": False},  # the one-step restorer's RL (onestep_rl.py)
     "seed": 0,
 }
-SECTIONS = ("nft", "optimizer", "eval", "group_filter")
+SECTIONS = ("nft", "optimizer", "eval", "group_filter", "onestep")
 
 
 # --- Config --------------------------------------------------------------------------------------
@@ -196,10 +197,7 @@ class RestorerRL:
         """`policy_texts` (joint training) writes each input's conditioning with the live policy."""
         from accelerate import Accelerator
 
-        from .nft import PREDICTION_TYPES
-        from ..profiles import build_restorer
         from .restorer_rollouts import PolicyTexts
-        from .trainable import TrainableUpscaler
         from ..rewards.registry import build_image_rewards
 
         from accelerate.utils import set_seed
@@ -214,24 +212,8 @@ class RestorerRL:
         set_seed(int(cfg["seed"]))  # the LoRA's random init: the same run from the same seed
         self.device = str(self.accelerator.device)
         restorer_cfg, render = _section(cfg, "restorer")
-        if restorer_cfg.get("type") != "diffusion":
-            raise ConfigError("restorer: RL trains the diffusion restorer (`type: diffusion`, e.g. profile: full)")
-        if cfg["stage"] == "rough" and restorer_cfg.get("rough", "realesrgan") == "realesrgan":
-            raise ConfigError("stage: rough is made by Real-ESRGAN in this restorer (rough: realesrgan), not by "
-                              "diffusion; train middle or final, or set restorer.rough: diffusion")
         self.scale = float(render.get("scale", 4.0))
-        self.stages = build_restorer(restorer_cfg, device=self.device)
-        self.prediction_type = self.stages.pipe.scheduler.config.get("prediction_type", "epsilon")
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ConfigError(f"restorer: the scheduler predicts {self.prediction_type!r}; DiffusionNFT here "
-                              f"supports {', '.join(PREDICTION_TYPES)}")
-        if cfg["lora"] is None and self.stages.dtype != torch.float32 and cfg["mixed_precision"] == "no":
-            raise ConfigError(f"lora: null trains the UNet in fp32 over a {self.stages.precision} pipeline: set "
-                              "mixed_precision: bf16 (or fp16), or restorer.dtype: fp32")
-        nft = cfg["nft"]
-        self.model = TrainableUpscaler(self.stages.pipe, lora=None if cfg["lora"] is None else dict(cfg["lora"]),
-                                       kl=float(nft["kl_beta"]) > 0, init_adapter=cfg.get("init_adapter"),
-                                       gradient_checkpointing=bool(cfg["gradient_checkpointing"]))
+        self._setup_model(restorer_cfg)
         self.funcs, weights = build_image_rewards(cfg["rewards"], device=self.device)
         self.weights = torch.tensor(weights, dtype=torch.float32)
         self.names = [f.__name__ for f in self.funcs]
@@ -247,7 +229,8 @@ class RestorerRL:
         opt = cfg["optimizer"]
         self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=float(opt["learning_rate"]),
                                            weight_decay=float(opt["weight_decay"]))
-        self.unet, self.optimizer = self.accelerator.prepare(self.model.unet, self.optimizer)
+        *modules, self.optimizer = self.accelerator.prepare(*self._modules(), self.optimizer)
+        self.unet = modules[0]
         self.train_rows, self.eval_rows = split_rows(cfg)
         # What fits in memory: halved on out-of-memory (`_halve`) and kept for the rest of the run.
         self.rollout_batch = int(cfg["rollout_batch"] or cfg["samples"])
@@ -270,6 +253,36 @@ class RestorerRL:
         if self.guard is not None and self.guard.metric not in self.metric_names:
             self.metric_names.append(self.guard.metric)
         self._checkpoint_start(resume, overwrite)
+
+    def _setup_model(self, restorer_cfg: dict) -> None:
+        """The restorer (`self.stages`) and its trainable views (`self.model`): the x4 upscaler's."""
+        from ..profiles import build_restorer
+        from .nft import PREDICTION_TYPES
+        from .trainable import TrainableUpscaler
+
+        cfg = self.cfg
+        if restorer_cfg.get("type") != "diffusion":
+            raise ConfigError("restorer: RL trains a diffusion restorer (`type: diffusion` or `onestep`, e.g. "
+                              "profile: full)")
+        if cfg["stage"] == "rough" and restorer_cfg.get("rough", "realesrgan") == "realesrgan":
+            raise ConfigError("stage: rough is made by Real-ESRGAN in this restorer (rough: realesrgan), not by "
+                              "diffusion; train middle or final, or set restorer.rough: diffusion")
+        self.stages = build_restorer(restorer_cfg, device=self.device)
+        self.prediction_type = self.stages.pipe.scheduler.config.get("prediction_type", "epsilon")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ConfigError(f"restorer: the scheduler predicts {self.prediction_type!r}; DiffusionNFT here "
+                              f"supports {', '.join(PREDICTION_TYPES)}")
+        if cfg["lora"] is None and self.stages.dtype != torch.float32 and cfg["mixed_precision"] == "no":
+            raise ConfigError(f"lora: null trains the UNet in fp32 over a {self.stages.precision} pipeline: set "
+                              "mixed_precision: bf16 (or fp16), or restorer.dtype: fp32")
+        nft = cfg["nft"]
+        self.model = TrainableUpscaler(self.stages.pipe, lora=None if cfg["lora"] is None else dict(cfg["lora"]),
+                                       kl=float(nft["kl_beta"]) > 0, init_adapter=cfg.get("init_adapter"),
+                                       gradient_checkpointing=bool(cfg["gradient_checkpointing"]))
+
+    def _modules(self) -> list:
+        """The trained modules, for accelerate.prepare (DDP wraps each)."""
+        return [self.model.unet]
 
     # checkpoints --------------------------------------------------------------------------------
     def _checkpoints(self) -> list[Path]:
@@ -677,12 +690,28 @@ def _fmt(v) -> str:
     return "–" if v is None else f"{v:.4f}"
 
 
+def trainer_for(cfg: dict):
+    """RestorerRL, or OneStepRL (onestep_rl.py) for the one-step restorer."""
+    try:
+        kind = _section(cfg, "restorer")[0].get("type")
+    except Exception:  # noqa: BLE001 - a broken section: RestorerRL says what is wrong in one line
+        kind = None
+    if kind == "onestep":
+        from .onestep_rl import OneStepRL
+
+        return OneStepRL
+    return RestorerRL
+
+
 def train(cfg: dict, *, resume: bool = False, overwrite: bool = False) -> Path:
-    return RestorerRL(cfg, resume=resume, overwrite=overwrite).train()
+    return trainer_for(cfg)(cfg, resume=resume, overwrite=overwrite).train()
 
 
 def saved_message(cfg: dict, out: Path) -> str:
     profile = inference_profile(cfg)
     if out.name == "model":
         return f"model saved in {out} (use: python -m realsr_r1.infer --profile {profile} --set restorer.model={out} …)"
-    return f"adapter saved in {out} (use: python -m realsr_r1.infer --profile {profile} --restorer-adapter {out} …)"
+    kind = (cfg.get("restorer") or {}).get("type")
+    switch = f" --set restorer.type={kind}" if kind and kind != "diffusion" else ""
+    return (f"adapter saved in {out} (use: python -m realsr_r1.infer --profile {profile}{switch} "
+            f"--restorer-adapter {out} …)")
