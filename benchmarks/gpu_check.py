@@ -21,6 +21,14 @@ needs CUDA and say so; they check the script itself end to end.
 - restorer-rl: RL of the upscaler (training/restorer_rl.py) at real size: K = 8 samples, 6 sampler steps,
   final 512² from the middle stage, LoRA r 32, bf16 autocast, gradient checkpointing: seconds per
   NFT step, rollout samples/s batched against one by one, peak memory (benchmarks/restorer_rl_speed.py).
+- onestep: the one-step restorer (SD 2.1-base-shaped, rank-4 OSEDiff-layout adapter, bf16) against the
+  x4 upscaler's final stage, 128² → 512²: UNet evaluations, seconds, peak memory
+  (benchmarks/onestep_speed.py). Target ≤ 0.15 s per 512² output on an H100/H200.
+- onestep-full-profile: VLM + one-step restorer end to end, 128² → 512² (target ≤ 3 s per image).
+- onestep-pairs: with `--pairs DIR` (LR/ and HR/ of real camera pairs) each LR restored by the
+  one-step final stage (`rough: input`, OSEDiff's setting) and scored as published tables are (PSNR/SSIM
+  on Y, NIQE): with the weights of `download full --restorer onestep` in REALSR_R1_WEIGHTS these are
+  real scores, with the random models only a check that the path runs.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CHECKS = ("bf16", "fp16-nan-fallback", "vlm-4bit", "oom-tile-halving", "cpu-offload", "vae-slicing",
-          "full-profile", "restorer-rl")
+          "full-profile", "restorer-rl", "onestep", "onestep-full-profile", "onestep-pairs")
 
 
 class Skip(Exception):
@@ -242,12 +250,87 @@ def check_restorer_rl(ctx) -> str:
             f"peak {m['mem_gb']:.1f} GB")
 
 
+def _onestep_models(ctx) -> Path:
+    from onestep_speed import build
+
+    import torch
+
+    half = torch.bfloat16 if ctx.device == "cuda" else torch.float32
+    return build(ctx.workdir, ctx.tiny, ctx.device, half)[1]
+
+
+def check_onestep(ctx) -> str:
+    import torch
+
+    from onestep_speed import build, load, measure
+
+    dtype = "bf16" if ctx.device == "cuda" else "fp32"
+    x4, sd21 = build(ctx.workdir, ctx.tiny, ctx.device, torch.bfloat16 if ctx.device == "cuda" else None)
+    rows = measure(load(x4, sd21, ctx.device, dtype), 4 * ctx.size, 1 if ctx.tiny else 3, ctx.device)
+    one, up = rows["onestep"], rows["sd-x4"]
+    s1, s4 = float(np.median(one["seconds"])), float(np.median(up["seconds"]))
+    assert one["evaluations"] == 1 and up["evaluations"] >= 20 * one["evaluations"]
+    return (f"{ctx.size}² → {4 * ctx.size}²: onestep {s1:.3f} s, {one['evaluations']} UNet evaluation, peak "
+            f"{_gib(one['peak_gib'])}; sd-x4 {s4:.2f} s, {up['evaluations']} evaluations, peak {_gib(up['peak_gib'])} "
+            f"({s4 / s1:.0f}× faster)")
+
+
+def check_onestep_full_profile(ctx) -> str:
+    from gpu_full_profile import run_once
+
+    from realsr_r1.profiles import build_pipeline, load_config
+
+    sd21 = _onestep_models(ctx)
+    tokens = 16 if ctx.tiny else 384
+    overrides = ["restorer.type=onestep", f"policy.model={ctx.vlm}", f"restorer.model={sd21}",
+                 f"restorer.adapter={sd21 / 'osediff.pkl'}", f"policy.generation.max_new_tokens={tokens}",
+                 f"policy.generation.min_new_tokens={tokens}"]
+    pipe = build_pipeline(load_config("full", overrides), device=ctx.device)
+    run_once(pipe, 64)  # warm-up
+    size = ctx.full_sizes[0]
+    total, tm, info = run_once(pipe, size)
+    return (f"{size}² → {4 * size}²: {total:.2f} s (VLM {tm['reason']:.2f} s, {info.get('reason_tokens', 0)} tokens; "
+            f"stages {tm['rough']:.2f}/{tm['middle']:.2f}/{tm['final']:.2f} s)")
+
+
+def check_onestep_pairs(ctx) -> str:
+    from real_pairs import score
+
+    from realsr_r1.cot import parse_cot
+    from realsr_r1.imageio import read_image, to_float
+    from realsr_r1.restorers.onestep import OneStepStages
+
+    if not ctx.pairs:
+        raise Skip("no --pairs DIR (LR/ and HR/ of real pairs) given")
+    from realsr_r1.weights import default_dir
+
+    real = default_dir() / "sd-2-1-base"
+    base = real if (real / "model_index.json").is_file() and (default_dir() / "osediff.pkl").is_file() else None
+    sd21 = base or _onestep_models(ctx)
+    adapter = default_dir() / "osediff.pkl" if base else sd21 / "osediff.pkl"
+    r = OneStepStages.from_pretrained(sd21, device=ctx.device, rough="input", adapter=adapter)
+    lr_dir, hr_dir = Path(ctx.pairs) / "LR", Path(ctx.pairs) / "HR"
+    names = sorted(p.name for p in lr_dir.iterdir() if (hr_dir / p.name).is_file())[: 4 if ctx.tiny else None]
+    plan = parse_cot("<final_understand></final_understand>")
+    totals: dict[str, list[float]] = {}
+    t = time.perf_counter()
+    for name in names:
+        lq, hr = read_image(lr_dir / name).rgb, to_float(read_image(hr_dir / name).rgb)
+        (out,) = r.restore_final_batch(lq, [plan], scale=hr.shape[1] / lq.shape[1])
+        for key, value in score(out[: hr.shape[0], : hr.shape[1]], hr).items():
+            totals.setdefault(key, []).append(value)
+    means = ", ".join(f"{k} {np.mean(v):.4f}" for k, v in totals.items())
+    what = "OSEDiff's weights" if base else "random weights (a check of the path, not a score)"
+    return f"{len(names)} pairs, {what}: {means}; {(time.perf_counter() - t) / max(1, len(names)):.2f} s per pair"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default="bench-weights", help="where the random models are saved (reused)")
     ap.add_argument("--tiny", action="store_true", help="tiny models on CPU (checks the script)")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {', '.join(CHECKS)}")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--pairs", default=None, metavar="DIR", help="real LR/HR pairs for the onestep-pairs row")
     args = ap.parse_args()
 
     import torch
@@ -260,7 +343,7 @@ def main() -> int:
         return 2
     ctx = argparse.Namespace(tiny=args.tiny, device=device, steps=2 if args.tiny else args.steps,
                              size=32 if args.tiny else 128, full_sizes=[32] if args.tiny else [128, 256],
-                             workdir=Path(args.workdir).resolve())
+                             workdir=Path(args.workdir).resolve(), pairs=args.pairs)
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     # Real-ESRGAN (the rough stage) converts into the workdir, unless a weights folder is set.
     os.environ.setdefault("REALSR_R1_WEIGHTS", str(ctx.workdir))

@@ -16,8 +16,10 @@ def test_gpu_check_script_runs_on_cpu_with_tiny_models(tmp_path, weights_dir):
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in run.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| check")}
     assert set(rows) == {"bf16", "fp16-nan-fallback", "vlm-4bit", "oom-tile-halving", "cpu-offload", "vae-slicing",
-                         "full-profile", "restorer-rl"}
-    # what CPU can check passes; what needs CUDA says so
-    assert all(rows[c] == "ok" for c in ("bf16", "fp16-nan-fallback", "vae-slicing", "full-profile", "restorer-rl")), rows
+                         "full-profile", "restorer-rl", "onestep", "onestep-full-profile", "onestep-pairs"}
+    # what CPU can check passes; what needs CUDA (or real pairs) says so
+    assert all(rows[c] == "ok" for c in ("bf16", "fp16-nan-fallback", "vae-slicing", "full-profile", "restorer-rl",
+                                         "onestep", "onestep-full-profile")), rows
+    assert rows["onestep-pairs"] == "skipped"
     assert rows["oom-tile-halving"] == rows["cpu-offload"] == "skipped"
     assert rows["vlm-4bit"] in ("ok", "skipped")
