@@ -8,7 +8,7 @@ inference does:
 - onestep: SD 2.1-base's architecture with a rank-4 OSEDiff-layout adapter (fused), one step.
 
 UNet evaluations are counted by a forward hook (samples per call, summed), the VAE included in the
-seconds. Runs are interleaved (onestep, sd-x4, onestep, …) after one warm-up of each. Targets: ≥ 20×
+seconds. Runs are interleaved (onestep, sd-x4, onestep, …) after one small warm-up of each. Targets: ≥ 20×
 fewer UNet evaluations and ≤ 1/10 of the wall time; on a GPU (H100/H200) ≤ 0.15 s per 512² output.
 
     python benchmarks/onestep_speed.py --workdir /tmp/realsr-bench [--repeats 2] [--device cuda]
@@ -84,13 +84,13 @@ def measure(restorers: dict, size: int, repeats: int, device: str) -> dict:
     from realsr_r1.cot import parse_cot
 
     rng = np.random.default_rng(0)
-    lq = rng.random((size // 4, size // 4, 3), dtype=np.float32)
-    middle = rng.random((size // 2, size // 2, 3), dtype=np.float32)
     plan = parse_cot(PLAN)
     counters = {name: Counter(r.pipe.unet if hasattr(r, "pipe") else r.unet) for name, r in restorers.items()}
     rows = {name: {"seconds": [], "evaluations": 0, "peak_gib": float("nan")} for name in restorers}
 
-    def once(name):
+    def once(name, size=size):
+        lq = rng.random((size // 4, size // 4, 3), dtype=np.float32)
+        middle = rng.random((size // 2, size // 2, 3), dtype=np.float32)
         r = restorers[name]
         if device == "cuda":
             torch.cuda.synchronize()
@@ -104,8 +104,8 @@ def measure(restorers: dict, size: int, repeats: int, device: str) -> dict:
         assert out.shape == (size, size, 3) and np.isfinite(out).all()
         return time.perf_counter() - t
 
-    for name in restorers:  # warm-up
-        once(name)
+    for name in restorers:  # warm-up at a quarter of the side: kernels and allocator, not minutes of CPU
+        once(name, max(64, size // 4))
     for _ in range(repeats):
         for name in restorers:
             rows[name]["seconds"].append(once(name))

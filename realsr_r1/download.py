@@ -106,10 +106,6 @@ def full_profile_present(weights_dir: Path | None = None) -> bool:
     return all(is_present(m, weights_dir) for m in full_models())
 
 
-def adapter_present(restorer: str | None, weights_dir: Path | None = None) -> bool:
-    adapter = full_adapter(restorer)
-    return adapter is None or (Path(weights_dir or weights.default_dir()) / adapter[0]).is_file()
-
 
 def manual_hint(models, weights_dir: Path | None = None) -> str:
     parts = [f"{' or '.join(m.sources)} into {model_dir(m, weights_dir)}" for m in models]

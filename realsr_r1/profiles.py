@@ -447,7 +447,8 @@ def _adapter_path(section: dict) -> Path:
         if path.is_file() or path.is_dir():  # a folder: training's output, its osediff.pkl inside
             return path
     url = section.get("adapter_url")
-    where = f"`python -m realsr_r1.download full` fetches it from {url}" if url else "--restorer-adapter PATH names it"
+    fetch = f"`python -m realsr_r1.download full --restorer {section.get('type')}` fetches it from {url}"
+    where = fetch if url else "--restorer-adapter PATH names it"
     raise WeightsNotFoundError(f"restorer adapter not found at {default_dir() / name} ({where})")
 
 

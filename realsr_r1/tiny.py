@@ -219,17 +219,38 @@ REAL_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=1
                  hidden_act="gelu", projection_dim=512)
 
 
-def build_tiny_upscaler(path: str | Path, seed: int = 0, real_size: bool = False, device: str = "cpu",
-                        dtype=None) -> Path:
-    """Write a random StableDiffusionUpscalePipeline to `path`: tiny, or the x4 upscaler's real sizes."""
+def _sd_parts(unet_cfg: dict, vae_cfg: dict, real_size: bool, seed: int, device: str, dtype):
+    """(tokenizer, text encoder, UNet, VAE) of a Stable Diffusion pipeline with random weights: a
+    CLIP-style tokenizer, the OpenCLIP ViT-H text encoder's sizes with `real_size` (else tiny)."""
     import torch
-    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline,
-                           UNet2DConditionModel)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tok_dir:  # CLIPTokenizer reads files; the pipeline saves its own
         vocab_size = _write_tokenizer_files(Path(tok_dir))
         tokenizer = CLIPTokenizer(f"{tok_dir}/vocab.json", f"{tok_dir}/merges.txt", model_max_length=77)
+    text_cfg = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2, projection_dim=16)
+    text_cfg.update(REAL_TEXT if real_size else {})
+    torch.manual_seed(seed)
+    old_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or torch.float32)
+    try:
+        with torch.device(device):
+            unet = UNet2DConditionModel(**unet_cfg)
+            vae = AutoencoderKL(**vae_cfg)
+            text_encoder = CLIPTextModel(CLIPTextConfig(
+                vocab_size=vocab_size, max_position_embeddings=77, **text_cfg,
+                bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+            ))
+    finally:
+        torch.set_default_dtype(old_dtype)
+    return tokenizer, text_encoder, unet, vae
+
+
+def build_tiny_upscaler(path: str | Path, seed: int = 0, real_size: bool = False, device: str = "cpu",
+                        dtype=None) -> Path:
+    """Write a random StableDiffusionUpscalePipeline to `path`: tiny, or the x4 upscaler's real sizes."""
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline
 
     unet_cfg = REAL_UNET if real_size else dict(
         sample_size=8, in_channels=7, out_channels=4, layers_per_block=1,
@@ -245,22 +266,7 @@ def build_tiny_upscaler(path: str | Path, seed: int = 0, real_size: bool = False
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         scaling_factor=0.08333,
     )
-    text_cfg = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
-                    projection_dim=16)
-    text_cfg.update(REAL_TEXT if real_size else {})
-    torch.manual_seed(seed)
-    old_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype or torch.float32)
-    try:
-        with torch.device(device):
-            unet = UNet2DConditionModel(**unet_cfg)
-            vae = AutoencoderKL(**vae_cfg)
-            text_encoder = CLIPTextModel(CLIPTextConfig(
-                vocab_size=vocab_size, max_position_embeddings=77, **text_cfg,
-                bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
-            ))
-    finally:
-        torch.set_default_dtype(old_dtype)
+    tokenizer, text_encoder, unet, vae = _sd_parts(unet_cfg, vae_cfg, real_size, seed, device, dtype)
     pipe = StableDiffusionUpscalePipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         low_res_scheduler=DDPMScheduler(num_train_timesteps=1000),
@@ -299,14 +305,10 @@ def build_tiny_sd21(path: str | Path, seed: int = 0, real_size: bool = False, de
     """Write a random SD 2.1-base-shaped pipeline (the hub's folder layout) to `path`, tiny or at real
     sizes, and with `adapter_rank` a random OSEDiff-format adapter inside (onestep_adapter.ADAPTER_FILE)."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     from .restorers.onestep_adapter import ADAPTER_FILE, adapter_state, new_adapter, save_adapter
 
-    with tempfile.TemporaryDirectory() as tok_dir:
-        vocab_size = _write_tokenizer_files(Path(tok_dir))
-        tokenizer = CLIPTokenizer(f"{tok_dir}/vocab.json", f"{tok_dir}/merges.txt", model_max_length=77)
     unet_cfg = REAL_SD21_UNET if real_size else dict(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
         norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -318,21 +320,7 @@ def build_tiny_sd21(path: str | Path, seed: int = 0, real_size: bool = False, de
         norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         scaling_factor=0.18215,  # 4 blocks: SD's factor 8
     )
-    text_cfg = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2, projection_dim=16)
-    text_cfg.update(REAL_TEXT if real_size else {})
-    torch.manual_seed(seed)
-    old_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype or torch.float32)
-    try:
-        with torch.device(device):
-            unet = UNet2DConditionModel(**unet_cfg)
-            vae = AutoencoderKL(**vae_cfg)
-            text_encoder = CLIPTextModel(CLIPTextConfig(
-                vocab_size=vocab_size, max_position_embeddings=77, **text_cfg,
-                bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
-            ))
-    finally:
-        torch.set_default_dtype(old_dtype)
+    tokenizer, text_encoder, unet, vae = _sd_parts(unet_cfg, vae_cfg, real_size, seed, device, dtype)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=PNDMScheduler(**SD21_SCHEDULER), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -342,10 +330,10 @@ def build_tiny_sd21(path: str | Path, seed: int = 0, real_size: bool = False, de
                       encoding="utf-8")
     if adapter_rank:
         lists = new_adapter(unet, vae, adapter_rank)
-        with torch.no_grad():  # PEFT starts lora_B at zero: make the adapter change the output
-            for name, p in [*unet.named_parameters(), *vae.named_parameters()]:
-                if "lora_B" in name:
-                    p.normal_(0, 0.02)
+        with torch.no_grad():  # PEFT starts lora_B at zero: make the adapter change the output;
+            for name, p in [*unet.named_parameters(), *vae.named_parameters()]:  # and "retrain" conv_in
+                if "lora_B" in name or name.startswith("conv_in.base_layer."):
+                    p.add_(torch.randn_like(p) * 0.02)
         save_adapter(adapter_state(unet, vae, lists), Path(path) / ADAPTER_FILE)
     return Path(path)
 

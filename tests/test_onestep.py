@@ -160,7 +160,30 @@ def test_the_step_is_ddpms_at_999_from_the_unets_epsilon(restorer):
     eps = calls[0][1]
     a = restorer.scheduler.alphas_cumprod[999]
     torch.testing.assert_close(x0, (z - (1 - a).sqrt() * eps) / a.sqrt(), atol=1e-5, rtol=1e-5)
-    assert float((1 - restorer.scheduler.alphas_cumprod[998]) - (1 - a)) != 0  # a wrong t would show
+
+
+def test_the_fused_adapter_is_the_three_adapters_and_the_retrained_conv_in(sd21, restorer):
+    """from_pretrained fuses the adapter (diffusers' fuse_lora, then unload_lora): no LoRA layer is left,
+    and the UNet and VAE encoder give what the unfused model with its three adapters active gives,
+    conv_in's retrained base weight included (it differs from the base model's)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet, vae = _models(sd21)
+    load_adapter(unet, vae, sd21 / ONESTEP_ADAPTER)
+    assert not any("lora" in n for n, _ in restorer.unet.named_parameters())
+    base = UNet2DConditionModel.from_pretrained(sd21, subfolder="unet")
+    assert not torch.allclose(unet.conv_in.base_layer.weight, base.conv_in.weight)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    embeds = restorer.encode_prompts(["a house"])
+    with torch.no_grad():
+        fused = restorer.unet(z, 999, encoder_hidden_states=embeds).sample
+        torch.testing.assert_close(fused, unet(z, 999, encoder_hidden_states=embeds).sample, atol=1e-4, rtol=1e-4)
+        assert (fused - base(z, 999, encoder_hidden_states=embeds).sample).abs().mean() > 1e-3
+        x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+        torch.testing.assert_close(restorer.vae.encode(x).latent_dist.mode(), vae.encode(x).latent_dist.mode(),
+                                   atol=1e-4, rtol=1e-4)
+        plain = AutoencoderKL.from_pretrained(sd21, subfolder="vae")
+        assert (restorer.vae.encode(x).latent_dist.mode() - plain.encode(x).latent_dist.mode()).abs().mean() > 1e-4
 
 
 def test_the_text_encoder_reads_the_final_understanding(restorer, image):
@@ -213,9 +236,7 @@ def test_fidelity_scales_the_unets_correction(sd21, image):
     outs = {f: final_of(OneStepStages.from_pretrained(sd21, adapter=sd21 / ONESTEP_ADAPTER, fidelity=f, **OPTS), image)
             for f in (0.0, 0.5, 1.0)}
     r = OneStepStages.from_pretrained(sd21, adapter=sd21 / ONESTEP_ADAPTER, fidelity=1.0, **OPTS)
-    from realsr_r1.restorers.blend import resize
-
-    start = upscale(resize(np.asarray(image.rgb, np.float32), SIZES["middle"]), SIZES["final"])  # the middle, resized
+    start = upscale(np.asarray(image.rgb, np.float32), SIZES["final"])  # rough: input, bicubic ×4 as OSEDiff
     through_vae = r.codec.decode(r.codec.encode(start, r.device))[0][:48, :64]
     np.testing.assert_allclose(outs[1.0], through_vae, atol=1e-4)
     d = lambda a, b: float(np.sqrt(((a - b) ** 2).mean()))  # noqa: E731
@@ -283,3 +304,26 @@ def test_vae_targets_take_the_encoder_and_quant_conv_only(sd21):
     _, vae = _models(sd21)
     names = vae_targets(vae)
     assert names[-1] == "quant_conv" and all(n.startswith("encoder.") for n in names[:-1])
+
+
+def test_the_final_starts_from_osediffs_bicubic_x4_of_the_input(sd21, restorer):
+    """rough: input, middle resized (for show): the final stage encodes the input bicubic-upsampled
+    ×4 as OSEDiff's test script does with PIL, not the middle image resized again."""
+    from PIL import Image
+
+    rgb = (np.random.default_rng(4).random((12, 16, 3)) * 255).astype(np.uint8)
+    seen = []
+    real = restorer.codec.encode
+    restorer.codec.encode = lambda x, device: seen.append(x) or real(x, device)
+    try:
+        run(restorer, LoadedImage(rgb=rgb), parse_cot(COT))
+    finally:
+        del restorer.codec.encode
+    pil = np.asarray(Image.fromarray(rgb).resize((64, 48), Image.BICUBIC), np.float32) / 255
+    x = torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1)[None]
+    torch_bicubic = torch.nn.functional.interpolate(x, size=(48, 64), mode="bicubic")[0].permute(1, 2, 0).numpy()
+    assert len(seen) == 1 and seen[0].shape == (48, 64, 3)
+    # PIL's kernel in float: within PIL's own 8-bit rounding of it (measured 0.39 levels on average),
+    # ten times closer than torch's bicubic (a = −0.75: 3.8 levels)
+    assert np.abs(seen[0] - pil).mean() < 0.6 / 255
+    assert np.abs(seen[0] - pil).mean() < 0.2 * np.abs(torch_bicubic.clip(0, 1) - pil).mean()

@@ -95,6 +95,17 @@ def test_the_trained_adapter_is_osediffs_format_and_changes_inference(setup, tmp
     assert sidecar["adapter"]["path"].endswith("osediff.pkl") and sidecar["restorer"] == "onestep"
 
 
+def test_a_fresh_adapter_takes_lora_r_and_keeps_osediffs_vae_part(setup, tmp_path):
+    """Without a starting adapter: rank lora.r for the UNet and the VAE encoder (its LoRA untrained
+    but present, so OSEDiff's loader, which builds it from rank_vae, reads the file)."""
+    out = tmp_path / "fresh"
+    assert run(setup, out, "restorer.adapter=null", "lora={r: 8}", "rewards={tiny_rewards:brightness: 1.0}",
+               "max_steps=1", "eval.steps=0") == 0
+    data = read_adapter(out / "adapter")
+    assert data["rank_unet"] == data["rank_vae"] == 8 and data["state_dict_vae"]
+    assert all(float(v.abs().max()) == 0 for k, v in data["state_dict_vae"].items() if "lora_B" in k)
+
+
 def test_the_vae_encoder_trains_when_asked(setup, tmp_path):
     out = tmp_path / "vae"
     assert run(setup, out, "rewards={tiny_rewards:brightness: 1.0}", "max_steps=2", "eval.steps=0",
@@ -110,8 +121,23 @@ def test_the_vae_encoder_trains_when_asked(setup, tmp_path):
     (["stage=middle"], "restorer.middle: true"),
     (["onestep.loss_space=pixels"], "onestep.loss_space: 'pixels' is not one of image, latent"),
     (["onestep.spaces=1"], "onestep.spaces: unknown key"),
+    (["restorer.fidelity=0.5"], "restorer.fidelity: training sees the one-step images"),
+    (["restorer.dtype=bf16"], "mixed_precision: no trains fp32 weights"),
 ])
 def test_config_errors_are_one_line(setup, tmp_path, capsys, sets, message):
     assert run(setup, tmp_path / "x", *sets) != 0
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_the_shipped_onestep_configs_are_valid():
+    from realsr_r1.profiles import load_config
+    from realsr_r1.training.restorer_rl import _section, resolve_config, trainer_for
+    from realsr_r1.training.onestep_rl import OneStepRL
+
+    for name, profile in (("restorer-onestep", "full"), ("restorer-onestep-tiny", "tiny")):
+        raw = {**load_config(name), "data": "somewhere"}
+        assert trainer_for(raw) is OneStepRL
+        section, render = _section(resolve_config(raw), "restorer")
+        assert section["type"] == "onestep" and render["scale"] == 4 and "steps" not in section
+        assert section["model"] == ("sd-2-1-base" if profile == "full" else "tiny-sd21")

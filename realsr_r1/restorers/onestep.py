@@ -8,10 +8,11 @@ image, no classifier-free guidance. We keep that step exactly and change what go
 
     rough  (input size) = the lite experts and their chooser (`rough: realesrgan`), or the input
                           itself (`rough: input`: OSEDiff's own setting, what its published rows use)
-    middle (×2)         = the rough image resized (default), or one step from it (`middle: true`,
-                          conditioned on <middle_understand>)
-    final  (×scale)     = one step from the previous stage's image, bicubic-resized to the final size,
-                          conditioned on <final_understand>
+    middle (×2)         = the rough image resized, for show (default), or one step from it
+                          (`middle: true`, conditioned on <middle_understand>)
+    final  (×scale)     = one step from the rough image (or the one-step middle), bicubic-resized to
+                          the final size, conditioned on <final_understand>; with `rough: input` that
+                          is OSEDiff's own input, the LQ image bicubic ×4
 
 The prompt is the stage's understanding text alone, in place of OSEDiff's DAPE tags. The degradation
 words are left out: OSEDiff's inference calls the UNet once with the prompt and no negative branch
@@ -76,13 +77,17 @@ def stage_prompt(plan: Plan | None, stage: str) -> str:
 
 
 def upscale(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bicubic resize to `size` (w, h), as OSEDiff upsamples its input before encoding."""
+    """Bicubic resize to `size` (w, h) as OSEDiff's test script upsamples its input: PIL's bicubic
+    (a = −0.5, torch's is −0.75), here channel by channel in float so nothing is rounded to 8 bits."""
+    from PIL import Image
+
     w, h = size
     if rgb.shape[:2] == (h, w):
         return rgb
-    x = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)[None]
-    x = torch.nn.functional.interpolate(x, size=(h, w), mode="bicubic", align_corners=False)
-    return x[0].permute(1, 2, 0).clamp(0, 1).numpy()
+    rgb = np.asarray(rgb, dtype=np.float32)
+    out = [np.asarray(Image.fromarray(np.ascontiguousarray(rgb[..., c])).resize((w, h), Image.BICUBIC))
+           for c in range(rgb.shape[2])]
+    return np.clip(np.stack(out, axis=2), 0, 1)
 
 
 class OneStepStages:
@@ -99,8 +104,8 @@ class OneStepStages:
         try:
             fidelity = float(fidelity)
         except (TypeError, ValueError):
-            raise ValueError(f"fidelity: the one-step restorer takes a number in [0, 1] (the rough stage's share "
-                             f"of each stage image), got {fidelity!r}") from None
+            raise ValueError(f"fidelity: the one-step restorer takes a number in [0, 1] (how much of the UNet's "
+                             f"correction of the rough image is taken back), got {fidelity!r}") from None
         if not 0 <= fidelity <= 1:
             raise ValueError(f"fidelity must be in [0, 1], got {fidelity}")
         if color_fix not in COLOR_FIXES:
@@ -162,7 +167,9 @@ class OneStepStages:
             vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
             text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
             tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-            scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+            # clip_sample: SD 2.1-base's config says false; a copy without the key would get DDPM's
+            # default, clamping the x_0 latent to ±1
+            scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", clip_sample=False)
         except (OSError, ValueError) as e:
             raise CorruptWeightsError(f"one-step base model {path}: not an SD 2.1-base folder "
                                       f"({' '.join(str(e).split())[:160]})") from None
@@ -198,6 +205,8 @@ class OneStepStages:
             model.to(self.device, dtype)
         if dtype == torch.float16 and self.vae.config.get("force_upcast", True):
             self.vae.to(dtype=torch.float32)  # SD's VAE overflows in fp16 (as diffusers' pipelines upcast it)
+        if self.device.type == "cpu":  # oneDNN's convolutions: encode −23 %, decode −15 % at 512² (measured)
+            self.vae.to(memory_format=torch.channels_last)
         for model in (self.unet, self.vae, self.text_encoder):
             model.eval().requires_grad_(False)
         self.current_dtype = dtype
@@ -240,16 +249,20 @@ class OneStepStages:
         return torch.cat(out)
 
     def predict_x0(self, z: torch.Tensor, embeds: torch.Tensor, tile: int | None = None) -> torch.Tensor:
-        """The DDPM step from x_T = z with the UNet's ε at t = T: the x_0 latents (module doc)."""
+        """The DDPM step from x_T = z with the UNet's ε at t = T: the x_0 latents, in fp32 (module doc).
+
+        The step runs in fp32 whatever the UNet's dtype: x_0 = (z − √(1−ᾱ)·ε)/√ᾱ multiplies z and ε
+        by about 14.6 at T = 999, and so their bf16 rounding."""
         t = torch.tensor(self.timestep, device=z.device)
         tile = self.tile if tile is None else tile
+        dtype = self.current_dtype
 
         def predict(lat: torch.Tensor, _cond: torch.Tensor) -> torch.Tensor:
-            return self.unet(lat, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            return self.unet(lat.to(dtype), t, encoder_hidden_states=embeds, return_dict=False)[0]
 
-        eps = tiled_predict(predict, z, z, tile, min(self.tile_overlap, tile // 2))
+        eps = tiled_predict(predict, z, z, tile, min(self.tile_overlap, tile // 2)).float()
         g = torch.Generator("cpu").manual_seed(0)  # DDPM's variance draw at T (≈ 1e-10: module doc)
-        return self.scheduler.step(eps, self.timestep, z, generator=g, return_dict=True).prev_sample
+        return self.scheduler.step(eps, self.timestep, z.float(), generator=g, return_dict=True).prev_sample
 
     def _x0(self, z, embeds):
         """predict_x0, halving the latent tile while the UNet runs out of GPU memory."""
@@ -266,7 +279,7 @@ class OneStepStages:
 
     def _step(self, start: np.ndarray, prompts: list[str], seeds: list[int | None], preview):
         """Generator: start image (at the stage size, padded) → one image per prompt; one UNet call."""
-        z0 = self.codec.encode(start, self.device).to(self.current_dtype)
+        z0 = self.codec.encode(start, self.device).float()
         z = self.start_latents(z0, seeds)
         x0 = self._x0(z, self.encode_prompts(prompts))
         x0 = x0 + self.fidelity * (z0 - x0)  # the dial (module doc)
@@ -323,10 +336,8 @@ class OneStepStages:
         rough = resize(rough, tuple(sizes["rough"]))
         if self.regression is not None:
             rough = color_fix(rough, inp, self.color_fix, device=self.device)
-        if stage == "middle":
+        if stage == "middle" or not self.middle:  # a resized middle is for show: the final starts from rough
             return rough
-        if not self.middle:
-            return resize(rough, tuple(sizes["middle"]))
         (middle,) = drain(self.one_step(rough, tuple(sizes["middle"]), [stage_prompt(plan, "middle")], [None]))
         return color_fix(middle, inp, self.color_fix, device=self.device)
 
@@ -360,7 +371,8 @@ class OneStepStages:
                 rgb = color_fix(rgb, inp, self.color_fix, device=self.device)
             alpha = None if image.alpha is None else resize(to_float(image.alpha), size)
             yield StageImage(stage, rgb, alpha, time.perf_counter() - t, choice=choice, candidates=looks)
-            previous = rgb
+            if stage == "rough" or self.middle:  # a resized middle is for show: the final starts from rough
+                previous = rgb
 
     def restore_final_batch(self, rgb: np.ndarray, plans: list[Plan], *, scale: float = 4.0, seed: int = 0,
                             batch_size: int | None = None) -> list[np.ndarray]:
@@ -396,21 +408,18 @@ class OneStepStages:
                 start = fix(start) if self.regression is not None else start
             for i in range(0, len(rows), step):
                 chunk = rows[i:i + step]
-                first = start
-                if previous is None and stage == "final":
-                    if self.middle:  # each plan's own middle: the final starts from it
-                        mids = drain(self.one_step(start, sizes["middle"], [stage_prompt(plans[j], "middle") for j in chunk],
-                                                   [None] * len(chunk)))
-                        for j, m in zip(chunk, mids):
-                            (o,) = drain(self.one_step(fix(m), sizes["final"], [stage_prompt(plans[j], "final")], [None]))
-                            out[j] = fix(o)
-                        continue
-                    first = resize(start, sizes["middle"])
+                if previous is None and stage == "final" and self.middle:  # each plan's own middle first
+                    mids = drain(self.one_step(start, sizes["middle"], [stage_prompt(plans[j], "middle") for j in chunk],
+                                               [None] * len(chunk)))
+                    for j, m in zip(chunk, mids):
+                        (o,) = drain(self.one_step(fix(m), sizes["final"], [stage_prompt(plans[j], "final")], [None]))
+                        out[j] = fix(o)
+                    continue
                 if stage == "middle" and not self.middle:
                     for j in chunk:
-                        out[j] = resize(first, sizes["middle"])
+                        out[j] = resize(start, sizes["middle"])
                     continue
-                outs = drain(self.one_step(first, sizes[stage], [stage_prompt(plans[j], stage) for j in chunk],
+                outs = drain(self.one_step(start, sizes[stage], [stage_prompt(plans[j], stage) for j in chunk],
                                            [None] * len(chunk)))
                 for j, o in zip(chunk, outs):
                     out[j] = fix(o)

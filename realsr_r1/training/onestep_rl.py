@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from ..profiles import ConfigError
-from .restorer_rl import DEFAULTS, RestorerRL, _seed
+from .restorer_rl import RestorerRL
 
 LOSS_SPACES = ("image", "latent")
 DEFAULT_RANK = 4  # OSEDiff's rank, for a run without a starting adapter and without lora.r
@@ -57,6 +57,7 @@ class TrainableOneStep:
 
         self.stages = stages
         self.unet, self.vae = stages.unet, stages.vae
+        data = None
         if init_adapter:
             load_adapter(self.unet, self.vae, init_adapter)
             data = read_adapter(init_adapter)
@@ -64,7 +65,9 @@ class TrainableOneStep:
                                                 "unet_lora_decoder_modules", "unet_lora_others_modules",
                                                 "vae_lora_encoder_modules")}
         else:
-            self.lists = new_adapter(self.unet, self.vae, rank, vae_rank=rank if train_vae else 0)
+            # the VAE encoder's LoRA too, trained or not (its B starts at 0): OSEDiff's loader builds it
+            # from rank_vae whatever, and LoraConfig(r=0) fails there
+            self.lists = new_adapter(self.unet, self.vae, rank)
         if train_vae and not self.lists["rank_vae"]:
             raise ConfigError("onestep.train_vae: the starting adapter has no VAE encoder LoRA to train")
         self.unet.requires_grad_(False)
@@ -75,6 +78,9 @@ class TrainableOneStep:
         for p in self.params.values():
             p.requires_grad_(True)
         self.keep_fp32()
+        if data is not None:  # LoRA layers were made in the restorer's dtype: the file's values again, unrounded
+            self._load({**{f"unet.{k}": v for k, v in data["state_dict_unet"].items()},
+                        **{f"vae.{k}": v for k, v in data["state_dict_vae"].items()}})
         self.old = {k: p.detach().clone() for k, p in self.params.items()}
         self.reference = {k: p.detach().clone() for k, p in self.params.items()}
         self._views: list[str] = []
@@ -84,10 +90,12 @@ class TrainableOneStep:
             self.vae.enable_gradient_checkpointing()
 
     def keep_fp32(self) -> None:
-        """Trained tensors in fp32 whatever the restorer's dtype (Adam's small steps vanish in bf16)."""
+        """Trained tensors in fp32 whatever the restorer's dtype (Adam's small steps vanish in bf16), and
+        trainable (again, after inference's fp32 retry recast and froze the whole model)."""
         for p in self.params.values():
             if p.dtype != torch.float32:
                 p.data = p.data.float()
+            p.requires_grad_(True)
 
     def modules(self) -> list:
         return [self.unet] + ([self.vae] if any(k.startswith("vae.") for k in self.params) else [])
@@ -98,13 +106,14 @@ class TrainableOneStep:
     @torch.no_grad()
     def _load(self, tensors: dict) -> None:
         for k, p in self.params.items():
-            p.copy_(tensors[k].to(p.dtype))  # copy_ bumps the version: autograd refuses a stale graph
+            if k in tensors:
+                p.copy_(tensors[k].to(p.dtype))  # copy_ bumps the version: autograd refuses a stale graph
 
     @contextlib.contextmanager
     def use(self, which: str):
         """The restorer's weights as the `which` model ("current", "old", "reference") for a while."""
-        if which not in ("current", "old", "reference", "base"):
-            raise ValueError(f"no {which} model")
+        if which not in ("current", "old", "reference"):
+            raise ValueError(f"no {which} model (the one-step restorer keeps current, old and reference)")
         saved = None
         if which in ("old", "reference"):
             saved = {k: p.detach().clone() for k, p in self.params.items()}
@@ -177,7 +186,7 @@ def sample_onestep(stages, lq: np.ndarray, plan, *, stage: str, scale: float, se
     tw, th = sizes[stage]
     m = stages.multiple
     start = _pad(upscale(previous, (tw, th)), -(-th // m) * m, -(-tw // m) * m)
-    z0 = stages.codec.encode(start, stages.device).to(stages.current_dtype)
+    z0 = stages.codec.encode(start, stages.device).float()
     embeds = stages.encode_prompts([stage_prompt(plan, stage)])
     latents, targets, images = [], [], []
     for i in range(0, len(seeds), batch or len(seeds)):
@@ -195,6 +204,10 @@ def sample_onestep(stages, lq: np.ndarray, plan, *, stage: str, scale: float, se
 
 class OneStepRL(RestorerRL):
     """RestorerRL with the one-step restorer's model, rollouts and loss (module doc)."""
+
+    def __init__(self, cfg: dict, **kw):
+        self._rank = int((cfg.get("lora") or {}).get("r", DEFAULT_RANK)) if "lora" in cfg else DEFAULT_RANK
+        super().__init__(cfg, **kw)
 
     def _setup_model(self, restorer_cfg: dict) -> None:
         from ..profiles import build_restorer
@@ -216,16 +229,22 @@ class OneStepRL(RestorerRL):
                               "outside the UNet's DDP wrapper)")
         if cfg.get("init_adapter"):
             raise ConfigError("init_adapter: the one-step restorer starts from its own adapter (restorer.adapter)")
+        if float(restorer_cfg.get("fidelity", 0) or 0) != 0:
+            raise ConfigError("restorer.fidelity: training sees the one-step images themselves; train at 0 and "
+                              "dial in inference")
         init = restorer_cfg.get("adapter")
         section = {k: v for k, v in restorer_cfg.items() if k != "adapter"}
         self.stages = build_restorer(section, device=self.device)  # the base: the adapter goes in unfused
+        if self.stages.dtype != torch.float32 and cfg["mixed_precision"] == "no":
+            raise ConfigError(f"mixed_precision: no trains fp32 weights (conv_in among them) over a "
+                              f"{self.stages.precision} restorer: set mixed_precision: {self.stages.precision} "
+                              f"(or restorer.dtype: fp32)")
         if init is not None:
             from ..profiles import _adapter_path
 
             init = _adapter_path(restorer_cfg)
-        lora = cfg["lora"] if cfg["lora"] != DEFAULTS["lora"] else {"r": DEFAULT_RANK}
         self.prediction_type = "sample"
-        self.model = TrainableOneStep(self.stages, init_adapter=init, rank=int(lora.get("r", DEFAULT_RANK)),
+        self.model = TrainableOneStep(self.stages, init_adapter=init, rank=self._rank,
                                       train_vae=bool(opts["train_vae"]),
                                       gradient_checkpointing=bool(cfg["gradient_checkpointing"]))
         self.stages.tile = 0  # the loss runs the UNet on whole latents (tiles would blend gradients)
@@ -239,14 +258,18 @@ class OneStepRL(RestorerRL):
 
         rgb = np.asarray(row["image"].convert("RGB")) if hasattr(row["image"], "convert") else as_rgb(row["image"])
         plan = self._plan(row, rgb)
+        retries = self.stages.fp32_retries
         while True:
             try:
                 with self.model.use(which), self.accelerator.autocast():
                     out = sample_onestep(self.stages, rgb, plan, stage=self.cfg["stage"], scale=self.scale,
                                          seeds=seeds, batch=self.rollout_batch)
-                return rgb, out
+                break
             except OutOfMemoryError:
                 self.rollout_batch = self._halve("rollout_batch", self.rollout_batch)
+        if self.stages.fp32_retries != retries:  # the NaN retry recast and froze the model: trainable again
+            self.model.keep_fp32()
+        return rgb, out
 
     def _present(self, x0: torch.Tensor, image_space: bool, grad: bool) -> torch.Tensor:
         """What the loss compares: the latents, or their images in [−1, 1] by the frozen decoder."""
@@ -268,21 +291,12 @@ class OneStepRL(RestorerRL):
 
     def _update_once(self, rollouts, indices: list[int], r: torch.Tensor, keep: torch.Tensor) -> dict:
         """One optimizer step of the loss (module doc) over the kept samples, then the old model's EMA."""
-        from .nft import ema_decay, nft_loss
+        from .nft import nft_loss
 
         cfg, nft, acc = self.cfg, self.cfg["nft"], self.accelerator
-        stages, k = self.stages, int(cfg["samples"])
+        stages = self.stages
         image_space = cfg["onestep"]["loss_space"] == "image"
-        weight = keep.float()
-        reps = int(nft["timesteps_per_sample"])  # fresh perturbations per sample
-        denom = max(float(acc.gather(weight.sum()[None].to(acc.device)).sum()) / acc.num_processes, 1.0) * reps
-        gens = [torch.Generator().manual_seed(_seed(cfg["seed"], self.step, 10_000, i)) for i in indices]
-        mb = self.micro_batch
-        batches = []
-        for j, ro in enumerate(rollouts):
-            rows = torch.arange(len(ro)) if acc.num_processes > 1 else torch.nonzero(keep[j * k:(j + 1) * k]).view(-1)
-            batches += [(ro, rows[i:i + mb], j * k, gens[j]) for i in range(0, len(rows), mb)]
-        batches *= reps
+        weight, denom, batches = self._micro_batches(rollouts, indices, keep)
         dev = stages.device
         sums = {"loss": 0.0, "loss_positive": 0.0, "loss_negative": 0.0, "kl": 0.0}
         trained_unet = self.unet  # accelerate's (DDP-wrapped under several processes)
@@ -293,7 +307,7 @@ class OneStepRL(RestorerRL):
             target = (ro.targets if image_space else ro.latents)[idx].to(dev).float()
 
             def x0(grad: bool) -> torch.Tensor:  # the viewed model's output at the fresh perturbation
-                z = (self._start(ro, grad) + eps).to(stages.current_dtype)
+                z = self._start(ro, grad).float() + eps
                 return self._present(stages.predict_x0(z, embeds), image_space, grad=grad)
 
             with torch.no_grad(), acc.autocast():
@@ -318,22 +332,4 @@ class OneStepRL(RestorerRL):
             share = float(w.sum())
             for key, value in out.terms().items():
                 sums[key] += value if key == "loss" else value * share
-        grad_norm = acc.clip_grad_norm_(self.model.trainable_parameters(), float(cfg["optimizer"]["max_grad_norm"]))
-        finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
-        if acc.scaler is not None:
-            self.optimizer.step()
-            skipped = bool(self.optimizer.step_was_skipped)
-        else:
-            skipped = not finite
-            if finite:
-                self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if skipped:
-            return {**sums, "grad_norm": float(grad_norm), "skipped": True}
-        decay = ema_decay(self.step, flat=int(nft["ema"]["flat"]), rate=float(nft["ema"]["rate"]),
-                          max_decay=float(nft["ema"]["max_decay"]))
-        self.model.ema_step(decay)
-        if acc.num_processes > 1:
-            local = torch.tensor([sums[key] for key in sums], device=acc.device)
-            sums = dict(zip(sums, acc.reduce(local, reduction="mean").tolist()))
-        return {**sums, "grad_norm": float(grad_norm), "ema_decay": decay}
+        return self._optimizer_step(sums)

@@ -466,25 +466,11 @@ class RestorerRL:
 
     def _update_once(self, rollouts, indices: list[int], r: torch.Tensor, keep: torch.Tensor) -> dict:
         """One optimizer step of the NFT loss over the kept samples, then the old model's EMA step."""
-        from .nft import alpha_bar, ema_decay, nft_loss
+        from .nft import alpha_bar, nft_loss
 
         cfg, nft, acc = self.cfg, self.cfg["nft"], self.accelerator
         sched = self.stages.pipe.scheduler
-        k = int(cfg["samples"])
-        # Micro-batches never mix inputs (their latents may differ in size). Under DDP every process
-        # runs the same number of forwards (a dropped sample weighs 0); alone, dropped ones are skipped.
-        weight = keep.float()
-        reps = int(nft["timesteps_per_sample"])
-        denom = max(float(acc.gather(weight.sum()[None].to(acc.device)).sum()) / acc.num_processes, 1.0) * reps
-        # the training noise of an input's samples from a generator of its own: the same draws
-        # whichever process trains it (one process with 2 inputs per step = 2 processes with 1 each)
-        gens = [torch.Generator().manual_seed(_seed(cfg["seed"], self.step, 10_000, i)) for i in indices]
-        mb = self.micro_batch
-        batches = []
-        for j, ro in enumerate(rollouts):
-            rows = torch.arange(len(ro)) if acc.num_processes > 1 else torch.nonzero(keep[j * k:(j + 1) * k]).view(-1)
-            batches += [(ro, rows[i:i + mb], j * k, gens[j]) for i in range(0, len(rows), mb)]
-        batches *= reps
+        weight, denom, batches = self._micro_batches(rollouts, indices, keep)
         dev = self.stages.pipe._execution_device
         dtype = self.stages.dtype
         sums = {"loss": 0.0, "loss_positive": 0.0, "loss_negative": 0.0, "kl": 0.0}
@@ -519,6 +505,32 @@ class RestorerRL:
             share = float(w.sum())
             for key, value in out.terms().items():
                 sums[key] += value if key == "loss" else value * share
+        return self._optimizer_step(sums)
+
+    def _micro_batches(self, rollouts, indices: list[int], keep: torch.Tensor):
+        """(per-sample weights, their normaliser, [(rollout, sample rows, offset, generator)]): the
+        step's micro-batches, each input's `timesteps_per_sample` times over."""
+        cfg, acc, k = self.cfg, self.accelerator, int(self.cfg["samples"])
+        # Micro-batches never mix inputs (their latents may differ in size). Under DDP every process
+        # runs the same number of forwards (a dropped sample weighs 0); alone, dropped ones are skipped.
+        weight = keep.float()
+        reps = int(cfg["nft"]["timesteps_per_sample"])
+        denom = max(float(acc.gather(weight.sum()[None].to(acc.device)).sum()) / acc.num_processes, 1.0) * reps
+        # the training noise of an input's samples from a generator of its own: the same draws
+        # whichever process trains it (one process with 2 inputs per step = 2 processes with 1 each)
+        gens = [torch.Generator().manual_seed(_seed(cfg["seed"], self.step, 10_000, i)) for i in indices]
+        mb = self.micro_batch
+        batches = []
+        for j, ro in enumerate(rollouts):
+            rows = torch.arange(len(ro)) if acc.num_processes > 1 else torch.nonzero(keep[j * k:(j + 1) * k]).view(-1)
+            batches += [(ro, rows[i:i + mb], j * k, gens[j]) for i in range(0, len(rows), mb)]
+        return weight, denom, batches * reps
+
+    def _optimizer_step(self, sums: dict) -> dict:
+        """Clip, step (or skip a step whose gradients overflowed), the old model's EMA step; the log's terms."""
+        from .nft import ema_decay
+
+        cfg, nft, acc = self.cfg, self.cfg["nft"], self.accelerator
         grad_norm = acc.clip_grad_norm_(self.model.trainable_parameters(), float(cfg["optimizer"]["max_grad_norm"]))
         finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
         if acc.scaler is not None:
@@ -543,7 +555,7 @@ class RestorerRL:
                           max_decay=float(nft["ema"]["max_decay"]))
         self.model.ema_step(decay)
         if acc.num_processes > 1:  # each process holds its share of the step's mean: the run's is their mean
-            local = torch.tensor([sums[k] for k in sums], device=acc.device)
+            local = torch.tensor([sums[key] for key in sums], device=acc.device)
             sums = dict(zip(sums, acc.reduce(local, reduction="mean").tolist()))
         return {**sums, "grad_norm": float(grad_norm), "ema_decay": decay}
 
