@@ -100,10 +100,10 @@ def test_the_one_step_restorer_from_the_tiny_profile(tiny_weights, tmp_path, cap
     src.mkdir()
     photo((12, 10)).save(src / "a.png")
     rc = infer.main(["-i", str(src), "-o", str(tmp_path / "o"), "--profile", "tiny", "--quiet", "--seed", "3",
-                     "--set", "restorer.tile=4", "--set", "restorer.type=onestep", "--fidelity", "0.25"])
+                     "--set", "restorer.tile=16", "--set", "restorer.type=onestep", "--fidelity", "0.25"])
     assert rc == 0, capsys.readouterr().err
     side = json.loads((tmp_path / "o" / "a.json").read_text())
-    assert side["restorer"] == "onestep" and side["unet_evaluations_per_stage"] == 1 and side["tile"] == 4
+    assert side["restorer"] == "onestep" and side["unet_evaluations_per_stage"] == 1 and side["tile"] == 16
     assert side["fidelity"] == 0.25 and side["rough"] == "input"
     assert side["adapter"]["path"].endswith("tiny-sd21/osediff.pkl") and side["base"].endswith("tiny-sd21")
     assert side["settings"]["config"]["restorer"]["model"] == "tiny-sd21"
