@@ -19,7 +19,8 @@ from .vlm import PolicyLoadError
 COMMANDS = {
     "train": ("grpo", "a YAML file (configs/grpo.yaml, configs/grpo-realsr-r1.yaml…)"),
     "filter": ("irpo_filter", "a YAML file (configs/grpo.yaml, configs/grpo-realsr-r1.yaml…)"),
-    "restorer": ("restorer_rl", "a YAML file (configs/restorer-fr.yaml, restorer-nr.yaml, restorer-tiny.yaml)"),
+    "restorer": ("restorers", "a YAML file (configs/restorer-fr.yaml, restorer-nr.yaml, restorer-onestep.yaml, "
+                              "restorer-tiny.yaml…)"),
     "joint": ("joint", "a YAML file (configs/joint-tiny.yaml)"),
 }
 

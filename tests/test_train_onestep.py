@@ -132,7 +132,8 @@ def test_config_errors_are_one_line(setup, tmp_path, capsys, sets, message):
 
 def test_the_shipped_onestep_configs_are_valid():
     from realsr_r1.profiles import load_config
-    from realsr_r1.training.restorer_rl import _section, resolve_config, trainer_for
+    from realsr_r1.training.restorer_rl import _section, resolve_config
+    from realsr_r1.training.restorers import trainer_for
     from realsr_r1.training.onestep_rl import OneStepRL
 
     for name, profile in (("restorer-onestep", "full"), ("restorer-onestep-tiny", "tiny")):

@@ -175,7 +175,7 @@ def write_table(out: Path) -> None:
 def train(cfg: dict, *, resume: bool = False, overwrite: bool = False) -> tuple[Path, Path]:
     from . import grpo
     from .common import main_process
-    from .restorer_rl import trainer_for
+    from .restorers import trainer_for
 
     joint, policy_cfg, restorer_cfg = resolve(cfg)
     out = Path(joint["output_dir"])

@@ -253,10 +253,9 @@ class OneStepRL(RestorerRL):
         return self.model.modules()
 
     def _rollout(self, row: dict, seeds: list[int], index: int, which: str = "old"):
-        from ..rewards.visual import as_rgb
         from ..restorers.memory import OutOfMemoryError
 
-        rgb = np.asarray(row["image"].convert("RGB")) if hasattr(row["image"], "convert") else as_rgb(row["image"])
+        rgb = self._rgb(row)
         plan = self._plan(row, rgb)
         retries = self.stages.fp32_retries
         while True:

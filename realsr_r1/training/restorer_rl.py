@@ -355,11 +355,17 @@ class RestorerRL:
 
         return plan_for(self.cfg["conditioning"], row, rgb, self.policy_texts)
 
-    def _rollout(self, row: dict, seeds: list[int], index: int, which: str = "old"):
-        from .restorer_rollouts import sample_stage
+    @staticmethod
+    def _rgb(row: dict) -> np.ndarray:
+        """The row's LQ image as HxWx3."""
         from ..rewards.visual import as_rgb
 
-        rgb = np.asarray(row["image"].convert("RGB")) if hasattr(row["image"], "convert") else as_rgb(row["image"])
+        return np.asarray(row["image"].convert("RGB")) if hasattr(row["image"], "convert") else as_rgb(row["image"])
+
+    def _rollout(self, row: dict, seeds: list[int], index: int, which: str = "old"):
+        from .restorer_rollouts import sample_stage
+
+        rgb = self._rgb(row)
         plan = self._plan(row, rgb)
         retries = self.stages.fp32_retries
         # Under the run's autocast, as the loss forward: full fine-tuning keeps the UNet (and its old
@@ -702,21 +708,8 @@ def _fmt(v) -> str:
     return "–" if v is None else f"{v:.4f}"
 
 
-def trainer_for(cfg: dict):
-    """RestorerRL, or OneStepRL (onestep_rl.py) for the one-step restorer."""
-    try:
-        kind = _section(cfg, "restorer")[0].get("type")
-    except Exception:  # noqa: BLE001 - a broken section: RestorerRL says what is wrong in one line
-        kind = None
-    if kind == "onestep":
-        from .onestep_rl import OneStepRL
-
-        return OneStepRL
-    return RestorerRL
-
-
 def train(cfg: dict, *, resume: bool = False, overwrite: bool = False) -> Path:
-    return trainer_for(cfg)(cfg, resume=resume, overwrite=overwrite).train()
+    return RestorerRL(cfg, resume=resume, overwrite=overwrite).train()
 
 
 def saved_message(cfg: dict, out: Path) -> str:
