@@ -40,6 +40,17 @@ def weights_dir(tmp_path_factory):
         yield path
 
 
+@pytest.fixture
+def fresh_accelerator():
+    """accelerate keeps one state per process: a test that asks for another mixed precision starts
+    from a fresh one (as accelerate's own tests do) and leaves a fresh one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
 def photo(size=(24, 16), name="dog.png", mode="RGB") -> Image.Image:
     """A crop of a real example photo, resized small so the restorer runs in milliseconds."""
     im = Image.open(EXAMPLES / name).convert("RGB")

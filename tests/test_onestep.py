@@ -327,3 +327,38 @@ def test_the_final_starts_from_osediffs_bicubic_x4_of_the_input(sd21, restorer):
     # ten times closer than torch's bicubic (a = −0.75: 3.8 levels)
     assert np.abs(seen[0] - pil).mean() < 0.6 / 255
     assert np.abs(seen[0] - pil).mean() < 0.2 * np.abs(torch_bicubic.clip(0, 1) - pil).mean()
+
+
+def test_the_experts_rough_stage_is_the_start_and_each_plan_gets_its_own(sd21, image, monkeypatch):
+    """rough: realesrgan (the default), with two toy experts: each plan's reading picks its rough mix,
+    colour-fixed; the final starts from that image (a spy on the encoder), and GRPO's batched call
+    gives each plan what stages() gives it."""
+    from test_chooser import CLEAN, HEAVY, toy_experts
+
+    from realsr_r1.chooser import Chooser
+    from realsr_r1.restorers.color import color_fix
+    from realsr_r1.restorers.lite import LiteStages
+
+    lite = LiteStages(toy_experts(), Chooser())
+    monkeypatch.setattr(lite.chooser, "measure", lambda images, lqs: [
+        {"F": 0.80 + 0.05 * i, "Q_SR": 4.6 - 0.15 * i} for i in range(len(images))])
+    r = OneStepStages.from_pretrained(sd21, adapter=sd21 / ONESTEP_ADAPTER, regression=lite,
+                                      **{**OPTS, "rough": "realesrgan", "color_fix": "adain"})
+    assert r.describe()["rough"] == "realesrgan" and r.describe()["rough_restorer"]["experts"][1]["name"] == "dark"
+    starts, finals_, roughs = [], {}, {}
+    real = r.codec.encode
+    r.codec.encode = lambda x, device: starts.append(x) or real(x, device)
+    try:
+        for text in (CLEAN, HEAVY):
+            got = finals(run(r, image, parse_cot(text)))
+            roughs[text], finals_[text] = got["rough"], got["final"].rgb
+    finally:
+        del r.codec.encode
+    assert roughs[CLEAN].choice["position"] > 0 and roughs[HEAVY].choice["position"] == 0
+    assert np.abs(roughs[CLEAN].rgb - roughs[HEAVY].rgb).mean() > 1e-3
+    ((raw, _),) = lite.choose_batch(np.asarray(image.rgb), [parse_cot(CLEAN)], stage="rough", scale=4.0)
+    np.testing.assert_allclose(roughs[CLEAN].rgb, color_fix(raw, image.rgb, "adain"), atol=1e-5)
+    np.testing.assert_allclose(starts[0], upscale(roughs[CLEAN].rgb, SIZES["final"]), atol=1e-6)
+    batch = r.restore_final_batch(image.rgb, [parse_cot(CLEAN), parse_cot(HEAVY)], scale=4.0)
+    np.testing.assert_allclose(batch[0], finals_[CLEAN], atol=1e-5)
+    np.testing.assert_allclose(batch[1], finals_[HEAVY], atol=1e-5)

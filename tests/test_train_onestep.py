@@ -106,6 +106,21 @@ def test_a_fresh_adapter_takes_lora_r_and_keeps_osediffs_vae_part(setup, tmp_pat
     assert all(float(v.abs().max()) == 0 for k, v in data["state_dict_vae"].items() if "lora_B" in k)
 
 
+def test_bf16_training_keeps_fp32_weights_and_the_untrained_tensors_as_they_were(setup, tmp_path, fresh_accelerator):
+    """The GPU branch (restorer-onestep.yaml): a bf16 restorer under mixed_precision bf16. The trained
+    tensors move and are saved in fp32; what is not trained (the VAE encoder's LoRA) is saved as the
+    starting file had it, not rounded through the bf16 model."""
+    out = tmp_path / "bf16"
+    assert run(setup, out, "restorer.dtype=bf16", "mixed_precision=bf16", "rewards={tiny_rewards:brightness: 1.0}",
+               "max_steps=2", "eval.steps=0", "optimizer.learning_rate=3e-2") == 0
+    start = read_adapter(setup / "weights" / "tiny-sd21" / "osediff.pkl")
+    data = read_adapter(out / "adapter")
+    tensors = [*data["state_dict_unet"].values(), *data["state_dict_vae"].values()]
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in tensors)
+    assert all(torch.equal(start["state_dict_vae"][k], v) for k, v in data["state_dict_vae"].items())
+    assert any(not torch.equal(start["state_dict_unet"][k], v) for k, v in data["state_dict_unet"].items() if "lora_B" in k)
+
+
 def test_the_vae_encoder_trains_when_asked(setup, tmp_path):
     out = tmp_path / "vae"
     assert run(setup, out, "rewards={tiny_rewards:brightness: 1.0}", "max_steps=2", "eval.steps=0",

@@ -507,17 +507,6 @@ def test_a_sample_that_diverged_is_left_out(setup, tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
-@pytest.fixture
-def fresh_accelerator():
-    """accelerate keeps one state per process: a test that asks for another mixed precision starts
-    from a fresh one (as accelerate's own tests do) and leaves a fresh one."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
 def _restorer_rl(setup, out, *sets):
     from realsr_r1.profiles import load_config
     from realsr_r1.training.restorer_rl import RestorerRL

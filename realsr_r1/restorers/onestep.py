@@ -329,13 +329,16 @@ class OneStepStages:
             return [(inp, None)] * len(plans)
         return self.regression.choose_batch(inp, plans, stage="rough", scale=4.0)
 
+    def _rough_image(self, rough: np.ndarray, inp: np.ndarray, size) -> np.ndarray:
+        """The rough stage's image at `size`: the experts' mix colour-fixed, or the input as it is."""
+        rough = resize(rough, tuple(size))
+        return rough if self.regression is None else color_fix(rough, inp, self.color_fix, device=self.device)
+
     def start_image(self, inp: np.ndarray, plan: Plan | None, stage: str, sizes: dict) -> np.ndarray:
         """The image `stage` (middle or final) starts from for one plan, as stages() makes it
         (before the stage's bicubic resize): what RL's rollouts start from too."""
         ((rough, _),) = self._rough(inp, [plan])
-        rough = resize(rough, tuple(sizes["rough"]))
-        if self.regression is not None:
-            rough = color_fix(rough, inp, self.color_fix, device=self.device)
+        rough = self._rough_image(rough, inp, sizes["rough"])
         if stage == "middle" or not self.middle:  # a resized middle is for show: the final starts from rough
             return rough
         (middle,) = drain(self.one_step(rough, tuple(sizes["middle"]), [stage_prompt(plan, "middle")], [None]))
@@ -351,7 +354,7 @@ class OneStepStages:
             choice, looks = None, None
             if stage == "rough":
                 ((rough, choice),) = self._rough(inp, [plan])
-                rgb = resize(rough, size)
+                rgb = self._rough_image(rough, inp, size)
             elif stage == "middle" and not self.middle:
                 rgb = resize(previous, size)
             else:
@@ -367,8 +370,6 @@ class OneStepStages:
                     best, choice = choose_sample(self.chooser, outs, inp, plan, seeds)
                     looks = [resize(o, _fit_within(size, self.preview_size)) for o in outs]
                 rgb = outs[best]
-            if stage == "rough" and self.regression is not None:
-                rgb = color_fix(rgb, inp, self.color_fix, device=self.device)
             alpha = None if image.alpha is None else resize(to_float(image.alpha), size)
             yield StageImage(stage, rgb, alpha, time.perf_counter() - t, choice=choice, candidates=looks)
             if stage == "rough" or self.middle:  # a resized middle is for show: the final starts from rough
@@ -392,7 +393,7 @@ class OneStepStages:
         roughs = self._rough(inp, plans)
         fix = (lambda o: color_fix(o, inp, self.color_fix, device=self.device))
         if stage == "rough":
-            return [(fix if self.regression is not None else (lambda o: o))(resize(r, sizes["rough"])) for r, _ in roughs]
+            return [self._rough_image(r, inp, sizes["rough"]) for r, _ in roughs]
         # Each plan's start image; plans whose readings picked the same rough mix share it and its calls.
         groups: dict = {}
         for j, (r, _) in enumerate(roughs):
@@ -404,8 +405,7 @@ class OneStepStages:
             if previous is not None:
                 start = to_float(previous[rows[0]])
             else:
-                start = resize(r, sizes["rough"])
-                start = fix(start) if self.regression is not None else start
+                start = self._rough_image(r, inp, sizes["rough"])
             for i in range(0, len(rows), step):
                 chunk = rows[i:i + step]
                 if previous is None and stage == "final" and self.middle:  # each plan's own middle first

@@ -100,7 +100,10 @@ def new_adapter(unet, vae, rank: int = 4, *, vae_rank: int | None = None) -> dic
 
 
 def _saved(model, keep) -> dict:
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items() if keep(k)}
+    """In fp32 whatever the model's dtype, as OSEDiff's training saves them."""
+    import torch
+
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items() if keep(k)}
 
 
 def adapter_state(unet, vae, lists: dict) -> dict:
@@ -181,13 +184,14 @@ def _copy(model, tensors: dict, keep, path: Path, what: str, rank_key: str, rank
             p.copy_(tensors[name].to(p.dtype))
 
 
-def load_adapter(unet, vae, path: str | Path) -> dict:
+def load_adapter(unet, vae, path: str | Path, data: dict | None = None) -> dict:
     """Load the OSEDiff-format adapter at `path` into `unet` and `vae` (as OSEDiff_test.load_ckpt does).
 
     Returns {path, sha256 (12 hex digits), rank_unet, rank_vae} for the sidecar. Any mismatch is a
-    one-line CorruptWeightsError naming the key; the models are then unusable (load them again)."""
+    one-line CorruptWeightsError naming the key; the models are then unusable (load them again).
+    `data`: the file as read_adapter returned it, when the caller has read it already."""
     path = adapter_file(path)
-    data = read_adapter(path)
+    data = read_adapter(path) if data is None else data
     try:
         add_adapters(unet, vae, data["rank_unet"], data["rank_vae"], data)
     except (ValueError, KeyError, RuntimeError) as e:  # PEFT: a target module this model lacks

@@ -53,17 +53,15 @@ class TrainableOneStep:
 
     def __init__(self, stages, *, init_adapter: str | None, rank: int, train_vae: bool,
                  gradient_checkpointing: bool = False):
-        from ..restorers.onestep_adapter import load_adapter, new_adapter, read_adapter
+        from ..restorers.onestep_adapter import KEYS, load_adapter, new_adapter, read_adapter
 
         self.stages = stages
         self.unet, self.vae = stages.unet, stages.vae
         data = None
         if init_adapter:
-            load_adapter(self.unet, self.vae, init_adapter)
             data = read_adapter(init_adapter)
-            self.lists = {k: data[k] for k in ("rank_unet", "rank_vae", "unet_lora_encoder_modules",
-                                                "unet_lora_decoder_modules", "unet_lora_others_modules",
-                                                "vae_lora_encoder_modules")}
+            load_adapter(self.unet, self.vae, init_adapter, data=data)
+            self.lists = {k: data[k] for k in KEYS[:6]}  # the ranks and the module lists
         else:
             # the VAE encoder's LoRA too, trained or not (its B starts at 0): OSEDiff's loader builds it
             # from rank_vae whatever, and LoraConfig(r=0) fails there
@@ -81,6 +79,10 @@ class TrainableOneStep:
         if data is not None:  # LoRA layers were made in the restorer's dtype: the file's values again, unrounded
             self._load({**{f"unet.{k}": v for k, v in data["state_dict_unet"].items()},
                         **{f"vae.{k}": v for k, v in data["state_dict_vae"].items()}})
+        # what is not trained is saved as the file had it (the model holds it in its own dtype)
+        self.untrained = {} if data is None else {
+            f"{m}.{k}": v for m in ("unet", "vae") for k, v in data[f"state_dict_{m}"].items()
+            if f"{m}.{k}" not in self.params}
         self.old = {k: p.detach().clone() for k, p in self.params.items()}
         self.reference = {k: p.detach().clone() for k, p in self.params.items()}
         self._views: list[str] = []
@@ -146,6 +148,9 @@ class TrainableOneStep:
         from ..restorers.onestep_adapter import ADAPTER_FILE, adapter_state, save_adapter
 
         state = adapter_state(self.unet, self.vae, self.lists)
+        for key, value in self.untrained.items():
+            model, _, name = key.partition(".")
+            state[f"state_dict_{model}"][name] = value
         state["realsr_r1"] = json.dumps(info, default=str)  # OSEDiff's loader reads only its own keys
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
